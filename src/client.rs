@@ -1,0 +1,528 @@
+//! One DERP connection after its HTTP upgrade: login, then a reader (frames from the client →
+//! pooled buffers → destination queues) and a writer (queues → batched frames → one flush).
+
+use std::collections::HashSet;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_listener::listener;
+use log::{debug, info};
+use smol::future::FutureExt;
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol::Timer;
+
+use crate::frame::{self, peer_flags, FrameType, PeerGoneReason, SmallFrame, HEADER_LEN};
+use crate::handshake::{self, LoginError};
+use crate::key::{NodePublic, KEY_LEN};
+use crate::metrics::DropReason;
+use crate::pool::PacketBuf;
+use crate::registry::{Client, Route};
+use crate::server::State;
+
+/// Time allowed from the upgrade to a complete ClientInfo (derper: 10 s).
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// KeepAlive period; each connection adds a jitter in [0, 5 s) drawn once (as derper).
+pub const KEEPALIVE: Duration = Duration::from_secs(60);
+const KEEPALIVE_JITTER_MS: u64 = 5000;
+/// Most frames written in one flush.
+const MAX_BATCH: usize = 32;
+/// A batch stops growing past this many bytes, so the write deadline bounds about one
+/// maximum-size frame, as derper's per-frame deadline does.
+const MAX_BATCH_BYTES: usize = 64 << 10;
+/// NotHere PeerGone frames: one per second per connection, burst of three (as derper).
+const NOT_HERE_BURST: f64 = 3.0;
+
+/// Why a DERP connection ended.
+#[derive(Debug)]
+pub enum ConnError {
+    /// Socket error.
+    Io(io::Error),
+    /// The login failed.
+    Login(LoginError),
+    /// The client broke a protocol rule; the string says which.
+    Protocol(String),
+    /// A write did not finish within `--tcp-write-timeout`.
+    WriteTimeout,
+}
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Login(e) => write!(f, "login: {e}"),
+            Self::Protocol(s) => f.write_str(s),
+            Self::WriteTimeout => f.write_str("write timeout"),
+        }
+    }
+}
+
+impl std::error::Error for ConnError {}
+
+impl From<io::Error> for ConnError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// What the HTTP layer learned about the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Upgrade {
+    /// Peer address.
+    pub remote: SocketAddr,
+    /// `Derp-Fast-Start: 1`: no 101; the login follows the request head.
+    pub fast_start: bool,
+    /// `Ideal-Node` was present.
+    pub not_ideal: bool,
+}
+
+/// Runs a DERP connection to the end. `rd` must yield, first, any bytes the client pipelined
+/// after its request head; `wr` is the same stream's write side.
+pub async fn serve<R, W>(
+    state: Arc<State>,
+    mut rd: R,
+    mut wr: W,
+    up: Upgrade,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let login = async {
+        let mut hello = Vec::with_capacity(256);
+        if !up.fast_start {
+            hello.extend_from_slice(
+                crate::http::switching_protocols(&state.public_key.untyped_hex()).as_bytes(),
+            );
+        }
+        // Fast-start clients already know the key, but derper sends it anyway and they skip it.
+        hello.extend_from_slice(&handshake::server_key_frame(&state.public_key));
+        wr.write_all(&hello).await?;
+        wr.flush().await?;
+        let mut h = [0u8; HEADER_LEN];
+        rd.read_exact(&mut h).await?;
+        let (t, len) = frame::decode_header(&h);
+        handshake::check_client_info_header(t, len).map_err(ConnError::Login)?;
+        let mut buf = state.pool.get(len as usize).await;
+        let n = len as usize;
+        rd.read_exact(&mut buf.raw_mut()[..n]).await?;
+        buf.set_len(n);
+        handshake::open_client_info(&state.private_key, buf.as_slice()).map_err(ConnError::Login)
+    };
+    let info = login
+        .or(async {
+            Timer::after(LOGIN_TIMEOUT).await;
+            Err(ConnError::Protocol("login timed out".into()))
+        })
+        .await?;
+    // Mesh keys (and so mesh privileges) arrive with the mesh issue; until then no client has
+    // them, whatever its ClientInfo says.
+    let is_mesh = false;
+    let mut flags = 0;
+    if is_mesh {
+        flags |= peer_flags::IS_MESH_PEER;
+    }
+    if info.is_prober {
+        flags |= peer_flags::IS_PROBER;
+    }
+    if up.not_ideal {
+        flags |= peer_flags::NOT_IDEAL;
+    }
+    if flags == 0 {
+        flags = peer_flags::IS_REGULAR;
+    }
+    let conn_id = state.next_conn_id.fetch_add(1, Relaxed);
+    let client = Client::new(conn_id, info.key, up.remote, flags);
+    let m = &state.metrics;
+    if up.fast_start {
+        m.fast_start_logins.fetch_add(1, Relaxed);
+    }
+    if up.not_ideal {
+        m.notideal_connections.fetch_add(1, Relaxed);
+    }
+    debug!(
+        "derp: {}: accepted {} {} (fast-start: {}, app {:?})",
+        up.remote,
+        info.key,
+        info.key.short(),
+        up.fast_start,
+        info.app_name
+    );
+    state.registry.register(&client);
+    let _guard = Unregister {
+        state: &state,
+        client: &client,
+        not_ideal: up.not_ideal,
+    };
+    let si = handshake::server_info_frame(&state.private_key, &info.key);
+    let res = async {
+        write_deadline(&state, async {
+            wr.write_all(&si).await?;
+            wr.flush().await
+        })
+        .await?;
+        let reader = read_loop(&state, &client, &mut rd, is_mesh);
+        let writer = write_loop(&state, &client, &mut wr);
+        // Either side ending ends the connection; the other is dropped mid-operation, which
+        // only abandons I/O on a socket about to be closed.
+        reader.or(writer).await
+    }
+    .await;
+    match &res {
+        Ok(()) => debug!("derp: {}: {} disconnected", up.remote, info.key.short()),
+        Err(e) => info!("derp client {}{}: {e}", up.remote, info.key.short()),
+    }
+    res
+}
+
+/// Unregisters the client on every exit path.
+struct Unregister<'a> {
+    state: &'a State,
+    client: &'a Arc<Client>,
+    not_ideal: bool,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.client.close();
+        self.state.registry.unregister(self.client);
+        self.client.drain_on_close(&self.state.metrics);
+        if self.not_ideal {
+            self.state
+                .metrics
+                .notideal_connections
+                .fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+async fn write_deadline<T>(
+    state: &State,
+    fut: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, ConnError> {
+    match state.write_timeout {
+        None => Ok(fut.await?),
+        Some(d) => {
+            async { fut.await.map_err(ConnError::Io) }
+                .or(async {
+                    Timer::after(d).await;
+                    Err(ConnError::WriteTimeout)
+                })
+                .await
+        }
+    }
+}
+
+/// A token bucket for NotHere replies (1 per second, burst 3).
+struct NotHereLimiter {
+    tokens: f64,
+    at: Instant,
+}
+
+impl NotHereLimiter {
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + refill).min(NOT_HERE_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    state: &State,
+    client: &Arc<Client>,
+    rd: &mut R,
+    is_mesh: bool,
+) -> Result<(), ConnError> {
+    let m = &state.metrics;
+    let mut not_here = NotHereLimiter {
+        tokens: NOT_HERE_BURST,
+        at: Instant::now(),
+    };
+    let connected_at = Instant::now();
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        match rd.read_exact(&mut h).await {
+            Ok(()) => {}
+            // A clean close between frames is a normal end.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let (t, len) = frame::decode_header(&h);
+        state.registry.note_activity(client);
+        let n = len as usize;
+        match FrameType::from_u8(t) {
+            Some(FrameType::SendPacket) => {
+                if n < KEY_LEN {
+                    return Err(ConnError::Protocol(format!("short SendPacket: {n} bytes")));
+                }
+                let pkt_len = n - KEY_LEN;
+                if pkt_len > frame::MAX_PACKET_SIZE {
+                    return Err(ConnError::Protocol(format!(
+                        "SendPacket too large: {pkt_len}"
+                    )));
+                }
+                let mut dst = [0u8; KEY_LEN];
+                rd.read_exact(&mut dst).await?;
+                let buf = read_packet(state, rd, &client.key, pkt_len).await?;
+                relay(state, client, &NodePublic(dst), buf, &mut not_here);
+            }
+            Some(FrameType::NotePreferred) => {
+                if n != 1 {
+                    return Err(ConnError::Protocol(format!("NotePreferred length {n}")));
+                }
+                let mut b = [0u8; 1];
+                rd.read_exact(&mut b).await?;
+                let pref = b[0] != 0;
+                if client.preferred.swap(pref, Relaxed) != pref {
+                    if pref {
+                        m.home_connections.fetch_add(1, Relaxed);
+                    } else {
+                        m.home_connections.fetch_sub(1, Relaxed);
+                    }
+                    if connected_at.elapsed() > Duration::from_secs(5) {
+                        let c = if pref {
+                            &m.home_moves_in
+                        } else {
+                            &m.home_moves_out
+                        };
+                        c.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            Some(FrameType::Ping) => {
+                if !(8..=frame::PING_MAX).contains(&n) {
+                    return Err(ConnError::Protocol(format!("Ping length {n}")));
+                }
+                let mut b = [0u8; frame::PING_MAX];
+                rd.read_exact(&mut b[..n]).await?;
+                m.got_ping.fetch_add(1, Relaxed);
+                let mut data = [0u8; 8];
+                data.copy_from_slice(&b[..8]);
+                client.enqueue_pong(data);
+            }
+            Some(FrameType::WatchConns | FrameType::ClosePeer | FrameType::ForwardPacket) => {
+                if !is_mesh {
+                    return Err(ConnError::Protocol(format!(
+                        "insufficient permissions for frame type {t:#04x} (mesh key required)"
+                    )));
+                }
+                // Mesh frames are handled by the mesh module (a later issue).
+                return Err(ConnError::Protocol("mesh frames not supported yet".into()));
+            }
+            _ => {
+                m.unknown_frames.fetch_add(1, Relaxed);
+                discard(rd, u64::from(len)).await?;
+            }
+        }
+    }
+}
+
+/// Reads a `len`-byte packet into a pooled buffer laid out as a ready RecvPacket frame from
+/// `src`. Waits for a buffer when the pool is empty: TCP backpressure, not allocation.
+async fn read_packet<R: AsyncRead + Unpin>(
+    state: &State,
+    rd: &mut R,
+    src: &NodePublic,
+    len: usize,
+) -> Result<PacketBuf, ConnError> {
+    let total = HEADER_LEN + KEY_LEN + len;
+    let mut buf = state.pool.get(total).await;
+    let raw = buf.raw_mut();
+    rd.read_exact(&mut raw[HEADER_LEN + KEY_LEN..total]).await?;
+    let mut h = [0u8; HEADER_LEN];
+    frame::encode_header(&mut h, FrameType::RecvPacket, (KEY_LEN + len) as u32);
+    raw[..HEADER_LEN].copy_from_slice(&h);
+    raw[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&src.0);
+    buf.set_len(total);
+    Ok(buf)
+}
+
+/// Routes one packet (already framed as RecvPacket) to `dst`.
+fn relay(
+    state: &State,
+    src: &Arc<Client>,
+    dst: &NodePublic,
+    buf: PacketBuf,
+    not_here: &mut NotHereLimiter,
+) {
+    let m = &state.metrics;
+    let pkt = &buf.as_slice()[HEADER_LEN + KEY_LEN..];
+    let disco = frame::looks_like_disco(pkt);
+    let pkt_len = pkt.len();
+    m.packets_received.fetch_add(1, Relaxed);
+    m.bytes_received.fetch_add(pkt_len as u64, Relaxed);
+    m.packets_received_kind[usize::from(!disco)].fetch_add(1, Relaxed);
+    match state.registry.route(dst) {
+        Route::Local(c) => c.enqueue_packet(buf, disco, m),
+        Route::NoActive => m.drop_packet(DropReason::DupClient, disco, pkt_len),
+        Route::Unknown => {
+            m.drop_packet(DropReason::UnknownDest, disco, pkt_len);
+            if disco && not_here.allow() {
+                if src.enqueue_control(SmallFrame::peer_gone(dst, PeerGoneReason::NotHere)) {
+                    m.peer_gone_not_here_frames.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// Skips `n` payload bytes of a frame we ignore.
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
+    let mut sink = [0u8; 512];
+    while n > 0 {
+        let k = n.min(sink.len() as u64) as usize;
+        rd.read_exact(&mut sink[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// One frame waiting in a writer batch.
+enum Out {
+    Packet(PacketBuf),
+    Small(SmallFrame),
+}
+
+impl Out {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Packet(p) => p.as_slice(),
+            Self::Small(s) => s.as_bytes(),
+        }
+    }
+}
+
+/// Takes what is ready from the outbox into `batch`: pong, control frames, then packets,
+/// alternating disco and other so neither starves.
+fn fill_batch(client: &Client, batch: &mut Vec<Out>) {
+    client.with_outbox(|o| {
+        let mut bytes = 0;
+        if let Some(p) = o.pong.take() {
+            batch.push(Out::Small(SmallFrame::pong(p)));
+        }
+        while batch.len() < MAX_BATCH {
+            let Some(f) = o.control.pop_front() else {
+                break;
+            };
+            batch.push(Out::Small(f));
+        }
+        while batch.len() < MAX_BATCH && (bytes < MAX_BATCH_BYTES || batch.is_empty()) {
+            let mut took = false;
+            for q in [&mut o.disco, &mut o.other] {
+                if batch.len() >= MAX_BATCH || (bytes >= MAX_BATCH_BYTES && !batch.is_empty()) {
+                    break;
+                }
+                if let Some(p) = q.pop() {
+                    bytes += p.len();
+                    batch.push(Out::Packet(p));
+                    took = true;
+                }
+            }
+            if !took {
+                break;
+            }
+        }
+    });
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    state: &State,
+    client: &Arc<Client>,
+    wr: &mut W,
+) -> Result<(), ConnError> {
+    let m = &state.metrics;
+    let jitter = Duration::from_millis(fastrand::u64(0..KEEPALIVE_JITTER_MS));
+    let period = KEEPALIVE + jitter;
+    let mut keepalive = Timer::after(period);
+    let mut batch: Vec<Out> = Vec::new();
+    // Sources this connection has received from: each gets one PeerGone watch registration.
+    let mut seen_src: HashSet<NodePublic> = HashSet::new();
+    loop {
+        fill_batch(client, &mut batch);
+        if batch.is_empty() {
+            if client.is_closed() {
+                return Ok(());
+            }
+            listener!(client.wake_event() => woken);
+            fill_batch(client, &mut batch);
+            if batch.is_empty() {
+                if client.is_closed() {
+                    return Ok(());
+                }
+                let tick = async {
+                    (&mut keepalive).await;
+                    true
+                };
+                let woke = async {
+                    woken.await;
+                    false
+                };
+                if woke.or(tick).await {
+                    batch.push(Out::Small(SmallFrame::keep_alive()));
+                    keepalive.set_after(period);
+                }
+                continue;
+            }
+        }
+        let res = write_deadline(state, write_batch(wr, &batch)).await;
+        if let Err(e) = res {
+            for o in batch.drain(..) {
+                if let Out::Packet(p) = o {
+                    let disco = frame::looks_like_disco(&p.as_slice()[HEADER_LEN + KEY_LEN..]);
+                    m.drop_packet(DropReason::WriteError, disco, p.len());
+                }
+            }
+            if matches!(e, ConnError::WriteTimeout) {
+                m.write_timeouts.fetch_add(1, Relaxed);
+            }
+            return Err(e);
+        }
+        for o in batch.drain(..) {
+            match o {
+                Out::Packet(p) => {
+                    m.packets_sent.fetch_add(1, Relaxed);
+                    m.bytes_sent
+                        .fetch_add((p.len() - HEADER_LEN - KEY_LEN) as u64, Relaxed);
+                    let mut src = [0u8; KEY_LEN];
+                    src.copy_from_slice(&p.as_slice()[HEADER_LEN..HEADER_LEN + KEY_LEN]);
+                    let src = NodePublic(src);
+                    if seen_src.insert(src) {
+                        state.registry.add_gone_watcher(src, client);
+                    }
+                }
+                Out::Small(f) => {
+                    if f.as_bytes()[0] == FrameType::Pong as u8 {
+                        m.sent_pong.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes every frame of the batch with vectored writes, then flushes once.
+async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Out]) -> io::Result<()> {
+    let mut slices = [IoSlice::new(&[]); MAX_BATCH + 2];
+    let n = batch.len().min(slices.len());
+    for (s, o) in slices.iter_mut().zip(batch) {
+        *s = IoSlice::new(o.bytes());
+    }
+    let mut bufs = &mut slices[..n];
+    while !bufs.is_empty() {
+        let w = wr.write_vectored(bufs).await?;
+        if w == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, w);
+    }
+    wr.flush().await
+}

@@ -1,0 +1,470 @@
+//! The command line: derper's flag names and defaults (Go-style `-flag=value` accepted), turned
+//! once into a validated [`Config`].
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use argh::FromArgs;
+
+use crate::http::Home;
+use crate::key::NodePrivate;
+
+/// derper's default hostname.
+pub const DEFAULT_HOSTNAME: &str = "derp.tailscale.com";
+/// Where `--dev` listens unless `-a` is given (derper: `:3340` on every interface; we keep dev
+/// mode on loopback).
+pub const DEV_ADDR: &str = "127.0.0.1:3340";
+/// Default STUN port.
+pub const DEFAULT_STUN_PORT: u16 = 3478;
+/// derper's key file for root when `-c` is not given.
+pub const ROOT_KEY_PATH: &str = "/var/lib/derper/derper.key";
+
+/// derpd: a small DERP relay and STUN server for Tailscale, a drop-in for derper. Flags take
+/// derper's names; `-flag=value`, `--flag=value` and `-flag value` all work, and boolean flags
+/// take `=true`/`=false`.
+#[derive(FromArgs, Debug)]
+pub struct Args {
+    /// listen address; TLS if the port is 443 or --certmode manual (default ":443")
+    #[argh(option, short = 'a', default = "String::from(\":443\")")]
+    pub a: String,
+    /// plain-HTTP port in TLS mode (/generate_204, redirects to https); -1 disables (default 80)
+    #[argh(option, default = "80")]
+    pub http_port: i32,
+    /// run the STUN server (default true)
+    #[argh(option, default = "true")]
+    pub stun: bool,
+    /// UDP port of the STUN server; 0 picks a free port (default 3478)
+    #[argh(option, default = "3478")]
+    pub stun_port: i32,
+    /// JSON key file {"PrivateKey":"privkey:<hex>"}, created 0600 if missing
+    /// (default /var/lib/derper/derper.key for root)
+    #[argh(option, short = 'c', default = "String::new()")]
+    pub c: String,
+    /// certificate mode: manual (letsencrypt, derper's default, is not supported yet)
+    #[argh(option, default = "String::from(\"letsencrypt\")")]
+    pub certmode: String,
+    /// directory of <hostname>.crt and <hostname>.key
+    /// (default $XDG_CACHE_HOME or ~/.cache, then tailscale/derper-certs)
+    #[argh(option, default = "String::new()")]
+    pub certdir: String,
+    /// TLS hostname; an IP address with --certmode manual gets a self-signed certificate
+    #[argh(option, default = "String::from(DEFAULT_HOSTNAME)")]
+    pub hostname: String,
+    /// home page: "" (default page), "blank", or an http(s) URL to redirect to
+    #[argh(option, default = "String::new()")]
+    pub home: String,
+    /// serve DERP on /derp (default true)
+    #[argh(option, default = "true")]
+    pub derp: bool,
+    /// development mode: plain HTTP on 127.0.0.1:3340 (unless -a), ephemeral key
+    #[argh(option, default = "false")]
+    pub dev: bool,
+    /// deadline for each write batch to a client, Go duration; 0 = none (default 2s)
+    #[argh(option, default = "String::from(\"2s\")")]
+    pub tcp_write_timeout: String,
+    /// TCP keepalive idle time, Go duration; 0 = off (default 10m)
+    #[argh(option, default = "String::from(\"10m\")")]
+    pub tcp_keepalive_time: String,
+    /// TCP_USER_TIMEOUT, Go duration; 0 = kernel default (default 15s)
+    #[argh(option, default = "String::from(\"15s\")")]
+    pub tcp_user_timeout: String,
+    /// print the version and exit
+    #[argh(option, default = "false")]
+    pub version: bool,
+    /// append the meta-certificate (DERP key, fast start) to the TLS chain (default true)
+    #[argh(option, default = "true")]
+    pub meta_cert: bool,
+    /// memory for packet buffers in MiB; readers wait when it is used up (default 16)
+    #[argh(option, default = "crate::pool::DEFAULT_BUDGET_MIB")]
+    pub buffer_budget_mib: usize,
+    /// worker threads; 0 = one per CPU, at most 4 (default 0)
+    #[argh(option, default = "0")]
+    pub threads: usize,
+    /// log level: error, warn, info, debug, trace; RUST_LOG overrides (default info)
+    #[argh(option, default = "String::from(\"info\")")]
+    pub log_level: String,
+}
+
+/// Flags that are booleans: Go lets them stand alone (`-dev`) or take `=value`.
+const BOOL_FLAGS: &[&str] = &["stun", "derp", "dev", "version", "meta-cert"];
+
+/// Rewrites Go-style arguments into the form argh parses: `-flag` → `--flag`, `=value` split
+/// off, and boolean flags given an explicit value. Single-letter flags (`-a`, `-c`) keep one
+/// dash.
+pub fn normalize_args(args: &[String]) -> Result<Vec<String>, String> {
+    let mut out = Vec::with_capacity(args.len() + 4);
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == "--" {
+            out.push(arg.clone());
+            out.extend(iter.by_ref().cloned());
+            break;
+        }
+        let Some(body) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
+            out.push(arg.clone());
+            continue;
+        };
+        if body.is_empty() || body.starts_with(|c: char| c.is_ascii_digit()) {
+            out.push(arg.clone());
+            continue;
+        }
+        let (name, value) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (body, None),
+        };
+        let name = name.replace('_', "-");
+        let flag = if name.len() == 1 {
+            format!("-{name}")
+        } else {
+            format!("--{name}")
+        };
+        if BOOL_FLAGS.contains(&name.as_str()) {
+            let v = match value {
+                None => "true".to_string(),
+                Some(v) => go_bool(v)
+                    .ok_or_else(|| format!("invalid boolean value {v:?} for -{name}"))?
+                    .to_string(),
+            };
+            out.push(flag);
+            out.push(v);
+        } else {
+            out.push(flag);
+            if let Some(v) = value {
+                out.push(v.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn go_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses a Go duration: `2s`, `10m`, `1h30m`, `250ms`, `1.5s`, `0`.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?} (use e.g. 2s, 10m, 1h30m)");
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if num_len == 0 {
+            return Err(bad());
+        }
+        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += n * scale;
+        rest = &rest[unit_len..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+/// Where the server's key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A fresh key per start (`--dev`).
+    Ephemeral,
+    /// A key given directly (tests).
+    Given(NodePrivate),
+    /// derper's JSON key file, created when missing.
+    File(PathBuf),
+}
+
+/// TLS settings of the main listener (`--certmode manual`).
+#[derive(Debug, Clone)]
+pub struct TlsMode {
+    /// `--hostname`: SNI to require, or an IP for a self-signed certificate.
+    pub hostname: String,
+    /// `--certdir`.
+    pub certdir: PathBuf,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Main listener address.
+    pub listen: SocketAddr,
+    /// TLS for the main listener, or plain HTTP.
+    pub tls: Option<TlsMode>,
+    /// Port-80 listener in TLS mode.
+    pub http_port: Option<u16>,
+    /// STUN port, if STUN runs (0 = any free port).
+    pub stun_port: Option<u16>,
+    /// Serve `/derp`.
+    pub derp: bool,
+    /// The home page.
+    pub home: Home,
+    /// The server key.
+    pub key: KeySource,
+    /// Per-batch write deadline.
+    pub write_timeout: Option<Duration>,
+    /// TCP keepalive idle time.
+    pub tcp_keepalive: Option<Duration>,
+    /// TCP_USER_TIMEOUT.
+    pub tcp_user_timeout: Option<Duration>,
+    /// Append the meta-cert.
+    pub meta_cert: bool,
+    /// Packet buffer budget, bytes.
+    pub buffer_budget: usize,
+    /// Executor threads.
+    pub threads: usize,
+}
+
+impl Config {
+    /// A plain-HTTP loopback server with an ephemeral key on free ports (tests).
+    pub fn dev_loopback() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: None,
+            http_port: None,
+            stun_port: Some(0),
+            derp: true,
+            home: Home::Default,
+            key: KeySource::Ephemeral,
+            write_timeout: Some(Duration::from_secs(2)),
+            tcp_keepalive: Some(Duration::from_secs(600)),
+            tcp_user_timeout: Some(Duration::from_secs(15)),
+            meta_cert: true,
+            buffer_budget: crate::pool::DEFAULT_BUDGET_MIB << 20,
+            threads: 2,
+        }
+    }
+
+    /// Validates the flags. Errors are one-line messages for the admin.
+    pub fn from_args(a: &Args) -> Result<Self, String> {
+        let addr_text = if a.dev && a.a == ":443" {
+            DEV_ADDR
+        } else {
+            a.a.as_str()
+        };
+        let listen = parse_listen(addr_text)?;
+        let manual = match a.certmode.as_str() {
+            "manual" => true,
+            "letsencrypt" | "gcp" => false,
+            other => return Err(format!("unknown --certmode {other:?} (supported: manual)")),
+        };
+        let tls_wanted = manual || listen.port() == 443;
+        if tls_wanted && !manual {
+            return Err(format!(
+                "TLS on port 443 needs certificates: --certmode {} is not supported by derpd yet; \
+                 use --certmode manual with --hostname and --certdir (an IP --hostname gets a \
+                 self-signed certificate), or listen on another port with -a for plain HTTP",
+                a.certmode
+            ));
+        }
+        let tls = if tls_wanted {
+            if a.hostname.is_empty() {
+                return Err("--certmode manual needs --hostname".into());
+            }
+            let certdir = if a.certdir.is_empty() {
+                default_certdir()
+            } else {
+                PathBuf::from(&a.certdir)
+            };
+            Some(TlsMode {
+                hostname: a.hostname.clone(),
+                certdir,
+            })
+        } else {
+            None
+        };
+        let http_port = match a.http_port {
+            -1 => None,
+            p => Some(u16::try_from(p).map_err(|_| format!("invalid --http-port {p}"))?),
+        };
+        let stun_port = if a.stun {
+            Some(
+                u16::try_from(a.stun_port)
+                    .map_err(|_| format!("invalid --stun-port {}", a.stun_port))?,
+            )
+        } else {
+            None
+        };
+        let key = if a.dev {
+            KeySource::Ephemeral
+        } else if !a.c.is_empty() {
+            KeySource::File(PathBuf::from(&a.c))
+        } else if rustix::process::geteuid().is_root() {
+            KeySource::File(PathBuf::from(ROOT_KEY_PATH))
+        } else {
+            return Err(
+                "-c <key file path> not specified (derper's rule for non-root users)".into(),
+            );
+        };
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        let threads = if a.threads == 0 {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4)
+        } else {
+            a.threads
+        };
+        if a.buffer_budget_mib == 0 || a.buffer_budget_mib > 1 << 20 {
+            return Err(format!(
+                "invalid --buffer-budget-mib {}",
+                a.buffer_budget_mib
+            ));
+        }
+        Ok(Self {
+            listen,
+            tls,
+            http_port,
+            stun_port,
+            derp: a.derp,
+            home: Home::parse(&a.home)?,
+            key,
+            write_timeout: nonzero(parse_go_duration(&a.tcp_write_timeout)?),
+            tcp_keepalive: nonzero(parse_go_duration(&a.tcp_keepalive_time)?),
+            tcp_user_timeout: nonzero(parse_go_duration(&a.tcp_user_timeout)?),
+            meta_cert: a.meta_cert,
+            buffer_budget: a.buffer_budget_mib << 20,
+            threads,
+        })
+    }
+}
+
+/// Parses Go's listen syntax: `:443` (every interface), `1.2.3.4:443`, `[::1]:443`,
+/// `localhost:3340`.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let bad = || format!("invalid listen address {s:?} (use e.g. :443 or 127.0.0.1:3340)");
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        // Dual-stack: IPv4 clients arrive as v4-mapped addresses (falls back to 0.0.0.0).
+        return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|_| bad())?
+        .next()
+        .ok_or_else(bad)
+}
+
+fn default_certdir() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    cache.join("tailscale/derper-certs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Result<Args, String> {
+        let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+        let n = normalize_args(&v)?;
+        let refs: Vec<&str> = n.iter().map(String::as_str).collect();
+        Args::from_args(&["derpd"], &refs).map_err(|e| e.output)
+    }
+
+    #[test]
+    fn go_style_flags() {
+        let a = args(&[
+            "-a=:8443",
+            "-stun=false",
+            "-dev",
+            "--http-port",
+            "-1",
+            "-hostname",
+            "h",
+            "--meta-cert=0",
+        ])
+        .unwrap();
+        assert_eq!(a.a, ":8443");
+        assert!(!a.stun && a.dev && !a.meta_cert);
+        assert_eq!(a.http_port, -1);
+        assert_eq!(a.hostname, "h");
+        let b = args(&["-c", "/tmp/k", "--certmode=manual", "-http_port=8080"]).unwrap();
+        assert_eq!(b.c, "/tmp/k");
+        assert_eq!(b.certmode, "manual");
+        assert_eq!(b.http_port, 8080);
+        assert!(args(&["-stun=maybe"]).is_err());
+        assert!(args(&["--nope"]).is_err());
+        let d = args(&[]).unwrap();
+        assert_eq!(
+            (d.a.as_str(), d.http_port, d.stun, d.stun_port),
+            (":443", 80, true, 3478)
+        );
+        assert!(d.derp && !d.dev && d.meta_cert);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_go_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_go_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "5", "s", "1x", "-1s"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mode_selection() {
+        let cfg = |v: &[&str]| Config::from_args(&args(v).unwrap());
+        let dev = cfg(&["--dev"]).unwrap();
+        assert_eq!(dev.listen, "127.0.0.1:3340".parse().unwrap());
+        assert!(dev.tls.is_none() && matches!(dev.key, KeySource::Ephemeral));
+        let e = cfg(&["-c", "/tmp/x"]).unwrap_err();
+        assert!(e.contains("--certmode manual"), "{e}");
+        let plain = cfg(&["-a", ":8443", "-c", "/tmp/x"]).unwrap();
+        assert!(
+            plain.tls.is_none(),
+            "derper serves plain HTTP off port 443 without manual mode"
+        );
+        let man = cfg(&[
+            "-a",
+            "127.0.0.1:0",
+            "--certmode",
+            "manual",
+            "--hostname",
+            "127.0.0.1",
+            "--certdir",
+            "/tmp/d",
+            "-c",
+            "/tmp/k",
+        ])
+        .unwrap();
+        assert_eq!(man.tls.unwrap().certdir, PathBuf::from("/tmp/d"));
+        assert_eq!(
+            cfg(&["--dev", "--tcp-write-timeout=0"])
+                .unwrap()
+                .write_timeout,
+            None
+        );
+        assert_eq!(cfg(&["--dev", "--stun=false"]).unwrap().stun_port, None);
+        assert!(cfg(&["--dev", "--home", "gopher://x"]).is_err());
+        assert_eq!(parse_listen(":443").unwrap().port(), 443);
+        assert_eq!(parse_listen("[::1]:5").unwrap(), "[::1]:5".parse().unwrap());
+    }
+}

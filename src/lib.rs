@@ -1,0 +1,30 @@
+//! derpd: a wire-compatible replacement for Tailscale's DERP relay (`derper`) and its STUN
+//! server, sized for routers.
+//!
+//! # Layout (follow a packet)
+//! - [`config`]: derper's command line → a validated [`config::Config`].
+//! - [`server`]: binds the listeners, runs the executor threads; per TCP connection: TLS
+//!   ([`tls`], with the meta-cert), one bounded HTTP request head ([`http`]), then a response or
+//!   the DERP upgrade. Also the STUN loop ([`stun`]).
+//! - [`client`]: one DERP connection: the login ([`handshake`]: ServerKey → ClientInfo →
+//!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
+//!   RecvPacket and queues it on the destination, and a writer that drains queues into one
+//!   vectored write and one flush.
+//! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping.
+//! - [`frame`]: the wire format; [`key`]: node keys and derper's key file;
+//!   [`metrics`]: counters named after derper's.
+//!
+//! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`]) does no I/O.
+
+pub mod client;
+pub mod config;
+pub mod frame;
+pub mod handshake;
+pub mod http;
+pub mod key;
+pub mod metrics;
+pub mod pool;
+pub mod registry;
+pub mod server;
+pub mod stun;
+pub mod tls;

@@ -1,0 +1,339 @@
+//! Fixed-budget packet buffers. Every packet the relay holds lives in a buffer from this pool;
+//! when the pool is empty, readers wait (TCP backpressure) instead of allocating.
+//!
+//! Memory arithmetic (default `--buffer-budget-mib 16`, chosen for a 128 MB router where
+//! OpenWrt itself uses ~40-60 MB):
+//! - large buffers get 1/4 of the budget: 4 MiB / 65,573 B = 63 buffers (a 64 KiB packet each);
+//! - small buffers get the rest: (16 MiB - 63 x 65,573 B) / 2,048 B = 6,174 buffers (a
+//!   WireGuard or disco packet each);
+//! - the per-client queues hold at most 32 disco + 32 other packets, so 6,174 small buffers
+//!   fill the queues of 96 stalled clients before any reader has to wait.
+//! - total: 63 x 65,573 + 6,174 x 2,048 = 16,775,451 B, just under 16 MiB.
+//!
+//! Buffers are allocated on first use and then recycled, never freed: idle memory stays small
+//! and steady-state traffic does no heap allocation per packet.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use event_listener::{listener, Event};
+
+use crate::frame::{HEADER_LEN, MAX_PACKET_SIZE};
+use crate::key::KEY_LEN;
+
+/// Bytes in a small buffer: a RecvPacket frame (header + source key) of up to 2,011 packet bytes.
+pub const SMALL_BUF: usize = 2048;
+/// Bytes in a large buffer: a RecvPacket frame carrying a maximum-size packet.
+pub const LARGE_BUF: usize = HEADER_LEN + KEY_LEN + MAX_PACKET_SIZE;
+/// Default budget, MiB.
+pub const DEFAULT_BUDGET_MIB: usize = 16;
+/// At least this many buffers of each class, whatever the budget.
+const MIN_PER_CLASS: usize = 4;
+
+/// Size classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Small = 0,
+    Large = 1,
+}
+
+struct ClassState {
+    /// Recycled buffers. Invariant: every entry has exactly the class's length.
+    free: Vec<Box<[u8]>>,
+    /// Buffers ever allocated. Invariant: `allocated <= cap`, and `allocated - free.len()` are
+    /// out in [`PacketBuf`]s.
+    allocated: usize,
+}
+
+struct ClassPool {
+    buf_len: usize,
+    cap: usize,
+    state: Mutex<ClassState>,
+    /// Notified when a buffer comes back.
+    returned: Event,
+}
+
+/// The pool: two size classes with a fixed number of buffers each.
+pub struct Pool {
+    classes: [ClassPool; 2],
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.stats();
+        write!(f, "Pool({s:?})")
+    }
+}
+
+/// A snapshot of pool usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Small buffers: capacity, allocated so far, currently in use.
+    pub small: (usize, usize, usize),
+    /// Large buffers: capacity, allocated so far, currently in use.
+    pub large: (usize, usize, usize),
+}
+
+impl Pool {
+    /// A pool spending at most `budget_bytes` on buffers: 1/4 large, 3/4 small.
+    pub fn with_budget(budget_bytes: usize) -> Arc<Self> {
+        let large = (budget_bytes / 4 / LARGE_BUF).max(MIN_PER_CLASS);
+        let small = (budget_bytes.saturating_sub(large * LARGE_BUF) / SMALL_BUF).max(MIN_PER_CLASS);
+        Self::with_counts(small, large)
+    }
+
+    /// A pool with exactly these numbers of buffers (tests use tiny pools).
+    pub fn with_counts(small: usize, large: usize) -> Arc<Self> {
+        let class = |buf_len, cap| ClassPool {
+            buf_len,
+            cap,
+            state: Mutex::new(ClassState {
+                free: Vec::new(),
+                allocated: 0,
+            }),
+            returned: Event::new(),
+        };
+        Arc::new(Self {
+            classes: [class(SMALL_BUF, small), class(LARGE_BUF, large)],
+        })
+    }
+
+    /// Bytes the pool may hold at most.
+    pub fn budget_bytes(&self) -> usize {
+        self.classes.iter().map(|c| c.cap * c.buf_len).sum()
+    }
+
+    /// Usage snapshot.
+    pub fn stats(&self) -> PoolStats {
+        let get = |c: &ClassPool| {
+            let s = lock(&c.state);
+            (c.cap, s.allocated, s.allocated - s.free.len())
+        };
+        PoolStats {
+            small: get(&self.classes[0]),
+            large: get(&self.classes[1]),
+        }
+    }
+
+    /// A buffer that can hold `len` bytes, waiting while the pool is exhausted.
+    /// `len` must be at most [`LARGE_BUF`]; larger requests are clamped (callers check limits).
+    pub async fn get(self: &Arc<Self>, len: usize) -> PacketBuf {
+        let class = if len <= SMALL_BUF {
+            Class::Small
+        } else {
+            Class::Large
+        };
+        loop {
+            if let Some(b) = self.try_get_class(class) {
+                return b;
+            }
+            let cp = &self.classes[class as usize];
+            listener!(cp.returned => returned);
+            if let Some(b) = self.try_get_class(class) {
+                return b;
+            }
+            returned.await;
+        }
+    }
+
+    /// A buffer if one is free now.
+    pub fn try_get(self: &Arc<Self>, len: usize) -> Option<PacketBuf> {
+        self.try_get_class(if len <= SMALL_BUF {
+            Class::Small
+        } else {
+            Class::Large
+        })
+    }
+
+    fn try_get_class(self: &Arc<Self>, class: Class) -> Option<PacketBuf> {
+        let cp = &self.classes[class as usize];
+        let mut st = lock(&cp.state);
+        let data = match st.free.pop() {
+            Some(b) => b,
+            None if st.allocated < cp.cap => {
+                st.allocated += 1;
+                if st.free.capacity() < st.allocated {
+                    // Reserve the free list once per growth so returning never allocates.
+                    let want = st.allocated.next_power_of_two().min(cp.cap);
+                    let extra = want.saturating_sub(st.free.len());
+                    st.free.reserve_exact(extra);
+                }
+                vec![0u8; cp.buf_len].into_boxed_slice()
+            }
+            None => return None,
+        };
+        Some(PacketBuf {
+            data: Some(data),
+            len: 0,
+            pool: self.clone(),
+            class,
+        })
+    }
+
+    fn put(&self, class: Class, data: Box<[u8]>) {
+        let cp = &self.classes[class as usize];
+        lock(&cp.state).free.push(data);
+        cp.returned.notify(1);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A buffer on loan from the pool; it goes back when dropped.
+pub struct PacketBuf {
+    /// Invariant: `Some` until drop.
+    data: Option<Box<[u8]>>,
+    /// Bytes of `data` in use.
+    len: usize,
+    pool: Arc<Pool>,
+    class: Class,
+}
+
+impl fmt::Debug for PacketBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PacketBuf({:?}, {} bytes)", self.class, self.len)
+    }
+}
+
+impl PacketBuf {
+    /// The whole buffer, for filling.
+    pub fn raw_mut(&mut self) -> &mut [u8] {
+        self.data.as_deref_mut().unwrap_or_default()
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.data.as_deref().map_or(0, <[u8]>::len)
+    }
+
+    /// Sets how many bytes are in use (clamped to the capacity).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.capacity());
+    }
+
+    /// The bytes in use.
+    pub fn as_slice(&self) -> &[u8] {
+        self.data.as_deref().map_or(&[], |d| &d[..self.len])
+    }
+
+    /// Length in use.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no bytes are in use.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PacketBuf {
+    fn drop(&mut self) {
+        if let Some(d) = self.data.take() {
+            self.pool.put(self.class, d);
+        }
+    }
+}
+
+/// A bounded FIFO that drops its oldest entry when full (derper's per-client queues).
+#[derive(Debug)]
+pub struct DropOldest<T> {
+    q: VecDeque<T>,
+    cap: usize,
+}
+
+impl<T> DropOldest<T> {
+    /// An empty queue holding at most `cap` items; memory is taken on first push.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            q: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// Appends `item`; returns the entry dropped to make room, if any.
+    pub fn push(&mut self, item: T) -> Option<T> {
+        let dropped = if self.q.len() >= self.cap {
+            self.q.pop_front()
+        } else {
+            None
+        };
+        if self.q.capacity() == 0 {
+            self.q.reserve_exact(self.cap);
+        }
+        self.q.push_back(item);
+        dropped
+    }
+
+    /// Removes the oldest entry.
+    pub fn pop(&mut self) -> Option<T> {
+        self.q.pop_front()
+    }
+
+    /// Number of queued entries.
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// Removes everything.
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        self.q.drain(..)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_arithmetic() {
+        let p = Pool::with_budget(DEFAULT_BUDGET_MIB << 20);
+        let s = p.stats();
+        assert_eq!(s.large.0, 63);
+        assert_eq!(s.small.0, 6174);
+        assert!(p.budget_bytes() <= DEFAULT_BUDGET_MIB << 20);
+        let tiny = Pool::with_budget(0);
+        assert_eq!(tiny.stats().small.0, MIN_PER_CLASS);
+    }
+
+    #[test]
+    fn exhausted_pool_waits_and_recycles() {
+        let p = Pool::with_counts(2, 1);
+        let a = p.try_get(10).unwrap();
+        let b = p.try_get(SMALL_BUF).unwrap();
+        assert!(p.try_get(1).is_none(), "small class exhausted");
+        let l = p.try_get(SMALL_BUF + 1).unwrap();
+        assert_eq!(l.capacity(), LARGE_BUF);
+        assert!(p.try_get(LARGE_BUF).is_none());
+        assert_eq!(p.stats().small, (2, 2, 2));
+        // A waiter is woken by a return and gets the same memory back (no new allocation).
+        let p2 = p.clone();
+        let waiter = std::thread::spawn(move || smol::block_on(p2.get(5)).capacity());
+        drop(a);
+        assert_eq!(waiter.join().unwrap(), SMALL_BUF);
+        drop(b);
+        drop(l);
+        assert_eq!(p.stats().small, (2, 2, 0));
+        assert_eq!(p.stats().large, (1, 1, 0));
+    }
+
+    #[test]
+    fn drop_oldest_queue() {
+        let mut q = DropOldest::new(3);
+        assert_eq!(q.push(1), None);
+        q.push(2);
+        q.push(3);
+        assert_eq!(q.push(4), Some(1));
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.pop(), Some(2));
+        assert_eq!(q.drain().collect::<Vec<_>>(), [3, 4]);
+    }
+}

@@ -1,0 +1,687 @@
+//! Listeners and the life of a connection up to the DERP hand-off: TCP accept → optional TLS →
+//! one bounded HTTP request head → a response, or the DERP upgrade. Also the STUN UDP loop and
+//! the executor threads that run it all.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use portable_atomic::AtomicU64;
+use smol::future::FutureExt;
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Cursor};
+use smol::{Async, Executor, Timer};
+
+use crate::client::{self, Upgrade};
+use crate::config::{Config, KeySource};
+use crate::http::{self, Home, Request};
+use crate::key::NodePrivate;
+use crate::key::NodePublic;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::registry::Registry;
+use crate::stun;
+use crate::tls;
+
+/// Time allowed for the TLS handshake plus the request head (slowloris guard). Tailscale
+/// clients finish their whole connect in 10 s, so this costs them nothing.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shared server state, one per running server.
+pub struct State {
+    /// The server's DERP identity.
+    pub private_key: NodePrivate,
+    /// Its public half.
+    pub public_key: NodePublic,
+    /// Connected clients.
+    pub registry: Registry,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Packet buffers.
+    pub pool: Arc<Pool>,
+    /// Per-batch write deadline (`--tcp-write-timeout`); `None` = no deadline.
+    pub write_timeout: Option<Duration>,
+    /// Next connection number.
+    pub next_conn_id: AtomicU64,
+    /// `--derp`: serve `/derp` at all.
+    derp_enabled: bool,
+    /// `--home`.
+    home: Home,
+    /// TCP options for accepted connections.
+    tcp_keepalive: Option<Duration>,
+    tcp_user_timeout: Option<Duration>,
+    /// TLS for the main listener, if it uses TLS.
+    tls: Option<futures_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("public_key", &self.public_key)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// Binding a listener failed.
+    Bind(SocketAddr, io::Error),
+    /// The key file could not be used.
+    Key(crate::key::KeyFileError),
+    /// Certificates could not be loaded or created.
+    Tls(tls::TlsError),
+    /// Starting threads failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+            Self::Key(e) => write!(f, "{e}"),
+            Self::Tls(e) => write!(f, "{e}"),
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running server. Dropping it stops the listeners and closes every connection.
+#[derive(Debug)]
+pub struct Server {
+    state: Arc<State>,
+    addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    stun_addrs: Vec<SocketAddr>,
+    stop: Arc<Stop>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Stop {
+    flag: AtomicBool,
+    event: event_listener::Event,
+}
+
+impl Stop {
+    async fn wait(&self) {
+        loop {
+            if self.flag.load(Relaxed) {
+                return;
+            }
+            event_listener::listener!(self.event => l);
+            if self.flag.load(Relaxed) {
+                return;
+            }
+            l.await;
+        }
+    }
+}
+
+impl Server {
+    /// Binds every listener, prints where it serves, and starts the worker threads.
+    pub fn start(cfg: Config) -> Result<Self, StartError> {
+        let private_key = match &cfg.key {
+            KeySource::Ephemeral => NodePrivate::generate(),
+            KeySource::Given(k) => k.clone(),
+            KeySource::File(p) => {
+                let (k, created) =
+                    crate::key::load_or_create_key_file(p).map_err(StartError::Key)?;
+                if created {
+                    info!("created key file {}", p.display());
+                }
+                k
+            }
+        };
+        let public_key = private_key.public();
+        let tcp = bind_tcp(cfg.listen)?;
+        let addr = tcp.get_ref().local_addr().map_err(StartError::Io)?;
+
+        let mut tls_acceptor = None;
+        let mut node_pin = None;
+        if let Some(mode) = &cfg.tls {
+            let cert =
+                tls::load_or_create(&mode.hostname, &mode.certdir).map_err(StartError::Tls)?;
+            if cert.generated {
+                info!(
+                    "generated a self-signed certificate for {} in {}",
+                    mode.hostname,
+                    mode.certdir.display()
+                );
+            }
+            if cert.hostname_is_ip {
+                node_pin = Some(cert.leaf_sha256_hex());
+            }
+            let sc = tls::server_config(&cert, &mode.hostname, public_key.0, cfg.meta_cert)
+                .map_err(StartError::Tls)?;
+            tls_acceptor = Some(futures_rustls::TlsAcceptor::from(sc));
+        }
+
+        let http80 = match (cfg.tls.is_some(), cfg.http_port) {
+            (true, Some(port)) => Some(bind_tcp(SocketAddr::new(addr.ip(), port))?),
+            _ => None,
+        };
+        let http_addr = match &http80 {
+            Some(l) => Some(l.get_ref().local_addr().map_err(StartError::Io)?),
+            None => None,
+        };
+        let mut stun_socks = Vec::new();
+        if let Some(port) = cfg.stun_port {
+            // STUN errors are not fatal in derper; we log them and keep relaying.
+            match bind_udp(SocketAddr::new(cfg.listen.ip(), port)) {
+                Ok(s) => stun_socks.push(s),
+                Err(e) => warn!("STUN disabled: cannot listen on udp port {port}: {e}"),
+            }
+        }
+        let stun_addrs: Vec<SocketAddr> = stun_socks
+            .iter()
+            .filter_map(|s| s.get_ref().local_addr().ok())
+            .collect();
+
+        let metrics = Arc::new(Metrics::default());
+        let pool = Pool::with_budget(cfg.buffer_budget);
+        let state = Arc::new(State {
+            private_key,
+            public_key,
+            registry: Registry::new(metrics.clone()),
+            metrics,
+            pool,
+            write_timeout: cfg.write_timeout,
+            next_conn_id: AtomicU64::new(1),
+            derp_enabled: cfg.derp,
+            home: cfg.home.clone(),
+            tcp_keepalive: cfg.tcp_keepalive,
+            tcp_user_timeout: cfg.tcp_user_timeout,
+            tls: tls_acceptor,
+        });
+
+        info!(
+            "derpd {} server key {}",
+            env!("CARGO_PKG_VERSION"),
+            state.public_key
+        );
+        let mode = if state.tls.is_some() {
+            "TLS"
+        } else {
+            "plain HTTP"
+        };
+        info!("serving on {addr} ({mode})");
+        if let Some(a) = http_addr {
+            info!("port-80 listener on {a} (plain HTTP: /generate_204 and redirects to https)");
+        }
+        for a in &stun_addrs {
+            info!("STUN listening on {a}");
+        }
+        info!(
+            "packet buffer budget {} KiB ({:?})",
+            state.pool.budget_bytes() >> 10,
+            state.pool.stats()
+        );
+        if let (Some(pin), Some(mode)) = (&node_pin, &cfg.tls) {
+            print_derp_map(
+                &mode.hostname,
+                addr.port(),
+                stun_addrs.first().map(|a| a.port()),
+                cfg.stun_port.is_some(),
+                pin,
+            );
+        }
+
+        let ex = Arc::new(Executor::new());
+        let stop = Arc::new(Stop::default());
+        ex.spawn(accept_loop(ex.clone(), state.clone(), tcp, Listener::Main))
+            .detach();
+        if let Some(l) = http80 {
+            ex.spawn(accept_loop(ex.clone(), state.clone(), l, Listener::Port80))
+                .detach();
+        }
+        for s in stun_socks {
+            ex.spawn(stun_loop(state.clone(), s)).detach();
+        }
+        let mut threads = Vec::new();
+        for i in 0..cfg.threads.max(1) {
+            let (ex, stop) = (ex.clone(), stop.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("derpd-{i}"))
+                .spawn(move || smol::block_on(ex.run(stop.wait())))
+                .map_err(StartError::Io)?;
+            threads.push(t);
+        }
+        Ok(Self {
+            state,
+            addr,
+            http_addr,
+            stun_addrs,
+            stop,
+            threads,
+        })
+    }
+
+    /// The main listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The port-80 listener's address, in TLS mode.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// STUN sockets' addresses.
+    pub fn stun_addrs(&self) -> &[SocketAddr] {
+        &self.stun_addrs
+    }
+
+    /// Shared state (metrics, registry, pool), for tests and the debug pages.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Blocks until the server stops (it does not stop on its own).
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.flag.store(true, Relaxed);
+        self.stop.event.notify(usize::MAX);
+        self.state.registry.close_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Prints the DERPMap node and a region snippet for a self-signed IP certificate.
+fn print_derp_map(hostname: &str, port: u16, stun_port: Option<u16>, stun_on: bool, pin: &str) {
+    let mut node = serde_json::Map::new();
+    node.insert("Name".into(), "900a".into());
+    node.insert("RegionID".into(), 900.into());
+    node.insert("HostName".into(), hostname.into());
+    match hostname.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => node.insert("IPv4".into(), hostname.into()),
+        Ok(IpAddr::V6(_)) => node.insert("IPv6".into(), hostname.into()),
+        Err(_) => None,
+    };
+    if !stun_on {
+        node.insert("STUNPort".into(), (-1).into());
+    } else if let Some(p) = stun_port.filter(|&p| p != 3478) {
+        node.insert("STUNPort".into(), p.into());
+    }
+    if port != 443 {
+        node.insert("DERPPort".into(), port.into());
+    }
+    node.insert("CertName".into(), format!("sha256-raw:{pin}").into());
+    let node = serde_json::Value::Object(node);
+    info!(
+        "Using self-signed certificate for IP address {hostname:?}. Configure it in DERPMap using: \
+         (https://tailscale.com/s/custom-derp)"
+    );
+    info!("  {node}");
+    let region = serde_json::json!({
+        "derpMap": {
+            "OmitDefaultRegions": false,
+            "Regions": {
+                "900": {
+                    "RegionID": 900,
+                    "RegionCode": "derpd",
+                    "RegionName": "derpd",
+                    "Nodes": [node],
+                }
+            }
+        }
+    });
+    let pretty = serde_json::to_string_pretty(&region).unwrap_or_default();
+    info!("tailnet policy file snippet (paste into the top-level object):\n{pretty}");
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<Async<TcpListener>, StartError> {
+    match Async::<TcpListener>::bind(addr) {
+        Ok(l) => Ok(l),
+        // `[::]` fails on hosts with IPv6 disabled: fall back to IPv4 only.
+        Err(_) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+            Async::<TcpListener>::bind(v4).map_err(|e| StartError::Bind(v4, e))
+        }
+        Err(e) => Err(StartError::Bind(addr, e)),
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<Async<UdpSocket>> {
+    match Async::<UdpSocket>::bind(addr) {
+        Ok(s) => Ok(s),
+        Err(_) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => Async::<UdpSocket>::bind(
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port()),
+        ),
+        Err(e) => Err(e),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listener {
+    /// `-a`: DERP and the web endpoints, TLS or plain.
+    Main,
+    /// `--http-port` in TLS mode.
+    Port80,
+}
+
+async fn accept_loop(
+    ex: Arc<Executor<'static>>,
+    state: Arc<State>,
+    listener: Async<TcpListener>,
+    which: Listener,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok((tcp, remote)) => {
+                backoff = Duration::from_millis(5);
+                state.metrics.accepts.fetch_add(1, Relaxed);
+                let st = state.clone();
+                ex.spawn(async move {
+                    if let Err(e) = handle_conn(&st, tcp, remote, which).await {
+                        st.metrics.failed_logins.fetch_add(1, Relaxed);
+                        debug!("{remote}: {e}");
+                    }
+                })
+                .detach();
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: wait and keep accepting, never exit.
+                warn!("accept: {e}; retrying in {backoff:?}");
+                Timer::after(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn set_tcp_options(state: &State, tcp: &TcpStream) {
+    use rustix::net::sockopt;
+    // Go sets TCP_NODELAY on every connection; we batch writes ourselves.
+    let _ = sockopt::set_tcp_nodelay(tcp, true);
+    if let Some(d) = state.tcp_keepalive {
+        let _ = sockopt::set_socket_keepalive(tcp, true);
+        let _ = sockopt::set_tcp_keepidle(tcp, d);
+        let _ = sockopt::set_tcp_keepintvl(tcp, d);
+    }
+    if let Some(d) = state.tcp_user_timeout {
+        let ms = u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        let _ = sockopt::set_tcp_user_timeout(tcp, ms);
+    }
+}
+
+/// A connection failed before or instead of a DERP session.
+#[derive(Debug)]
+enum ConnFail {
+    Io(io::Error),
+    Timeout(&'static str),
+    Head(http::HeadError),
+    Derp(client::ConnError),
+}
+
+impl std::fmt::Display for ConnFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Timeout(what) => write!(f, "{what} timed out"),
+            Self::Head(e) => write!(f, "{e}"),
+            Self::Derp(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<io::Error> for ConnFail {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+async fn handle_conn(
+    state: &Arc<State>,
+    tcp: Async<TcpStream>,
+    remote: SocketAddr,
+    which: Listener,
+) -> Result<(), ConnFail> {
+    set_tcp_options(state, tcp.get_ref());
+    let setup = async {
+        let mut stream = match (&state.tls, which) {
+            (Some(acc), Listener::Main) => {
+                Stream::Tls(Box::new(acc.accept(tcp).await.map_err(|e| {
+                    ConnFail::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
+                })?))
+            }
+            _ => Stream::Plain(tcp),
+        };
+        let (req, leftover) = read_head(&mut stream).await?;
+        Ok::<_, ConnFail>((stream, req, leftover))
+    };
+    let (mut stream, req, leftover) = setup
+        .or(async {
+            Timer::after(HEAD_TIMEOUT).await;
+            Err(ConnFail::Timeout("TLS handshake and request head"))
+        })
+        .await?;
+    let head = req.method == "HEAD";
+    let resp = if which == Listener::Port80 {
+        http::port80(&req)
+    } else {
+        match req.path.as_str() {
+            "/derp/probe" | "/derp/latency-check" => http::probe(&req.method),
+            "/derp" if !state.derp_enabled => {
+                http::text_error(404, "Not Found", "derp server disabled")
+            }
+            "/derp" => match req.upgrade.as_str() {
+                "websocket" if req.ws_protocol.contains("derp") => http::text_error(
+                    501,
+                    "Not Implemented",
+                    "DERP over WebSocket is not supported by this server yet",
+                ),
+                "derp" | "websocket" => {
+                    return serve_derp(state, stream, leftover, &req, remote).await;
+                }
+                other => {
+                    if !other.is_empty() {
+                        debug!("{remote}: weird upgrade {other:?}");
+                    }
+                    http::text_error(426, "Upgrade Required", "DERP requires connection upgrade")
+                }
+            },
+            "/generate_204" => http::no_content(req.challenge.as_deref()),
+            "/robots.txt" => http::robots(head),
+            _ => http::home(&state.home, state.derp_enabled, head),
+        }
+    };
+    let write = async {
+        stream.write_all(&resp).await?;
+        stream.flush().await?;
+        stream.close().await
+    };
+    write
+        .or(async {
+            Timer::after(HEAD_TIMEOUT).await;
+            Err(io::ErrorKind::TimedOut.into())
+        })
+        .await?;
+    Ok(())
+}
+
+async fn serve_derp(
+    state: &Arc<State>,
+    stream: Stream,
+    leftover: Vec<u8>,
+    req: &Request,
+    remote: SocketAddr,
+) -> Result<(), ConnFail> {
+    let shared = Shared(Arc::new(Mutex::new(stream)));
+    let rd = Cursor::new(leftover).chain(shared.clone());
+    let up = Upgrade {
+        remote,
+        fast_start: req.fast_start,
+        not_ideal: req.not_ideal,
+    };
+    client::serve(state.clone(), rd, shared, up)
+        .await
+        .map_err(ConnFail::Derp)
+}
+
+/// Reads one request head. Returns it and the bytes that followed it (fast-start login).
+async fn read_head(stream: &mut Stream) -> Result<(Request, Vec<u8>), ConnFail> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let start = buf.len();
+        let room = (http::MAX_HEAD_LEN + 1 - start).min(4096);
+        buf.resize(start + room, 0);
+        let n = stream.read(&mut buf[start..]).await?;
+        buf.truncate(start + n);
+        if n == 0 {
+            return Err(ConnFail::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if let Some((req, used)) = http::parse_head(&buf).map_err(ConnFail::Head)? {
+            // Copy the rest out so the head buffer is freed for the connection's lifetime.
+            return Ok((req, buf[used..].to_vec()));
+        }
+    }
+}
+
+async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
+    let m = &state.metrics;
+    let mut buf = [0u8; 2048];
+    let mut out = [0u8; stun::MAX_RESPONSE_LEN];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("STUN read: {e}");
+                Timer::after(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Some(tx) = stun::parse_binding_request(&buf[..n]) else {
+            m.stun_not_stun.fetch_add(1, Relaxed);
+            continue;
+        };
+        let len = stun::write_response(&mut out, &tx, from);
+        match sock.send_to(&out[..len], from).await {
+            Ok(_) => {
+                m.stun_success.fetch_add(1, Relaxed);
+            }
+            Err(e) => debug!("STUN write to {from}: {e}"),
+        }
+    }
+}
+
+/// A client connection, plain or TLS, behind one type so the DERP code is compiled once.
+enum Stream {
+    Plain(Async<TcpStream>),
+    Tls(Box<futures_rustls::server::TlsStream<Async<TcpStream>>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_close(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
+}
+
+/// The stream shared by a connection's reader and writer. Each poll holds the lock only for
+/// its own duration. (futures-lite's `split` would lose vectored writes.)
+#[derive(Clone)]
+struct Shared(Arc<Mutex<Stream>>);
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Stream> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl AsyncRead for Shared {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Shared {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_close(cx)
+    }
+}

@@ -1,0 +1,221 @@
+//! Test helpers: an in-process server on 127.0.0.1:0 and a raw, blocking DERP client.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use derpd::config::Config;
+use derpd::handshake;
+use derpd::key::{NodePrivate, NodePublic};
+use derpd::server::Server;
+
+/// Read timeout for every test socket: a hung server fails the test instead of hanging it.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn start(cfg: Config) -> Server {
+    let _ = simple_logger::SimpleLogger::new()
+        .with_level(log::LevelFilter::Warn)
+        .env()
+        .init();
+    Server::start(cfg).expect("server starts")
+}
+
+pub fn start_dev() -> Server {
+    start(Config::dev_loopback())
+}
+
+/// Polls `cond` until it holds or 5 s pass.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Sends raw bytes and returns everything the server sends back until it closes.
+pub fn http_exchange(addr: SocketAddr, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(req).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A frame as received: type and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub t: u8,
+    pub payload: Vec<u8>,
+}
+
+pub struct DerpClient<S: Read + Write = TcpStream> {
+    pub key: NodePrivate,
+    pub server_key: NodePublic,
+    pub s: S,
+}
+
+impl DerpClient<TcpStream> {
+    /// Connects over plain HTTP, with or without fast start, and completes the login.
+    pub fn connect(addr: SocketAddr) -> Self {
+        Self::connect_with(
+            addr,
+            NodePrivate::generate(),
+            br#"{"version":2,"CanAckPings":true}"#,
+        )
+    }
+
+    pub fn connect_with(addr: SocketAddr, key: NodePrivate, json: &[u8]) -> Self {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut c = DerpClient {
+            key,
+            server_key: NodePublic([0; 32]),
+            s,
+        };
+        c.login_upgrade(json).expect("login");
+        c
+    }
+}
+
+impl<S: Read + Write> DerpClient<S> {
+    pub fn new_raw(s: S) -> Self {
+        DerpClient {
+            key: NodePrivate::generate(),
+            server_key: NodePublic([0; 32]),
+            s,
+        }
+    }
+
+    /// Classic login: request, 101, ServerKey, ClientInfo, ServerInfo.
+    pub fn login_upgrade(&mut self, json: &[u8]) -> Result<(), String> {
+        self.s
+            .write_all(
+                b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n",
+            )
+            .map_err(|e| e.to_string())?;
+        let head = read_http_head(&mut self.s)?;
+        if !head.starts_with("HTTP/1.1 101 Switching Protocols\r\n") {
+            return Err(format!("want 101, got {head:?}"));
+        }
+        self.read_server_key()?;
+        let ci = handshake::client_info_frame(&self.key, &self.server_key, json);
+        self.s.write_all(&ci).map_err(|e| e.to_string())?;
+        self.expect_server_info()
+    }
+
+    pub fn read_server_key(&mut self) -> Result<(), String> {
+        let f = self.read_frame().map_err(|e| e.to_string())?;
+        if f.t != 0x01 || f.payload.len() != 40 || f.payload[..8] != derpd::frame::MAGIC {
+            return Err(format!("bad ServerKey {f:?}"));
+        }
+        self.server_key = NodePublic(f.payload[8..40].try_into().unwrap());
+        Ok(())
+    }
+
+    pub fn expect_server_info(&mut self) -> Result<(), String> {
+        let f = self
+            .read_frame()
+            .map_err(|e| format!("reading ServerInfo: {e}"))?;
+        if f.t != 0x03 {
+            return Err(format!("want ServerInfo, got {f:?}"));
+        }
+        let json = handshake::open_server_info(&self.key, &self.server_key, &f.payload)
+            .ok_or("ServerInfo did not open")?;
+        if json != br#"{"version":2}"# {
+            return Err(format!(
+                "ServerInfo JSON {:?}",
+                String::from_utf8_lossy(&json)
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn public(&self) -> NodePublic {
+        self.key.public()
+    }
+
+    pub fn write_frame(&mut self, t: u8, payload: &[u8]) -> std::io::Result<()> {
+        let mut f = vec![t];
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        self.s.write_all(&f)
+    }
+
+    pub fn send(&mut self, dst: &NodePublic, pkt: &[u8]) {
+        let mut p = dst.0.to_vec();
+        p.extend_from_slice(pkt);
+        self.write_frame(0x04, &p).unwrap();
+    }
+
+    pub fn read_frame(&mut self) -> std::io::Result<Frame> {
+        let mut h = [0u8; 5];
+        self.s.read_exact(&mut h)?;
+        let len = u32::from_be_bytes(h[1..].try_into().unwrap()) as usize;
+        assert!(len <= 1 << 20, "frame too large: {len}");
+        let mut payload = vec![0u8; len];
+        self.s.read_exact(&mut payload)?;
+        Ok(Frame { t: h[0], payload })
+    }
+
+    /// Next frame that is not a KeepAlive.
+    pub fn recv(&mut self) -> Frame {
+        loop {
+            let f = self.read_frame().expect("frame");
+            if f.t != 0x06 {
+                return f;
+            }
+        }
+    }
+
+    /// Next RecvPacket: (source, packet).
+    pub fn recv_packet(&mut self) -> (NodePublic, Vec<u8>) {
+        let f = self.recv();
+        assert_eq!(f.t, 0x05, "want RecvPacket, got {f:?}");
+        (
+            NodePublic(f.payload[..32].try_into().unwrap()),
+            f.payload[32..].to_vec(),
+        )
+    }
+
+    /// True when the server has closed the connection (EOF or reset) within the timeout.
+    pub fn is_closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 4096];
+        loop {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+pub fn read_http_head<S: Read>(s: &mut S) -> Result<String, String> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut b).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("EOF in head {:?}", String::from_utf8_lossy(&head)));
+        }
+        head.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A disco-looking packet: magic, then enough bytes for a key and a nonce.
+pub fn disco_packet() -> Vec<u8> {
+    let mut p = derpd::frame::DISCO_MAGIC.to_vec();
+    p.resize(derpd::frame::DISCO_MIN_LEN + 10, 7);
+    p
+}
