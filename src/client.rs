@@ -366,10 +366,11 @@ fn relay(
         Route::NoActive => m.drop_packet(DropReason::DupClient, disco, pkt_len),
         Route::Unknown => {
             m.drop_packet(DropReason::UnknownDest, disco, pkt_len);
-            if disco && not_here.allow() {
-                if src.enqueue_control(SmallFrame::peer_gone(dst, PeerGoneReason::NotHere)) {
-                    m.peer_gone_not_here_frames.fetch_add(1, Relaxed);
-                }
+            if disco
+                && not_here.allow()
+                && src.enqueue_control(SmallFrame::peer_gone(dst, PeerGoneReason::NotHere))
+            {
+                m.peer_gone_not_here_frames.fetch_add(1, Relaxed);
             }
         }
     }

@@ -27,7 +27,7 @@ pub const ROOT_KEY_PATH: &str = "/var/lib/derper/derper.key";
 pub struct Args {
     /// listen address; TLS if the port is 443 or --certmode manual (default ":443")
     #[argh(option, short = 'a', default = "String::from(\":443\")")]
-    pub a: String,
+    pub addr: String,
     /// plain-HTTP port in TLS mode (/generate_204, redirects to https); -1 disables (default 80)
     #[argh(option, default = "80")]
     pub http_port: i32,
@@ -40,7 +40,7 @@ pub struct Args {
     /// JSON key file {"PrivateKey":"privkey:<hex>"}, created 0600 if missing
     /// (default /var/lib/derper/derper.key for root)
     #[argh(option, short = 'c', default = "String::new()")]
-    pub c: String,
+    pub config: String,
     /// certificate mode: manual (letsencrypt, derper's default, is not supported yet)
     #[argh(option, default = "String::from(\"letsencrypt\")")]
     pub certmode: String,
@@ -257,10 +257,10 @@ impl Config {
 
     /// Validates the flags. Errors are one-line messages for the admin.
     pub fn from_args(a: &Args) -> Result<Self, String> {
-        let addr_text = if a.dev && a.a == ":443" {
+        let addr_text = if a.dev && a.addr == ":443" {
             DEV_ADDR
         } else {
-            a.a.as_str()
+            a.addr.as_str()
         };
         let listen = parse_listen(addr_text)?;
         let manual = match a.certmode.as_str() {
@@ -307,8 +307,8 @@ impl Config {
         };
         let key = if a.dev {
             KeySource::Ephemeral
-        } else if !a.c.is_empty() {
-            KeySource::File(PathBuf::from(&a.c))
+        } else if !a.config.is_empty() {
+            KeySource::File(PathBuf::from(&a.config))
         } else if rustix::process::geteuid().is_root() {
             KeySource::File(PathBuf::from(ROOT_KEY_PATH))
         } else {
@@ -398,19 +398,19 @@ mod tests {
             "--meta-cert=0",
         ])
         .unwrap();
-        assert_eq!(a.a, ":8443");
+        assert_eq!(a.addr, ":8443");
         assert!(!a.stun && a.dev && !a.meta_cert);
         assert_eq!(a.http_port, -1);
         assert_eq!(a.hostname, "h");
         let b = args(&["-c", "/tmp/k", "--certmode=manual", "-http_port=8080"]).unwrap();
-        assert_eq!(b.c, "/tmp/k");
+        assert_eq!(b.config, "/tmp/k");
         assert_eq!(b.certmode, "manual");
         assert_eq!(b.http_port, 8080);
         assert!(args(&["-stun=maybe"]).is_err());
         assert!(args(&["--nope"]).is_err());
         let d = args(&[]).unwrap();
         assert_eq!(
-            (d.a.as_str(), d.http_port, d.stun, d.stun_port),
+            (d.addr.as_str(), d.http_port, d.stun, d.stun_port),
             (":443", 80, true, 3478)
         );
         assert!(d.derp && !d.dev && d.meta_cert);

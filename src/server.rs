@@ -428,6 +428,8 @@ enum ConnFail {
     Io(io::Error),
     Timeout(&'static str),
     Head(http::HeadError),
+    /// A bad head, with the stream still open for an error response.
+    HeadOn(Stream, http::HeadError),
     Derp(client::ConnError),
 }
 
@@ -436,7 +438,7 @@ impl std::fmt::Display for ConnFail {
         match self {
             Self::Io(e) => write!(f, "{e}"),
             Self::Timeout(what) => write!(f, "{what} timed out"),
-            Self::Head(e) => write!(f, "{e}"),
+            Self::Head(e) | Self::HeadOn(_, e) => write!(f, "{e}"),
             Self::Derp(e) => write!(f, "{e}"),
         }
     }
@@ -464,15 +466,43 @@ async fn handle_conn(
             }
             _ => Stream::Plain(tcp),
         };
-        let (req, leftover) = read_head(&mut stream).await?;
-        Ok::<_, ConnFail>((stream, req, leftover))
+        match read_head(&mut stream).await {
+            Ok((req, leftover)) => Ok((stream, req, leftover)),
+            Err(ConnFail::Head(e)) => Err(ConnFail::HeadOn(stream, e)),
+            Err(e) => Err(e),
+        }
     };
-    let (mut stream, req, leftover) = setup
+    let (mut stream, req, leftover) = match setup
         .or(async {
             Timer::after(HEAD_TIMEOUT).await;
             Err(ConnFail::Timeout("TLS handshake and request head"))
         })
-        .await?;
+        .await
+    {
+        Ok(x) => x,
+        Err(ConnFail::HeadOn(mut stream, e)) => {
+            // Tell an HTTP client what was wrong, as Go's server does, then close.
+            let resp = match e {
+                http::HeadError::TooLarge => http::text_error(
+                    431,
+                    "Request Header Fields Too Large",
+                    "request head too large",
+                ),
+                http::HeadError::Malformed(_) => {
+                    http::text_error(400, "Bad Request", "malformed request")
+                }
+            };
+            let _ = stream
+                .write_all(&resp)
+                .or(async {
+                    Timer::after(Duration::from_secs(1)).await;
+                    Ok(())
+                })
+                .await;
+            return Err(ConnFail::Head(e));
+        }
+        Err(e) => return Err(e),
+    };
     let head = req.method == "HEAD";
     let resp = if which == Listener::Port80 {
         http::port80(&req)
@@ -579,6 +609,15 @@ async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
             }
             Err(e) => debug!("STUN write to {from}: {e}"),
         }
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain(_) => "Stream::Plain",
+            Self::Tls(_) => "Stream::Tls",
+        })
     }
 }
 

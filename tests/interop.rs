@@ -301,8 +301,8 @@ impl Derpd {
         }
     }
 
-    /// Runs the harness with `args`; fails unless it exits 0.
-    fn run_harness(&mut self, harness: &Path, args: &[String]) {
+    /// Runs the harness with `args`; fails unless it exits 0. Returns its stdout.
+    fn run_harness(&mut self, harness: &Path, args: &[String]) -> String {
         let (status, stdout, stderr) = run_bounded(harness, args, HARNESS_DEADLINE);
         let record = format!(
             "$ derp-interop {}\n--- exit: {}\n--- stdout\n{}\n--- stderr\n{}\n",
@@ -315,6 +315,18 @@ impl Derpd {
         self.transcript.push_str(&record);
         if status.is_none_or(|s| !s.success()) {
             self.fail(&format!("derp-interop {} failed", args.join(" ")));
+        }
+        stdout
+    }
+
+    /// Checks the harness's own view (its `INFO` lines) of whether each client fast-started.
+    fn expect_client_fast_start(&mut self, relay_stdout: &str, expected: bool, clients: usize) {
+        let want = format!("client fast start: {expected}");
+        let n = relay_stdout.lines().filter(|l| l.contains(&want)).count();
+        if n != clients {
+            self.fail(&format!(
+                "harness reported `{want}` for {n} clients, want {clients}"
+            ));
         }
     }
 
@@ -505,7 +517,7 @@ fn tls_pinned(test: &str, meta_cert: bool) {
     let stun = dial_addr(st.stun, false);
     let pin = st.pin.clone().unwrap();
 
-    d.run_harness(
+    let relay = d.run_harness(
         &harness,
         &[
             s("relay"),
@@ -520,6 +532,7 @@ fn tls_pinned(test: &str, meta_cert: bool) {
         ],
     );
     d.run_harness(&harness, &[s("stun"), s("-addr"), stun.to_string()]);
+    d.expect_client_fast_start(&relay, meta_cert, 3);
     d.expect_fast_start(meta_cert, 3);
 
     for f in ["127.0.0.1.crt", "127.0.0.1.key"] {
@@ -569,7 +582,7 @@ fn dev_mode(listen: &str, v6: bool) {
             if v6 { 6 } else { 4 }
         ));
     }
-    d.run_harness(
+    let relay = d.run_harness(
         &harness,
         &[
             s("relay"),
@@ -581,6 +594,7 @@ fn dev_mode(listen: &str, v6: bool) {
     );
     d.run_harness(&harness, &[s("stun"), s("-addr"), stun.to_string()]);
     // Plain HTTP has no meta cert, so no client can fast-start.
+    d.expect_client_fast_start(&relay, false, 3);
     d.expect_fast_start(false, 3);
     d.expect_running();
 }

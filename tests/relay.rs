@@ -1,6 +1,8 @@
 //! Relaying among in-process clients: the DERP conformance items of derper's TestSendRecv,
 //! TestSendFreeze, TestServerRepliesToPing and TestServerDupClients.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::atomic::Ordering::Relaxed;

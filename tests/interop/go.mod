@@ -2,7 +2,10 @@ module derpd.test/interop
 
 go 1.26.6
 
-require tailscale.com v1.102.5
+require (
+	go4.org/mem v0.0.0-20240501181205-ae6ca9944745
+	tailscale.com v1.102.5
+)
 
 require (
 	github.com/coder/websocket v1.8.14 // indirect
@@ -13,7 +16,6 @@ require (
 	github.com/jsimonetti/rtnetlink v1.4.1 // indirect
 	github.com/mdlayher/netlink v1.7.3-0.20250113171957-fbb4dce95f42 // indirect
 	github.com/mdlayher/socket v0.5.0 // indirect
-	go4.org/mem v0.0.0-20240501181205-ae6ca9944745 // indirect
 	go4.org/netipx v0.0.0-20231129151722-fdeea329fbba // indirect
 	golang.org/x/crypto v0.54.0 // indirect
 	golang.org/x/exp v0.0.0-20260410095643-746e56fc9e2f // indirect

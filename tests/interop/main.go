@@ -20,6 +20,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -32,6 +33,7 @@ import (
 	"sync"
 	"time"
 
+	"go4.org/mem"
 	"tailscale.com/derp"
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/net/netmon"
@@ -222,15 +224,24 @@ func randBytes(n int) []byte {
 	return b
 }
 
-// hasMetaCert reports whether the peer certificates include a DERP "meta
-// cert" (CN "derpkey<hex>"), which is what makes derphttp use fast start.
-func hasMetaCert(cs *tls.ConnectionState) bool {
+// metaCertKey returns the server key from a DERP "meta cert" among the peer
+// certificates (CN "derpkey<64 hex>", serial = protocol version 1..255), as
+// derphttp's parseMetaCert does. derphttp fast-starts (sends Derp-Fast-Start: 1
+// and does not wait for the HTTP 101 or ServerKey) exactly when it finds one
+// over TLS 1.3.
+func metaCertKey(cs *tls.ConnectionState) (k key.NodePublic, ok bool) {
 	for _, c := range cs.PeerCertificates {
-		if strings.HasPrefix(c.Subject.CommonName, "derpkey") {
-			return true
+		h, found := strings.CutPrefix(c.Subject.CommonName, "derpkey")
+		if !found {
+			continue
 		}
+		raw, err := hex.DecodeString(h)
+		if err != nil || len(raw) != 32 || c.SerialNumber == nil || c.SerialNumber.BitLen() > 8 || c.SerialNumber.Sign() <= 0 {
+			continue
+		}
+		return key.NodePublicFromRaw32(mem.B(raw)), true
 	}
-	return false
+	return key.NodePublic{}, false
 }
 
 func tlsVersionName(v uint16) string {
@@ -356,10 +367,13 @@ func runRelay(args []string) {
 		} else if sk != serverKey {
 			fail(what, "server key %v differs from client 0's %v", sk, serverKey)
 		}
-		detail := "plain HTTP"
+		detail := "plain HTTP, client fast start: false"
 		if cs, ok := tc.c.TLSConnectionState(); ok {
-			meta := hasMetaCert(cs)
-			detail = fmt.Sprintf("%s, meta cert: %v, fast start: %v", tlsVersionName(cs.Version), meta, meta && cs.Version >= tls.VersionTLS13)
+			mk, meta := metaCertKey(cs)
+			if meta && mk != sk {
+				fail(what, "meta cert key %v differs from the server key %v", mk, sk)
+			}
+			detail = fmt.Sprintf("%s, meta cert: %v, client fast start: %v", tlsVersionName(cs.Version), meta, meta && cs.Version >= tls.VersionTLS13)
 		}
 		info("%s: %s, local %s, server key %v, ServerInfo %+v", tc.name, detail, localAddr(tc.c), sk, si)
 		pass("%s: first message is ServerInfo", what)

@@ -1,0 +1,245 @@
+//! TLS mode: a generated self-signed IP certificate, the meta-cert appended last, the
+//! `sha256-raw:` pin, TLS 1.2 and 1.3, fast start over TLS, and the port-80 listener.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use derpd::config::{Config, TlsMode};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use sha2::Digest;
+
+/// Accepts any chain and records it.
+#[derive(Debug, Default)]
+struct Recorder(Mutex<Vec<Vec<u8>>>);
+
+impl ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut v = vec![end_entity.to_vec()];
+        v.extend(intermediates.iter().map(|c| c.to_vec()));
+        *self.0.lock().unwrap() = v;
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn tls_server(name: &str, meta_cert: bool) -> (derpd::server::Server, std::path::PathBuf) {
+    let dir = tmpdir(name);
+    let mut cfg = Config::dev_loopback();
+    cfg.tls = Some(TlsMode {
+        hostname: "127.0.0.1".into(),
+        certdir: dir.clone(),
+    });
+    cfg.http_port = Some(0);
+    cfg.meta_cert = meta_cert;
+    (start(cfg), dir)
+}
+
+type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+fn connect(addr: std::net::SocketAddr, v12: bool) -> (TlsConn, Arc<Recorder>) {
+    let rec = Arc::new(Recorder::default());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if v12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(rec.clone())
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("127.0.0.1").unwrap())
+            .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.flush().unwrap();
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    (s, rec)
+}
+
+fn cn(der: &[u8]) -> String {
+    let (_, c) = x509_parser::parse_x509_certificate(der).unwrap();
+    let name = c
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    name
+}
+
+#[test]
+fn ip_certificate_chain_pin_and_fast_start() {
+    let (srv, dir) = tls_server("tls-meta", true);
+    let leaf_pem = std::fs::read_to_string(dir.join("127.0.0.1.crt")).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let leaf_der = CertificateDer::from_pem_slice(leaf_pem.as_bytes()).unwrap();
+    let pin = derpd::key::hex(&sha2::Sha256::digest(&leaf_der));
+
+    for v12 in [false, true] {
+        let (s, rec) = connect(srv.addr(), v12);
+        let chain = rec.0.lock().unwrap().clone();
+        assert_eq!(
+            chain.len(),
+            2,
+            "leaf + meta-cert (TLS 1.{})",
+            if v12 { 2 } else { 3 }
+        );
+        assert_eq!(
+            derpd::key::hex(&sha2::Sha256::digest(&chain[0])),
+            pin,
+            "the pinned leaf is served first"
+        );
+        assert_eq!(cn(&chain[0]), "127.0.0.1");
+        assert_eq!(
+            cn(&chain[1]),
+            format!("derpkey{}", srv.state().public_key.untyped_hex())
+        );
+        drop(s);
+    }
+
+    // Fast start over TLS 1.3, as a Tailscale client does after seeing the meta-cert.
+    let (mut s, _) = connect(srv.addr(), false);
+    let mut c = DerpClient::new_raw(&mut s);
+    c.server_key = srv.state().public_key;
+    let mut req = b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n".to_vec();
+    let server_key = c.server_key;
+    req.extend(derpd::handshake::client_info_frame(
+        &c.key,
+        &server_key,
+        b"{}",
+    ));
+    c.s.write_all(&req).unwrap();
+    c.read_server_key().unwrap();
+    c.expect_server_info().unwrap();
+    let me = c.public();
+    c.send(&me, b"over tls");
+    assert_eq!(c.recv_packet().1, b"over tls");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn meta_cert_off_serves_leaf_only() {
+    let (srv, dir) = tls_server("tls-nometa", false);
+    let (mut s, rec) = connect(srv.addr(), false);
+    assert_eq!(rec.0.lock().unwrap().len(), 1);
+    s.write_all(b"GET /derp/probe HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200 OK"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn certificate_files_are_private_and_reused() {
+    let (srv, dir) = tls_server("tls-files", true);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("127.0.0.1.key")), 0o600);
+    let first = std::fs::read(dir.join("127.0.0.1.crt")).unwrap();
+    drop(srv);
+    let mut cfg = Config::dev_loopback();
+    cfg.tls = Some(TlsMode {
+        hostname: "127.0.0.1".into(),
+        certdir: dir.clone(),
+    });
+    let _srv = start(cfg);
+    assert_eq!(
+        std::fs::read(dir.join("127.0.0.1.crt")).unwrap(),
+        first,
+        "restart reuses the certificate"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn port_80_redirects_and_serves_generate_204() {
+    let (srv, dir) = tls_server("tls-port80", true);
+    let a = srv.http_addr().expect("port-80 listener in TLS mode");
+    let r = http_exchange(a, b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert!(
+        r.starts_with("HTTP/1.1 302 Found\r\nLocation: https://127.0.0.1/derp\r\n"),
+        "{r}"
+    );
+    let r = http_exchange(a, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert!(
+        r.starts_with("HTTP/1.1 400 Bad Request\r\n") && r.contains("Use HTTPS"),
+        "{r}"
+    );
+    let r = http_exchange(
+        a,
+        b"GET /generate_204 HTTP/1.1\r\nX-Tailscale-Challenge: ts_127.0.0.1\r\n\r\n",
+    );
+    assert!(
+        r.contains("X-Tailscale-Response: response ts_127.0.0.1\r\n"),
+        "{r}"
+    );
+    // Garbage TLS on the main port is refused without hurting the server.
+    let r = http_exchange(srv.addr(), b"GET / HTTP/1.1\r\n\r\n");
+    assert!(
+        !r.starts_with("HTTP/1.1 200"),
+        "plain HTTP on the TLS port: {r:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
