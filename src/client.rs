@@ -111,12 +111,19 @@ where
         buf.set_len(n);
         handshake::open_client_info(&state.private_key, buf.as_slice()).map_err(ConnError::Login)
     };
-    let info = login
+    let info = match login
         .or(async {
             Timer::after(LOGIN_TIMEOUT).await;
             Err(ConnError::Protocol("login timed out".into()))
         })
-        .await?;
+        .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            info!("derp: {}: login refused: {e}", up.remote);
+            return Err(e);
+        }
+    };
     // Mesh keys (and so mesh privileges) arrive with the mesh issue; until then no client has
     // them, whatever its ClientInfo says.
     let is_mesh = false;

@@ -71,7 +71,7 @@ pub struct Metrics {
     pub total_dup_client_conns: AtomicU64,
     /// Logins that used fast start (no 101).
     pub fast_start_logins: AtomicU64,
-    /// Connections refused before or during login (bad head, TLS, ClientInfo, deadline).
+    /// Connections that ended with an error (bad head, TLS, ClientInfo, deadline, protocol).
     pub failed_logins: AtomicU64,
     /// Packets received from clients (`packets_received`).
     pub packets_received: AtomicU64,

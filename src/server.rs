@@ -390,9 +390,21 @@ async fn accept_loop(
                 state.metrics.accepts.fetch_add(1, Relaxed);
                 let st = state.clone();
                 ex.spawn(async move {
-                    if let Err(e) = handle_conn(&st, tcp, remote, which).await {
-                        st.metrics.failed_logins.fetch_add(1, Relaxed);
-                        debug!("{remote}: {e}");
+                    match handle_conn(&st, tcp, remote, which).await {
+                        Ok(()) => {}
+                        // DERP errors were logged with the client's key by the client code.
+                        Err(ConnFail::Derp(_)) => {
+                            st.metrics.failed_logins.fetch_add(1, Relaxed);
+                        }
+                        Err(e @ ConnFail::Head(_)) => {
+                            st.metrics.failed_logins.fetch_add(1, Relaxed);
+                            info!("{remote}: refused: {e}");
+                        }
+                        // Scanners and dropped TLS handshakes: common, so only at debug.
+                        Err(e) => {
+                            st.metrics.failed_logins.fetch_add(1, Relaxed);
+                            debug!("{remote}: closed: {e}");
+                        }
                     }
                 })
                 .detach();
