@@ -165,6 +165,18 @@ pub fn text_error(status: u16, reason: &str, msg: &str) -> Vec<u8> {
     )
 }
 
+/// The response to a refused request head: 431 when too large, 400 otherwise.
+pub fn head_error(e: &HeadError) -> Vec<u8> {
+    match e {
+        HeadError::TooLarge => text_error(
+            431,
+            "Request Header Fields Too Large",
+            "request head too large",
+        ),
+        HeadError::Malformed(_) => text_error(400, "Bad Request", "malformed request"),
+    }
+}
+
 /// `/derp/probe` and `/derp/latency-check`: GET/HEAD → 200 with CORS `*`, else 405.
 pub fn probe(method: &str) -> Vec<u8> {
     match method {

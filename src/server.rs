@@ -390,21 +390,16 @@ async fn accept_loop(
                 state.metrics.accepts.fetch_add(1, Relaxed);
                 let st = state.clone();
                 ex.spawn(async move {
-                    match handle_conn(&st, tcp, remote, which).await {
-                        Ok(()) => {}
+                    let Err(e) = handle_conn(&st, tcp, remote, which).await else {
+                        return;
+                    };
+                    st.metrics.failed_logins.fetch_add(1, Relaxed);
+                    match e {
                         // DERP errors were logged with the client's key by the client code.
-                        Err(ConnFail::Derp(_)) => {
-                            st.metrics.failed_logins.fetch_add(1, Relaxed);
-                        }
-                        Err(e @ ConnFail::Head(_)) => {
-                            st.metrics.failed_logins.fetch_add(1, Relaxed);
-                            info!("{remote}: refused: {e}");
-                        }
+                        ConnFail::Derp(_) => {}
+                        ConnFail::Head(_) => info!("{remote}: refused: {e}"),
                         // Scanners and dropped TLS handshakes: common, so only at debug.
-                        Err(e) => {
-                            st.metrics.failed_logins.fetch_add(1, Relaxed);
-                            debug!("{remote}: closed: {e}");
-                        }
+                        _ => debug!("{remote}: closed: {e}"),
                     }
                 })
                 .detach();
@@ -440,8 +435,6 @@ enum ConnFail {
     Io(io::Error),
     Timeout(&'static str),
     Head(http::HeadError),
-    /// A bad head, with the stream still open for an error response.
-    HeadOn(Stream, http::HeadError),
     Derp(client::ConnError),
 }
 
@@ -450,7 +443,7 @@ impl std::fmt::Display for ConnFail {
         match self {
             Self::Io(e) => write!(f, "{e}"),
             Self::Timeout(what) => write!(f, "{what} timed out"),
-            Self::Head(e) | Self::HeadOn(_, e) => write!(f, "{e}"),
+            Self::Head(e) => write!(f, "{e}"),
             Self::Derp(e) => write!(f, "{e}"),
         }
     }
@@ -480,41 +473,21 @@ async fn handle_conn(
         };
         match read_head(&mut stream).await {
             Ok((req, leftover)) => Ok((stream, req, leftover)),
-            Err(ConnFail::Head(e)) => Err(ConnFail::HeadOn(stream, e)),
+            Err(ConnFail::Head(e)) => {
+                // Tell an HTTP client what was wrong, as Go's server does, then close. The
+                // write runs under the same head deadline.
+                let _ = stream.write_all(&http::head_error(&e)).await;
+                Err(ConnFail::Head(e))
+            }
             Err(e) => Err(e),
         }
     };
-    let (mut stream, req, leftover) = match setup
+    let (mut stream, req, leftover) = setup
         .or(async {
             Timer::after(HEAD_TIMEOUT).await;
             Err(ConnFail::Timeout("TLS handshake and request head"))
         })
-        .await
-    {
-        Ok(x) => x,
-        Err(ConnFail::HeadOn(mut stream, e)) => {
-            // Tell an HTTP client what was wrong, as Go's server does, then close.
-            let resp = match e {
-                http::HeadError::TooLarge => http::text_error(
-                    431,
-                    "Request Header Fields Too Large",
-                    "request head too large",
-                ),
-                http::HeadError::Malformed(_) => {
-                    http::text_error(400, "Bad Request", "malformed request")
-                }
-            };
-            let _ = stream
-                .write_all(&resp)
-                .or(async {
-                    Timer::after(Duration::from_secs(1)).await;
-                    Ok(())
-                })
-                .await;
-            return Err(ConnFail::Head(e));
-        }
-        Err(e) => return Err(e),
-    };
+        .await?;
     let head = req.method == "HEAD";
     let resp = if which == Listener::Port80 {
         http::port80(&req)
@@ -621,15 +594,6 @@ async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
             }
             Err(e) => debug!("STUN write to {from}: {e}"),
         }
-    }
-}
-
-impl std::fmt::Debug for Stream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Plain(_) => "Stream::Plain",
-            Self::Tls(_) => "Stream::Tls",
-        })
     }
 }
 
