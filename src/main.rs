@@ -29,7 +29,19 @@ fn main() -> ExitCode {
         }
     };
     if args.version {
-        println!("derpd {}", env!("CARGO_PKG_VERSION"));
+        // The architecture lets a router owner (and build-release.sh) check what they run.
+        let endian = if cfg!(target_endian = "big") {
+            "big"
+        } else {
+            "little"
+        };
+        println!(
+            "derpd {} ({}/{}, {}-bit, {endian}-endian)",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::env::consts::ARCH,
+            usize::BITS,
+        );
         return ExitCode::SUCCESS;
     }
     let level = args.log_level.parse().unwrap_or(log::LevelFilter::Info);

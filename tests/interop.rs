@@ -187,15 +187,35 @@ fn spawn_line_reader(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
     });
 }
 
+/// The derpd binary, run through `DERPD_TEST_RUNNER` when it is set (a command and its
+/// arguments, split at whitespace): `scripts/cross-test.sh` sets it to the qemu-user runner, so the
+/// cross-built derpd runs under QEMU while Tailscale's client (the Go harness) runs natively.
+fn derpd_command() -> Command {
+    let exe = env!("CARGO_BIN_EXE_derpd");
+    let runner = std::env::var("DERPD_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    let Some(first) = words.next() else {
+        return Command::new(exe);
+    };
+    let mut cmd = Command::new(first);
+    cmd.args(words).arg(exe);
+    cmd
+}
+
 impl Derpd {
     fn start(args: &[String]) -> Derpd {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_derpd"))
+        let mut child = derpd_command()
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawning derpd");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "spawning derpd: {e} (a cross-built derpd needs DERPD_TEST_RUNNER, \
+                     e.g. qemu-mipsel-static; scripts/cross-test.sh sets it)"
+                )
+            });
         let (tx, rx) = mpsc::channel();
         spawn_line_reader(child.stderr.take().unwrap(), tx.clone());
         spawn_line_reader(child.stdout.take().unwrap(), tx);

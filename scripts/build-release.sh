@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Builds stripped, static release binaries as dist/derpd-<target-triple>, writes dist/SHA256SUMS
+# and prints a size report. Each binary is checked: static (no ELF interpreter) and, run under
+# QEMU, `--version` reports the Cargo version and the expected architecture and byte order.
+# Fails when the mipsel binary is larger than the budget (2.5 MiB; the goal is 2.0 MiB).
+#
+#   scripts/build-release.sh                              # all five targets
+#   scripts/build-release.sh mipsel-unknown-linux-musl    # some of them
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/cross-env.sh
+source scripts/cross-env.sh
+targets=("$@")
+((${#targets[@]})) || targets=("${DERPD_TARGETS[@]}")
+budget=$((5 * 1024 * 1024 / 2)) goal=$((2 * 1024 * 1024))
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+mkdir -p dist
+
+# target → what `derpd --version` must say about it
+expect_arch() {
+  case "$1" in
+    x86_64-*) echo "linux/x86_64, 64-bit, little-endian" ;;
+    aarch64-*) echo "linux/aarch64, 64-bit, little-endian" ;;
+    armv7-*) echo "linux/arm, 32-bit, little-endian" ;;
+    mipsel-*) echo "linux/mips, 32-bit, little-endian" ;;
+    mips-*) echo "linux/mips, 32-bit, big-endian" ;;
+  esac
+}
+
+for t in "${targets[@]}"; do
+  start=$(date +%s)
+  cross_setup "$t"
+  echo "build-release: ${CARGO_CMD[*]} build --release --locked ${TARGET_ARGS[*]}"
+  "${CARGO_CMD[@]}" build --release --locked "${TARGET_ARGS[@]}"
+  out="dist/derpd-$t"
+  cp "target/$t/release/derpd" "$out"
+  if readelf -lW "$out" | grep -q "INTERP"; then
+    echo "build-release: $out is dynamically linked" >&2
+    exit 1
+  fi
+  got=$(${QEMU:+"$QEMU"} "$out" --version)
+  want="derpd $version ($(expect_arch "$t"))"
+  if [[ "$got" != "$want" ]]; then
+    echo "build-release: $out --version said '$got', want '$want'" >&2
+    exit 1
+  fi
+  echo "build-release: $out ok in $(($(date +%s) - start)) s: $got"
+done
+
+(cd dist && sha256sum derpd-*-linux-* >SHA256SUMS)
+
+echo
+echo "| target | stripped size | gzip -9 | xz -9e |"
+echo "|---|---:|---:|---:|"
+fail=0
+for f in dist/derpd-*-linux-*; do
+  [[ "$f" == *.* ]] && continue
+  t=${f#dist/derpd-}
+  size=$(stat -c %s "$f")
+  gz=$(gzip -9c "$f" | wc -c)
+  xz=$(xz -9e -c "$f" | wc -c)
+  printf '| %s | %s B (%s MiB) | %s B | %s B |\n' "$t" "$size" \
+    "$(awk -v s="$size" 'BEGIN { printf "%.2f", s / 1048576 }')" "$gz" "$xz"
+  if [[ "$t" == mipsel-* ]]; then
+    mipsel=$size
+    ((size <= budget)) || fail=1
+  fi
+done
+echo
+if [[ -n "${mipsel:-}" ]]; then
+  echo "size check: mipsel $mipsel B; budget $budget B (2.5 MiB), goal $goal B (2.0 MiB):" \
+    "$( ((mipsel <= goal)) && echo "within the goal" || echo "over the goal by $((mipsel - goal)) B")"
+  if ((fail)); then
+    echo "size check: FAILED, mipsel is over the 2.5 MiB budget" >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,112 @@
+# shellcheck shell=bash
+# Sourced by cross-test.sh and build-release.sh: `cross_setup TARGET` installs what TARGET needs
+# (Debian packages, rustup target or the pinned nightly with rust-src, the musl sysroot for the
+# tier-3 and armv7 targets) and exports the cargo environment for it. It sets:
+#   CARGO_CMD      cargo with its toolchain, e.g. (cargo +nightly-2026-05-19)
+#   TARGET_ARGS    (--target T [-Z build-std=std,panic_abort])
+#   QEMU           the qemu-user runner ("" for x86_64)
+# and exports CARGO_TARGET_<T>_{LINKER,RUNNER,RUSTFLAGS}, CC_/AR_/CFLAGS_<t> for ring's C code, and
+# DERPD_TEST_RUNNER (tests/interop.rs runs the derpd binary through it).
+#
+# Targets: x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf
+#          mipsel-unknown-linux-musl mips-unknown-linux-musl
+# aarch64 and x86_64 use stable and rustup's musl std. armv7 (its musl std is not on this
+# machine's rustup mirror) and the tier-3 MIPS targets use the pinned nightly with build-std
+# against a musl sysroot built once into target/cross/<arch> (scripts/build-musl-sysroot.sh).
+
+DERPD_NIGHTLY=nightly-2026-05-19
+DERPD_TARGETS=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf
+  mipsel-unknown-linux-musl mips-unknown-linux-musl)
+_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+_say() { echo "cross-env: $*" >&2; }
+
+_as_root() {
+  if [[ $(id -u) == 0 ]]; then "$@"; else sudo "$@"; fi
+}
+
+# Installs the Debian packages that are missing (one apt-get update per shell).
+_need_pkgs() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  ((${#missing[@]})) || return 0
+  _say "installing ${missing[*]}"
+  if [[ -z "${_apt_updated:-}" ]]; then
+    _as_root apt-get update -qq
+    _apt_updated=1
+  fi
+  _as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+}
+
+_need_stable_target() {
+  if ! rustup target list --installed | grep -qx "$1"; then
+    _say "rustup target add $1"
+    rustup target add "$1"
+  fi
+}
+
+_need_nightly() {
+  if ! rustup run "$DERPD_NIGHTLY" rustc --version >/dev/null 2>&1 ||
+    [[ ! -d "$(rustup run "$DERPD_NIGHTLY" rustc --print sysroot)/lib/rustlib/src/rust/library" ]]; then
+    _say "installing $DERPD_NIGHTLY with rust-src"
+    rustup toolchain install "$DERPD_NIGHTLY" --profile minimal --component rust-src
+  fi
+}
+
+cross_setup() {
+  local t=$1 up low gcc arch cflags
+  up=$(tr 'a-z-' 'A-Z_' <<<"$t")
+  low=${t//-/_}
+  TARGET_ARGS=(--target "$t")
+  case "$t" in
+    x86_64-unknown-linux-musl)
+      _need_stable_target "$t"
+      CARGO_CMD=(cargo)
+      QEMU=""
+      # ring's C code against glibc headers is fine; rustup's musl std is self-contained.
+      export "CC_$low=gcc" "AR_$low=ar"
+      unset DERPD_TEST_RUNNER
+      return 0
+      ;;
+    aarch64-unknown-linux-musl)
+      _need_pkgs gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user-static
+      _need_stable_target "$t"
+      CARGO_CMD=(cargo)
+      QEMU=qemu-aarch64-static
+      export "CARGO_TARGET_${up}_LINKER=rust-lld"
+      export "CC_$low=aarch64-linux-gnu-gcc" "AR_$low=aarch64-linux-gnu-ar"
+      # As OpenWrt builds it: no calls into libgcc's outline atomics from C.
+      export "CFLAGS_$low=-mno-outline-atomics"
+      ;;
+    armv7-unknown-linux-musleabihf | mipsel-unknown-linux-musl | mips-unknown-linux-musl)
+      case "$t" in
+        armv7-*) gcc=arm-linux-gnueabihf arch=armhf QEMU=qemu-arm-static
+          cflags="-march=armv7-a -mfpu=vfpv3-d16 -mfloat-abi=hard" ;;
+        mipsel-*) gcc=mipsel-linux-gnu arch=mipsel QEMU=qemu-mipsel-static
+          cflags="-msoft-float -march=mips32r2" ;;
+        mips-*) gcc=mips-linux-gnu arch=mips QEMU=qemu-mips-static
+          cflags="-msoft-float -march=mips32r2" ;;
+      esac
+      _need_pkgs "gcc-$gcc" "g++-$gcc" "binutils-$gcc" qemu-user-static dpkg-dev make
+      _need_nightly
+      local out="$_root/target/cross/$arch"
+      "$_root/scripts/build-musl-sysroot.sh" "$arch" "$out" "$DERPD_NIGHTLY" >&2
+      CARGO_CMD=(cargo "+$DERPD_NIGHTLY")
+      TARGET_ARGS+=(-Z build-std=std,panic_abort)
+      export "CARGO_TARGET_${up}_LINKER=$out/sysroot/bin/musl-gcc"
+      # Static, against our sysroot's crt files (build-std has no self-contained ones), with
+      # LLVM libunwind for std's unwinder.
+      export "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static -C link-self-contained=no -L $out/unwind"
+      export "CC_$low=$out/sysroot/bin/musl-gcc" "AR_$low=$gcc-ar" "CFLAGS_$low=$cflags"
+      ;;
+    *)
+      _say "unknown target '$t'; known: ${DERPD_TARGETS[*]}"
+      return 2
+      ;;
+  esac
+  export "CARGO_TARGET_${up}_RUNNER=$QEMU"
+  export DERPD_TEST_RUNNER=$QEMU
+}
