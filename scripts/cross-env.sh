@@ -5,6 +5,8 @@
 #   CARGO_CMD      cargo with its toolchain, e.g. (cargo +nightly-2026-05-19)
 #   TARGET_ARGS    (--target T [-Z build-std=std,panic_abort])
 #   QEMU           the qemu-user runner ("" for x86_64)
+#   RELEASE_ARGS   extra `cargo build --release` arguments: for build-std targets, std without
+#                  backtrace symbolization and with optimize_for_size (-15 % on mipsel)
 # and exports CARGO_TARGET_<T>_{LINKER,RUNNER,RUSTFLAGS}, CC_/AR_/CFLAGS_<t> for ring's C code, and
 # DERPD_TEST_RUNNER (tests/interop.rs runs the derpd binary through it).
 #
@@ -61,6 +63,7 @@ cross_setup() {
   up=$(tr 'a-z-' 'A-Z_' <<<"$t")
   low=${t//-/_}
   TARGET_ARGS=(--target "$t")
+  RELEASE_ARGS=()
   case "$t" in
     x86_64-unknown-linux-musl)
       _need_stable_target "$t"
@@ -96,6 +99,9 @@ cross_setup() {
       "$_root/scripts/build-musl-sysroot.sh" "$arch" "$out" "$DERPD_NIGHTLY" >&2
       CARGO_CMD=(cargo "+$DERPD_NIGHTLY")
       TARGET_ARGS+=(-Z build-std=std,panic_abort)
+      # Release std: no "backtrace" (gimli/addr2line/rustc-demangle, useless in a stripped
+      # binary) and no "panic-unwind" (panic=abort); tests keep the default features.
+      RELEASE_ARGS=(-Z build-std-features=optimize_for_size)
       export "CARGO_TARGET_${up}_LINKER=$out/sysroot/bin/musl-gcc"
       # Static, against our sysroot's crt files (build-std has no self-contained ones), with
       # LLVM libunwind for std's unwinder.

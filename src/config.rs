@@ -324,9 +324,11 @@ impl Config {
         } else {
             a.threads
         };
-        if a.buffer_budget_mib == 0 || a.buffer_budget_mib > 1 << 20 {
+        // At most 1 TiB, and what fits the address space: 2047 MiB on 32-bit routers.
+        let max_mib = (1 << 20).min(isize::MAX.unsigned_abs() >> 20);
+        if a.buffer_budget_mib == 0 || a.buffer_budget_mib > max_mib {
             return Err(format!(
-                "invalid --buffer-budget-mib {}",
+                "invalid --buffer-budget-mib {}: must be 1 to {max_mib} on this system",
                 a.buffer_budget_mib
             ));
         }
@@ -464,6 +466,21 @@ mod tests {
         );
         assert_eq!(cfg(&["--dev", "--stun=false"]).unwrap().stun_port, None);
         assert!(cfg(&["--dev", "--home", "gopher://x"]).is_err());
+        assert_eq!(
+            cfg(&["--dev", "--buffer-budget-mib", "2047"])
+                .unwrap()
+                .buffer_budget,
+            2047 << 20
+        );
+        // 4096 MiB is 2^32 bytes: refused on 32-bit (where it would wrap to 0), fine on 64-bit.
+        let big = cfg(&["--dev", "--buffer-budget-mib", "4096"]);
+        if usize::BITS == 32 {
+            let e = big.unwrap_err();
+            assert!(e.contains("must be 1 to 2047"), "{e}");
+        } else {
+            assert_eq!(big.unwrap().buffer_budget, 4096 << 20);
+        }
+        assert!(cfg(&["--dev", "--buffer-budget-mib", "0"]).is_err());
         assert_eq!(parse_listen(":443").unwrap().port(), 443);
         assert_eq!(parse_listen("[::1]:5").unwrap(), "[::1]:5".parse().unwrap());
     }

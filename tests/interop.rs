@@ -187,11 +187,14 @@ fn spawn_line_reader(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
     });
 }
 
-/// The derpd binary, run through `DERPD_TEST_RUNNER` when it is set (a command and its
-/// arguments, split at whitespace): `scripts/cross-test.sh` sets it to the qemu-user runner, so the
-/// cross-built derpd runs under QEMU while Tailscale's client (the Go harness) runs natively.
+/// The derpd binary (`DERPD_TEST_BIN` if set, else this build's), run through `DERPD_TEST_RUNNER`
+/// when that is set (a command and its arguments, split at whitespace). `scripts/cross-test.sh`
+/// sets the runner to qemu-user, so the cross-built derpd runs under QEMU while Tailscale's client
+/// (the Go harness) runs natively; `scripts/build-release.sh` also points `DERPD_TEST_BIN` at the
+/// release binary it is about to ship.
 fn derpd_command() -> Command {
-    let exe = env!("CARGO_BIN_EXE_derpd");
+    let exe =
+        std::env::var_os("DERPD_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_derpd").into());
     let runner = std::env::var("DERPD_TEST_RUNNER").unwrap_or_default();
     let mut words = runner.split_whitespace();
     let Some(first) = words.next() else {
@@ -204,7 +207,9 @@ fn derpd_command() -> Command {
 
 impl Derpd {
     fn start(args: &[String]) -> Derpd {
-        let mut child = derpd_command()
+        let mut cmd = derpd_command();
+        let shown = format!("{cmd:?}");
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -223,7 +228,7 @@ impl Derpd {
             child,
             lines: rx,
             log: Vec::new(),
-            transcript: format!("derpd {}\n", args.join(" ")),
+            transcript: format!("{shown} {}\n", args.join(" ")),
         }
     }
 
