@@ -16,20 +16,7 @@ targets=("$@")
 budget=$((5 * 1024 * 1024 / 2)) goal=$((2 * 1024 * 1024))
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 mkdir -p dist
-if ! command -v go >/dev/null; then
-  PATH="$(scripts/ensure-go.sh):$PATH"
-fi
-
-# target → what `derpd --version` must say about it
-expect_arch() {
-  case "$1" in
-    x86_64-*) echo "linux/x86_64, 64-bit, little-endian" ;;
-    aarch64-*) echo "linux/aarch64, 64-bit, little-endian" ;;
-    armv7-*) echo "linux/arm, 32-bit, little-endian" ;;
-    mipsel-*) echo "linux/mips, 32-bit, little-endian" ;;
-    mips-*) echo "linux/mips, 32-bit, big-endian" ;;
-  esac
-}
+PATH="$(scripts/ensure-go.sh):$PATH" # for the interop tests
 
 for t in "${targets[@]}"; do
   start=$(date +%s)
@@ -43,7 +30,7 @@ for t in "${targets[@]}"; do
     exit 1
   fi
   got=$(${QEMU:+"$QEMU"} "$out" --version)
-  want="derpd $version ($(expect_arch "$t"))"
+  want="derpd $version ($ARCH_DESC)"
   if [[ "$got" != "$want" ]]; then
     echo "build-release: $out --version said '$got', want '$want'" >&2
     exit 1
@@ -61,9 +48,8 @@ echo
 echo "| target | stripped size | gzip -9 | xz -9e |"
 echo "|---|---:|---:|---:|"
 fail=0
-for f in dist/derpd-*-linux-*; do
-  [[ "$f" == *.* ]] && continue
-  t=${f#dist/derpd-}
+for t in "${targets[@]}"; do
+  f=dist/derpd-$t
   size=$(stat -c %s "$f")
   gz=$(gzip -9c "$f" | wc -c)
   xz=$(xz -9e -c "$f" | wc -c)

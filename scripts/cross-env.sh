@@ -5,6 +5,7 @@
 #   CARGO_CMD      cargo with its toolchain, e.g. (cargo +nightly-2026-05-19)
 #   TARGET_ARGS    (--target T [-Z build-std=std,panic_abort])
 #   QEMU           the qemu-user runner ("" for x86_64)
+#   ARCH_DESC      what `derpd --version` says of the target, e.g. "linux/mips, 32-bit, big-endian"
 #   RELEASE_ARGS   extra `cargo build --release` arguments: for build-std targets, std without
 #                  backtrace symbolization and with optimize_for_size (-15 % on mipsel)
 # and exports CARGO_TARGET_<T>_{LINKER,RUNNER,RUSTFLAGS}, CC_/AR_/CFLAGS_<t> for ring's C code, and
@@ -68,17 +69,15 @@ cross_setup() {
     x86_64-unknown-linux-musl)
       _need_stable_target "$t"
       CARGO_CMD=(cargo)
-      QEMU=""
+      QEMU="" ARCH_DESC="linux/x86_64, 64-bit, little-endian"
       # ring's C code against glibc headers is fine; rustup's musl std is self-contained.
       export "CC_$low=gcc" "AR_$low=ar"
-      unset DERPD_TEST_RUNNER
-      return 0
       ;;
     aarch64-unknown-linux-musl)
       _need_pkgs gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user-static
       _need_stable_target "$t"
       CARGO_CMD=(cargo)
-      QEMU=qemu-aarch64-static
+      QEMU=qemu-aarch64-static ARCH_DESC="linux/aarch64, 64-bit, little-endian"
       export "CARGO_TARGET_${up}_LINKER=rust-lld"
       export "CC_$low=aarch64-linux-gnu-gcc" "AR_$low=aarch64-linux-gnu-ar"
       # As OpenWrt builds it: no calls into libgcc's outline atomics from C.
@@ -87,10 +86,13 @@ cross_setup() {
     armv7-unknown-linux-musleabihf | mipsel-unknown-linux-musl | mips-unknown-linux-musl)
       case "$t" in
         armv7-*) gcc=arm-linux-gnueabihf arch=armhf QEMU=qemu-arm-static
+          ARCH_DESC="linux/arm, 32-bit, little-endian"
           cflags="-march=armv7-a -mfpu=vfpv3-d16 -mfloat-abi=hard" ;;
         mipsel-*) gcc=mipsel-linux-gnu arch=mipsel QEMU=qemu-mipsel-static
+          ARCH_DESC="linux/mips, 32-bit, little-endian"
           cflags="-msoft-float -march=mips32r2" ;;
         mips-*) gcc=mips-linux-gnu arch=mips QEMU=qemu-mips-static
+          ARCH_DESC="linux/mips, 32-bit, big-endian"
           cflags="-msoft-float -march=mips32r2" ;;
       esac
       _need_pkgs "gcc-$gcc" "g++-$gcc" "binutils-$gcc" qemu-user-static dpkg-dev make
@@ -113,6 +115,9 @@ cross_setup() {
       return 2
       ;;
   esac
-  export "CARGO_TARGET_${up}_RUNNER=$QEMU"
-  export DERPD_TEST_RUNNER=$QEMU
+  if [[ -n "$QEMU" ]]; then
+    export "CARGO_TARGET_${up}_RUNNER=$QEMU" "DERPD_TEST_RUNNER=$QEMU"
+  else
+    unset DERPD_TEST_RUNNER
+  fi
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Where the bytes of a release binary go, by crate: builds TARGET's release binary without
+# Where the bytes of a release binary go, by crate: builds TARGET's release binary (as
+# build-release.sh does) without
 # stripping (into target/size-by-crate, so dist/ and the normal release build are untouched) and
 # sums the sizes of its code and data symbols by the crate their demangled name starts with.
 # Symbol attribution after LTO is approximate (inlined code counts where it landed); use it to
@@ -14,7 +15,7 @@ source scripts/cross-env.sh
 cross_setup "$t"
 dir=target/size-by-crate
 CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=false CARGO_TARGET_DIR=$dir \
-  "${CARGO_CMD[@]}" build --release --locked "${TARGET_ARGS[@]}" >&2
+  "${CARGO_CMD[@]}" build --release --locked "${TARGET_ARGS[@]}" "${RELEASE_ARGS[@]}" >&2
 bin=$dir/$t/release/derpd
 total=$(stat -c %s "$bin")
 text=$(size -A "$bin" | awk '$1 == ".text" { print $2 }')
