@@ -32,6 +32,9 @@ const MAX_BATCH: usize = 32;
 /// A batch stops growing past this many bytes, so the write deadline bounds about one
 /// maximum-size frame, as derper's per-frame deadline does.
 const MAX_BATCH_BYTES: usize = 64 << 10;
+/// A reader gives the thread to other tasks after this many frames read without waiting: a
+/// client that never stops sending must not starve the other connections (or its own writer).
+const READ_BURST: u32 = 32;
 /// NotHere PeerGone frames: one per second per connection, burst of three (as derper).
 const NOT_HERE_BURST: f64 = 3.0;
 
@@ -255,7 +258,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
         at: Instant::now(),
     };
     let connected_at = Instant::now();
+    let mut burst = 0u32;
     loop {
+        burst += 1;
+        if burst == READ_BURST {
+            burst = 0;
+            smol::future::yield_now().await;
+        }
         let mut h = [0u8; HEADER_LEN];
         match rd.read_exact(&mut h).await {
             Ok(()) => {}

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# derpd and Tailscale's derper side by side, in one run on one machine.
+#
+#   bench/compare.sh            full run (3 repetitions) -> bench/results/latest.{json,md,svg}
+#   bench/compare.sh --quick    one short repetition (CI: proves the harness works, no
+#                               thresholds) -> target/bench/quick.{json,md,svg}
+#   options: --reps N, --seconds S, --clients "1000 5000 10000"
+#   env: DERPD_BIN (benchmark this derpd binary instead of the host release build)
+#
+# Both servers get the same setup: manual certificate mode with one self-signed ECDSA P-256
+# certificate for 127.0.0.1 (made here with openssl), STUN off, no port-80 listener, and a
+# fresh process for every measurement. The server is pinned to CPU 0 and the load generator
+# (bench/load.rs, one thread) to CPU 1 with taskset. Server CPU time comes from
+# /proc/<pid>/stat and memory from /proc/<pid>/status, read by the load generator at the
+# edges of each measured window.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+quick=0 reps=3 seconds=5 clients="1000 5000 10000" loads="25 50 75"
+args=("$@")
+while (($#)); do
+  case $1 in
+    --quick) quick=1 ;;
+    --reps) reps=$2; shift ;;
+    --seconds) seconds=$2; shift ;;
+    --clients) clients=$2; shift ;;
+    *) echo "usage: bench/compare.sh [--quick] [--reps N] [--seconds S] [--clients LIST]" >&2; exit 2 ;;
+  esac
+  shift
+done
+command="bench/compare.sh${args[*]:+ ${args[*]}}"
+warmup=1 idle_settle=1 login_conc=16
+if ((quick)); then
+  reps=1 seconds=1 warmup=0.3 idle_settle=0.3 clients=200 loads=50
+fi
+out=bench/results
+((quick)) && out=target/bench
+
+say() { echo "compare: $*" >&2; }
+
+# ---- tools: derper at the version the interop tests pin, derpd, the load generator ----
+version=$(awk '$1 == "tailscale.com" { print $2 }' tests/interop/go.mod)
+[[ -n $version ]] || { say "no tailscale.com version in tests/interop/go.mod"; exit 1; }
+bindir=$root/target/bench/bin
+derper=$bindir/derper
+if [[ ! -x $derper || $(cat "$bindir/derper.version" 2>/dev/null) != "$version" ]]; then
+  gobin=$(scripts/ensure-go.sh)
+  say "installing derper $version"
+  GOBIN=$bindir "$gobin/go" install "tailscale.com/cmd/derper@$version"
+  echo "$version" >"$bindir/derper.version"
+fi
+say "building derpd (release) and the load generator"
+cargo build --release --locked --quiet --bin derpd
+cargo build --profile loadgen --features bench --locked --quiet --bin derpd-load
+derpd=${DERPD_BIN:-$root/target/release/derpd}
+load=$root/target/loadgen/derpd-load
+
+work=$(mktemp -d)
+server_pid=
+cleanup() {
+  [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+  -keyout "$work/127.0.0.1.key" -out "$work/127.0.0.1.crt" 2>/dev/null
+cert=$work/127.0.0.1.crt
+
+# Idle runs hold thousands of connections on each side.
+ulimit -n "$(ulimit -Hn)"
+maxfd=$(ulimit -n)
+
+if (($(nproc) >= 2)); then
+  pin_server=(taskset -c 0) pin_load=(taskset -c 1)
+else
+  say "fewer than 2 CPUs: server and load generator are not pinned apart"
+  pin_server=() pin_load=()
+fi
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# start_server NAME: starts a fresh server, sets server_pid and addr, waits until it listens.
+start_server() {
+  local port
+  port=$(free_port)
+  addr=127.0.0.1:$port
+  local common=(-a "$addr" -hostname 127.0.0.1 -certmode manual -certdir "$work" -stun=false
+    -http-port=-1 -c "$work/$1.key")
+  case $1 in
+    derpd) "${pin_server[@]}" "$derpd" "${common[@]}" >"$work/$1.log" 2>&1 & ;;
+    derper) "${pin_server[@]}" "$derper" "${common[@]}" >"$work/$1.log" 2>&1 & ;;
+  esac
+  server_pid=$!
+  local i
+  for ((i = 0; i < 200; i++)); do
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+      say "$1 exited at startup:"; cat "$work/$1.log" >&2; exit 1
+    fi
+    # A bare TCP connect that closes at once: the listener is up.
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  say "$1 did not listen on $addr"; cat "$work/$1.log" >&2; exit 1
+}
+
+stop_server() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=
+}
+
+raw=$work/raw.jsonl
+# run NAME SCENARIO REP [label fields] -- load generator args: one fresh server, one record.
+run() {
+  local name=$1 scenario=$2 rep=$3 extra=$4
+  shift 5
+  start_server "$name"
+  local label="{\"server\":\"$name\",\"scenario\":\"$scenario\",\"rep\":$rep$extra}"
+  if ! "${pin_load[@]}" "$load" "$@" --addr "$addr" --cert "$cert" --pid "$server_pid" \
+    --label "$label" >>"$raw"; then
+    say "load generator failed ($name $scenario); server log:"; tail -20 "$work/$name.log" >&2
+    exit 1
+  fi
+  stop_server
+  say "$(tail -1 "$raw")"
+}
+
+strip -o "$work/derper.stripped" "$derper"
+derper_size=$(stat -c %s "$work/derper.stripped")
+derpd_size=$(stat -c %s "$derpd")
+cpu_model=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
+python3 - "$raw" <<EOF
+import json, sys, datetime
+rec = {"scenario": "machine", "cpu_model": "$cpu_model", "cores": $(nproc),
+       "kernel": "$(uname -r)", "date": datetime.date.today().isoformat(),
+       "derper_version": "$version", "derpd_version": "$("$derpd" --version)",
+       "loadgen": "bench/load.rs, 1 thread on CPU 1; server on CPU 0; fd limit $maxfd"}
+open(sys.argv[1], "a").write(json.dumps(rec) + "\n")
+EOF
+
+for ((rep = 1; rep <= reps; rep++)); do
+  # Alternate who goes first, so slow drift of the machine does not favour one side.
+  if ((rep % 2)); then order="derpd derper"; else order="derper derpd"; fi
+  for s in $order; do
+    run "$s" throughput "$rep" "" -- throughput --seconds "$seconds" --warmup "$warmup"
+    run "$s" flood "$rep" "" -- throughput --window 0 --seconds "$seconds" --warmup "$warmup"
+  done
+  # The latency loads are fractions of derper's saturation rate in this repetition.
+  sat=$(python3 -c "
+import json,sys
+r=[json.loads(l) for l in open('$raw')]
+print(max(x['pps'] for x in r if x.get('server')=='derper' and x.get('scenario')=='throughput' and x.get('rep')==$rep))")
+  for pct in $loads; do
+    rate=$(python3 -c "print(round($sat * $pct / 100))")
+    for s in $order; do
+      run "$s" latency "$rep" ",\"load_pct\":$pct" -- latency --rate "$rate" \
+        --seconds "$seconds" --warmup "$warmup"
+    done
+  done
+  for s in $order; do
+    run "$s" logins "$rep" "" -- logins --concurrency "$login_conc" --seconds "$seconds" \
+      --warmup "$warmup"
+  done
+  for n in $clients; do
+    if ((n + 100 > maxfd)); then
+      say "skipping $n idle clients: fd limit $maxfd"
+      continue
+    fi
+    for s in $order; do
+      run "$s" idle "$rep" "" -- idle --clients "$n" --concurrency 64 --warmup "$idle_settle"
+    done
+  done
+  # Binary size and the memory of a server that has only just started.
+  for s in $order; do
+    start_server "$s"
+    sleep "$idle_settle"
+    size=$derpd_size
+    [[ $s == derper ]] && size=$derper_size
+    python3 - "$raw" "$s" "$rep" "$size" "$server_pid" <<'EOF'
+import json, sys
+raw, name, rep, size, pid = sys.argv[1:]
+st = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status"))
+kib = lambda k: int(st[k].split()[0])
+rec = {"server": name, "scenario": "static", "rep": int(rep), "binary_bytes": int(size),
+       "rss_idle_kib": kib("VmRSS"), "hwm_idle_kib": kib("VmHWM")}
+open(raw, "a").write(json.dumps(rec) + "\n")
+EOF
+    stop_server
+  done
+done
+
+mkdir -p "$out"
+((quick)) || cp "$raw" "$out/raw.jsonl"
+report_args=("$raw" "$out" --command "$command")
+((quick)) && report_args+=(--quick)
+python3 bench/report.py "${report_args[@]}"
+say "results in $out"
