@@ -19,7 +19,7 @@ use crate::handshake::{self, LoginError};
 use crate::key::{NodePublic, KEY_LEN};
 use crate::metrics::DropReason;
 use crate::pool::PacketBuf;
-use crate::registry::{Client, Route};
+use crate::registry::{Client, Route, RouteCache};
 use crate::server::State;
 
 /// Time allowed from the upgrade to a complete ClientInfo (derper: 10 s).
@@ -93,7 +93,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let login = async {
+    // Boxed, so that its buffers are not part of the connection's task for its whole life.
+    let login = Box::pin(async {
         let mut hello = Vec::with_capacity(256);
         if !up.fast_start {
             hello.extend_from_slice(
@@ -113,8 +114,8 @@ where
         rd.read_exact(&mut buf.raw_mut()[..n]).await?;
         buf.set_len(n);
         handshake::open_client_info(&state.private_key, buf.as_slice()).map_err(ConnError::Login)
-    };
-    let info = match login
+    });
+    let (info, session) = match login
         .or(async {
             Timer::after(LOGIN_TIMEOUT).await;
             Err(ConnError::Protocol("login timed out".into()))
@@ -166,7 +167,7 @@ where
         client: &client,
         not_ideal: up.not_ideal,
     };
-    let si = handshake::server_info_frame(&state.private_key, &info.key);
+    let si = handshake::server_info_frame(&session);
     let res = async {
         write_deadline(&state, async {
             wr.write_all(&si).await?;
@@ -259,6 +260,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     };
     let connected_at = Instant::now();
     let mut burst = 0u32;
+    let mut routes = RouteCache::default();
     loop {
         burst += 1;
         if burst == READ_BURST {
@@ -289,7 +291,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let mut dst = [0u8; KEY_LEN];
                 rd.read_exact(&mut dst).await?;
                 let buf = read_packet(state, rd, &client.key, pkt_len).await?;
-                relay(state, client, &NodePublic(dst), buf, &mut not_here);
+                relay(
+                    state,
+                    client,
+                    &NodePublic(dst),
+                    buf,
+                    &mut not_here,
+                    &mut routes,
+                );
             }
             Some(FrameType::NotePreferred) => {
                 if n != 1 {
@@ -318,11 +327,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if !(8..=frame::PING_MAX).contains(&n) {
                     return Err(ConnError::Protocol(format!("Ping length {n}")));
                 }
-                let mut b = [0u8; frame::PING_MAX];
-                rd.read_exact(&mut b[..n]).await?;
-                m.got_ping.fetch_add(1, Relaxed);
+                // The Pong echoes the first 8 bytes (as derper); the rest is read and dropped.
                 let mut data = [0u8; 8];
-                data.copy_from_slice(&b[..8]);
+                rd.read_exact(&mut data).await?;
+                discard(rd, (n - 8) as u64).await?;
+                m.got_ping.fetch_add(1, Relaxed);
                 client.enqueue_pong(data);
             }
             Some(FrameType::WatchConns | FrameType::ClosePeer | FrameType::ForwardPacket) => {
@@ -369,6 +378,7 @@ fn relay(
     dst: &NodePublic,
     buf: PacketBuf,
     not_here: &mut NotHereLimiter,
+    routes: &mut RouteCache,
 ) {
     let m = &state.metrics;
     let pkt = &buf.as_slice()[HEADER_LEN + KEY_LEN..];
@@ -377,7 +387,7 @@ fn relay(
     m.packets_received.fetch_add(1, Relaxed);
     m.bytes_received.fetch_add(pkt_len as u64, Relaxed);
     m.packets_received_kind[usize::from(!disco)].fetch_add(1, Relaxed);
-    match state.registry.route(dst) {
+    match state.registry.route_cached(routes, dst) {
         Route::Local(c) => c.enqueue_packet(buf, disco, m),
         Route::NoActive => m.drop_packet(DropReason::DupClient, disco, pkt_len),
         Route::Unknown => {
@@ -394,7 +404,7 @@ fn relay(
 
 /// Skips `n` payload bytes of a frame we ignore.
 async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
-    let mut sink = [0u8; 512];
+    let mut sink = [0u8; 64];
     while n > 0 {
         let k = n.min(sink.len() as u64) as usize;
         rd.read_exact(&mut sink[..k]).await?;
@@ -463,6 +473,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let mut batch: Vec<Out> = Vec::new();
     // Sources this connection has received from: each gets one PeerGone watch registration.
     let mut seen_src: HashSet<NodePublic> = HashSet::new();
+    // Batches usually come from one source: skip the set lookup for a repeat.
+    let mut last_src = None;
     loop {
         fill_batch(client, &mut batch);
         if batch.is_empty() {
@@ -512,8 +524,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     let mut src = [0u8; KEY_LEN];
                     src.copy_from_slice(&p.as_slice()[HEADER_LEN..HEADER_LEN + KEY_LEN]);
                     let src = NodePublic(src);
-                    if seen_src.insert(src) {
-                        state.registry.add_gone_watcher(src, client);
+                    if last_src != Some(src) {
+                        last_src = Some(src);
+                        if seen_src.insert(src) {
+                            state.registry.add_gone_watcher(src, client);
+                        }
                     }
                 }
                 Out::Small(f) => {

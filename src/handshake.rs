@@ -84,8 +84,22 @@ pub fn check_client_info_header(frame_type: u8, len: u32) -> Result<(), LoginErr
     Ok(())
 }
 
-/// Opens a ClientInfo payload (`client key ‖ nonce ‖ box(json)`) and parses its JSON.
-pub fn open_client_info(server: &NodePrivate, payload: &[u8]) -> Result<ClientInfo, LoginError> {
+/// The NaCl box between the server and one client: one X25519 agreement serves both the
+/// ClientInfo it opens and the ServerInfo it seals (the agreement is most of a login's cost).
+pub struct SessionBox(SalsaBox);
+
+impl fmt::Debug for SessionBox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionBox")
+    }
+}
+
+/// Opens a ClientInfo payload (`client key ‖ nonce ‖ box(json)`) and parses its JSON. Returns
+/// the box for [`server_info_frame`].
+pub fn open_client_info(
+    server: &NodePrivate,
+    payload: &[u8],
+) -> Result<(ClientInfo, SessionBox), LoginError> {
     if payload.len() < frame::CLIENT_INFO_MIN || payload.len() > frame::CLIENT_INFO_MAX {
         return Err(LoginError::BadLength(payload.len() as u32));
     }
@@ -103,7 +117,7 @@ pub fn open_client_info(server: &NodePrivate, payload: &[u8]) -> Result<ClientIn
         .map_err(|_| LoginError::BoxOpen)?;
     let mut info = parse_client_info_json(&json)?;
     info.key = key;
-    Ok(info)
+    Ok((info, SessionBox(bx)))
 }
 
 /// Parses ClientInfo JSON the way Go's encoding/json does for derp.ClientInfo: keys match
@@ -143,9 +157,9 @@ pub fn parse_client_info_json(json: &[u8]) -> Result<ClientInfo, LoginError> {
     Ok(info)
 }
 
-/// The ServerInfo frame for `client`: `nonce ‖ box({"version":2})`, header included.
-pub fn server_info_frame(server: &NodePrivate, client: &NodePublic) -> Vec<u8> {
-    let bx = SalsaBox::new(&PublicKey::from_bytes(client.0), server.secret());
+/// The ServerInfo frame: `nonce ‖ box({"version":2})`, header included.
+pub fn server_info_frame(bx: &SessionBox) -> Vec<u8> {
+    let bx = &bx.0;
     let nonce = SalsaBox::generate_nonce(&mut OsRng);
     let json = br#"{"version":2}"#;
     // Encrypting into a Vec cannot fail for a 13-byte message; an empty box would only make
@@ -164,34 +178,50 @@ pub fn server_info_frame(server: &NodePrivate, client: &NodePublic) -> Vec<u8> {
     out
 }
 
-/// Client side of the login, for tests and the load generator: the ClientInfo frame.
-pub fn client_info_frame(client: &NodePrivate, server: &NodePublic, json: &[u8]) -> Vec<u8> {
-    let bx = SalsaBox::new(&PublicKey::from_bytes(server.0), client.secret());
-    let nonce = SalsaBox::generate_nonce(&mut OsRng);
-    let sealed = bx.encrypt(&nonce, json).unwrap_or_default();
-    let mut out = Vec::with_capacity(HEADER_LEN + KEY_LEN + NONCE_LEN + sealed.len());
-    let mut h = [0u8; HEADER_LEN];
-    let len = KEY_LEN + NONCE_LEN + sealed.len();
-    frame::encode_header(&mut h, FrameType::ClientInfo, len as u32);
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&client.public().0);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&sealed);
-    out
+impl SessionBox {
+    /// The box between `me` and `peer` (the same box from either side).
+    pub fn new(me: &NodePrivate, peer: &NodePublic) -> Self {
+        Self(SalsaBox::new(&PublicKey::from_bytes(peer.0), me.secret()))
+    }
+
+    /// Client side, for tests and the load generator: the ClientInfo frame from `client`
+    /// (this box's own key).
+    pub fn client_info_frame(&self, client: &NodePublic, json: &[u8]) -> Vec<u8> {
+        let nonce = SalsaBox::generate_nonce(&mut OsRng);
+        let sealed = self.0.encrypt(&nonce, json).unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER_LEN + KEY_LEN + NONCE_LEN + sealed.len());
+        let mut h = [0u8; HEADER_LEN];
+        let len = KEY_LEN + NONCE_LEN + sealed.len();
+        frame::encode_header(&mut h, FrameType::ClientInfo, len as u32);
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&client.0);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Client side: opens a ServerInfo payload and returns its JSON bytes.
+    pub fn open_server_info(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        if payload.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = payload.split_at(NONCE_LEN);
+        self.0.decrypt(Nonce::from_slice(nonce), sealed).ok()
+    }
 }
 
-/// Client side: opens a ServerInfo payload and returns its JSON bytes.
+/// Client side of the login in one call: the ClientInfo frame.
+pub fn client_info_frame(client: &NodePrivate, server: &NodePublic, json: &[u8]) -> Vec<u8> {
+    SessionBox::new(client, server).client_info_frame(&client.public(), json)
+}
+
+/// Client side in one call: opens a ServerInfo payload and returns its JSON bytes.
 pub fn open_server_info(
     client: &NodePrivate,
     server: &NodePublic,
     payload: &[u8],
 ) -> Option<Vec<u8>> {
-    if payload.len() < NONCE_LEN {
-        return None;
-    }
-    let (nonce, sealed) = payload.split_at(NONCE_LEN);
-    let bx = SalsaBox::new(&PublicKey::from_bytes(server.0), client.secret());
-    bx.decrypt(Nonce::from_slice(nonce), sealed).ok()
+    SessionBox::new(client, server).open_server_info(payload)
 }
 
 #[cfg(test)]
@@ -237,10 +267,10 @@ mod tests {
         );
         let (t, len) = frame::decode_header(f[..5].try_into().unwrap());
         check_client_info_header(t, len).unwrap();
-        let info = open_client_info(&server, &f[5..]).unwrap();
+        let (info, bx) = open_client_info(&server, &f[5..]).unwrap();
         assert_eq!(info.key, client.public());
         assert!(info.can_ack_pings);
-        let si = server_info_frame(&server, &client.public());
+        let si = server_info_frame(&bx);
         assert_eq!(si[0], 0x03);
         assert_eq!(si.len(), 5 + 24 + 16 + 13);
         let json = open_server_info(&client, &server.public(), &si[5..]).unwrap();
@@ -266,13 +296,19 @@ mod tests {
         let mut f = client_info_frame(&client, &server.public(), b"{}");
         // Wrong server key: the box must not open.
         let other = NodePrivate::generate();
-        assert_eq!(open_client_info(&other, &f[5..]), Err(LoginError::BoxOpen));
+        assert_eq!(
+            open_client_info(&other, &f[5..]).err(),
+            Some(LoginError::BoxOpen)
+        );
         // Zero client key.
         f[5..37].fill(0);
-        assert_eq!(open_client_info(&server, &f[5..]), Err(LoginError::ZeroKey));
         assert_eq!(
-            open_client_info(&server, &[1u8; 40]),
-            Err(LoginError::BadLength(40))
+            open_client_info(&server, &f[5..]).err(),
+            Some(LoginError::ZeroKey)
+        );
+        assert_eq!(
+            open_client_info(&server, &[1u8; 40]).err(),
+            Some(LoginError::BadLength(40))
         );
         let bad = client_info_frame(&client, &server.public(), b"not json");
         assert!(matches!(

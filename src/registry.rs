@@ -10,7 +10,7 @@ use std::collections::HashMap;
 #[cfg(test)]
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use event_listener::Event;
@@ -192,6 +192,10 @@ struct KeySet {
     active: Option<Arc<Client>>,
 }
 
+/// One reader's last route: (registry generation, destination, its connection).
+#[derive(Debug, Default)]
+pub struct RouteCache(Option<(usize, NodePublic, Arc<Client>)>);
+
 /// Where a packet for a key should go.
 #[derive(Debug)]
 pub enum Route {
@@ -206,8 +210,12 @@ pub enum Route {
 /// The registry of connected clients.
 #[derive(Debug)]
 pub struct Registry {
-    /// Key → connections. Read-locked on every packet; write-locked on (un)registration.
+    /// Key → connections. Read-locked on a reader's first packet to a key; write-locked on
+    /// (un)registration.
     clients: RwLock<HashMap<NodePublic, KeySet>>,
+    /// Bumped whenever `clients` is write-locked: a reader's [`RouteCache`] is valid while
+    /// this has not moved. (usize: 32-bit targets have no native 64-bit atomics.)
+    generation: AtomicUsize,
     /// Source key A → connections that received a packet from A and must get PeerGone(A)
     /// when A leaves. Dead entries are pruned when a list doubles.
     gone_watchers: Mutex<HashMap<NodePublic, Vec<Weak<Client>>>>,
@@ -220,6 +228,7 @@ impl Registry {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             clients: RwLock::new(HashMap::new()),
+            generation: AtomicUsize::new(0),
             gone_watchers: Mutex::new(HashMap::new()),
             metrics,
         }
@@ -228,7 +237,7 @@ impl Registry {
     /// Adds a logged-in connection; it becomes the active one for its key.
     pub fn register(&self, c: &Arc<Client>) {
         let m = &self.metrics;
-        let mut map = write(&self.clients);
+        let mut map = self.write_clients();
         match map.get_mut(&c.key) {
             None => {
                 map.insert(
@@ -264,7 +273,7 @@ impl Registry {
     pub fn unregister(&self, c: &Arc<Client>) {
         let m = &self.metrics;
         let last_gone = {
-            let mut map = write(&self.clients);
+            let mut map = self.write_clients();
             let Some(set) = map.get_mut(&c.key) else {
                 return;
             };
@@ -330,6 +339,24 @@ impl Registry {
     }
 
     /// Where a packet to `dst` goes.
+    /// [`Registry::route`] through a reader's one-entry cache: a reader usually sends to the
+    /// same key again, and then costs no lock and no hash while no client came or went.
+    pub fn route_cached(&self, cache: &mut RouteCache, dst: &NodePublic) -> Route {
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        if let Some((g, k, c)) = &cache.0 {
+            if *g == generation && k == dst {
+                return Route::Local(c.clone());
+            }
+        }
+        let r = self.route(dst);
+        cache.0 = match &r {
+            Route::Local(c) => Some((generation, *dst, c.clone())),
+            _ => None,
+        };
+        r
+    }
+
+    /// Where a packet for `dst` goes now.
     pub fn route(&self, dst: &NodePublic) -> Route {
         let map = read(&self.clients);
         match map.get(dst) {
@@ -357,7 +384,7 @@ impl Registry {
                 }
             }
         }
-        let mut map = write(&self.clients);
+        let mut map = self.write_clients();
         if let Some(set) = map.get_mut(&c.key) {
             if set.conns.iter().any(|o| Arc::ptr_eq(o, c)) {
                 set.active = Some(c.clone());
@@ -392,8 +419,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     m.read().unwrap_or_else(|e| e.into_inner())
 }
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|e| e.into_inner())
+impl Registry {
+    fn write_clients(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodePublic, KeySet>> {
+        let g = self.clients.write().unwrap_or_else(|e| e.into_inner());
+        // Bumped under the lock: a reader that sees the new value then waits for this writer.
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        g
+    }
 }
 
 #[cfg(test)]
@@ -413,6 +446,33 @@ mod tests {
             Route::Local(c) => Some(c.conn_id),
             _ => None,
         }
+    }
+
+    #[test]
+    fn route_cache_follows_registrations() {
+        let r = Registry::new(Arc::new(Metrics::default()));
+        let mut cache = RouteCache::default();
+        let id = |route: Route| match route {
+            Route::Local(c) => Some(c.conn_id),
+            _ => None,
+        };
+        assert_eq!(id(r.route_cached(&mut cache, &key(1))), None);
+        let a = Client::new(1, key(1), addr(), 1);
+        r.register(&a);
+        assert_eq!(id(r.route_cached(&mut cache, &key(1))), Some(1));
+        assert_eq!(id(r.route_cached(&mut cache, &key(1))), Some(1));
+        // A newer connection for the key takes over; the cached route must not survive it.
+        let b = Client::new(2, key(1), addr(), 1);
+        r.register(&b);
+        assert_eq!(id(r.route_cached(&mut cache, &key(1))), Some(2));
+        r.unregister(&b);
+        r.unregister(&a);
+        assert_eq!(id(r.route_cached(&mut cache, &key(1))), None);
+        // Another destination is looked up, not served from the cache.
+        let c = Client::new(3, key(2), addr(), 1);
+        r.register(&c);
+        assert_eq!(id(r.route_cached(&mut cache, &key(2))), Some(3));
+        assert_eq!(id(r.route_cached(&mut cache, &key(1))), None);
     }
 
     #[test]

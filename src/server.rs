@@ -462,7 +462,9 @@ async fn handle_conn(
     which: Listener,
 ) -> Result<(), ConnFail> {
     set_tcp_options(state, tcp.get_ref());
-    let setup = async {
+    // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
+    // be part of every connection's task for its whole life.
+    let setup = Box::pin(async {
         let mut stream = match (&state.tls, which) {
             (Some(acc), Listener::Main) => {
                 Stream::Tls(Box::new(acc.accept(tcp).await.map_err(|e| {
@@ -481,7 +483,7 @@ async fn handle_conn(
             }
             Err(e) => Err(e),
         }
-    };
+    });
     let (mut stream, req, leftover) = setup
         .or(async {
             Timer::after(HEAD_TIMEOUT).await;
@@ -504,7 +506,7 @@ async fn handle_conn(
                     "DERP over WebSocket is not supported by this server yet",
                 ),
                 "derp" | "websocket" => {
-                    return serve_derp(state, stream, leftover, &req, remote).await;
+                    return serve_derp(state, stream, leftover, req, remote).await;
                 }
                 other => {
                     if !other.is_empty() {
@@ -536,7 +538,7 @@ async fn serve_derp(
     state: &Arc<State>,
     stream: Stream,
     leftover: Vec<u8>,
-    req: &Request,
+    req: Request,
     remote: SocketAddr,
 ) -> Result<(), ConnFail> {
     let shared = Shared(Arc::new(Mutex::new(stream)));
@@ -546,6 +548,8 @@ async fn serve_derp(
         fast_start: req.fast_start,
         not_ideal: req.not_ideal,
     };
+    // The request's strings are not needed for the connection's life.
+    drop(req);
     client::serve(state.clone(), rd, shared, up)
         .await
         .map_err(ConnFail::Derp)
