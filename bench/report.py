@@ -260,7 +260,7 @@ def render_md(doc, agg):
     m = doc["machine"]
     out = [f"# derpd vs derper — {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, "
            f"{m.get('date', '?')}, derper {m.get('derper_version', '?')}, "
-           f"derpd {m.get('derpd_version', '?')} — `{doc['command']}`", "",
+           f"{m.get('derpd_version', 'derpd ?')} — `{doc['command']}`", "",
            "| metric | derpd | derper | derpd/derper | better is |",
            "|---|---:|---:|---:|---|"]
     for label, scen, sub, field, better in table_rows(agg):

@@ -15,6 +15,10 @@
 //!   [`metrics`]: counters named after derper's.
 //!
 //! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`]) does no I/O.
+//!
+//! Outside the library: `src/main.rs` (the `derpd` binary) and `bench/load.rs` (`derpd-load`,
+//! the benchmark's load generator, built only with `--features bench`), a DERP client made of
+//! [`frame`] and [`handshake`].
 
 pub mod client;
 pub mod config;
