@@ -316,10 +316,7 @@ impl Conn {
     /// The next complete frame already decrypted: its type and payload range in `buf`.
     fn frame(&mut self) -> Option<(u8, Range<usize>)> {
         let avail = &self.buf[self.start..];
-        if avail.len() < HEADER_LEN {
-            return None;
-        }
-        let (t, len) = frame::decode_header(&[avail[0], avail[1], avail[2], avail[3], avail[4]]);
+        let (t, len) = frame::decode_header(avail.get(..HEADER_LEN)?.try_into().ok()?);
         let end = HEADER_LEN + len as usize;
         if avail.len() < end {
             return None;
@@ -452,9 +449,9 @@ fn send_frame(dst: &NodePublic, size: usize) -> Vec<u8> {
 
 // ---- /proc ----
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct Sample {
-    at: Option<Instant>,
+    at: Instant,
     server_ticks: u64,
     self_ticks: u64,
     rss_kib: u64,
@@ -500,7 +497,7 @@ impl Ctx {
             None => (0, 0, 0),
         };
         Sample {
-            at: Some(Instant::now()),
+            at: Instant::now(),
             server_ticks,
             self_ticks: cpu_ticks("self"),
             rss_kib,
@@ -523,12 +520,10 @@ impl Ctx {
 }
 
 /// Window figures common to every mode: wall time, CPU of both sides, the bottleneck.
-fn window(a: &Sample, b: &Sample) -> (f64, Value) {
+/// Returns the wall time and the server's CPU seconds too, for per-packet and per-login figures.
+fn window(a: &Sample, b: &Sample) -> (f64, f64, Value) {
     let hz = rustix::param::clock_ticks_per_second() as f64;
-    let wall = match (a.at, b.at) {
-        (Some(x), Some(y)) => y.duration_since(x).as_secs_f64(),
-        _ => 0.0,
-    };
+    let wall = b.at.duration_since(a.at).as_secs_f64();
     let server_s = b.server_ticks.saturating_sub(a.server_ticks) as f64 / hz;
     let self_s = b.self_ticks.saturating_sub(a.self_ticks) as f64 / hz;
     let (su, lu) = (server_s / wall, self_s / wall);
@@ -546,7 +541,7 @@ fn window(a: &Sample, b: &Sample) -> (f64, Value) {
         "loadgen_cpu_util": round(lu, 3),
         "bottleneck": bottleneck,
     });
-    (server_s, v)
+    (wall, server_s, v)
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -590,14 +585,15 @@ async fn traffic(
             .detach();
     }
     if probe {
-        let keys: Vec<ClientKey> = (0..3).map(|_| ClientKey::generate()).collect();
-        let mut conns = Vec::new();
-        for k in &keys {
-            conns.push(login(ctx, k, BIG_READ).await.map_err(|e| e.to_string())?);
-        }
-        let (Some(c3), Some(c2), Some(c1)) = (conns.pop(), conns.pop(), conns.pop()) else {
-            return Err("probe connections".into());
+        let probe_conn = || async {
+            let k = ClientKey::generate();
+            login(ctx, &k, BIG_READ).await.map_err(|e| e.to_string())
         };
+        let (c1, c2, c3) = (
+            probe_conn().await?,
+            probe_conn().await?,
+            probe_conn().await?,
+        );
         let to_b = c2.key;
         let to_c = c3.key;
         let c = ctx.clone();
@@ -613,7 +609,6 @@ async fn traffic(
     }
     Timer::after(Duration::from_secs_f64(args.warmup)).await;
     let a = ctx.sample();
-    let probes_before = ctx.stats.probes.borrow().len();
     Timer::after(Duration::from_secs_f64(args.seconds)).await;
     let b = ctx.sample();
     // Probes sent in the window get a moment to come back.
@@ -621,8 +616,7 @@ async fn traffic(
         Timer::after(Duration::from_millis(200)).await;
     }
     ctx.stop.set(true);
-    let (server_s, mut v) = window(&a, &b);
-    let wall = v["seconds"].as_f64().unwrap_or(0.0);
+    let (wall, server_s, mut v) = window(&a, &b);
     let sent = b.sent - a.sent;
     let received = b.received - a.received;
     let bytes = b.received_bytes - a.received_bytes;
@@ -651,14 +645,18 @@ async fn traffic(
         }),
     );
     if probe {
-        let first = ctx.stats.probes.borrow().get(probes_before).map(|p| p.0);
-        let mut rtts: Vec<u64> = ctx.stats.probes.borrow()[probes_before..]
+        // The probes sent in the window are sequence numbers a.probes_sent..b.probes_sent.
+        let sent_in_window = a.probes_sent..b.probes_sent;
+        let mut rtts: Vec<u64> = ctx
+            .stats
+            .probes
+            .borrow()
             .iter()
-            .filter(|p| p.0 < b.probes_sent)
+            .filter(|p| sent_in_window.contains(&p.0))
             .map(|p| p.1)
             .collect();
         rtts.sort_unstable();
-        let in_window = first.map_or(0, |f| b.probes_sent.saturating_sub(f.max(a.probes_sent)));
+        let in_window = b.probes_sent - a.probes_sent;
         let pct = |q: f64| -> f64 {
             if rtts.is_empty() {
                 return 0.0;
@@ -906,8 +904,7 @@ async fn logins(ex: &Rc<LocalExecutor<'_>>, ctx: &Rc<Ctx>, args: &Args) -> Resul
     Timer::after(Duration::from_secs_f64(args.seconds)).await;
     let b = ctx.sample();
     ctx.stop.set(true);
-    let (server_s, v) = window(&a, &b);
-    let wall = v["seconds"].as_f64().unwrap_or(0.0);
+    let (wall, server_s, v) = window(&a, &b);
     let n = b.logins - a.logins;
     Ok(finish(
         ctx,

@@ -167,13 +167,15 @@ where
         client: &client,
         not_ideal: up.not_ideal,
     };
-    let si = handshake::server_info_frame(&session);
     let res = async {
+        // The frame is dropped once written, not kept for the connection's life.
+        let si = handshake::server_info_frame(&session);
         write_deadline(&state, async {
             wr.write_all(&si).await?;
             wr.flush().await
         })
         .await?;
+        drop(si);
         let reader = read_loop(&state, &client, &mut rd, is_mesh);
         let writer = write_loop(&state, &client, &mut wr);
         // Either side ending ends the connection; the other is dropped mid-operation, which

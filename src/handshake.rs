@@ -94,6 +94,38 @@ impl fmt::Debug for SessionBox {
     }
 }
 
+impl SessionBox {
+    /// The box between `me` and `peer` (the same box from either side).
+    pub fn new(me: &NodePrivate, peer: &NodePublic) -> Self {
+        Self(SalsaBox::new(&PublicKey::from_bytes(peer.0), me.secret()))
+    }
+
+    /// Client side, for tests and the load generator: the ClientInfo frame from `client`
+    /// (this box's own key).
+    pub fn client_info_frame(&self, client: &NodePublic, json: &[u8]) -> Vec<u8> {
+        let nonce = SalsaBox::generate_nonce(&mut OsRng);
+        let sealed = self.0.encrypt(&nonce, json).unwrap_or_default();
+        let mut out = Vec::with_capacity(HEADER_LEN + KEY_LEN + NONCE_LEN + sealed.len());
+        let mut h = [0u8; HEADER_LEN];
+        let len = KEY_LEN + NONCE_LEN + sealed.len();
+        frame::encode_header(&mut h, FrameType::ClientInfo, len as u32);
+        out.extend_from_slice(&h);
+        out.extend_from_slice(&client.0);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Client side: opens a ServerInfo payload and returns its JSON bytes.
+    pub fn open_server_info(&self, payload: &[u8]) -> Option<Vec<u8>> {
+        if payload.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = payload.split_at(NONCE_LEN);
+        self.0.decrypt(Nonce::from_slice(nonce), sealed).ok()
+    }
+}
+
 /// Opens a ClientInfo payload (`client key ‖ nonce ‖ box(json)`) and parses its JSON. Returns
 /// the box for [`server_info_frame`].
 pub fn open_client_info(
@@ -111,13 +143,13 @@ pub fn open_client_info(
         return Err(LoginError::ZeroKey);
     }
     let (nonce, sealed) = rest.split_at(NONCE_LEN);
-    let bx = SalsaBox::new(&PublicKey::from_bytes(key.0), server.secret());
-    let json = bx
-        .decrypt(Nonce::from_slice(nonce), sealed)
-        .map_err(|_| LoginError::BoxOpen)?;
+    let bx = SessionBox::new(server, &key);
+    let json =
+        bx.0.decrypt(Nonce::from_slice(nonce), sealed)
+            .map_err(|_| LoginError::BoxOpen)?;
     let mut info = parse_client_info_json(&json)?;
     info.key = key;
-    Ok((info, SessionBox(bx)))
+    Ok((info, bx))
 }
 
 /// Parses ClientInfo JSON the way Go's encoding/json does for derp.ClientInfo: keys match
@@ -176,38 +208,6 @@ pub fn server_info_frame(bx: &SessionBox) -> Vec<u8> {
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&sealed);
     out
-}
-
-impl SessionBox {
-    /// The box between `me` and `peer` (the same box from either side).
-    pub fn new(me: &NodePrivate, peer: &NodePublic) -> Self {
-        Self(SalsaBox::new(&PublicKey::from_bytes(peer.0), me.secret()))
-    }
-
-    /// Client side, for tests and the load generator: the ClientInfo frame from `client`
-    /// (this box's own key).
-    pub fn client_info_frame(&self, client: &NodePublic, json: &[u8]) -> Vec<u8> {
-        let nonce = SalsaBox::generate_nonce(&mut OsRng);
-        let sealed = self.0.encrypt(&nonce, json).unwrap_or_default();
-        let mut out = Vec::with_capacity(HEADER_LEN + KEY_LEN + NONCE_LEN + sealed.len());
-        let mut h = [0u8; HEADER_LEN];
-        let len = KEY_LEN + NONCE_LEN + sealed.len();
-        frame::encode_header(&mut h, FrameType::ClientInfo, len as u32);
-        out.extend_from_slice(&h);
-        out.extend_from_slice(&client.0);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        out
-    }
-
-    /// Client side: opens a ServerInfo payload and returns its JSON bytes.
-    pub fn open_server_info(&self, payload: &[u8]) -> Option<Vec<u8>> {
-        if payload.len() < NONCE_LEN {
-            return None;
-        }
-        let (nonce, sealed) = payload.split_at(NONCE_LEN);
-        self.0.decrypt(Nonce::from_slice(nonce), sealed).ok()
-    }
 }
 
 /// Client side of the login in one call: the ClientInfo frame.

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 #[cfg(test)]
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use event_listener::Event;
@@ -234,6 +234,13 @@ impl Registry {
         }
     }
 
+    fn write_clients(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodePublic, KeySet>> {
+        let g = self.clients.write().unwrap_or_else(|e| e.into_inner());
+        // Bumped under the lock: a reader that sees the new value then waits for this writer.
+        self.generation.fetch_add(1, Ordering::Release);
+        g
+    }
+
     /// Adds a logged-in connection; it becomes the active one for its key.
     pub fn register(&self, c: &Arc<Client>) {
         let m = &self.metrics;
@@ -342,7 +349,7 @@ impl Registry {
     /// [`Registry::route`] through a reader's one-entry cache: a reader usually sends to the
     /// same key again, and then costs no lock and no hash while no client came or went.
     pub fn route_cached(&self, cache: &mut RouteCache, dst: &NodePublic) -> Route {
-        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        let generation = self.generation.load(Ordering::Acquire);
         if let Some((g, k, c)) = &cache.0 {
             if *g == generation && k == dst {
                 return Route::Local(c.clone());
@@ -418,15 +425,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     m.read().unwrap_or_else(|e| e.into_inner())
-}
-impl Registry {
-    fn write_clients(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodePublic, KeySet>> {
-        let g = self.clients.write().unwrap_or_else(|e| e.into_inner());
-        // Bumped under the lock: a reader that sees the new value then waits for this writer.
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
-        g
-    }
 }
 
 #[cfg(test)]
