@@ -1,0 +1,506 @@
+//! Shared by the test binaries that run derpd as a process against Tailscale's Go code
+//! (`tests/interop.rs`, `tests/mesh.rs`): building the Go harness, starting derpd (or derper) and
+//! reading its log, running the harness with a deadline.
+//!
+//! The log lines derpd prints are the contract with this file:
+//! - `serving on <addr> (TLS)` or `serving on <addr> (plain HTTP)`
+//! - `STUN listening on <addr>`
+//! - with a generated certificate: the `DERPMap` node JSON containing `"CertName":"sha256-raw:<64 hex>"`
+//! - per DERP login, at debug level: `fast-start: true` or `fast-start: false`
+//!
+//! Without Go the tests print `SKIPPED` and pass, except under `CI=true`, where they fail.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long derpd may take to print its start-up lines.
+pub(crate) const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
+/// How long one harness run may take (the harness has its own 28 s watchdog).
+pub(crate) const HARNESS_DEADLINE: Duration = Duration::from_secs(45);
+/// How long derpd's login log lines may lag behind the harness finishing.
+pub(crate) const LOG_LAG_DEADLINE: Duration = Duration::from_secs(5);
+
+pub(crate) fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Prints a SKIPPED line where a person will see it (captured or not), or fails under CI.
+pub(crate) fn skip(reason: &str) {
+    assert!(
+        !ci(),
+        "{reason}, and CI=true: the interop tests must run in CI"
+    );
+    let line = format!("SKIPPED: {reason}; interop tests did not run");
+    println!("{line}");
+    // Straight to fd 2, not eprintln!: libtest captures the print macros, and a skip must be seen.
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+pub(crate) fn is_executable(p: &Path) -> bool {
+    let Ok(meta) = p.metadata() else { return false };
+    if !meta.is_file() {
+        return false;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        meta.permissions().mode() & 0o111 != 0
+    }
+    #[cfg(not(unix))]
+    {
+        true
+    }
+}
+
+/// `go` from PATH, then /usr/local/go/bin/go.
+pub(crate) fn find_go() -> Option<PathBuf> {
+    let name = if cfg!(windows) { "go.exe" } else { "go" };
+    let from_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p));
+    from_path.or_else(|| {
+        let p = PathBuf::from("/usr/local/go/bin/go");
+        is_executable(&p).then_some(p)
+    })
+}
+
+/// Builds the harness once per test process. `None` means "skip" (no Go, not under CI).
+pub(crate) fn harness() -> Option<PathBuf> {
+    static HARNESS: OnceLock<Option<Result<PathBuf, String>>> = OnceLock::new();
+    let built = HARNESS.get_or_init(|| {
+        let go = find_go()?;
+        Some(build_harness(&go))
+    });
+    match built {
+        None => {
+            skip("go not found");
+            None
+        }
+        Some(Ok(p)) => Some(p.clone()),
+        Some(Err(e)) => panic!("building the Go interop harness failed:\n{e}"),
+    }
+}
+
+pub(crate) fn build_harness(go: &Path) -> Result<PathBuf, String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("interop");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("derp-interop");
+    let mut cmd = Command::new(go);
+    cmd.args(["build", "-buildvcs=false", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(&src)
+        // Use the installed Go; never download a toolchain.
+        .env("GOTOOLCHAIN", "local")
+        .stdin(Stdio::null());
+    let no_home =
+        std::env::var_os("HOME").is_none() && std::env::var_os("XDG_CACHE_HOME").is_none();
+    if no_home && std::env::var_os("GOCACHE").is_none() {
+        cmd.env(
+            "GOCACHE",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-build-cache"),
+        );
+    }
+    // The first build fetches tailscale.com from the module proxy: just wait for it.
+    let output = cmd
+        .output()
+        .map_err(|e| format!("running {} build: {e}", go.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{} build -o {} . (in {}) exited with {}\n--- stdout\n{}\n--- stderr\n{}",
+            go.display(),
+            out.display(),
+            src.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        ));
+    }
+    Ok(out)
+}
+
+/// A fresh, not yet existing path under the Cargo test tmp dir.
+pub(crate) fn fresh_path(test: &str, leaf: &str) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("interop-{test}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    base.join(leaf)
+}
+
+/// Whether the serving address was announced as TLS or plain HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Tls,
+    PlainHttp,
+}
+
+/// What derpd announced at start-up.
+#[derive(Debug)]
+pub(crate) struct Startup {
+    pub(crate) addr: SocketAddr,
+    pub(crate) mode: Mode,
+    pub(crate) stun: SocketAddr,
+    pub(crate) pin: Option<String>,
+}
+
+/// A running derpd, killed on drop, with its output (stderr and stdout) read line by line.
+pub(crate) struct Derpd {
+    pub(crate) child: Child,
+    pub(crate) lines: Receiver<String>,
+    /// Every line read so far.
+    pub(crate) log: Vec<String>,
+    /// Transcript of harness runs, for failure messages.
+    pub(crate) transcript: String,
+}
+
+impl Drop for Derpd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn spawn_line_reader(r: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// The derpd binary (`DERPD_TEST_BIN` if set, else this build's), run through `DERPD_TEST_RUNNER`
+/// when that is set (a command and its arguments, split at whitespace). `scripts/cross-test.sh`
+/// sets the runner to qemu-user, so the cross-built derpd runs under QEMU while Tailscale's client
+/// (the Go harness) runs natively; `scripts/build-release.sh` also points `DERPD_TEST_BIN` at the
+/// release binary it is about to ship.
+pub(crate) fn derpd_command() -> Command {
+    let exe =
+        std::env::var_os("DERPD_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_derpd").into());
+    let runner = std::env::var("DERPD_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    let Some(first) = words.next() else {
+        return Command::new(exe);
+    };
+    let mut cmd = Command::new(first);
+    cmd.args(words).arg(exe);
+    cmd
+}
+
+impl Derpd {
+    pub(crate) fn start(args: &[String]) -> Derpd {
+        let mut cmd = derpd_command();
+        let shown = format!("{cmd:?}");
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "spawning derpd: {e} (a cross-built derpd needs DERPD_TEST_RUNNER, \
+                     e.g. qemu-mipsel-static; scripts/cross-test.sh sets it)"
+                )
+            });
+        let (tx, rx) = mpsc::channel();
+        spawn_line_reader(child.stderr.take().unwrap(), tx.clone());
+        spawn_line_reader(child.stdout.take().unwrap(), tx);
+        Derpd {
+            child,
+            lines: rx,
+            log: Vec::new(),
+            transcript: format!("{shown} {}\n", args.join(" ")),
+        }
+    }
+
+    /// Panics with everything known: the reason, the harness transcript and derpd's log.
+    pub(crate) fn fail(&mut self, reason: &str) -> ! {
+        self.drain();
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => format!("derpd exited: {s}"),
+            Ok(None) => "derpd still running".to_string(),
+            Err(e) => format!("derpd status unknown: {e}"),
+        };
+        panic!(
+            "{reason}\n\n===== harness transcript =====\n{}\n===== derpd log ({status}, {} lines) =====\n{}\n",
+            self.transcript,
+            self.log.len(),
+            self.log.join("\n")
+        );
+    }
+
+    /// Reads whatever lines are already available.
+    pub(crate) fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+    }
+
+    /// Reads lines until `done(&log)` is true or the deadline passes.
+    pub(crate) fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[String]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        self.drain();
+        while !done(&self.log) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(RecvTimeoutError::Timeout) => self.fail(&format!(
+                    "derpd: timed out after {timeout:?} waiting for {what}"
+                )),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.child.wait();
+                    self.fail(&format!(
+                        "derpd: output closed (process exited?) while waiting for {what}"
+                    ))
+                }
+            }
+        }
+    }
+
+    pub(crate) fn startup(&mut self, want_pin: bool) -> Startup {
+        let what = if want_pin {
+            "the `serving on`, `STUN listening on` and `\"CertName\":\"sha256-raw:` lines"
+        } else {
+            "the `serving on` and `STUN listening on` lines"
+        };
+        self.wait_until(what, STARTUP_DEADLINE, |log| {
+            log.iter().any(|l| l.contains("serving on "))
+                && log.iter().any(|l| l.contains("STUN listening on "))
+                && (!want_pin || log.iter().any(|l| l.contains("\"CertName\":\"sha256-raw:")))
+        });
+        let serving = self.log.iter().find_map(|l| parse_serving(l));
+        let Some((addr, mode)) = serving.clone().and_then(Result::ok) else {
+            let why = match serving {
+                Some(Err(e)) => e,
+                _ => "no `serving on` line".into(),
+            };
+            self.fail(&format!("derpd: bad `serving on` line: {why}"))
+        };
+        let stun = self.log.iter().find_map(|l| parse_stun(l));
+        let Some(stun) = stun.clone().and_then(Result::ok) else {
+            let why = match stun {
+                Some(Err(e)) => e,
+                _ => "no `STUN listening on` line".into(),
+            };
+            self.fail(&format!("derpd: bad `STUN listening on` line: {why}"))
+        };
+        let pin = if want_pin {
+            let pin = self.log.iter().find_map(|l| parse_pin(l));
+            match pin {
+                Some(Ok(p)) => Some(p),
+                Some(Err(e)) => self.fail(&format!("derpd: bad CertName line: {e}")),
+                None => self.fail("derpd: no CertName line"),
+            }
+        } else {
+            None
+        };
+        Startup {
+            addr,
+            mode,
+            stun,
+            pin,
+        }
+    }
+
+    /// Runs the harness with `args`; fails unless it exits 0. Returns its stdout.
+    pub(crate) fn run_harness(&mut self, harness: &Path, args: &[String]) -> String {
+        let (status, stdout, stderr) = run_bounded(harness, args, HARNESS_DEADLINE);
+        let record = format!(
+            "$ derp-interop {}\n--- exit: {}\n--- stdout\n{}\n--- stderr\n{}\n",
+            args.join(" "),
+            status.map_or("killed after timeout".to_string(), |s| s.to_string()),
+            stdout,
+            stderr
+        );
+        println!("{record}");
+        self.transcript.push_str(&record);
+        if status.is_none_or(|s| !s.success()) {
+            self.fail(&format!("derp-interop {} failed", args.join(" ")));
+        }
+        stdout
+    }
+
+    /// Checks the harness's own view (its `INFO` lines) of whether each client fast-started.
+    pub(crate) fn expect_client_fast_start(
+        &mut self,
+        relay_stdout: &str,
+        expected: bool,
+        clients: usize,
+    ) {
+        let want = format!("client fast start: {expected}");
+        let n = relay_stdout.lines().filter(|l| l.contains(&want)).count();
+        if n != clients {
+            self.fail(&format!(
+                "harness reported `{want}` for {n} clients, want {clients}"
+            ));
+        }
+    }
+
+    /// Counts `fast-start: true` / `fast-start: false` lines, waiting (bounded) for at least
+    /// `want` of the expected kind, then asserts none of the other kind.
+    pub(crate) fn expect_fast_start(&mut self, expected: bool, want: usize) {
+        let (yes, no) = if expected {
+            ("fast-start: true", "fast-start: false")
+        } else {
+            ("fast-start: false", "fast-start: true")
+        };
+        // Stops early on a line of the wrong kind, which fails below.
+        self.wait_until(&format!("{want} `{yes}` lines"), LOG_LAG_DEADLINE, |log| {
+            log.iter().filter(|l| l.contains(yes)).count() >= want
+                || log.iter().any(|l| l.contains(no))
+        });
+        self.drain();
+        let wrong = self.log.iter().filter(|l| l.contains(no)).count();
+        if wrong != 0 {
+            self.fail(&format!("derpd logged {wrong} `{no}` lines, want none"));
+        }
+    }
+
+    pub(crate) fn expect_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.fail(&format!("derpd exited during the test: {status}"));
+        }
+    }
+}
+
+/// Runs a command to completion, killing it after `timeout`. Returns (status or None if killed,
+/// stdout, stderr).
+pub(crate) fn run_bounded(
+    cmd: &Path,
+    args: &[String],
+    timeout: Duration,
+) -> (Option<ExitStatus>, String, String) {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", cmd.display()));
+    let (tx, rx) = mpsc::channel();
+    for (i, mut r) in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            let _ = tx.send((i, String::from_utf8_lossy(&buf).into_owned()));
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    let mut out = [String::new(), String::new()];
+    let mut killed = false;
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((i, s)) = rx.recv_timeout(left) else {
+            killed = true;
+            let _ = child.kill();
+            break;
+        };
+        out[i] = s;
+    }
+    let status = child.wait().ok();
+    let [stdout, stderr] = out;
+    if killed {
+        let stderr = format!("{stderr}\n[killed: still running after {timeout:?}]");
+        return (None, stdout, stderr);
+    }
+    (status, stdout, stderr)
+}
+
+/// `... serving on 127.0.0.1:41234 (TLS)` → (addr, Tls).
+pub(crate) fn parse_serving(line: &str) -> Option<Result<(SocketAddr, Mode), String>> {
+    let rest = &line[line.find("serving on ")? + "serving on ".len()..];
+    let Some((addr, tail)) = rest.split_once(' ') else {
+        return Some(Err(format!(
+            "no ` (TLS)`/` (plain HTTP)` after the address: {line:?}"
+        )));
+    };
+    let mode = if tail.starts_with("(TLS)") {
+        Mode::Tls
+    } else if tail.starts_with("(plain HTTP)") {
+        Mode::PlainHttp
+    } else {
+        return Some(Err(format!(
+            "want ` (TLS)` or ` (plain HTTP)` after the address: {line:?}"
+        )));
+    };
+    Some(
+        addr.parse::<SocketAddr>()
+            .map(|a| (a, mode))
+            .map_err(|e| format!("address {addr:?}: {e}: {line:?}")),
+    )
+}
+
+/// `... STUN listening on 127.0.0.1:39876` → addr.
+pub(crate) fn parse_stun(line: &str) -> Option<Result<SocketAddr, String>> {
+    let rest = &line[line.find("STUN listening on ")? + "STUN listening on ".len()..];
+    let addr = rest.split_whitespace().next().unwrap_or("");
+    Some(
+        addr.parse::<SocketAddr>()
+            .map_err(|e| format!("address {addr:?}: {e}: {line:?}")),
+    )
+}
+
+/// `{"Name":...,"CertName":"sha256-raw:<64 hex>"}` → `sha256-raw:<64 hex>`.
+pub(crate) fn parse_pin(line: &str) -> Option<Result<String, String>> {
+    const KEY: &str = "\"CertName\":\"sha256-raw:";
+    let rest = &line[line.find(KEY)? + KEY.len()..];
+    let hex = rest.get(..64).unwrap_or("");
+    let ok = hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && rest[64..].starts_with('"');
+    Some(if ok {
+        Ok(format!("sha256-raw:{hex}"))
+    } else {
+        Err(format!("want 64 lowercase hex digits and `\"`: {line:?}"))
+    })
+}
+
+/// The address to dial for a listening address: an unspecified IP becomes the loopback of the
+/// wanted family.
+pub(crate) fn dial_addr(listen: SocketAddr, v6: bool) -> SocketAddr {
+    if listen.ip().is_unspecified() {
+        let ip = if v6 {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        };
+        SocketAddr::new(ip, listen.port())
+    } else {
+        listen
+    }
+}
+
+pub(crate) fn s(v: &str) -> String {
+    v.to_string()
+}
