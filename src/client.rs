@@ -35,6 +35,8 @@ const MAX_BATCH_BYTES: usize = 64 << 10;
 /// A reader gives the thread to other tasks after this many frames read without waiting: a
 /// client that never stops sending must not starve the other connections (or its own writer).
 const READ_BURST: u32 = 32;
+/// Write timeout for mesh peers (derper's `privilegedWriteTimeout`), unless timeouts are off.
+pub const MESH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// NotHere PeerGone frames: one per second per connection, burst of three (as derper).
 const NOT_HERE_BURST: f64 = 3.0;
 
@@ -128,9 +130,10 @@ where
             return Err(e);
         }
     };
-    // Mesh keys (and so mesh privileges) arrive with the mesh issue; until then no client has
-    // them, whatever its ClientInfo says.
-    let is_mesh = false;
+    let is_mesh = match (&state.mesh_key, &info.mesh_key) {
+        (Some(ours), Some(theirs)) => ct_eq(ours, theirs),
+        _ => false,
+    };
     let mut flags = 0;
     if is_mesh {
         flags |= peer_flags::IS_MESH_PEER;
@@ -145,7 +148,13 @@ where
         flags = peer_flags::IS_REGULAR;
     }
     let conn_id = state.next_conn_id.fetch_add(1, Relaxed);
-    let client = Client::new(conn_id, info.key, up.remote, flags);
+    let client = Client::with_mesh(conn_id, info.key, up.remote, flags, is_mesh);
+    // Mesh peers get derper's privileged write timeout.
+    let write_timeout = if is_mesh {
+        state.write_timeout.map(|_| MESH_WRITE_TIMEOUT)
+    } else {
+        state.write_timeout
+    };
     let m = &state.metrics;
     if up.fast_start {
         m.fast_start_logins.fetch_add(1, Relaxed);
@@ -154,7 +163,7 @@ where
         m.notideal_connections.fetch_add(1, Relaxed);
     }
     debug!(
-        "derp: {}: accepted {} {} (fast-start: {}, app {:?})",
+        "derp: {}: accepted {} {} (fast-start: {}, mesh: {is_mesh}, app {:?})",
         up.remote,
         info.key,
         info.key.short(),
@@ -170,14 +179,14 @@ where
     let res = async {
         // The frame is dropped once written, not kept for the connection's life.
         let si = handshake::server_info_frame(&session);
-        write_deadline(&state, async {
+        write_deadline(write_timeout, async {
             wr.write_all(&si).await?;
             wr.flush().await
         })
         .await?;
         drop(si);
-        let reader = read_loop(&state, &client, &mut rd, is_mesh);
-        let writer = write_loop(&state, &client, &mut wr);
+        let reader = read_loop(&state, &client, &mut rd);
+        let writer = write_loop(&state, &client, &mut wr, write_timeout);
         // Either side ending ends the connection; the other is dropped mid-operation, which
         // only abandons I/O on a socket about to be closed.
         reader.or(writer).await
@@ -211,11 +220,17 @@ impl Drop for Unregister<'_> {
     }
 }
 
+/// Constant-time comparison of two mesh keys.
+fn ct_eq(a: &[u8; KEY_LEN], b: &[u8; KEY_LEN]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
 async fn write_deadline<T>(
-    state: &State,
+    timeout: Option<Duration>,
     fut: impl std::future::Future<Output = io::Result<T>>,
 ) -> Result<T, ConnError> {
-    match state.write_timeout {
+    match timeout {
         None => Ok(fut.await?),
         Some(d) => {
             async { fut.await.map_err(ConnError::Io) }
@@ -253,7 +268,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
     state: &State,
     client: &Arc<Client>,
     rd: &mut R,
-    is_mesh: bool,
 ) -> Result<(), ConnError> {
     let m = &state.metrics;
     let mut not_here = NotHereLimiter {
@@ -336,14 +350,56 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 m.got_ping.fetch_add(1, Relaxed);
                 client.enqueue_pong(data);
             }
-            Some(FrameType::WatchConns | FrameType::ClosePeer | FrameType::ForwardPacket) => {
-                if !is_mesh {
+            Some(FrameType::WatchConns | FrameType::ClosePeer | FrameType::ForwardPacket)
+                if !client.is_mesh =>
+            {
+                return Err(ConnError::Protocol(format!(
+                    "insufficient permissions for frame type {t:#04x} (mesh key required)"
+                )));
+            }
+            Some(FrameType::WatchConns) => {
+                if n != 0 {
+                    return Err(ConnError::Protocol(format!("WatchConns length {n}")));
+                }
+                // A node that lists itself in --mesh-with reaches itself: nothing to watch.
+                if client.key != state.public_key {
+                    state.registry.add_watcher(client);
+                }
+            }
+            Some(FrameType::ClosePeer) => {
+                if n != KEY_LEN {
+                    return Err(ConnError::Protocol(format!("ClosePeer length {n}")));
+                }
+                let mut k = [0u8; KEY_LEN];
+                rd.read_exact(&mut k).await?;
+                let target = NodePublic(k);
+                match state.registry.close_key(&target) {
+                    0 => info!("derp: mesh {}: ClosePeer: no peer {target}", client.remote),
+                    n => info!(
+                        "derp: mesh {}: ClosePeer: closing peer {target} ({n} connections)",
+                        client.remote
+                    ),
+                }
+            }
+            Some(FrameType::ForwardPacket) => {
+                if n < 2 * KEY_LEN {
                     return Err(ConnError::Protocol(format!(
-                        "insufficient permissions for frame type {t:#04x} (mesh key required)"
+                        "short ForwardPacket: {n} bytes"
                     )));
                 }
-                // Mesh frames are handled by the mesh module (a later issue).
-                return Err(ConnError::Protocol("mesh frames not supported yet".into()));
+                let pkt_len = n - 2 * KEY_LEN;
+                if pkt_len > frame::MAX_PACKET_SIZE {
+                    return Err(ConnError::Protocol(format!(
+                        "ForwardPacket too large: {pkt_len}"
+                    )));
+                }
+                let mut keys = [0u8; 2 * KEY_LEN];
+                rd.read_exact(&mut keys).await?;
+                let (src, dst) = keys.split_at(KEY_LEN);
+                let src = NodePublic(src.try_into().unwrap_or_default());
+                let dst = NodePublic(dst.try_into().unwrap_or_default());
+                let buf = read_packet(state, rd, &src, pkt_len).await?;
+                deliver_forwarded(state, client, &dst, buf, &mut not_here);
             }
             _ => {
                 m.unknown_frames.fetch_add(1, Relaxed);
@@ -391,6 +447,7 @@ fn relay(
     m.packets_received_kind[usize::from(!disco)].fetch_add(1, Relaxed);
     match state.registry.route_cached(routes, dst) {
         Route::Local(c) => c.enqueue_packet(buf, disco, m),
+        Route::Forward(link) => link.forward(*dst, buf, disco, m),
         Route::NoActive => m.drop_packet(DropReason::DupClient, disco, pkt_len),
         Route::Unknown => {
             m.drop_packet(DropReason::UnknownDest, disco, pkt_len);
@@ -404,8 +461,37 @@ fn relay(
     }
 }
 
+/// Delivers a packet a mesh peer forwarded: local connections only, never forwarded again.
+fn deliver_forwarded(
+    state: &State,
+    from: &Arc<Client>,
+    dst: &NodePublic,
+    buf: PacketBuf,
+    not_here: &mut NotHereLimiter,
+) {
+    let m = &state.metrics;
+    m.packets_forwarded_in.fetch_add(1, Relaxed);
+    let pkt = &buf.as_slice()[HEADER_LEN + KEY_LEN..];
+    let disco = frame::looks_like_disco(pkt);
+    let pkt_len = pkt.len();
+    match state.registry.route_local(dst) {
+        Route::Local(c) => c.enqueue_packet(buf, disco, m),
+        Route::NoActive => m.drop_packet(DropReason::DupClient, disco, pkt_len),
+        Route::Forward(_) | Route::Unknown => {
+            m.drop_packet(DropReason::UnknownDestOnFwd, disco, pkt_len);
+            // Tells the forwarding node to drop its forwarder for the key.
+            if disco
+                && not_here.allow()
+                && from.enqueue_control(SmallFrame::peer_gone(dst, PeerGoneReason::NotHere))
+            {
+                m.peer_gone_not_here_frames.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
 /// Skips `n` payload bytes of a frame we ignore.
-async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
+pub(crate) async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
     let mut sink = [0u8; 64];
     while n > 0 {
         let k = n.min(sink.len() as u64) as usize;
@@ -467,6 +553,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     state: &State,
     client: &Arc<Client>,
     wr: &mut W,
+    write_timeout: Option<Duration>,
 ) -> Result<(), ConnError> {
     let m = &state.metrics;
     let jitter = Duration::from_millis(fastrand::u64(0..KEEPALIVE_JITTER_MS));
@@ -504,7 +591,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 continue;
             }
         }
-        let res = write_deadline(state, write_batch(wr, &batch)).await;
+        let res = write_deadline(write_timeout, write_batch(wr, &batch)).await;
         if let Err(e) = res {
             for o in batch.drain(..) {
                 if let Out::Packet(p) = o {

@@ -81,6 +81,14 @@ pub struct Args {
     /// worker threads; 0 = one per CPU, at most 4 (default 0)
     #[argh(option, default = "0")]
     pub threads: usize,
+    /// file with the region's mesh key (64 hex digits); default /home/derp/keys/derp-mesh.key
+    /// or ~/keys/derp-mesh.key if present; --dev reads $TAILSCALE_DERPER_MESH_KEY instead
+    #[argh(option)]
+    pub mesh_psk_file: Option<String>,
+    /// mesh with the other nodes of the region: comma-separated host[/dialhost][/sha256-raw:HEX]
+    /// (HEX pins the peer's certificate; otherwise SSL_CERT_FILE or the system CAs)
+    #[argh(option, default = "String::new()")]
+    pub mesh_with: String,
     /// log level: error, warn, info, debug, trace; RUST_LOG overrides (default info)
     #[argh(option, default = "String::from(\"info\")")]
     pub log_level: String,
@@ -233,6 +241,10 @@ pub struct Config {
     pub buffer_budget: usize,
     /// Executor threads.
     pub threads: usize,
+    /// The region's mesh key.
+    pub mesh_key: Option<[u8; 32]>,
+    /// Mesh peers to dial.
+    pub mesh_with: Vec<crate::mesh::MeshPeer>,
 }
 
 impl Config {
@@ -252,6 +264,8 @@ impl Config {
             meta_cert: true,
             buffer_budget: crate::pool::DEFAULT_BUDGET_MIB << 20,
             threads: 2,
+            mesh_key: None,
+            mesh_with: Vec::new(),
         }
     }
 
@@ -332,6 +346,11 @@ impl Config {
                 a.buffer_budget_mib
             ));
         }
+        let mesh_key = load_mesh_key(a)?;
+        let mesh_with = crate::mesh::MeshPeer::parse_list(&a.mesh_with)?;
+        if !mesh_with.is_empty() && mesh_key.is_none() {
+            return Err("--mesh-with requires --mesh-psk-file".into());
+        }
         Ok(Self {
             listen,
             tls,
@@ -346,8 +365,55 @@ impl Config {
             meta_cert: a.meta_cert,
             buffer_budget: a.buffer_budget_mib << 20,
             threads,
+            mesh_key,
+            mesh_with,
         })
     }
+}
+
+/// derper's default mesh key files, the first that exists wins.
+fn default_mesh_psk_file() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join("keys/derp-mesh.key"));
+    [Some(PathBuf::from("/home/derp/keys/derp-mesh.key")), home]
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+}
+
+/// The mesh key: `$TAILSCALE_DERPER_MESH_KEY` with `--dev`, else the key file.
+fn load_mesh_key(a: &Args) -> Result<Option<[u8; 32]>, String> {
+    let (text, from) = if a.dev {
+        match std::env::var("TAILSCALE_DERPER_MESH_KEY") {
+            Ok(v) if !v.is_empty() => (v, "$TAILSCALE_DERPER_MESH_KEY".to_string()),
+            _ => return Ok(None),
+        }
+    } else {
+        let path = match &a.mesh_psk_file {
+            Some(p) if p.is_empty() => return Ok(None),
+            Some(p) => PathBuf::from(p),
+            None => match default_mesh_psk_file() {
+                Some(p) => p,
+                None => return Ok(None),
+            },
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read mesh key file {}: {e}", path.display()))?;
+        (text, path.display().to_string())
+    };
+    parse_mesh_key(&text)
+        .map(Some)
+        .map_err(|e| format!("mesh key from {from}: {e}"))
+}
+
+/// derper's `ParseDERPMesh`: 64 hex digits, surrounding whitespace ignored. All zeros is refused
+/// (derper would accept it and then never recognise a peer).
+pub fn parse_mesh_key(text: &str) -> Result<[u8; 32], String> {
+    let k = crate::key::parse_hex32(text.trim())
+        .ok_or_else(|| "must be 64 hexadecimal digits".to_string())?;
+    if k == [0; 32] {
+        return Err("must not be all zeros".into());
+    }
+    Ok(k)
 }
 
 /// Parses Go's listen syntax: `:443` (every interface), `1.2.3.4:443`, `[::1]:443`,

@@ -10,7 +10,10 @@
 //!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
 //!   RecvPacket and queues it on the destination, and a writer that drains queues into one
 //!   vectored write and one flush.
-//! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping.
+//! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping, and the
+//!   mesh: keys on other nodes → the [`mesh`] link that forwards to them, and the watchers.
+//! - [`mesh`]: the outbound side of the regional mesh: one link per `--mesh-with` peer (dial,
+//!   login with the mesh key, WatchConns → forwarders, ForwardPacket writer, redial).
 //! - [`frame`]: the wire format; [`key`]: node keys and derper's key file;
 //!   [`metrics`]: counters named after derper's.
 //!
@@ -26,6 +29,7 @@ pub mod frame;
 pub mod handshake;
 pub mod http;
 pub mod key;
+pub mod mesh;
 pub mod metrics;
 pub mod pool;
 pub mod registry;

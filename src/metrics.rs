@@ -23,11 +23,14 @@ pub enum DropReason {
     WriteError = 5,
     /// The destination key has several connections and none is active.
     DupClient = 6,
+    /// The mesh link to the destination's node was down or its queue full (derpd's own
+    /// reason: derper forwards synchronously and ignores errors).
+    MeshForward = 7,
 }
 
 impl DropReason {
     /// All reasons, in label order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         Self::UnknownDest,
         Self::UnknownDestOnFwd,
         Self::GoneDisconnected,
@@ -35,6 +38,7 @@ impl DropReason {
         Self::QueueTail,
         Self::WriteError,
         Self::DupClient,
+        Self::MeshForward,
     ];
 
     /// derper's label value.
@@ -47,6 +51,7 @@ impl DropReason {
             Self::QueueTail => "queue_tail",
             Self::WriteError => "write_error",
             Self::DupClient => "dup_client",
+            Self::MeshForward => "mesh_forward",
         }
     }
 }
@@ -84,9 +89,9 @@ pub struct Metrics {
     /// Bytes of packets written (`bytes_sent`).
     pub bytes_sent: AtomicU64,
     /// Drops by [reason][disco=0/other=1] (`derp_packets_dropped`).
-    pub packets_dropped: [[AtomicU64; 2]; 7],
+    pub packets_dropped: [[AtomicU64; 2]; DropReason::ALL.len()],
     /// Bytes dropped by [reason][kind] (`derp_bytes_dropped`).
-    pub bytes_dropped: [[AtomicU64; 2]; 7],
+    pub bytes_dropped: [[AtomicU64; 2]; DropReason::ALL.len()],
     /// Pings received (`got_ping`).
     pub got_ping: AtomicU64,
     /// Pongs sent (`sent_pong`).
@@ -103,6 +108,18 @@ pub struct Metrics {
     pub write_timeouts: AtomicU64,
     /// Frames of unknown type, skipped (derper never counts these; we do).
     pub unknown_frames: AtomicU64,
+    /// Packets handed to a mesh link for another node (`packets_forwarded_out`).
+    pub packets_forwarded_out: AtomicU64,
+    /// ForwardPacket frames received from mesh peers (`packets_forwarded_in`).
+    pub packets_forwarded_in: AtomicU64,
+    /// Keys that became reachable through a second mesh peer (`multiforwarder_created`).
+    pub multiforwarder_created: AtomicU64,
+    /// Keys back to one mesh peer (`multiforwarder_deleted`).
+    pub multiforwarder_deleted: AtomicU64,
+    /// Forwarder removals that named another link (`packet_forwarder_delete_other_value`).
+    pub packet_forwarder_delete_other_value: AtomicU64,
+    /// Mesh links now connected (derpd's own gauge).
+    pub mesh_links_up: AtomicUsize,
     /// STUN: answered requests.
     pub stun_success: AtomicU64,
     /// STUN: datagrams that were not Tailscale binding requests.
@@ -141,7 +158,7 @@ mod tests {
             100
         );
         assert_eq!(m.dropped(DropReason::UnknownDest), 0);
-        assert_eq!(DropReason::ALL.len(), 7);
+        assert_eq!(DropReason::ALL.len(), 8);
         assert_eq!(DropReason::DupClient.label(), "dup_client");
     }
 }

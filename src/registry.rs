@@ -5,6 +5,13 @@
 //! Duplicate keys (derper's `lastWriterIsActive` policy): the newest connection becomes active;
 //! older ones stay open and are read from; whichever connection of the key sends a frame becomes
 //! active. PeerGone goes out only when the last connection of a key leaves.
+//!
+//! Mesh (derper's `clientsMesh`, `watchers`): keys present on other nodes of the region map to
+//! the [`Link`] that forwards to them; a local connection always wins. Watchers (mesh peers that
+//! sent WatchConns) hear PeerPresent for every registration and PeerGone for every key's last
+//! departure. derper also stores a nil forwarder for every local key; here "local and no
+//! forwarder" is simply the absence of a mesh entry, which behaves the same in every case of
+//! derper's `TestForwarderRegistration` (see the tests below).
 
 use std::collections::HashMap;
 #[cfg(test)]
@@ -17,6 +24,7 @@ use event_listener::Event;
 
 use crate::frame::{PeerGoneReason, SmallFrame};
 use crate::key::NodePublic;
+use crate::mesh::Link;
 use crate::metrics::{DropReason, Metrics};
 use crate::pool::{DropOldest, PacketBuf};
 
@@ -34,7 +42,7 @@ pub struct Client {
     pub remote: SocketAddr,
     /// PeerPresent flags (mesh watchers see these).
     pub present_flags: u8,
-    /// The client holds the mesh key (mesh privileges; always false until mesh lands).
+    /// The client presented the mesh key: WatchConns, ClosePeer and ForwardPacket allowed.
     pub is_mesh: bool,
     /// What the writer has to send.
     out: Mutex<Outbox>,
@@ -65,12 +73,23 @@ pub struct Outbox {
 impl Client {
     /// A client handle; not yet registered.
     pub fn new(conn_id: u64, key: NodePublic, remote: SocketAddr, present_flags: u8) -> Arc<Self> {
+        Self::with_mesh(conn_id, key, remote, present_flags, false)
+    }
+
+    /// A client handle that may hold the mesh key; not yet registered.
+    pub fn with_mesh(
+        conn_id: u64,
+        key: NodePublic,
+        remote: SocketAddr,
+        present_flags: u8,
+        is_mesh: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             conn_id,
             key,
             remote,
             present_flags,
-            is_mesh: false,
+            is_mesh,
             out: Mutex::new(Outbox {
                 disco: DropOldest::new(QUEUE_DEPTH),
                 other: DropOldest::new(QUEUE_DEPTH),
@@ -192,27 +211,68 @@ struct KeySet {
     active: Option<Arc<Client>>,
 }
 
-/// One reader's last route: (registry generation, destination, its connection).
+/// One reader's last route: (registry generation, destination, where it went).
 #[derive(Debug, Default)]
-pub struct RouteCache(Option<(usize, NodePublic, Arc<Client>)>);
+pub struct RouteCache(Option<(usize, NodePublic, Route)>);
 
 /// Where a packet for a key should go.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Route {
     /// The key's active local connection.
     Local(Arc<Client>),
+    /// The key is on another node of the region: forward over this mesh link.
+    Forward(Arc<Link>),
     /// The key is here but has no active connection (dup_client).
     NoActive,
-    /// Nobody with that key is here (and, later, no mesh peer claims it).
+    /// Nobody with that key is here, and no mesh peer claims it.
     Unknown,
+}
+
+/// The mesh forwarder(s) for a key (derper's `PacketForwarder` / `multiForwarder`).
+#[derive(Debug)]
+enum Forwarder {
+    One(Arc<Link>),
+    /// The key showed up on several peers (a client moving between nodes). Each link has an
+    /// order number; the lowest (seen longest) is used, so forwarding does not flap.
+    Many {
+        preferred: Arc<Link>,
+        all: Vec<(Arc<Link>, u32)>,
+    },
+}
+
+impl Forwarder {
+    fn preferred(&self) -> &Arc<Link> {
+        match self {
+            Self::One(l) | Self::Many { preferred: l, .. } => l,
+        }
+    }
+}
+
+/// What the registry lock protects.
+#[derive(Debug, Default)]
+struct Inner {
+    /// Key → local connections.
+    clients: HashMap<NodePublic, KeySet>,
+    /// Key → the mesh link(s) it is reachable through (keys present on other nodes).
+    mesh: HashMap<NodePublic, Forwarder>,
+    /// Mesh connections that asked for PeerPresent/PeerGone (WatchConns).
+    watchers: Vec<Arc<Client>>,
+}
+
+impl Inner {
+    fn broadcast(&self, f: SmallFrame) {
+        for w in &self.watchers {
+            w.enqueue_control(f);
+        }
+    }
 }
 
 /// The registry of connected clients.
 #[derive(Debug)]
 pub struct Registry {
-    /// Key → connections. Read-locked on a reader's first packet to a key; write-locked on
-    /// (un)registration.
-    clients: RwLock<HashMap<NodePublic, KeySet>>,
+    /// Connections, mesh forwarders and watchers. Read-locked on a reader's first packet to a
+    /// key; write-locked on (un)registration and mesh changes.
+    inner: RwLock<Inner>,
     /// Bumped whenever `clients` is write-locked: a reader's [`RouteCache`] is valid while
     /// this has not moved. (usize: 32-bit targets have no native 64-bit atomics.)
     generation: AtomicUsize,
@@ -227,27 +287,28 @@ impl Registry {
     /// An empty registry.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
-            clients: RwLock::new(HashMap::new()),
+            inner: RwLock::new(Inner::default()),
             generation: AtomicUsize::new(0),
             gone_watchers: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
-    fn write_clients(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodePublic, KeySet>> {
-        let g = self.clients.write().unwrap_or_else(|e| e.into_inner());
+    fn write_inner(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        let g = self.inner.write().unwrap_or_else(|e| e.into_inner());
         // Bumped under the lock: a reader that sees the new value then waits for this writer.
         self.generation.fetch_add(1, Ordering::Release);
         g
     }
 
-    /// Adds a logged-in connection; it becomes the active one for its key.
+    /// Adds a logged-in connection; it becomes the active one for its key. Watchers hear
+    /// PeerPresent for it (for every connection, duplicates included, as derper).
     pub fn register(&self, c: &Arc<Client>) {
         let m = &self.metrics;
-        let mut map = self.write_clients();
-        match map.get_mut(&c.key) {
+        let mut inner = self.write_inner();
+        match inner.clients.get_mut(&c.key) {
             None => {
-                map.insert(
+                inner.clients.insert(
                     c.key,
                     KeySet {
                         conns: vec![c.clone()],
@@ -272,16 +333,24 @@ impl Registry {
             }
         }
         m.current_connections.fetch_add(1, Relaxed);
-        // Mesh watchers get PeerPresent here (later issue).
+        inner.broadcast(SmallFrame::peer_present(
+            &c.key,
+            Some(c.remote),
+            c.present_flags,
+        ));
     }
 
-    /// Removes a connection. When it was the key's last, every connection that received from
-    /// the key gets PeerGone(Disconnected).
+    /// Removes a connection. When it was the key's last, watchers hear PeerGone, and unless a
+    /// mesh peer still has the key, every connection that received from it gets
+    /// PeerGone(Disconnected).
     pub fn unregister(&self, c: &Arc<Client>) {
         let m = &self.metrics;
         let last_gone = {
-            let mut map = self.write_clients();
-            let Some(set) = map.get_mut(&c.key) else {
+            let mut inner = self.write_inner();
+            if c.is_mesh {
+                inner.watchers.retain(|w| !Arc::ptr_eq(w, c));
+            }
+            let Some(set) = inner.clients.get_mut(&c.key) else {
                 return;
             };
             let before = set.conns.len();
@@ -292,8 +361,10 @@ impl Registry {
             m.current_connections.fetch_sub(1, Relaxed);
             match set.conns.len() {
                 0 => {
-                    map.remove(&c.key);
-                    true
+                    inner.clients.remove(&c.key);
+                    inner.broadcast(SmallFrame::peer_gone(&c.key, PeerGoneReason::Disconnected));
+                    // Still reachable through a mesh peer: not gone from the region.
+                    !inner.mesh.contains_key(&c.key)
                 }
                 1 => {
                     m.dup_client_keys.fetch_sub(1, Relaxed);
@@ -345,28 +416,43 @@ impl Registry {
         list.push(Arc::downgrade(receiver));
     }
 
-    /// Where a packet to `dst` goes.
     /// [`Registry::route`] through a reader's one-entry cache: a reader usually sends to the
-    /// same key again, and then costs no lock and no hash while no client came or went.
+    /// same key again, and then costs no lock and no hash while nothing came or went.
     pub fn route_cached(&self, cache: &mut RouteCache, dst: &NodePublic) -> Route {
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some((g, k, c)) = &cache.0 {
+        if let Some((g, k, r)) = &cache.0 {
             if *g == generation && k == dst {
-                return Route::Local(c.clone());
+                return r.clone();
             }
         }
         let r = self.route(dst);
         cache.0 = match &r {
-            Route::Local(c) => Some((generation, *dst, c.clone())),
+            Route::Local(_) | Route::Forward(_) => Some((generation, *dst, r.clone())),
             _ => None,
         };
         r
     }
 
-    /// Where a packet for `dst` goes now.
+    /// Where a packet for `dst` goes now: the local active connection, else (only when the key
+    /// has no local connection at all) its mesh forwarder.
     pub fn route(&self, dst: &NodePublic) -> Route {
-        let map = read(&self.clients);
-        match map.get(dst) {
+        let inner = read(&self.inner);
+        match inner.clients.get(dst) {
+            Some(KeySet {
+                active: Some(a), ..
+            }) => Route::Local(a.clone()),
+            Some(_) => Route::NoActive,
+            None => match inner.mesh.get(dst) {
+                Some(f) => Route::Forward(f.preferred().clone()),
+                None => Route::Unknown,
+            },
+        }
+    }
+
+    /// Where a packet a mesh peer forwarded goes: local connections only (never re-forwarded).
+    pub fn route_local(&self, dst: &NodePublic) -> Route {
+        let inner = read(&self.inner);
+        match inner.clients.get(dst) {
             Some(KeySet {
                 active: Some(a), ..
             }) => Route::Local(a.clone()),
@@ -375,24 +461,131 @@ impl Registry {
         }
     }
 
+    /// WatchConns from mesh connection `c`: queues PeerPresent for every key with an active
+    /// connection (`c`'s own included) and subscribes `c` to later changes.
+    pub fn add_watcher(&self, c: &Arc<Client>) {
+        let mut inner = self.write_inner();
+        for (k, set) in &inner.clients {
+            if let Some(a) = &set.active {
+                c.enqueue_control(SmallFrame::peer_present(k, Some(a.remote), a.present_flags));
+            }
+        }
+        if !inner.watchers.iter().any(|w| Arc::ptr_eq(w, c)) {
+            inner.watchers.push(c.clone());
+        }
+    }
+
+    /// A mesh peer reports `key` present: packets for it may go over `link` (derper's
+    /// `AddPacketForwarder`).
+    pub fn add_forwarder(&self, key: NodePublic, link: &Arc<Link>) {
+        let mut inner = self.write_inner();
+        let Some(f) = inner.mesh.get_mut(&key) else {
+            inner.mesh.insert(key, Forwarder::One(link.clone()));
+            return;
+        };
+        match f {
+            Forwarder::One(prev) if Arc::ptr_eq(prev, link) => {}
+            Forwarder::One(prev) => {
+                // The first registered stays preferred.
+                let prev = prev.clone();
+                *f = Forwarder::Many {
+                    preferred: prev.clone(),
+                    all: vec![(prev, 0), (link.clone(), 1)],
+                };
+                self.metrics.multiforwarder_created.fetch_add(1, Relaxed);
+            }
+            Forwarder::Many { all, .. } => {
+                if !all.iter().any(|(l, _)| Arc::ptr_eq(l, link)) {
+                    let next = all.iter().map(|(_, n)| n + 1).max().unwrap_or(0);
+                    all.push((link.clone(), next));
+                }
+            }
+        }
+    }
+
+    /// A mesh peer reports `key` gone, or its link broke (derper's `RemovePacketForwarder`).
+    /// When that was the key's last way into the region and the key is not local either,
+    /// connections that received from it get PeerGone(Disconnected).
+    pub fn remove_forwarder(&self, key: &NodePublic, link: &Arc<Link>) {
+        let gone = {
+            let mut inner = self.write_inner();
+            let local = inner.clients.contains_key(key);
+            let m = &self.metrics;
+            match inner.mesh.get_mut(key) {
+                // derper keeps a nil entry for a local key; removing a link from it counts
+                // as removing "another value".
+                None => {
+                    if local {
+                        m.packet_forwarder_delete_other_value
+                            .fetch_add(1, Relaxed);
+                    }
+                    false
+                }
+                Some(Forwarder::Many { preferred, all }) => {
+                    all.retain(|(l, _)| !Arc::ptr_eq(l, link));
+                    if Arc::ptr_eq(preferred, link) {
+                        if let Some((l, _)) = all.iter().min_by_key(|(_, n)| *n) {
+                            *preferred = l.clone();
+                        }
+                    }
+                    if let [(only, _)] = all.as_slice() {
+                        let only = only.clone();
+                        inner.mesh.insert(*key, Forwarder::One(only));
+                        m.multiforwarder_deleted.fetch_add(1, Relaxed);
+                    }
+                    false
+                }
+                Some(Forwarder::One(l)) if !Arc::ptr_eq(l, link) => {
+                    m.packet_forwarder_delete_other_value
+                        .fetch_add(1, Relaxed);
+                    false
+                }
+                Some(Forwarder::One(_)) => {
+                    inner.mesh.remove(key);
+                    !local
+                }
+            }
+        };
+        if gone {
+            self.peer_gone_from_region(key);
+        }
+    }
+
+    /// ClosePeer: closes every local connection of `key`. Returns how many there were.
+    pub fn close_key(&self, key: &NodePublic) -> usize {
+        let inner = read(&self.inner);
+        let Some(set) = inner.clients.get(key) else {
+            return 0;
+        };
+        for c in &set.conns {
+            c.close();
+        }
+        set.conns.len()
+    }
+
+    /// Number of keys reachable through mesh peers.
+    pub fn mesh_key_count(&self) -> usize {
+        read(&self.inner).mesh.len()
+    }
+
     /// A frame arrived on `c`: if it shares its key, it becomes the active connection.
     pub fn note_activity(&self, c: &Arc<Client>) {
         if !c.is_dup() {
             return;
         }
         {
-            let map = read(&self.clients);
+            let inner = read(&self.inner);
             if let Some(KeySet {
                 active: Some(a), ..
-            }) = map.get(&c.key)
+            }) = inner.clients.get(&c.key)
             {
                 if Arc::ptr_eq(a, c) {
                     return;
                 }
             }
         }
-        let mut map = self.write_clients();
-        if let Some(set) = map.get_mut(&c.key) {
+        let mut inner = self.write_inner();
+        if let Some(set) = inner.clients.get_mut(&c.key) {
             if set.conns.iter().any(|o| Arc::ptr_eq(o, c)) {
                 set.active = Some(c.clone());
             }
@@ -401,12 +594,12 @@ impl Registry {
 
     /// Number of distinct keys connected.
     pub fn key_count(&self) -> usize {
-        read(&self.clients).len()
+        read(&self.inner).clients.len()
     }
 
     /// Closes every connection (shutdown).
     pub fn close_all(&self) {
-        for set in read(&self.clients).values() {
+        for set in read(&self.inner).clients.values() {
             for c in &set.conns {
                 c.close();
             }
@@ -529,6 +722,207 @@ mod tests {
         assert_eq!(r.key_count(), 0);
         r.unregister(&c[0]); // idempotent
         assert_eq!(r.metrics.current_connections.load(Relaxed), 0);
+    }
+
+    fn link(name: &str) -> Arc<Link> {
+        Link::new(crate::mesh::MeshPeer::parse(name).unwrap())
+    }
+
+    /// What `mesh[k]` holds: None (no entry: derper's nil or absent), or the links, preferred
+    /// first.
+    fn fwd(r: &Registry, k: u8) -> Option<Vec<String>> {
+        let inner = read(&r.inner);
+        inner.mesh.get(&key(k)).map(|f| match f {
+            Forwarder::One(l) => vec![l.peer.host.clone()],
+            Forwarder::Many { preferred, all } => {
+                let mut v = vec![preferred.peer.host.clone()];
+                let mut rest: Vec<_> = all
+                    .iter()
+                    .filter(|(l, _)| !Arc::ptr_eq(l, preferred))
+                    .collect();
+                rest.sort_by_key(|(_, n)| *n);
+                v.extend(rest.iter().map(|(l, _)| l.peer.host.clone()));
+                v
+            }
+        })
+    }
+
+    fn mesh_len(r: &Registry) -> usize {
+        r.mesh_key_count()
+    }
+
+    /// derper's TestForwarderRegistration, case by case. derper's `clientsMesh` also holds a nil
+    /// entry for every local key; here that is "no entry while the key is local" (`fwd` = None
+    /// and the key registered), and the outcomes are the same.
+    #[test]
+    fn forwarder_registration_as_derper() {
+        let r = Registry::new(Arc::default());
+        let m = &r.metrics;
+        let (f1, f2, f3, f100, f55, f999) = (
+            link("f1"),
+            link("f2"),
+            link("f3"),
+            link("f100"),
+            link("f55"),
+            link("f999"),
+        );
+        let one = |h: &str| Some(vec![h.to_string()]);
+        r.add_forwarder(key(1), &f1);
+        r.add_forwarder(key(2), &f2);
+        assert_eq!((fwd(&r, 1), fwd(&r, 2)), (one("f1"), one("f2")));
+
+        // Removing a forwarder that is not the registered one is a no-op.
+        r.remove_forwarder(&key(2), &f999);
+        assert_eq!(fwd(&r, 2), one("f2"));
+        assert_eq!(m.packet_forwarder_delete_other_value.load(Relaxed), 1);
+        // Removing for a key with no entry is a no-op.
+        r.remove_forwarder(&key(3), &f1);
+        assert_eq!(mesh_len(&r), 2);
+        // Actual removal.
+        r.remove_forwarder(&key(2), &f2);
+        assert_eq!((fwd(&r, 1), fwd(&r, 2)), (one("f1"), None));
+
+        // A second forwarder for a key makes a multi-forwarder; the first stays preferred;
+        // adding the same one again changes nothing.
+        assert_eq!(m.multiforwarder_created.load(Relaxed), 0);
+        r.add_forwarder(key(1), &f100);
+        r.add_forwarder(key(1), &f100);
+        assert_eq!(fwd(&r, 1), Some(vec!["f1".into(), "f100".into()]));
+        assert_eq!(m.multiforwarder_created.load(Relaxed), 1);
+        assert!(matches!(r.route(&key(1)), Route::Forward(l) if Arc::ptr_eq(&l, &f1)));
+
+        // Removing one that is not in the set does nothing.
+        r.remove_forwarder(&key(1), &f55);
+        assert_eq!(fwd(&r, 1), Some(vec!["f1".into(), "f100".into()]));
+        // Removing one of two collapses back to a single forwarder.
+        assert_eq!(m.multiforwarder_deleted.load(Relaxed), 0);
+        r.remove_forwarder(&key(1), &f1);
+        assert_eq!(fwd(&r, 1), one("f100"));
+        assert_eq!(m.multiforwarder_deleted.load(Relaxed), 1);
+
+        // Removing the forwarder of a key that is connected locally leaves it local (derper:
+        // the entry becomes nil).
+        let u1 = Client::new(1, key(1), addr(), 1);
+        r.register(&u1);
+        r.remove_forwarder(&key(1), &f100);
+        assert_eq!(fwd(&r, 1), None);
+        assert!(matches!(r.route(&key(1)), Route::Local(_)));
+        // ...and once that client disconnects the key is gone.
+        r.unregister(&u1);
+        assert!(matches!(r.route(&key(1)), Route::Unknown));
+        assert_eq!(mesh_len(&r), 0);
+
+        // But a key that also has a forwarder keeps it when its local client leaves.
+        r.register(&u1);
+        r.add_forwarder(key(1), &f2);
+        assert!(matches!(r.route(&key(1)), Route::Local(_)), "local wins");
+        r.unregister(&u1);
+        assert_eq!(fwd(&r, 1), one("f2"));
+        assert!(matches!(r.route(&key(1)), Route::Forward(l) if Arc::ptr_eq(&l, &f2)));
+
+        // A local key (derper: nil entry) that a peer then reports gets that forwarder alone,
+        // not a multi-forwarder.
+        r.remove_forwarder(&key(1), &f2);
+        r.register(&u1);
+        assert_eq!(fwd(&r, 1), None);
+        r.add_forwarder(key(1), &f3);
+        assert_eq!(fwd(&r, 1), one("f3"));
+        assert_eq!(m.multiforwarder_created.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn multi_forwarder_prefers_oldest_remaining() {
+        let r = Registry::new(Arc::default());
+        let (a, b, c) = (link("a"), link("b"), link("c"));
+        r.add_forwarder(key(1), &a);
+        r.add_forwarder(key(1), &b);
+        r.add_forwarder(key(1), &c);
+        assert_eq!(fwd(&r, 1), Some(vec!["a".into(), "b".into(), "c".into()]));
+        r.remove_forwarder(&key(1), &a);
+        assert_eq!(fwd(&r, 1), Some(vec!["b".into(), "c".into()]));
+        r.add_forwarder(key(1), &a);
+        assert_eq!(
+            fwd(&r, 1),
+            Some(vec!["b".into(), "c".into(), "a".into()]),
+            "a re-added goes last"
+        );
+        r.remove_forwarder(&key(1), &b);
+        r.remove_forwarder(&key(1), &c);
+        assert_eq!(fwd(&r, 1), Some(vec!["a".into()]));
+        assert_eq!(r.metrics.multiforwarder_deleted.load(Relaxed), 1);
+    }
+
+    /// PeerGone(Disconnected) to receivers when a key leaves the region: its last local
+    /// connection goes while no peer has it, or its last forwarder goes while it is not local.
+    #[test]
+    fn peer_gone_from_region_with_mesh() {
+        let r = Registry::new(Arc::default());
+        let rx = Client::new(9, key(9), addr(), 1);
+        r.register(&rx);
+        let gone_count = || rx.with_outbox(|o| o.control.len());
+        let l = link("peer");
+        // A key on a peer only: its forwarder going is its departure.
+        r.add_forwarder(key(1), &l);
+        r.add_gone_watcher(key(1), &rx);
+        r.remove_forwarder(&key(1), &l);
+        assert_eq!(gone_count(), 1);
+        // Local and on a peer: the local client leaving is not a departure...
+        let c = Client::new(2, key(2), addr(), 1);
+        r.register(&c);
+        r.add_forwarder(key(2), &l);
+        r.add_gone_watcher(key(2), &rx);
+        r.unregister(&c);
+        assert_eq!(gone_count(), 1);
+        // ...the forwarder going then is.
+        r.remove_forwarder(&key(2), &l);
+        assert_eq!(gone_count(), 2);
+    }
+
+    #[test]
+    fn watchers_hear_present_and_gone() {
+        let r = Registry::new(Arc::default());
+        let a = Client::new(1, key(1), "192.0.2.1:41641".parse().unwrap(), 1);
+        r.register(&a);
+        let w = Client::with_mesh(2, key(2), addr(), peer_flags_mesh(), true);
+        r.register(&w);
+        r.add_watcher(&w);
+        let frames = || -> Vec<Vec<u8>> {
+            w.with_outbox(|o| o.control.drain(..).map(|f| f.as_bytes().to_vec()).collect())
+        };
+        let got = frames();
+        // Both active keys, the watcher itself included, in some order.
+        assert_eq!(got.len(), 2);
+        let want_a = SmallFrame::peer_present(&key(1), Some(a.remote), 1);
+        assert!(got.contains(&want_a.as_bytes().to_vec()));
+        assert_eq!(want_a.as_bytes().len(), 5 + 51);
+        assert_eq!(&want_a.as_bytes()[5 + 32..5 + 48], &{
+            let mut v = [0u8; 16];
+            v[10] = 0xff;
+            v[11] = 0xff;
+            v[12..].copy_from_slice(&[192, 0, 2, 1]);
+            v
+        });
+        // A duplicate connection is announced too; only the last departure is PeerGone.
+        let a2 = Client::new(3, key(1), addr(), 1);
+        r.register(&a2);
+        assert_eq!(frames().len(), 1);
+        r.unregister(&a2);
+        assert!(frames().is_empty());
+        r.unregister(&a);
+        assert_eq!(
+            frames(),
+            vec![SmallFrame::peer_gone(&key(1), PeerGoneReason::Disconnected)
+                .as_bytes()
+                .to_vec()]
+        );
+        // An unregistered watcher hears nothing more.
+        r.unregister(&w);
+        r.register(&Client::new(4, key(4), addr(), 1));
+        assert!(frames().is_empty());
+    }
+
+    fn peer_flags_mesh() -> u8 {
+        crate::frame::peer_flags::IS_MESH_PEER
     }
 
     #[test]

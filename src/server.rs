@@ -47,6 +47,8 @@ pub struct State {
     pub write_timeout: Option<Duration>,
     /// Next connection number.
     pub next_conn_id: AtomicU64,
+    /// The region's mesh key: clients presenting it get mesh privileges.
+    pub mesh_key: Option<[u8; 32]>,
     /// `--derp`: serve `/derp` at all.
     derp_enabled: bool,
     /// `--home`.
@@ -78,6 +80,8 @@ pub enum StartError {
     Tls(tls::TlsError),
     /// Starting threads failed.
     Io(io::Error),
+    /// A mesh peer's TLS settings are unusable.
+    Mesh(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -87,6 +91,7 @@ impl std::fmt::Display for StartError {
             Self::Key(e) => write!(f, "{e}"),
             Self::Tls(e) => write!(f, "{e}"),
             Self::Io(e) => write!(f, "{e}"),
+            Self::Mesh(e) => f.write_str(e),
         }
     }
 }
@@ -185,6 +190,13 @@ impl Server {
             .filter_map(|s| s.get_ref().local_addr().ok())
             .collect();
 
+        // Mesh TLS settings are checked before anything runs: a bad CA bundle is a start-up error.
+        let mut mesh_links = Vec::new();
+        for peer in &cfg.mesh_with {
+            let tls = crate::mesh::client_config(peer)
+                .map_err(|e| StartError::Mesh(format!("mesh peer {}: {e}", peer.host)))?;
+            mesh_links.push((peer.clone(), tls));
+        }
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::with_budget(cfg.buffer_budget);
         let state = Arc::new(State {
@@ -195,6 +207,7 @@ impl Server {
             pool,
             write_timeout: cfg.write_timeout,
             next_conn_id: AtomicU64::new(1),
+            mesh_key: cfg.mesh_key,
             derp_enabled: cfg.derp,
             home: cfg.home.clone(),
             tcp_keepalive: cfg.tcp_keepalive,
@@ -244,6 +257,14 @@ impl Server {
         }
         for s in stun_socks {
             ex.spawn(stun_loop(state.clone(), s)).detach();
+        }
+        for (peer, tls) in mesh_links {
+            ex.spawn(crate::mesh::run_link(
+                state.clone(),
+                crate::mesh::Link::new(peer),
+                tls,
+            ))
+            .detach();
         }
         let mut threads = Vec::new();
         for i in 0..cfg.threads.max(1) {
@@ -414,7 +435,7 @@ async fn accept_loop(
     }
 }
 
-fn set_tcp_options(state: &State, tcp: &TcpStream) {
+pub(crate) fn set_tcp_options(state: &State, tcp: &TcpStream) {
     use rustix::net::sockopt;
     // Go sets TCP_NODELAY on every connection; we batch writes ourselves.
     let _ = sockopt::set_tcp_nodelay(tcp, true);
@@ -541,7 +562,7 @@ async fn serve_derp(
     req: Request,
     remote: SocketAddr,
 ) -> Result<(), ConnFail> {
-    let shared = Shared(Arc::new(Mutex::new(stream)));
+    let shared = Shared::new(stream);
     let rd = Cursor::new(leftover).chain(shared.clone());
     let up = Upgrade {
         remote,
@@ -601,10 +622,12 @@ async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
     }
 }
 
-/// A client connection, plain or TLS, behind one type so the DERP code is compiled once.
-enum Stream {
+/// A connection, plain or TLS (accepted, or dialled to a mesh peer), behind one type so the
+/// DERP code is compiled once.
+pub(crate) enum Stream {
     Plain(Async<TcpStream>),
     Tls(Box<futures_rustls::server::TlsStream<Async<TcpStream>>>),
+    TlsClient(Box<futures_rustls::client::TlsStream<Async<TcpStream>>>),
 }
 
 impl AsyncRead for Stream {
@@ -616,6 +639,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -629,6 +653,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -640,6 +665,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -647,6 +673,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -654,6 +681,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_close(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_close(cx),
         }
     }
 }
@@ -661,9 +689,13 @@ impl AsyncWrite for Stream {
 /// The stream shared by a connection's reader and writer. Each poll holds the lock only for
 /// its own duration. (futures-lite's `split` would lose vectored writes.)
 #[derive(Clone)]
-struct Shared(Arc<Mutex<Stream>>);
+pub(crate) struct Shared(Arc<Mutex<Stream>>);
 
 impl Shared {
+    pub(crate) fn new(s: Stream) -> Self {
+        Self(Arc::new(Mutex::new(s)))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Stream> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
