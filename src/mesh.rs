@@ -632,7 +632,10 @@ fn ca_roots() -> Result<(PathBuf, rustls::RootCertStore), String> {
     let mut roots = rustls::RootCertStore::empty();
     let (added, _) = roots.add_parsable_certificates(certs);
     if added == 0 {
-        return Err(format!("CA bundle {}: no usable certificate", path.display()));
+        return Err(format!(
+            "CA bundle {}: no usable certificate",
+            path.display()
+        ));
     }
     Ok((path, roots))
 }
@@ -699,7 +702,12 @@ mod tests {
         );
         let p = MeshPeer::parse("derp2.lan:8443/192.168.1.2").unwrap();
         assert_eq!(
-            (p.host.as_str(), p.name.as_str(), p.dial_host.as_str(), p.port),
+            (
+                p.host.as_str(),
+                p.name.as_str(),
+                p.dial_host.as_str(),
+                p.port
+            ),
             ("derp2.lan:8443", "derp2.lan", "192.168.1.2", 8443)
         );
         let hex64 = "ab".repeat(32);

@@ -516,8 +516,7 @@ impl Registry {
                 // as removing "another value".
                 None => {
                     if local {
-                        m.packet_forwarder_delete_other_value
-                            .fetch_add(1, Relaxed);
+                        m.packet_forwarder_delete_other_value.fetch_add(1, Relaxed);
                     }
                     false
                 }
@@ -536,8 +535,7 @@ impl Registry {
                     false
                 }
                 Some(Forwarder::One(l)) if !Arc::ptr_eq(l, link) => {
-                    m.packet_forwarder_delete_other_value
-                        .fetch_add(1, Relaxed);
+                    m.packet_forwarder_delete_other_value.fetch_add(1, Relaxed);
                     false
                 }
                 Some(Forwarder::One(_)) => {

@@ -8,6 +8,7 @@
 //	derp-interop relay [-clients N] -url http://HOST:PORT/derp
 //	derp-interop relay [-clients N] -host H -port P -pin sha256-raw:HEX
 //	derp-interop stun -addr HOST:PORT
+//	derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
 //
 // Every check prints "PASS <what>" on success. The first failure prints
 // "FAIL <what>: <reason>" and exits with status 1. Extra information is
@@ -87,6 +88,7 @@ func usage() {
   derp-interop relay [-clients N] -url http://HOST:PORT/derp
   derp-interop relay [-clients N] -host H -port P -pin sha256-raw:HEX
   derp-interop stun -addr HOST:PORT
+  derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
 `)
 	os.Exit(2)
 }
@@ -100,6 +102,8 @@ func main() {
 		runRelay(os.Args[2:])
 	case "stun":
 		runSTUN(os.Args[2:])
+	case "mesh":
+		runMesh(os.Args[2:])
 	case "-h", "-help", "--help", "help":
 		usage()
 	default:
@@ -628,4 +632,173 @@ func runSTUN(args []string) {
 		pass("%s: no reply within %v", what, stunSilenceWait)
 	}
 	pass("stun: all checks (%s)", server)
+}
+
+// ---------------------------------------------------------------------------
+// mesh
+
+// pinnedRegion is a one-node DERP region for a TLS server with a
+// self-signed IP certificate, given as HOST:PORT/sha256-raw:HEX.
+func pinnedRegion(spec string) (*tailcfg.DERPRegion, error) {
+	hostPort, pin, ok := strings.Cut(spec, "/")
+	if !ok || !strings.HasPrefix(pin, "sha256-raw:") {
+		return nil, fmt.Errorf("node %q: want HOST:PORT/sha256-raw:HEX", spec)
+	}
+	ap, err := netip.ParseAddrPort(hostPort)
+	if err != nil {
+		return nil, fmt.Errorf("node %q: %v", spec, err)
+	}
+	node := &tailcfg.DERPNode{
+		Name:     "900a",
+		RegionID: 900,
+		HostName: ap.Addr().String(),
+		DERPPort: int(ap.Port()),
+		CertName: pin,
+	}
+	if ap.Addr().Unmap().Is4() {
+		node.IPv4 = ap.Addr().Unmap().String()
+	} else {
+		node.IPv6 = ap.Addr().String()
+	}
+	return &tailcfg.DERPRegion{
+		RegionID:   900,
+		RegionCode: "test",
+		RegionName: "derpd interop test",
+		Nodes:      []*tailcfg.DERPNode{node},
+	}, nil
+}
+
+// runMesh checks two meshed servers A and B of one region with Tailscale
+// clients: x1, x2 homed on A, y1, y2 homed on B. Packets cross the mesh both
+// ways (x1<->y1, x2<->y2); then x1 leaves and y1 must hear PeerGone(x1), and
+// y2 leaves and x2 must hear PeerGone(y2). Forwarding between the nodes is
+// set up asynchronously (a node learns the other's clients from its
+// WatchConns stream), so the first packet of each direction is re-sent every
+// 200 ms until it arrives or -forward-timeout passes.
+func runMesh(args []string) {
+	fs := flag.NewFlagSet("mesh", flag.ExitOnError)
+	specA := fs.String("a", "", "node A: HOST:PORT/sha256-raw:HEX")
+	specB := fs.String("b", "", "node B: HOST:PORT/sha256-raw:HEX")
+	fwdTimeout := fs.Duration("forward-timeout", 10*time.Second, "time allowed for the first forwarded packet of each direction")
+	total := fs.Duration("timeout", 40*time.Second, "overall time limit for the run")
+	fs.Parse(args)
+	if fs.NArg() != 0 || *specA == "" || *specB == "" {
+		fmt.Fprintf(os.Stderr, "mesh: want -a and -b\n")
+		os.Exit(2)
+	}
+	startWatchdog(*total)
+	start := time.Now()
+	log.SetFlags(log.Lmicroseconds)
+	log.SetOutput(os.Stderr)
+	netMon := netmon.NewStatic()
+
+	regions := map[string]*tailcfg.DERPRegion{}
+	for name, spec := range map[string]string{"A": *specA, "B": *specB} {
+		r, err := pinnedRegion(spec)
+		if err != nil {
+			fail("mesh flags", "%v", err)
+		}
+		regions[name] = r
+	}
+	newClient := func(name, node string) *testClient {
+		tc := &testClient{name: name + "@" + node, priv: key.NewNode(), events: make(chan event, 256)}
+		tc.pub = tc.priv.Public()
+		prefix := fmt.Sprintf("[%s] ", tc.name)
+		logf := func(format string, args ...any) { log.Printf(prefix+format, args...) }
+		region := regions[node]
+		tc.c = derphttp.NewRegionClient(tc.priv, logf, netMon, func() *tailcfg.DERPRegion { return region })
+		what := "connect " + tc.name
+		ctx, cancel := context.WithTimeout(context.Background(), connectTimeout)
+		err := tc.c.Connect(ctx)
+		cancel()
+		if err != nil {
+			fail(what, "%v", err)
+		}
+		go tc.recvLoop()
+		if m := tc.next(what, time.Now().Add(msgTimeout)); !isServerInfo(m) {
+			fail(what, "first message is %s, want ServerInfo", describe(m))
+		}
+		pass("%s (server key %v)", what, tc.c.ServerPublicKey().ShortString())
+		return tc
+	}
+	x1, x2 := newClient("x1", "A"), newClient("x2", "A")
+	y1, y2 := newClient("y1", "B"), newClient("y2", "B")
+	defer func() {
+		for _, tc := range []*testClient{x1, x2, y1, y2} {
+			tc.c.Close()
+		}
+	}()
+	if x1.c.ServerPublicKey() == y1.c.ServerPublicKey() {
+		fail("mesh setup", "A and B have the same server key %v", x1.c.ServerPublicKey())
+	}
+
+	// exchange sends one packet src->dst, re-sending until it arrives when
+	// retry is set (the first packet of a direction waits for the mesh).
+	exchange := func(src, dst *testClient, retry bool) {
+		what := fmt.Sprintf("packet %s -> %s across the mesh", src.name, dst.name)
+		payload := randBytes(100)
+		src.send(what, dst.pub, payload)
+		sent := time.Now()
+		deadline := sent.Add(msgTimeout)
+		if retry {
+			deadline = sent.Add(*fwdTimeout)
+		}
+		resend := time.NewTicker(200 * time.Millisecond)
+		defer resend.Stop()
+		for {
+			select {
+			case ev := <-dst.events:
+				if ev.err != nil {
+					fail(what, "%s: receive error: %v", dst.name, ev.err)
+				}
+				pkt, ok := ev.msg.(derp.ReceivedPacket)
+				if !ok || !bytes.Equal(pkt.Data, payload) {
+					log.Printf("%s: ignoring %s while waiting for: %s", dst.name, describe(ev.msg), what)
+					continue
+				}
+				if pkt.Source != src.pub {
+					fail(what, "packet from %v, want source %v", pkt.Source, src.pub)
+				}
+				info("%s: arrived %v after the first send, %v after the harness started", what, time.Since(sent).Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+				pass("%s", what)
+				return
+			case <-resend.C:
+				if retry {
+					src.send(what, dst.pub, payload)
+				}
+			case <-time.After(time.Until(deadline)):
+				fail(what, "not received within %v", time.Until(deadline)+time.Since(sent))
+			}
+		}
+	}
+	exchange(x1, y1, true)
+	exchange(y1, x1, true)
+	exchange(x2, y2, true)
+	exchange(y2, x2, true)
+
+	gone := func(leaver, listener *testClient) {
+		if err := leaver.c.Close(); err != nil {
+			fail("close "+leaver.name, "%v", err)
+		}
+		what := fmt.Sprintf("peer-gone across the mesh: %s told %s left", listener.name, leaver.name)
+		listener.waitFor(what, func(m derp.ReceivedMessage) bool {
+			pg, ok := m.(derp.PeerGoneMessage)
+			if !ok || pg.Peer != leaver.pub {
+				return false
+			}
+			if pg.Reason != derp.PeerGoneReasonDisconnected {
+				fail(what, "PeerGone reason %#x, want Disconnected (0x00)", byte(pg.Reason))
+			}
+			return true
+		})
+		pass("%s", what)
+	}
+	gone(x1, y1)
+	gone(y2, x2)
+	pass("mesh: all checks")
+}
+
+func isServerInfo(m derp.ReceivedMessage) bool {
+	_, ok := m.(derp.ServerInfoMessage)
+	return ok
 }

@@ -204,7 +204,11 @@ pub(crate) fn derpd_command() -> Command {
 
 impl Derpd {
     pub(crate) fn start(args: &[String]) -> Derpd {
-        let mut cmd = derpd_command();
+        Self::start_command(derpd_command(), args)
+    }
+
+    /// Starts any server command (derpd, or derper for the mixed-region tests).
+    pub(crate) fn start_command(mut cmd: Command, args: &[String]) -> Derpd {
         let shown = format!("{cmd:?}");
         let mut child = cmd
             .args(args)
@@ -214,7 +218,7 @@ impl Derpd {
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "spawning derpd: {e} (a cross-built derpd needs DERPD_TEST_RUNNER, \
+                    "spawning {shown}: {e} (a cross-built derpd needs DERPD_TEST_RUNNER, \
                      e.g. qemu-mipsel-static; scripts/cross-test.sh sets it)"
                 )
             });
@@ -503,4 +507,73 @@ pub(crate) fn dial_addr(listen: SocketAddr, v6: bool) -> SocketAddr {
 
 pub(crate) fn s(v: &str) -> String {
     v.to_string()
+}
+
+/// The `tailscale.com` version `tests/interop/go.mod` pins.
+pub(crate) fn pinned_tailscale_version() -> String {
+    let gomod = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/go.mod");
+    let text = std::fs::read_to_string(&gomod).unwrap();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("tailscale.com "))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no tailscale.com requirement in {}", gomod.display()))
+}
+
+/// Tailscale's real `derper` at the pinned version (`go install`, once per test process).
+/// `None` means skip (no Go, not under CI).
+pub(crate) fn derper() -> Option<PathBuf> {
+    static DERPER: OnceLock<Option<Result<PathBuf, String>>> = OnceLock::new();
+    let built = DERPER.get_or_init(|| {
+        let go = find_go()?;
+        let bindir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gobin");
+        let version = pinned_tailscale_version();
+        let out = Command::new(&go)
+            .args(["install", &format!("tailscale.com/cmd/derper@{version}")])
+            .env("GOBIN", &bindir)
+            .env("GOTOOLCHAIN", "local")
+            .stdin(Stdio::null())
+            .output();
+        Some(match out {
+            Ok(o) if o.status.success() => Ok(bindir.join("derper")),
+            Ok(o) => Err(format!(
+                "go install tailscale.com/cmd/derper@{version}: {}\n{}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            )),
+            Err(e) => Err(format!("running {}: {e}", go.display())),
+        })
+    });
+    match built {
+        None => {
+            skip("go not found");
+            None
+        }
+        Some(Ok(p)) => Some(p.clone()),
+        Some(Err(e)) => panic!("installing derper failed:\n{e}"),
+    }
+}
+
+/// A free loopback TCP port: bound to port 0, then released. For servers that must know each
+/// other's address before either starts (a mesh), or that restart on the same address.
+pub(crate) fn reserve_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Waits (bounded) until something accepts TCP connections on `addr`. derper logs "serving on"
+/// before it listens, so its log cannot tell.
+pub(crate) fn wait_listening(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!(
+                    "nothing listening on {addr} after {timeout:?}: {e}"
+                ))
+            }
+            // Refused at once: the listener is not up yet; try again shortly.
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
