@@ -227,3 +227,87 @@ fn pool_budget_is_never_exceeded() {
     let st = srv.state().pool.stats();
     assert!(st.small.1 <= 4 && st.large.1 <= 4, "{st:?}");
 }
+
+/// Mesh-key privileges (derper §2.8/2.9): WatchConns, ForwardPacket and ClosePeer need the
+/// mesh key; a watcher gets PeerPresent (51 bytes, flags) and PeerGone; a forwarded packet
+/// keeps its source; a forwarded disco packet for an unknown key earns the peer a NotHere.
+#[test]
+fn mesh_key_privileges() {
+    let mesh_key = [0x5e_u8; 32];
+    let mut cfg = derpd::config::Config::dev_loopback();
+    cfg.mesh_key = Some(mesh_key);
+    let srv = start(cfg);
+    let m = srv.state().metrics.clone();
+    let addr = srv.addr();
+    let mesh_json = |k: &[u8; 32]| {
+        format!(r#"{{"version":2,"meshKey":"{}"}}"#, derpd::key::hex(k)).into_bytes()
+    };
+
+    // Without the key (or with a wrong one) every mesh frame closes the connection.
+    for (t, payload) in [(0x10, vec![]), (0x11, vec![0; 32]), (0x0a, vec![1; 70])] {
+        let mut plain = DerpClient::connect(addr);
+        plain.write_frame(t, &payload).unwrap();
+        assert!(plain.is_closed_by_server(), "frame {t:#x} without mesh key");
+    }
+    let mut wrong = DerpClient::connect_with(addr, NodePrivate::generate(), &mesh_json(&[1; 32]));
+    wrong.write_frame(0x10, &[]).unwrap();
+    assert!(wrong.is_closed_by_server(), "wrong mesh key");
+
+    let mut target = DerpClient::connect(addr);
+    let mut w = DerpClient::connect_with(addr, NodePrivate::generate(), &mesh_json(&mesh_key));
+    wait_until("2 connections", || m.current_connections.load(Relaxed) == 2);
+    w.write_frame(0x10, &[]).unwrap();
+    let mut present = Vec::new();
+    for _ in 0..2 {
+        let f = w.recv();
+        assert_eq!((f.t, f.payload.len()), (0x09, 51), "PeerPresent");
+        present.push((
+            NodePublic(f.payload[..32].try_into().unwrap()),
+            f.payload[50],
+        ));
+        // IPv4 remote, sent v4-mapped.
+        assert_eq!(
+            &f.payload[32..48],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]
+        );
+    }
+    present.sort_by_key(|(k, _)| *k == w.public());
+    assert_eq!(present, vec![(target.public(), 0x01), (w.public(), 0x02)]);
+
+    // ForwardPacket: delivered with the original source.
+    let src = NodePrivate::generate().public();
+    let fwd = [&src.0[..], &target.public().0[..], b"forwarded"].concat();
+    w.write_frame(0x0a, &fwd).unwrap();
+    assert_eq!(target.recv_packet(), (src, b"forwarded".to_vec()));
+    assert_eq!(m.packets_forwarded_in.load(Relaxed), 1);
+    // To an unknown key: dropped; disco earns the forwarding peer a NotHere.
+    let unknown = NodePrivate::generate().public();
+    let fwd = [&src.0[..], &unknown.0[..], &disco_packet()[..]].concat();
+    w.write_frame(0x0a, &fwd).unwrap();
+    let f = w.recv();
+    assert_eq!(
+        (f.t, &f.payload[..32], f.payload[32]),
+        (0x08, &unknown.0[..], 0x01)
+    );
+    assert_eq!(m.dropped(DropReason::UnknownDestOnFwd), 1);
+
+    // Later arrivals and departures reach the watcher.
+    let newcomer = DerpClient::connect(addr);
+    let nk = newcomer.public();
+    let f = w.recv();
+    assert_eq!((f.t, &f.payload[..32]), (0x09, &nk.0[..]));
+    drop(newcomer);
+    let f = w.recv();
+    assert_eq!((f.t, f.payload), (0x08, [&nk.0[..], &[0x00]].concat()));
+
+    // ClosePeer closes every connection of the key; the watcher hears it leave.
+    w.write_frame(0x11, &target.public().0).unwrap();
+    assert!(target.is_closed_by_server(), "ClosePeer");
+    let f = w.recv();
+    assert_eq!(f.payload, [&target.public().0[..], &[0x00]].concat());
+    // A ClosePeer for nobody is only logged; the mesh connection stays.
+    w.write_frame(0x11, &[9; 32]).unwrap();
+    let me = w.public();
+    w.send(&me, b"still here");
+    assert_eq!(w.recv_packet().1, b"still here");
+}
