@@ -35,10 +35,10 @@ for t in "${targets[@]}"; do
     echo "build-release: $out --version said '$got', want '$want'" >&2
     exit 1
   fi
-  # The shipped binary itself, under QEMU, against Tailscale's client: the Go interop tests
+  # The shipped binary itself, under QEMU, against Tailscale's client: the Go interop and mesh tests
   # (built for the host) run this file instead of the debug build.
   echo "build-release: interop tests against $out${QEMU:+ under $QEMU}"
-  DERPD_TEST_BIN="$PWD/$out" cargo test --locked --test interop -q
+  DERPD_TEST_BIN="$PWD/$out" cargo test --locked --test interop --test mesh -q
   echo "build-release: $out ok in $(($(date +%s) - start)) s: $got"
 done
 

@@ -548,6 +548,52 @@ mod tests {
         }
         assert!(cfg(&["--dev", "--buffer-budget-mib", "0"]).is_err());
         assert_eq!(parse_listen(":443").unwrap().port(), 443);
+        // Mesh: a peer list needs a key; the key file is 64 hex digits, whitespace trimmed.
+        let e = cfg(&["--dev", "--mesh-with", "derp2.lan"]).unwrap_err();
+        assert_eq!(e, "--mesh-with requires --mesh-psk-file");
+        let dir = std::env::temp_dir().join(format!("derpd-meshkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kf = dir.join("derp-mesh.key");
+        std::fs::write(&kf, format!("\n {}  \n", "Ab".repeat(32))).unwrap();
+        let kfs = kf.display().to_string();
+        let c = cfg(&[
+            "-a",
+            ":8443",
+            "-c",
+            "/tmp/x",
+            "--mesh-psk-file",
+            &kfs,
+            "--mesh-with",
+            "a,b:8443/10.0.0.2",
+        ])
+        .unwrap();
+        assert_eq!(c.mesh_key, Some([0xab; 32]));
+        assert_eq!(c.mesh_with.len(), 2);
+        assert_eq!(c.mesh_with[1].dial_host, "10.0.0.2");
+        std::fs::write(&kf, "abc").unwrap();
+        let e = cfg(&["-a", ":8443", "-c", "/tmp/x", "--mesh-psk-file", &kfs]).unwrap_err();
+        assert!(e.contains("64 hexadecimal digits"), "{e}");
+        let e = cfg(&[
+            "-a",
+            ":8443",
+            "-c",
+            "/tmp/x",
+            "--mesh-psk-file",
+            "/nonexistent/k",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("cannot read mesh key file /nonexistent/k"),
+            "{e}"
+        );
+        assert_eq!(
+            cfg(&["-a", ":8443", "-c", "/tmp/x", "--mesh-psk-file", ""])
+                .unwrap()
+                .mesh_key,
+            None
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(parse_mesh_key(&"00".repeat(32)).is_err());
         assert_eq!(parse_listen("[::1]:5").unwrap(), "[::1]:5".parse().unwrap());
     }
 }
