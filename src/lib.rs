@@ -32,3 +32,4 @@ pub mod registry;
 pub mod server;
 pub mod stun;
 pub mod tls;
+pub mod ws;

@@ -1,0 +1,340 @@
+//! DERP over WebSocket on `/derp` (spec §3.2), as derper serves browsers (js/wasm clients) and
+//! Tailscale clients built with `ts_debug_websockets`: the RFC 6455 handshake answer, then DERP
+//! as a byte stream over binary messages (frame and message boundaries independent of DERP's),
+//! handed to [`client::serve`].
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::tungstenite::{Bytes, Message};
+use async_tungstenite::{ByteWriter, WebSocketReceiver, WebSocketSender, WebSocketStream};
+use log::info;
+use smol::future::FutureExt;
+use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use smol::Timer;
+
+use crate::client::{self, ConnError, Upgrade};
+use crate::http::{self, Request};
+use crate::server::{State, HEAD_TIMEOUT};
+
+/// RFC 6455's GUID, appended to the client's key for `Sec-WebSocket-Accept`.
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+/// Largest frame payload accepted from a client: a DERP frame's worth (MaxInfoLen, 1 MiB) plus
+/// slack. DERP is streamed, so this bounds nonsense, not memory.
+pub const MAX_FRAME: u64 = (1 << 20) + 4096;
+
+/// A handshake the server accepts: the 101 to send, and whether the client speaks `derp`.
+#[derive(Debug)]
+pub struct Accept {
+    head: String,
+    derp: bool,
+}
+
+/// `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
+pub fn accept_key(key: &str) -> String {
+    let mut input = Vec::with_capacity(key.len() + GUID.len());
+    input.extend_from_slice(key.as_bytes());
+    input.extend_from_slice(GUID.as_bytes());
+    let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
+    base64(d.as_ref())
+}
+
+/// Standard base64 with padding.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// True when `key` is standard base64 of exactly 16 bytes (what Go's `base64.StdEncoding`
+/// decodes to 16 bytes: 22 alphabet characters and `==`).
+fn key_ok(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[..22]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+        && &b[22..] == b"=="
+}
+
+/// True when the comma-separated header `value` has `token` (any case).
+fn has_token(value: &str, token: &str) -> bool {
+    value
+        .split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Checks a `/derp` WebSocket upgrade as derper's websocket library does (same checks, order
+/// and status codes). `Err` is the complete refusal to send before closing.
+pub fn accept(req: &Request, remote: SocketAddr) -> Result<Accept, Vec<u8>> {
+    let upgrade_hdrs = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+    let (status, reason, extra, msg) = if !has_token(&req.connection, "upgrade") {
+        let msg = format!(
+            "WebSocket protocol violation: Connection header {:?} does not contain Upgrade",
+            req.connection
+        );
+        (426, "Upgrade Required", upgrade_hdrs, msg)
+    } else if req.method != "GET" {
+        let msg = format!(
+            "WebSocket protocol violation: handshake request method is not GET but {:?}",
+            req.method
+        );
+        (405, "Method Not Allowed", "", msg)
+    } else if req.ws_version != "13" {
+        let msg = format!(
+            "unsupported WebSocket protocol version (only 13 is supported): {:?}",
+            req.ws_version
+        );
+        (400, "Bad Request", "Sec-WebSocket-Version: 13\r\n", msg)
+    } else {
+        match req.ws_key.as_deref() {
+            None => {
+                let msg = "WebSocket protocol violation: missing Sec-WebSocket-Key".to_string();
+                (400, "Bad Request", "", msg)
+            }
+            Some(k) if !key_ok(k) => {
+                let msg = format!(
+                    "WebSocket protocol violation: invalid Sec-WebSocket-Key {k:?}, \
+                     must be a 16 byte base64 encoded string"
+                );
+                (400, "Bad Request", "", msg)
+            }
+            Some(k) => {
+                // The first offered protocol equal to `derp` in any case is chosen, but only
+                // exactly `derp` is served (derper closes with 1008 otherwise).
+                let chosen = req
+                    .ws_protocol
+                    .split(',')
+                    .map(str::trim)
+                    .find(|t| t.eq_ignore_ascii_case("derp"));
+                let mut head = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
+                    accept_key(k)
+                );
+                if let Some(p) = chosen {
+                    head.push_str("Sec-WebSocket-Protocol: ");
+                    head.push_str(p);
+                    head.push_str("\r\n");
+                }
+                head.push_str("\r\n");
+                return Ok(Accept {
+                    head,
+                    derp: chosen == Some("derp"),
+                });
+            }
+        }
+    };
+    info!("{remote}: websocket refused: {msg}");
+    let mut resp = http::text_error(status, reason, &msg);
+    if !extra.is_empty() {
+        // After the status line, like the other headers.
+        if let Some(at) = resp.windows(2).position(|w| w == b"\r\n") {
+            let at = at + 2;
+            resp.splice(at..at, extra.bytes());
+        }
+    }
+    Err(resp)
+}
+
+/// Sends the 101 and runs DERP over the WebSocket to the end of the connection.
+pub async fn serve<S>(
+    state: &Arc<State>,
+    mut stream: S,
+    leftover: Vec<u8>,
+    acc: Accept,
+    remote: SocketAddr,
+) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async {
+        stream.write_all(acc.head.as_bytes()).await?;
+        if !acc.derp {
+            // Close 1008 (policy violation), as derper does.
+            let reason = b"client must speak the derp subprotocol";
+            let mut f = vec![0x88, 2 + reason.len() as u8, 0x03, 0xf0];
+            f.extend_from_slice(reason);
+            stream.write_all(&f).await?;
+        }
+        stream.flush().await
+    }
+    .or(async {
+        Timer::after(HEAD_TIMEOUT).await;
+        Err(io::ErrorKind::TimedOut.into())
+    })
+    .await?;
+    if !acc.derp {
+        let e = "websocket: client must speak the derp subprotocol";
+        info!("{remote}: {e}");
+        return Err(ConnError::Protocol(e.into()));
+    }
+    drop(acc);
+    state.metrics.websocket_accepts.fetch_add(1, Relaxed);
+    let (rd, wr) = transport(stream, leftover).await;
+    let up = Upgrade {
+        remote,
+        fast_start: false,
+        not_ideal: false,
+        websocket: true,
+    };
+    client::serve(state.clone(), rd, wr, up).await
+}
+
+/// The server side of an accepted WebSocket (the 101 already sent) as a DERP byte stream.
+/// `leftover` holds the bytes the client sent after its request head.
+async fn transport<S>(stream: S, leftover: Vec<u8>) -> (WsRead<S>, WsWrite<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = WebSocketConfig::default()
+        // tungstenite reads in chunks of this size (default 128 KiB per connection).
+        .read_buffer_size(4096)
+        // Each message goes to the socket when sent; the DERP writer batches and flushes.
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_FRAME as usize))
+        .max_frame_size(Some(MAX_FRAME as usize));
+    let ws =
+        WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await;
+    let (tx, rx) = ws.split();
+    let rd = WsRead {
+        rx,
+        cur: Bytes::new(),
+    };
+    (rd, WsWrite(ByteWriter::new(tx)))
+}
+
+/// The binary messages of a WebSocket as one byte stream.
+struct WsRead<S> {
+    rx: WebSocketReceiver<S>,
+    cur: Bytes,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsRead<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        loop {
+            if !me.cur.is_empty() {
+                let n = buf.len().min(me.cur.len());
+                buf[..n].copy_from_slice(&me.cur.split_to(n));
+                return Poll::Ready(Ok(n));
+            }
+            // Each poll also writes what the library queued: pongs and the close reply.
+            let next = ready!(smol::stream::StreamExt::poll_next(&mut me.rx, cx));
+            match next {
+                Some(Ok(Message::Binary(b))) => me.cur = b,
+                // Control frames carry no DERP bytes. After a close, polling on sends the
+                // reply and then ends the stream (`None`).
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Close(_))) => {}
+                None => return Poll::Ready(Ok(0)),
+                Some(Ok(Message::Text(_))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "websocket: text message (DERP needs binary)",
+                    )))
+                }
+                Some(Err(e)) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("websocket: {e}"),
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Writes as binary messages: one per write call, a vectored write (the DERP writer's batch)
+/// as one message.
+struct WsWrite<S>(ByteWriter<WebSocketSender<S>>);
+
+/// Largest message a vectored write gathers.
+const MAX_GATHER: usize = 64 << 10;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsWrite<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+        match (nonempty.next(), nonempty.next()) {
+            (None, _) => Poll::Ready(Ok(0)),
+            (Some(b), None) => self.poll_write(cx, b),
+            _ => {
+                let total: usize = bufs.iter().map(|b| b.len()).sum();
+                let mut msg = Vec::with_capacity(total.min(MAX_GATHER));
+                for b in bufs {
+                    let room = MAX_GATHER.saturating_sub(msg.len());
+                    if room == 0 {
+                        break;
+                    }
+                    msg.extend_from_slice(&b[..b.len().min(room)]);
+                }
+                self.poll_write(cx, &msg)
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn accept_key_rfc6455_example() {
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGBEmKxrNRSwk="
+        );
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+}
