@@ -326,15 +326,287 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use smol::io::AsyncReadExt;
+    use smol::Async;
+
+    use crate::frame::{encode_header, FrameType, HEADER_LEN};
+
+    /// A safety net against a hung test, not synchronisation.
+    const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The server's end of a loopback connection (async) and the client's (blocking).
+    fn pair() -> (Async<TcpStream>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let (server, _) = l.accept().unwrap();
+        (Async::new(server).unwrap(), client)
+    }
+
+    /// A client frame: `op` with FIN as given, masked with `mask` unless it is `None`.
+    fn frame(fin: bool, op: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut f = vec![if fin { 0x80 | op } else { op }];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n <= 0xffff => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(k) => {
+                f.extend_from_slice(&k);
+                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+            }
+            None => f.extend_from_slice(payload),
+        }
+        f
+    }
+
+    const MASK: Option<[u8; 4]> = Some([0x37, 0xfa, 0x21, 0x3d]);
+
+    fn binary(payload: &[u8]) -> Vec<u8> {
+        frame(true, 0x2, payload, MASK)
+    }
+
+    fn derp_frame(t: FrameType, payload: &[u8]) -> Vec<u8> {
+        let mut h = [0u8; HEADER_LEN];
+        encode_header(&mut h, t, payload.len() as u32);
+        [&h[..], payload].concat()
+    }
+
+    /// Sends `wire` from the client, then reads `n` DERP bytes on the server.
+    fn exchange(wire: &[u8], n: usize) -> (io::Result<Vec<u8>>, TcpStream) {
+        let (server, mut client) = pair();
+        client.write_all(wire).unwrap();
+        let got = smol::block_on(async {
+            let (mut rd, _wr) = transport(server, Vec::new()).await;
+            let mut buf = vec![0u8; n];
+            rd.read_exact(&mut buf).await.map(|()| buf)
+        });
+        (got, client)
+    }
+
+    /// Reads exactly `n` bytes the server sent to the client.
+    fn client_reads(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        client.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    fn expect_err(wire: &[u8], what: &str) -> io::Error {
+        let (got, _client) = exchange(wire, 1);
+        match got {
+            Ok(b) => panic!("{what}: read {b:?}, want an error"),
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e}");
+                e
+            }
+        }
+    }
+
+    /// RFC 6455 §1.3's example (the value is also what Python's hashlib/base64 give).
     #[test]
     fn accept_key_rfc6455_example() {
         assert_eq!(
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGBEmKxrNRSwk="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
         assert_eq!(base64(b""), "");
         assert_eq!(base64(b"f"), "Zg==");
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    fn ws_request() -> Request {
+        Request {
+            method: "GET".into(),
+            path: "/derp".into(),
+            upgrade: "websocket".into(),
+            connection: "keep-alive, Upgrade".into(),
+            ws_protocol: "derp".into(),
+            ws_version: "13".into(),
+            ws_key: Some("dGhlIHNhbXBsZSBub25jZQ==".into()),
+            ..Request::default()
+        }
+    }
+
+    fn status(r: Result<Accept, Vec<u8>>) -> String {
+        let resp = r.unwrap_err();
+        let resp = String::from_utf8(resp).unwrap();
+        resp.lines().next().unwrap().to_string()
+    }
+
+    #[test]
+    fn handshake_checks() {
+        let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let acc = accept(&ws_request(), remote).unwrap();
+        assert!(acc.derp);
+        assert_eq!(
+            acc.head,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+             Sec-WebSocket-Protocol: derp\r\n\r\n"
+        );
+        let with = |f: &dyn Fn(&mut Request)| {
+            let mut r = ws_request();
+            f(&mut r);
+            accept(&r, remote)
+        };
+        for (p, derp) in [("chat, derp", true), ("DERP", false), ("xderp", false)] {
+            let acc = with(&|r| r.ws_protocol = p.into()).unwrap();
+            assert_eq!(acc.derp, derp, "{p}");
+            assert_eq!(acc.head.contains("Sec-WebSocket-Protocol"), p != "xderp");
+        }
+        let r = with(&|r| r.connection = "keep-alive".into());
+        assert_eq!(status(r), "HTTP/1.1 426 Upgrade Required");
+        assert_eq!(
+            status(with(&|r| r.method = "POST".into())),
+            "HTTP/1.1 405 Method Not Allowed"
+        );
+        let r = with(&|r| r.ws_version = "8".into()).unwrap_err();
+        let r = String::from_utf8(r).unwrap();
+        assert!(r.starts_with("HTTP/1.1 400 Bad Request\r\nSec-WebSocket-Version: 13\r\n"));
+        assert!(r.ends_with("(only 13 is supported): \"8\"\n"), "{r}");
+        for key in [None, Some(""), Some("dGhlIHNhbXBsZSBub25jZQ="), Some("c2hvcnQ=")] {
+            let r = with(&|r| r.ws_key = key.map(String::from));
+            assert_eq!(status(r), "HTTP/1.1 400 Bad Request", "{key:?}");
+        }
+        assert!(with(&|r| r.ws_key = Some("AAAAAAAAAAAAAAAAAAAAAA==".into())).is_ok());
+        assert!(with(&|r| r.ws_key = Some("AAAAAAAAAAAAAAAAAAAAA*==".into())).is_err());
+    }
+
+    #[test]
+    fn masked_frames_of_every_length_encoding() {
+        let a = vec![1u8; 125];
+        let b: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let c: Vec<u8> = (0..70_000u32).map(|i| (i * 7) as u8).collect();
+        let mut wire = binary(&a);
+        wire.extend(frame(true, 0x2, &b, Some([1, 2, 3, 4])));
+        wire.extend(frame(true, 0x2, &c, Some([0xff, 0, 0x80, 9])));
+        let (got, _) = exchange(&wire, a.len() + b.len() + c.len());
+        assert_eq!(got.unwrap(), [a, b, c].concat());
+    }
+
+    #[test]
+    fn fragmented_message_with_a_ping_inside() {
+        let mut wire = frame(false, 0x2, b"he", MASK);
+        wire.extend(frame(false, 0x0, b"ll", MASK));
+        wire.extend(frame(true, 0x9, b"", MASK));
+        wire.extend(frame(true, 0x0, b"o", MASK));
+        let (got, mut client) = exchange(&wire, 5);
+        assert_eq!(got.unwrap(), b"hello");
+        assert_eq!(client_reads(&mut client, 2), [0x8a, 0x00], "pong");
+    }
+
+    #[test]
+    fn derp_frames_split_across_and_joined_in_messages() {
+        let a = derp_frame(FrameType::SendPacket, &[7u8; 100]);
+        let b = derp_frame(FrameType::Ping, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let c = derp_frame(FrameType::NotePreferred, &[1]);
+        let mut wire = binary(&a[..3]);
+        wire.extend(binary(&[&a[3..], &b[..], &c[..]].concat()));
+        let all = [a, b, c].concat();
+        let (got, _) = exchange(&wire, all.len());
+        assert_eq!(got.unwrap(), all);
+    }
+
+    #[test]
+    fn pipelined_frames_after_the_head_are_kept() {
+        let (server, _client) = pair();
+        let got = smol::block_on(async {
+            let (mut rd, _wr) = transport(server, binary(b"early")).await;
+            let mut buf = [0u8; 5];
+            rd.read_exact(&mut buf).await.map(|()| buf)
+        });
+        assert_eq!(&got.unwrap(), b"early");
+    }
+
+    #[test]
+    fn ping_gets_pong() {
+        let mut wire = frame(true, 0x9, b"p1", MASK);
+        wire.extend(binary(b"x"));
+        let (got, mut client) = exchange(&wire, 1);
+        assert_eq!(got.unwrap(), b"x");
+        assert_eq!(client_reads(&mut client, 4), [0x8a, 0x02, b'p', b'1']);
+    }
+
+    #[test]
+    fn close_is_answered_and_ends_the_stream() {
+        let (server, mut client) = pair();
+        let mut wire = binary(b"ab");
+        wire.extend(frame(true, 0x8, &1000u16.to_be_bytes(), MASK));
+        client.write_all(&wire).unwrap();
+        let (got, rest) = smol::block_on(async {
+            let (mut rd, _wr) = transport(server, Vec::new()).await;
+            let mut buf = [0u8; 2];
+            rd.read_exact(&mut buf).await.unwrap();
+            let mut rest = Vec::new();
+            let r = rd.read_to_end(&mut rest).await;
+            (buf, r.map(|_| rest))
+        });
+        assert_eq!(&got, b"ab");
+        assert_eq!(rest.unwrap(), b"", "EOF after close");
+        assert_eq!(client_reads(&mut client, 4), [0x88, 0x02, 0x03, 0xe8]);
+    }
+
+    #[test]
+    fn oversize_frame_is_rejected_from_its_header() {
+        // Only the header is sent: the server must not wait for 2 MiB to refuse it.
+        let mut wire = vec![0x82, 0x80 | 127];
+        wire.extend_from_slice(&(2u64 << 20).to_be_bytes());
+        wire.extend_from_slice(&[1, 2, 3, 4]);
+        let e = expect_err(&wire, "oversize frame");
+        assert!(e.to_string().contains("too long"), "{e}");
+        let mut wire = vec![0x82, 0x80 | 127];
+        wire.extend_from_slice(&u64::MAX.to_be_bytes());
+        wire.extend_from_slice(&[1, 2, 3, 4]);
+        expect_err(&wire, "2^64-1 length");
+    }
+
+    #[test]
+    fn unmasked_client_frame_is_rejected() {
+        let e = expect_err(&frame(true, 0x2, b"abc", None), "unmasked frame");
+        assert!(e.to_string().contains("unmasked"), "{e}");
+    }
+
+    #[test]
+    fn text_frame_is_rejected() {
+        let e = expect_err(&frame(true, 0x1, b"hi", MASK), "text frame");
+        assert!(e.to_string().contains("text"), "{e}");
+    }
+
+    #[test]
+    fn other_protocol_errors_are_rejected() {
+        expect_err(&frame(true, 0x0, b"x", MASK), "continuation without a start");
+        expect_err(&frame(true, 0x3, b"x", MASK), "reserved opcode");
+        expect_err(&frame(false, 0x9, b"x", MASK), "fragmented ping");
+        let mut rsv = binary(b"x");
+        rsv[0] |= 0x40;
+        expect_err(&rsv, "RSV1 without an extension");
+    }
+
+    #[test]
+    fn writes_are_unmasked_binary_messages() {
+        let (server, mut client) = pair();
+        smol::block_on(async {
+            let (_rd, mut wr) = transport(server, Vec::new()).await;
+            let bufs = [IoSlice::new(b"abc"), IoSlice::new(b""), IoSlice::new(b"de")];
+            let n = wr.write_vectored(&bufs).await.unwrap();
+            assert_eq!(n, 5);
+            wr.write_all(b"f").await.unwrap();
+            wr.flush().await.unwrap();
+        });
+        let want = [&[0x82, 5][..], b"abcde", &[0x82, 1], b"f"].concat();
+        assert_eq!(client_reads(&mut client, want.len()), want);
     }
 }
