@@ -10,6 +10,8 @@
 //!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
 //!   RecvPacket and queues it on the destination, and a writer that drains queues into one
 //!   vectored write and one flush.
+//! - [`ws`]: DERP over WebSocket on `/derp` (browsers): the RFC 6455 accept, then binary
+//!   messages as the byte stream that [`client`] serves.
 //! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping.
 //! - [`frame`]: the wire format; [`key`]: node keys and derper's key file;
 //!   [`metrics`]: counters named after derper's.

@@ -24,8 +24,10 @@ use crate::server::{State, HEAD_TIMEOUT};
 
 /// RFC 6455's GUID, appended to the client's key for `Sec-WebSocket-Accept`.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-/// Largest frame payload accepted from a client: a DERP frame's worth (MaxInfoLen, 1 MiB) plus
-/// slack. DERP is streamed, so this bounds nonsense, not memory.
+/// Largest frame, and message, accepted from a client: a DERP frame's worth (MaxInfoLen, 1 MiB)
+/// plus slack. tungstenite assembles each message before handing it over, so this is also the
+/// most a connection can hold in its read buffers (outside the packet pool). Tailscale's
+/// clients send one message per write, at most a 64 KiB packet's frame.
 pub const MAX_FRAME: u64 = (1 << 20) + 4096;
 
 /// A handshake the server accepts: the 101 to send, and whether the client speaks `derp`.
@@ -477,7 +479,12 @@ mod tests {
         let r = String::from_utf8(r).unwrap();
         assert!(r.starts_with("HTTP/1.1 400 Bad Request\r\nSec-WebSocket-Version: 13\r\n"));
         assert!(r.ends_with("(only 13 is supported): \"8\"\n"), "{r}");
-        for key in [None, Some(""), Some("dGhlIHNhbXBsZSBub25jZQ="), Some("c2hvcnQ=")] {
+        for key in [
+            None,
+            Some(""),
+            Some("dGhlIHNhbXBsZSBub25jZQ="),
+            Some("c2hvcnQ="),
+        ] {
             let r = with(&|r| r.ws_key = key.map(String::from));
             assert_eq!(status(r), "HTTP/1.1 400 Bad Request", "{key:?}");
         }
@@ -587,7 +594,10 @@ mod tests {
 
     #[test]
     fn other_protocol_errors_are_rejected() {
-        expect_err(&frame(true, 0x0, b"x", MASK), "continuation without a start");
+        expect_err(
+            &frame(true, 0x0, b"x", MASK),
+            "continuation without a start",
+        );
         expect_err(&frame(true, 0x3, b"x", MASK), "reserved opcode");
         expect_err(&frame(false, 0x9, b"x", MASK), "fragmented ping");
         let mut rsv = binary(b"x");
