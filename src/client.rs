@@ -81,6 +81,8 @@ pub struct Upgrade {
     pub fast_start: bool,
     /// `Ideal-Node` was present.
     pub not_ideal: bool,
+    /// DERP runs inside a WebSocket ([`crate::ws`]), which already sent its own 101.
+    pub websocket: bool,
 }
 
 /// Runs a DERP connection to the end. `rd` must yield, first, any bytes the client pipelined
@@ -98,7 +100,7 @@ where
     // Boxed, so that its buffers are not part of the connection's task for its whole life.
     let login = Box::pin(async {
         let mut hello = Vec::with_capacity(256);
-        if !up.fast_start {
+        if !up.fast_start && !up.websocket {
             hello.extend_from_slice(
                 crate::http::switching_protocols(&state.public_key.untyped_hex()).as_bytes(),
             );
@@ -163,11 +165,12 @@ where
         m.notideal_connections.fetch_add(1, Relaxed);
     }
     debug!(
-        "derp: {}: accepted {} {} (fast-start: {}, mesh: {is_mesh}, app {:?})",
+        "derp: {}: accepted {} {} (fast-start: {}, websocket: {}, mesh: {is_mesh}, app {:?})",
         up.remote,
         info.key,
         info.key.short(),
         up.fast_start,
+        up.websocket,
         info.app_name
     );
     state.registry.register(&client);

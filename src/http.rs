@@ -30,6 +30,13 @@ pub struct Request {
     pub challenge: Option<String>,
     /// `Sec-WebSocket-Protocol` header.
     pub ws_protocol: String,
+    /// `Sec-WebSocket-Key` header, trimmed; `None` when absent. A repeated header makes it
+    /// empty (invalid), as Go's websocket server refuses several keys.
+    pub ws_key: Option<String>,
+    /// `Sec-WebSocket-Version` header.
+    pub ws_version: String,
+    /// `Connection` header.
+    pub connection: String,
 }
 
 /// Why a request head was refused.
@@ -91,6 +98,16 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
             req.challenge = Some(v);
         } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
             req.ws_protocol = v;
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            req.ws_key = Some(if req.ws_key.is_some() {
+                String::new()
+            } else {
+                v
+            });
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            req.ws_version = v;
+        } else if name.eq_ignore_ascii_case("connection") {
+            req.connection = v;
         }
     }
     Ok(Some((req, n)))

@@ -10,6 +10,8 @@
 //!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
 //!   RecvPacket and queues it on the destination, and a writer that drains queues into one
 //!   vectored write and one flush.
+//! - [`ws`]: DERP over WebSocket on `/derp` (browsers): the RFC 6455 accept, then binary
+//!   messages as the byte stream that [`client`] serves.
 //! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping, and the
 //!   mesh: keys on other nodes → the [`mesh`] link that forwards to them, and the watchers.
 //! - [`mesh`]: the outbound side of the regional mesh: one link per `--mesh-with` peer (dial,
@@ -36,3 +38,4 @@ pub mod registry;
 pub mod server;
 pub mod stun;
 pub mod tls;
+pub mod ws;

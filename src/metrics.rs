@@ -124,6 +124,8 @@ pub struct Metrics {
     pub stun_success: AtomicU64,
     /// STUN: datagrams that were not Tailscale binding requests.
     pub stun_not_stun: AtomicU64,
+    /// WebSocket upgrades accepted on `/derp` (`derp_websocket_accepts`).
+    pub websocket_accepts: AtomicU64,
 }
 
 impl Metrics {

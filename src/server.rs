@@ -521,11 +521,16 @@ async fn handle_conn(
                 http::text_error(404, "Not Found", "derp server disabled")
             }
             "/derp" => match req.upgrade.as_str() {
-                "websocket" if req.ws_protocol.contains("derp") => http::text_error(
-                    501,
-                    "Not Implemented",
-                    "DERP over WebSocket is not supported by this server yet",
-                ),
+                "websocket" if req.ws_protocol.contains("derp") => {
+                    match crate::ws::accept(&req, remote) {
+                        Ok(acc) => {
+                            drop(req);
+                            let ws = crate::ws::serve(state, stream, leftover, acc, remote);
+                            return ws.await.map_err(ConnFail::Derp);
+                        }
+                        Err(refusal) => refusal,
+                    }
+                }
                 "derp" | "websocket" => {
                     return serve_derp(state, stream, leftover, req, remote).await;
                 }
@@ -568,6 +573,7 @@ async fn serve_derp(
         remote,
         fast_start: req.fast_start,
         not_ideal: req.not_ideal,
+        websocket: false,
     };
     // The request's strings are not needed for the connection's life.
     drop(req);

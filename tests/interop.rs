@@ -71,6 +71,7 @@ fn tls_pinned(test: &str, meta_cert: bool) {
     d.run_harness(&harness, &[s("stun"), s("-addr"), stun.to_string()]);
     d.expect_client_fast_start(&relay, meta_cert, 3);
     d.expect_fast_start(meta_cert, 3);
+    d.expect_websocket(false, 3);
 
     for f in ["127.0.0.1.crt", "127.0.0.1.key"] {
         if !certdir.join(f).is_file() {
@@ -132,6 +133,41 @@ fn dev_mode(listen: &str, v6: bool) {
     d.run_harness(&harness, &[s("stun"), s("-addr"), stun.to_string()]);
     // Plain HTTP has no meta cert, so no client can fast-start.
     d.expect_client_fast_start(&relay, false, 3);
+    d.expect_fast_start(false, 3);
+    d.expect_websocket(false, 3);
+    d.expect_running();
+}
+
+/// DERP over WebSocket on `/derp`: Tailscale's derphttp dials a WebSocket when built with
+/// `ts_debug_websockets` (the harness is) and run with `TS_DEBUG_DERP_WS_CLIENT=1`.
+#[test]
+fn websocket_dev_mode() {
+    let Some(harness) = harness() else { return };
+    let args = [
+        s("--dev"),
+        s("-a"),
+        s("127.0.0.1:0"),
+        s("--stun-port"),
+        s("0"),
+        s("--log-level"),
+        s("debug"),
+    ];
+    let mut d = Derpd::start(&args);
+    let st = d.startup(false);
+    let addr = dial_addr(st.addr, false);
+    let relay = d.run_harness_env(
+        &harness,
+        &[
+            s("relay"),
+            s("-clients"),
+            s("3"),
+            s("-url"),
+            format!("http://{addr}/derp"),
+        ],
+        &[("TS_DEBUG_DERP_WS_CLIENT", "1")],
+    );
+    d.expect_client_fast_start(&relay, false, 3);
+    d.expect_websocket(true, 3);
     d.expect_fast_start(false, 3);
     d.expect_running();
 }

@@ -235,3 +235,77 @@ fn port_80_redirects_and_serves_generate_204() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// DERP over WebSocket inside TLS (the path browsers take): 101, then a login and a packet to
+/// itself in masked binary frames, answered in unmasked ones.
+#[test]
+fn websocket_login_over_tls() {
+    fn ws_frame(payload: &[u8]) -> Vec<u8> {
+        let mask = [9u8, 8, 7, 6];
+        let mut f = vec![0x82, 0x80 | 126];
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+    fn read_ws_payload(s: &mut TlsConn) -> Vec<u8> {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(h[0], 0x82, "a final binary frame");
+        let len = match h[1] {
+            126 => {
+                let mut b = [0u8; 2];
+                s.read_exact(&mut b).unwrap();
+                usize::from(u16::from_be_bytes(b))
+            }
+            n => {
+                assert!(n < 126, "unmasked, short");
+                usize::from(n)
+            }
+        };
+        let mut p = vec![0u8; len];
+        s.read_exact(&mut p).unwrap();
+        p
+    }
+    let (srv, dir) = tls_server("tls-ws", true);
+    let (mut s, _) = connect(srv.addr(), false);
+    s.write_all(
+        b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Protocol: derp\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let head = read_http_head(&mut s).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    let sk = read_ws_payload(&mut s);
+    assert_eq!(sk[0], 0x01);
+    let server_key = derpd::key::NodePublic(sk[13..45].try_into().unwrap());
+    let me = derpd::key::NodePrivate::generate();
+    let ci = derpd::handshake::client_info_frame(&me, &server_key, br#"{"version":2}"#);
+    s.write_all(&ws_frame(&ci)).unwrap();
+    let si = read_ws_payload(&mut s);
+    assert_eq!(si[0], 0x03, "ServerInfo");
+    let mut send = vec![0x04, 0, 0, 0, 32 + 3];
+    send.extend_from_slice(&me.public().0);
+    send.extend_from_slice(b"tls");
+    s.write_all(&ws_frame(&send)).unwrap();
+    let got = loop {
+        let f = read_ws_payload(&mut s);
+        if f[0] != 0x06 {
+            break f; // not a KeepAlive
+        }
+    };
+    assert_eq!(got[0], 0x05, "RecvPacket");
+    assert_eq!(&got[5..37], &me.public().0);
+    assert_eq!(&got[37..], b"tls");
+    assert_eq!(
+        srv.state()
+            .metrics
+            .websocket_accepts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(srv);
+    let _ = std::fs::remove_dir_all(dir);
+}

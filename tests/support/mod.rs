@@ -6,7 +6,8 @@
 //! - `serving on <addr> (TLS)` or `serving on <addr> (plain HTTP)`
 //! - `STUN listening on <addr>`
 //! - with a generated certificate: the `DERPMap` node JSON containing `"CertName":"sha256-raw:<64 hex>"`
-//! - per DERP login, at debug level: `fast-start: true` or `fast-start: false`
+//! - per DERP login, at debug level: `fast-start: true` or `fast-start: false`, and
+//!   `websocket: true` or `websocket: false`
 //!
 //! Without Go the tests print `SKIPPED` and pass, except under `CI=true`, where they fail.
 #![allow(dead_code)]
@@ -96,13 +97,21 @@ pub(crate) fn build_harness(go: &Path) -> Result<PathBuf, String> {
         .join("interop");
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("derp-interop");
     let mut cmd = Command::new(go);
-    cmd.args(["build", "-buildvcs=false", "-o"])
-        .arg(&out)
-        .arg(".")
-        .current_dir(&src)
-        // Use the installed Go; never download a toolchain.
-        .env("GOTOOLCHAIN", "local")
-        .stdin(Stdio::null());
+    // ts_debug_websockets compiles in derphttp's WebSocket dialer; it is only used when
+    // TS_DEBUG_DERP_WS_CLIENT=1 is set (run_harness_env), so the other tests are unaffected.
+    cmd.args([
+        "build",
+        "-buildvcs=false",
+        "-tags",
+        "ts_debug_websockets",
+        "-o",
+    ])
+    .arg(&out)
+    .arg(".")
+    .current_dir(&src)
+    // Use the installed Go; never download a toolchain.
+    .env("GOTOOLCHAIN", "local")
+    .stdin(Stdio::null());
     let no_home =
         std::env::var_os("HOME").is_none() && std::env::var_os("XDG_CACHE_HOME").is_none();
     if no_home && std::env::var_os("GOCACHE").is_none() {
@@ -329,9 +338,20 @@ impl Derpd {
 
     /// Runs the harness with `args`; fails unless it exits 0. Returns its stdout.
     pub(crate) fn run_harness(&mut self, harness: &Path, args: &[String]) -> String {
-        let (status, stdout, stderr) = run_bounded(harness, args, HARNESS_DEADLINE);
+        self.run_harness_env(harness, args, &[])
+    }
+
+    /// [`Derpd::run_harness`] with extra environment variables for the harness.
+    pub(crate) fn run_harness_env(
+        &mut self,
+        harness: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> String {
+        let (status, stdout, stderr) = run_bounded(harness, args, env, HARNESS_DEADLINE);
+        let shown_env: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
         let record = format!(
-            "$ derp-interop {}\n--- exit: {}\n--- stdout\n{}\n--- stderr\n{}\n",
+            "$ {shown_env}derp-interop {}\n--- exit: {}\n--- stdout\n{}\n--- stderr\n{}\n",
             args.join(" "),
             status.map_or("killed after timeout".to_string(), |s| s.to_string()),
             stdout,
@@ -381,6 +401,25 @@ impl Derpd {
         }
     }
 
+    /// Counts `websocket: true` / `websocket: false` login lines, waiting (bounded) for at least
+    /// `want` of the expected kind, then asserts none of the other kind.
+    pub(crate) fn expect_websocket(&mut self, expected: bool, want: usize) {
+        let (yes, no) = if expected {
+            ("websocket: true", "websocket: false")
+        } else {
+            ("websocket: false", "websocket: true")
+        };
+        self.wait_until(&format!("{want} `{yes}` lines"), LOG_LAG_DEADLINE, |log| {
+            log.iter().filter(|l| l.contains(yes)).count() >= want
+                || log.iter().any(|l| l.contains(no))
+        });
+        self.drain();
+        let wrong = self.log.iter().filter(|l| l.contains(no)).count();
+        if wrong != 0 {
+            self.fail(&format!("derpd logged {wrong} `{no}` lines, want none"));
+        }
+    }
+
     pub(crate) fn expect_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             self.fail(&format!("derpd exited during the test: {status}"));
@@ -388,15 +427,17 @@ impl Derpd {
     }
 }
 
-/// Runs a command to completion, killing it after `timeout`. Returns (status or None if killed,
-/// stdout, stderr).
+/// Runs a command (with `env` added to its environment) to completion, killing it after
+/// `timeout`. Returns (status or None if killed, stdout, stderr).
 pub(crate) fn run_bounded(
     cmd: &Path,
     args: &[String],
+    env: &[(&str, &str)],
     timeout: Duration,
 ) -> (Option<ExitStatus>, String, String) {
     let mut child = Command::new(cmd)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
