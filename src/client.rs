@@ -640,7 +640,14 @@ async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Out]) -> io::Re
     for (s, o) in slices.iter_mut().zip(batch) {
         *s = IoSlice::new(o.bytes());
     }
-    let mut bufs = &mut slices[..n];
+    write_all_vectored(wr, &mut slices[..n]).await
+}
+
+/// Writes every slice with vectored writes, then flushes once.
+pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
     while !bufs.is_empty() {
         let w = wr.write_vectored(bufs).await?;
         if w == 0 {

@@ -553,17 +553,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(link: &Link, mut wr: W) -> Result<(),
             slices.push(IoSlice::new(pre));
             slices.push(IoSlice::new(&p.as_slice()[HEADER_LEN + KEY_LEN..]));
         }
-        let write = async {
-            let mut bufs = &mut slices[..];
-            while !bufs.is_empty() {
-                let n = wr.write_vectored(bufs).await?;
-                if n == 0 {
-                    return Err(io::Error::from(io::ErrorKind::WriteZero));
-                }
-                IoSlice::advance_slices(&mut bufs, n);
-            }
-            wr.flush().await
-        };
+        let write = crate::client::write_all_vectored(&mut wr, &mut slices);
         async { write.await.map_err(LinkError::Io) }
             .or(async {
                 Timer::after(WRITE_TIMEOUT).await;

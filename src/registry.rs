@@ -436,28 +436,25 @@ impl Registry {
     /// Where a packet for `dst` goes now: the local active connection, else (only when the key
     /// has no local connection at all) its mesh forwarder.
     pub fn route(&self, dst: &NodePublic) -> Route {
-        let inner = read(&self.inner);
-        match inner.clients.get(dst) {
-            Some(KeySet {
-                active: Some(a), ..
-            }) => Route::Local(a.clone()),
-            Some(_) => Route::NoActive,
-            None => match inner.mesh.get(dst) {
-                Some(f) => Route::Forward(f.preferred().clone()),
-                None => Route::Unknown,
-            },
-        }
+        self.lookup(dst, true)
     }
 
     /// Where a packet a mesh peer forwarded goes: local connections only (never re-forwarded).
     pub fn route_local(&self, dst: &NodePublic) -> Route {
+        self.lookup(dst, false)
+    }
+
+    fn lookup(&self, dst: &NodePublic, with_mesh: bool) -> Route {
         let inner = read(&self.inner);
         match inner.clients.get(dst) {
             Some(KeySet {
                 active: Some(a), ..
             }) => Route::Local(a.clone()),
             Some(_) => Route::NoActive,
-            None => Route::Unknown,
+            None => match inner.mesh.get(dst).filter(|_| with_mesh) {
+                Some(f) => Route::Forward(f.preferred().clone()),
+                None => Route::Unknown,
+            },
         }
     }
 

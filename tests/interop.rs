@@ -95,10 +95,9 @@ fn tls_pinned(test: &str, meta_cert: bool) {
     let _ = std::fs::remove_dir_all(certdir.parent().unwrap());
 }
 
-/// Plain-HTTP dev mode on one loopback address.
-fn dev_mode(listen: &str, v6: bool) {
-    let Some(harness) = harness() else { return };
-    let args = [
+/// derpd's arguments for plain-HTTP dev mode on `listen`, STUN on a free port.
+fn dev_args(listen: &str) -> [String; 7] {
+    [
         s("--dev"),
         s("-a"),
         s(listen),
@@ -106,8 +105,13 @@ fn dev_mode(listen: &str, v6: bool) {
         s("0"),
         s("--log-level"),
         s("debug"),
-    ];
-    let mut d = Derpd::start(&args);
+    ]
+}
+
+/// Plain-HTTP dev mode on one loopback address.
+fn dev_mode(listen: &str, v6: bool) {
+    let Some(harness) = harness() else { return };
+    let mut d = Derpd::start(&dev_args(listen));
     let st = d.startup(false);
     if st.mode != Mode::PlainHttp {
         d.fail(&format!("derpd serves {:?}, want plain HTTP", st.mode));
@@ -143,16 +147,7 @@ fn dev_mode(listen: &str, v6: bool) {
 #[test]
 fn websocket_dev_mode() {
     let Some(harness) = harness() else { return };
-    let args = [
-        s("--dev"),
-        s("-a"),
-        s("127.0.0.1:0"),
-        s("--stun-port"),
-        s("0"),
-        s("--log-level"),
-        s("debug"),
-    ];
-    let mut d = Derpd::start(&args);
+    let mut d = Derpd::start(&dev_args("127.0.0.1:0"));
     let st = d.startup(false);
     let addr = dial_addr(st.addr, false);
     let relay = d.run_harness_env(

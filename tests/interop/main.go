@@ -196,6 +196,21 @@ func (tc *testClient) waitFor(what string, match func(derp.ReceivedMessage) bool
 	}
 }
 
+// waitDisconnected waits for PeerGone(peer, Disconnected) and passes check what.
+func (tc *testClient) waitDisconnected(what string, peer key.NodePublic) {
+	tc.waitFor(what, func(m derp.ReceivedMessage) bool {
+		pg, ok := m.(derp.PeerGoneMessage)
+		if !ok || pg.Peer != peer {
+			return false
+		}
+		if pg.Reason != derp.PeerGoneReasonDisconnected {
+			fail(what, "PeerGone reason %#x, want Disconnected (0x00)", byte(pg.Reason))
+		}
+		return true
+	})
+	pass("%s", what)
+}
+
 func describe(m derp.ReceivedMessage) string {
 	switch m := m.(type) {
 	case derp.ReceivedPacket:
@@ -448,18 +463,7 @@ func runRelay(args []string) {
 			fail("close "+gone.name, "%v", err)
 		}
 		for _, tc := range clients[1:] {
-			what := fmt.Sprintf("peer-gone disconnected: %s told %s left", tc.name, gone.name)
-			tc.waitFor(what, func(m derp.ReceivedMessage) bool {
-				pg, ok := m.(derp.PeerGoneMessage)
-				if !ok || pg.Peer != gone.pub {
-					return false
-				}
-				if pg.Reason != derp.PeerGoneReasonDisconnected {
-					fail(what, "PeerGone reason %#x, want Disconnected (0x00)", byte(pg.Reason))
-				}
-				return true
-			})
-			pass("%s", what)
+			tc.waitDisconnected(fmt.Sprintf("peer-gone disconnected: %s told %s left", tc.name, gone.name), gone.pub)
 		}
 	}
 
@@ -732,17 +736,14 @@ func runMesh(args []string) {
 		fail("mesh setup", "A and B have the same server key %v", x1.c.ServerPublicKey())
 	}
 
-	// exchange sends one packet src->dst, re-sending until it arrives when
-	// retry is set (the first packet of a direction waits for the mesh).
-	exchange := func(src, dst *testClient, retry bool) {
+	// exchange sends one packet src->dst, re-sending it every 200 ms until it
+	// arrives (the first packet of a direction waits for the mesh).
+	exchange := func(src, dst *testClient) {
 		what := fmt.Sprintf("packet %s -> %s across the mesh", src.name, dst.name)
 		payload := randBytes(100)
 		src.send(what, dst.pub, payload)
 		sent := time.Now()
-		deadline := sent.Add(msgTimeout)
-		if retry {
-			deadline = sent.Add(*fwdTimeout)
-		}
+		deadline := sent.Add(*fwdTimeout)
 		resend := time.NewTicker(200 * time.Millisecond)
 		defer resend.Stop()
 		for {
@@ -763,35 +764,22 @@ func runMesh(args []string) {
 				pass("%s", what)
 				return
 			case <-resend.C:
-				if retry {
-					src.send(what, dst.pub, payload)
-				}
+				src.send(what, dst.pub, payload)
 			case <-time.After(time.Until(deadline)):
 				fail(what, "not received within %v", time.Until(deadline)+time.Since(sent))
 			}
 		}
 	}
-	exchange(x1, y1, true)
-	exchange(y1, x1, true)
-	exchange(x2, y2, true)
-	exchange(y2, x2, true)
+	exchange(x1, y1)
+	exchange(y1, x1)
+	exchange(x2, y2)
+	exchange(y2, x2)
 
 	gone := func(leaver, listener *testClient) {
 		if err := leaver.c.Close(); err != nil {
 			fail("close "+leaver.name, "%v", err)
 		}
-		what := fmt.Sprintf("peer-gone across the mesh: %s told %s left", listener.name, leaver.name)
-		listener.waitFor(what, func(m derp.ReceivedMessage) bool {
-			pg, ok := m.(derp.PeerGoneMessage)
-			if !ok || pg.Peer != leaver.pub {
-				return false
-			}
-			if pg.Reason != derp.PeerGoneReasonDisconnected {
-				fail(what, "PeerGone reason %#x, want Disconnected (0x00)", byte(pg.Reason))
-			}
-			return true
-		})
-		pass("%s", what)
+		listener.waitDisconnected(fmt.Sprintf("peer-gone across the mesh: %s told %s left", listener.name, leaver.name), leaver.pub)
 	}
 	gone(x1, y1)
 	gone(y2, x2)

@@ -384,31 +384,22 @@ impl Derpd {
     /// Counts `fast-start: true` / `fast-start: false` lines, waiting (bounded) for at least
     /// `want` of the expected kind, then asserts none of the other kind.
     pub(crate) fn expect_fast_start(&mut self, expected: bool, want: usize) {
-        let (yes, no) = if expected {
-            ("fast-start: true", "fast-start: false")
-        } else {
-            ("fast-start: false", "fast-start: true")
-        };
-        // Stops early on a line of the wrong kind, which fails below.
-        self.wait_until(&format!("{want} `{yes}` lines"), LOG_LAG_DEADLINE, |log| {
-            log.iter().filter(|l| l.contains(yes)).count() >= want
-                || log.iter().any(|l| l.contains(no))
-        });
-        self.drain();
-        let wrong = self.log.iter().filter(|l| l.contains(no)).count();
-        if wrong != 0 {
-            self.fail(&format!("derpd logged {wrong} `{no}` lines, want none"));
-        }
+        self.expect_login_flag("fast-start", expected, want);
     }
 
     /// Counts `websocket: true` / `websocket: false` login lines, waiting (bounded) for at least
     /// `want` of the expected kind, then asserts none of the other kind.
     pub(crate) fn expect_websocket(&mut self, expected: bool, want: usize) {
-        let (yes, no) = if expected {
-            ("websocket: true", "websocket: false")
-        } else {
-            ("websocket: false", "websocket: true")
-        };
+        self.expect_login_flag("websocket", expected, want);
+    }
+
+    /// Counts `<flag>: true` / `<flag>: false` lines of derpd's login log, waiting (bounded) for
+    /// at least `want` of the expected kind, then asserts none of the other kind.
+    fn expect_login_flag(&mut self, flag: &str, expected: bool, want: usize) {
+        let yes = format!("{flag}: {expected}");
+        let no = format!("{flag}: {}", !expected);
+        let (yes, no) = (yes.as_str(), no.as_str());
+        // Stops early on a line of the wrong kind, which fails below.
         self.wait_until(&format!("{want} `{yes}` lines"), LOG_LAG_DEADLINE, |log| {
             log.iter().filter(|l| l.contains(yes)).count() >= want
                 || log.iter().any(|l| l.contains(no))
