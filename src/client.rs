@@ -22,8 +22,6 @@ use crate::pool::PacketBuf;
 use crate::registry::{Client, Route, RouteCache};
 use crate::server::State;
 
-/// Time allowed from the upgrade to a complete ClientInfo (derper: 10 s).
-pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// KeepAlive period; each connection adds a jitter in [0, 5 s) drawn once (as derper).
 pub const KEEPALIVE: Duration = Duration::from_secs(60);
 const KEEPALIVE_JITTER_MS: u64 = 5000;
@@ -51,6 +49,8 @@ pub enum ConnError {
     Protocol(String),
     /// A write did not finish within `--tcp-write-timeout`.
     WriteTimeout,
+    /// Admission refused the client; the string says why.
+    Rejected(String),
 }
 
 impl std::fmt::Display for ConnError {
@@ -60,6 +60,7 @@ impl std::fmt::Display for ConnError {
             Self::Login(e) => write!(f, "login: {e}"),
             Self::Protocol(s) => f.write_str(s),
             Self::WriteTimeout => f.write_str("write timeout"),
+            Self::Rejected(s) => write!(f, "rejected: {s}"),
         }
     }
 }
@@ -121,7 +122,7 @@ where
     });
     let (info, session) = match login
         .or(async {
-            Timer::after(LOGIN_TIMEOUT).await;
+            Timer::after(state.login_timeout).await;
             Err(ConnError::Protocol("login timed out".into()))
         })
         .await
@@ -136,6 +137,13 @@ where
         (Some(ours), Some(theirs)) => ct_eq(ours, theirs),
         _ => false,
     };
+    // Mesh peers are never checked (derper). A refused client sees EOF, no error frame.
+    if !is_mesh {
+        if let Err(why) = state.admission.check(&info.key, up.remote).await {
+            info!("derp: {}: client {} rejected: {why}", up.remote, info.key);
+            return Err(ConnError::Rejected(why));
+        }
+    }
     let mut flags = 0;
     if is_mesh {
         flags |= peer_flags::IS_MESH_PEER;

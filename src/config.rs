@@ -19,6 +19,13 @@ pub const DEV_ADDR: &str = "127.0.0.1:3340";
 pub const DEFAULT_STUN_PORT: u16 = 3478;
 /// derper's key file for root when `-c` is not given.
 pub const ROOT_KEY_PATH: &str = "/var/lib/derper/derper.key";
+/// Default `--max-clients`. An idle TLS client costs tens of KiB (README, "Memory"): 2048 of
+/// them fit a router with 128 MB of RAM.
+pub const DEFAULT_MAX_CLIENTS: usize = 2048;
+/// Default `--max-handshakes`: connections not yet logged in, at once.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// tailscaled's LocalAPI socket on Linux (derper's default for `--verify-clients`).
+pub const DEFAULT_TAILSCALED_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
 
 /// derpd: a small DERP relay and STUN server for Tailscale, a drop-in for derper. Flags take
 /// derper's names; `-flag=value`, `--flag=value` and `-flag value` all work, and boolean flags
@@ -89,13 +96,62 @@ pub struct Args {
     /// (HEX pins the peer's certificate; otherwise SSL_CERT_FILE or the system CAs)
     #[argh(option, default = "String::new()")]
     pub mesh_with: String,
+    /// verify clients with the local tailscaled: LocalAPI whois over its unix socket (default
+    /// false)
+    #[argh(option, default = "false")]
+    pub verify_clients: bool,
+    /// tailscaled's LocalAPI socket for --verify-clients
+    /// (default /var/run/tailscale/tailscaled.sock)
+    #[argh(option, default = "String::new()")]
+    pub socket: String,
+    /// admission controller: POST {"NodePublic","Source"} to this URL, expect {"Allow":true}
+    #[argh(option, default = "String::new()")]
+    pub verify_client_url: String,
+    /// allow clients when the admission controller is unreachable (default true)
+    #[argh(option, default = "true")]
+    pub verify_client_url_fail_open: bool,
+    /// file of allowed node keys, one nodekey:<hex> per line, # comments; reloaded on SIGHUP
+    /// and when it changes
+    #[argh(option, default = "String::new()")]
+    pub allow_keys_file: String,
+    /// new connections per second on the main listener; the excess is closed (default inf)
+    #[argh(option, default = "f64::INFINITY")]
+    pub accept_connection_limit: f64,
+    /// burst for --accept-connection-limit (default unlimited)
+    #[argh(option, default = "u64::MAX")]
+    pub accept_connection_burst: u64,
+    /// most logged-in DERP connections; more are refused at login (default 2048)
+    #[argh(option, default = "DEFAULT_MAX_CLIENTS")]
+    pub max_clients: usize,
+    /// most connections not yet logged in (TLS handshake, request head, login); the excess is
+    /// closed at accept (default 256)
+    #[argh(option, default = "DEFAULT_MAX_HANDSHAKES")]
+    pub max_handshakes: usize,
+    /// per-client receive rate limit, derper's JSON {"PerClientRateLimitBytesPerSec":N,
+    /// "PerClientRateBurstBytes":M}; reloaded on SIGHUP
+    #[argh(option, default = "String::new()")]
+    pub rate_config: String,
+    /// deadline for the TLS handshake plus the HTTP request head, Go duration (default 10s)
+    #[argh(option, default = "String::from(\"10s\")")]
+    pub handshake_timeout: String,
+    /// deadline from the DERP upgrade to a complete login, Go duration (default 10s)
+    #[argh(option, default = "String::from(\"10s\")")]
+    pub login_timeout: String,
     /// log level: error, warn, info, debug, trace; RUST_LOG overrides (default info)
     #[argh(option, default = "String::from(\"info\")")]
     pub log_level: String,
 }
 
 /// Flags that are booleans: Go lets them stand alone (`-dev`) or take `=value`.
-const BOOL_FLAGS: &[&str] = &["stun", "derp", "dev", "version", "meta-cert"];
+const BOOL_FLAGS: &[&str] = &[
+    "stun",
+    "derp",
+    "dev",
+    "version",
+    "meta-cert",
+    "verify-clients",
+    "verify-client-url-fail-open",
+];
 
 /// Rewrites Go-style arguments into the form argh parses: `-flag` → `--flag`, `=value` split
 /// off, and boolean flags given an explicit value. Single-letter flags (`-a`, `-c`) keep one
@@ -245,6 +301,20 @@ pub struct Config {
     pub mesh_key: Option<[u8; 32]>,
     /// Mesh peers to dial.
     pub mesh_with: Vec<crate::mesh::MeshPeer>,
+    /// Who may log in (mesh peers are always admitted).
+    pub admission: crate::admission::AdmissionConfig,
+    /// Accept rate limit: (connections per second, burst); `None` = unlimited.
+    pub accept_limit: Option<(f64, u64)>,
+    /// Most logged-in DERP connections.
+    pub max_clients: usize,
+    /// Most connections not yet logged in.
+    pub max_handshakes: usize,
+    /// `--rate-config` file.
+    pub rate_config: Option<PathBuf>,
+    /// Deadline for the TLS handshake plus the request head.
+    pub handshake_timeout: Duration,
+    /// Deadline from the upgrade to a complete ClientInfo.
+    pub login_timeout: Duration,
 }
 
 impl Config {
@@ -266,6 +336,13 @@ impl Config {
             threads: 2,
             mesh_key: None,
             mesh_with: Vec::new(),
+            admission: crate::admission::AdmissionConfig::default(),
+            accept_limit: None,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            rate_config: None,
+            handshake_timeout: Duration::from_secs(10),
+            login_timeout: Duration::from_secs(10),
         }
     }
 
@@ -367,8 +444,53 @@ impl Config {
             threads,
             mesh_key,
             mesh_with,
+            admission: crate::admission::AdmissionConfig {
+                tailscaled_socket: a.verify_clients.then(|| {
+                    PathBuf::from(non_empty(&a.socket).unwrap_or(DEFAULT_TAILSCALED_SOCKET))
+                }),
+                url: non_empty(&a.verify_client_url).map(str::to_string),
+                fail_open: a.verify_client_url_fail_open,
+                allow_keys_file: non_empty(&a.allow_keys_file).map(PathBuf::from),
+            },
+            accept_limit: accept_limit(a.accept_connection_limit, a.accept_connection_burst)?,
+            max_clients: positive("--max-clients", a.max_clients)?,
+            max_handshakes: positive("--max-handshakes", a.max_handshakes)?,
+            rate_config: non_empty(&a.rate_config).map(PathBuf::from),
+            handshake_timeout: deadline("--handshake-timeout", &a.handshake_timeout)?,
+            login_timeout: deadline("--login-timeout", &a.login_timeout)?,
         })
     }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn positive(flag: &str, n: usize) -> Result<usize, String> {
+    if n == 0 {
+        return Err(format!("{flag} must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// A deadline flag: a Go duration that is not zero.
+fn deadline(flag: &str, s: &str) -> Result<Duration, String> {
+    let d = parse_go_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{flag} must be more than 0"));
+    }
+    Ok(d)
+}
+
+/// `--accept-connection-limit`/`-burst`: `None` when unlimited (derper's defaults).
+fn accept_limit(per_sec: f64, burst: u64) -> Result<Option<(f64, u64)>, String> {
+    if per_sec.is_nan() || per_sec < 0.0 {
+        return Err(format!("invalid --accept-connection-limit {per_sec}"));
+    }
+    if per_sec.is_infinite() {
+        return Ok(None);
+    }
+    Ok(Some((per_sec, burst)))
 }
 
 /// derper's default mesh key files, the first that exists wins.

@@ -6,6 +6,9 @@
 //! - [`server`]: binds the listeners, runs the executor threads; per TCP connection: TLS
 //!   ([`tls`], with the meta-cert), one bounded HTTP request head ([`http`]), then a response or
 //!   the DERP upgrade. Also the STUN loop ([`stun`]).
+//! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
+//!   asked between ClientInfo and registration.
+//! - `debug`: the `/debug/` pages (Prometheus `varz`) and derper's access rule for them.
 //! - [`client`]: one DERP connection: the login ([`handshake`]: ServerKey → ClientInfo →
 //!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
 //!   RecvPacket and queues it on the destination, and a writer that drains queues into one
@@ -25,8 +28,10 @@
 //! the benchmark's load generator, built only with `--features bench`), a DERP client made of
 //! [`frame`] and [`handshake`].
 
+pub mod admission;
 pub mod client;
 pub mod config;
+mod debug;
 pub mod frame;
 pub mod handshake;
 pub mod http;

@@ -27,10 +27,6 @@ use crate::registry::Registry;
 use crate::stun;
 use crate::tls;
 
-/// Time allowed for the TLS handshake plus the request head (slowloris guard). Tailscale
-/// clients finish their whole connect in 10 s, so this costs them nothing.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Shared server state, one per running server.
 pub struct State {
     /// The server's DERP identity.
@@ -58,6 +54,12 @@ pub struct State {
     tcp_user_timeout: Option<Duration>,
     /// TLS for the main listener, if it uses TLS.
     tls: Option<futures_rustls::TlsAcceptor>,
+    /// Who may log in.
+    pub admission: crate::admission::Admission,
+    /// Time allowed for the TLS handshake plus the request head (slowloris guard).
+    pub handshake_timeout: Duration,
+    /// Time allowed from the upgrade to a complete ClientInfo.
+    pub login_timeout: Duration,
 }
 
 impl std::fmt::Debug for State {
@@ -82,6 +84,8 @@ pub enum StartError {
     Io(io::Error),
     /// A mesh peer's TLS settings are unusable.
     Mesh(String),
+    /// A file named by a flag is unusable.
+    Config(String),
 }
 
 impl std::fmt::Display for StartError {
@@ -91,7 +95,7 @@ impl std::fmt::Display for StartError {
             Self::Key(e) => write!(f, "{e}"),
             Self::Tls(e) => write!(f, "{e}"),
             Self::Io(e) => write!(f, "{e}"),
-            Self::Mesh(e) => f.write_str(e),
+            Self::Mesh(e) | Self::Config(e) => f.write_str(e),
         }
     }
 }
@@ -197,6 +201,8 @@ impl Server {
                 .map_err(|e| StartError::Mesh(format!("mesh peer {}: {e}", peer.host)))?;
             mesh_links.push((peer.clone(), tls));
         }
+        let admission =
+            crate::admission::Admission::new(cfg.admission.clone()).map_err(StartError::Config)?;
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::with_budget(cfg.buffer_budget);
         let state = Arc::new(State {
@@ -213,6 +219,9 @@ impl Server {
             tcp_keepalive: cfg.tcp_keepalive,
             tcp_user_timeout: cfg.tcp_user_timeout,
             tls: tls_acceptor,
+            admission,
+            handshake_timeout: cfg.handshake_timeout,
+            login_timeout: cfg.login_timeout,
         });
 
         info!(
@@ -507,7 +516,7 @@ async fn handle_conn(
     });
     let (mut stream, req, leftover) = setup
         .or(async {
-            Timer::after(HEAD_TIMEOUT).await;
+            Timer::after(state.handshake_timeout).await;
             Err(ConnFail::Timeout("TLS handshake and request head"))
         })
         .await?;
@@ -541,6 +550,9 @@ async fn handle_conn(
                     http::text_error(426, "Upgrade Required", "DERP requires connection upgrade")
                 }
             },
+            p if p == "/debug" || p.starts_with("/debug/") => {
+                crate::debug::respond(state, &req, remote)
+            }
             "/generate_204" => http::no_content(req.challenge.as_deref()),
             "/robots.txt" => http::robots(head),
             _ => http::home(&state.home, state.derp_enabled, head),
@@ -553,7 +565,7 @@ async fn handle_conn(
     };
     write
         .or(async {
-            Timer::after(HEAD_TIMEOUT).await;
+            Timer::after(state.handshake_timeout).await;
             Err(io::ErrorKind::TimedOut.into())
         })
         .await?;

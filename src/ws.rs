@@ -20,7 +20,7 @@ use smol::Timer;
 
 use crate::client::{self, ConnError, Upgrade};
 use crate::http::{self, Request};
-use crate::server::{State, HEAD_TIMEOUT};
+use crate::server::State;
 
 /// RFC 6455's GUID, appended to the client's key for `Sec-WebSocket-Accept`.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -183,7 +183,7 @@ where
         stream.flush().await
     }
     .or(async {
-        Timer::after(HEAD_TIMEOUT).await;
+        Timer::after(state.handshake_timeout).await;
         Err(io::ErrorKind::TimedOut.into())
     })
     .await?;
