@@ -74,7 +74,7 @@ impl From<io::Error> for ConnError {
 }
 
 /// What the HTTP layer learned about the connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Upgrade {
     /// Peer address.
     pub remote: SocketAddr,
@@ -84,6 +84,8 @@ pub struct Upgrade {
     pub not_ideal: bool,
     /// DERP runs inside a WebSocket ([`crate::ws`]), which already sent its own 101.
     pub websocket: bool,
+    /// The connection's `--max-handshakes` slot, given back once the login is done.
+    pub slot: Option<crate::limits::Slot>,
 }
 
 /// Runs a DERP connection to the end. `rd` must yield, first, any bytes the client pipelined
@@ -92,7 +94,7 @@ pub async fn serve<R, W>(
     state: Arc<State>,
     mut rd: R,
     mut wr: W,
-    up: Upgrade,
+    mut up: Upgrade,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -139,11 +141,19 @@ where
     };
     // Mesh peers are never checked (derper). A refused client sees EOF, no error frame.
     if !is_mesh {
-        if let Err(why) = state.admission.check(&info.key, up.remote).await {
+        let mut verdict = state.admission.check(&info.key, up.remote).await;
+        let m = &state.metrics;
+        if verdict.is_ok() && m.current_connections.load(Relaxed) >= state.max_clients {
+            m.clients_full.fetch_add(1, Relaxed);
+            verdict = Err(format!("server full (--max-clients {})", state.max_clients));
+        }
+        if let Err(why) = verdict {
             info!("derp: {}: client {} rejected: {why}", up.remote, info.key);
             return Err(ConnError::Rejected(why));
         }
     }
+    // Logged in: the connection no longer counts against --max-handshakes.
+    drop(up.slot.take());
     let mut flags = 0;
     if is_mesh {
         flags |= peer_flags::IS_MESH_PEER;
@@ -288,6 +298,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let connected_at = Instant::now();
     let mut burst = 0u32;
     let mut routes = RouteCache::default();
+    let mut bucket = crate::limits::Bucket::default();
     loop {
         burst += 1;
         if burst == READ_BURST {
@@ -303,6 +314,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         let (t, len) = frame::decode_header(&h);
         state.registry.note_activity(client);
+        // --rate-config: wait before reading the frame (TCP backpressure); mesh peers exempt.
+        if !client.is_mesh {
+            if let Some(d) = bucket.delay(&state.rate, len) {
+                Timer::after(d).await;
+            }
+        }
         let n = len as usize;
         match FrameType::from_u8(t) {
             Some(FrameType::SendPacket) => {

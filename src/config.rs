@@ -24,6 +24,8 @@ pub const ROOT_KEY_PATH: &str = "/var/lib/derper/derper.key";
 pub const DEFAULT_MAX_CLIENTS: usize = 2048;
 /// Default `--max-handshakes`: connections not yet logged in, at once.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// How often `--certmode manual` files are checked for a renewal (SIGHUP reloads at once).
+pub const CERT_POLL: Duration = Duration::from_secs(30);
 /// tailscaled's LocalAPI socket on Linux (derper's default for `--verify-clients`).
 pub const DEFAULT_TAILSCALED_SOCKET: &str = "/var/run/tailscale/tailscaled.sock";
 
@@ -315,6 +317,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Deadline from the upgrade to a complete ClientInfo.
     pub login_timeout: Duration,
+    /// How often the certificate files are checked for changes.
+    pub cert_poll: Duration,
 }
 
 impl Config {
@@ -343,6 +347,7 @@ impl Config {
             rate_config: None,
             handshake_timeout: Duration::from_secs(10),
             login_timeout: Duration::from_secs(10),
+            cert_poll: CERT_POLL,
         }
     }
 
@@ -458,6 +463,7 @@ impl Config {
             rate_config: non_empty(&a.rate_config).map(PathBuf::from),
             handshake_timeout: deadline("--handshake-timeout", &a.handshake_timeout)?,
             login_timeout: deadline("--login-timeout", &a.login_timeout)?,
+            cert_poll: CERT_POLL,
         })
     }
 }

@@ -15,6 +15,8 @@
 //!   vectored write and one flush.
 //! - [`ws`]: DERP over WebSocket on `/derp` (browsers): the RFC 6455 accept, then binary
 //!   messages as the byte stream that [`client`] serves.
+//! - [`limits`]: the accept rate, connections still logging in, and the per-client receive
+//!   rate (`--rate-config`).
 //! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping, and the
 //!   mesh: keys on other nodes → the [`mesh`] link that forwards to them, and the watchers.
 //! - [`mesh`]: the outbound side of the regional mesh: one link per `--mesh-with` peer (dial,
@@ -36,6 +38,7 @@ pub mod frame;
 pub mod handshake;
 pub mod http;
 pub mod key;
+pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod pool;

@@ -56,11 +56,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match derpd::server::Server::start(cfg) {
-        Ok(server) => {
-            server.wait();
-            ExitCode::SUCCESS
-        }
+    // SIGTERM/SIGINT: Restarting to every client, a bounded flush, exit 0. SIGHUP: reload.
+    match derpd::server::Server::start(cfg).and_then(|s| s.run_until_signalled()) {
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
             ExitCode::FAILURE

@@ -78,6 +78,15 @@ pub struct Metrics {
     pub fast_start_logins: AtomicU64,
     /// Connections that ended with an error (bad head, TLS, ClientInfo, deadline, protocol).
     pub failed_logins: AtomicU64,
+    /// Connections closed at accept by `--accept-connection-limit`
+    /// (derper's `tls_listener` `counter_rejected_connections`).
+    pub accept_rejected: AtomicU64,
+    /// Connections closed at accept because `--max-handshakes` were logging in.
+    pub handshakes_full: AtomicU64,
+    /// Logins refused because `--max-clients` were connected.
+    pub clients_full: AtomicU64,
+    /// Failed accept calls (out of file descriptors and the like).
+    pub accept_errors: AtomicU64,
     /// Packets received from clients (`packets_received`).
     pub packets_received: AtomicU64,
     /// Bytes of packets received (`bytes_received`).

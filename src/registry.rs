@@ -592,6 +592,21 @@ impl Registry {
         read(&self.inner).clients.len()
     }
 
+    /// Queues `frame()` on every connection and closes it: each writer sends what it has
+    /// queued, the frame last, then ends the connection. Returns how many were told.
+    pub fn restart_all(&self, mut frame: impl FnMut() -> SmallFrame) -> usize {
+        let mut n = 0;
+        for set in read(&self.inner).clients.values() {
+            for c in &set.conns {
+                if c.enqueue_control(frame()) {
+                    n += 1;
+                }
+                c.close();
+            }
+        }
+        n
+    }
+
     /// Closes every connection (shutdown).
     pub fn close_all(&self) {
         for set in read(&self.inner).clients.values() {

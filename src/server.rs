@@ -18,9 +18,11 @@ use smol::{Async, Executor, Timer};
 
 use crate::client::{self, Upgrade};
 use crate::config::{Config, KeySource};
+use crate::frame::SmallFrame;
 use crate::http::{self, Home, Request};
 use crate::key::NodePrivate;
 use crate::key::NodePublic;
+use crate::limits::{AcceptLimiter, RateConfig, RateLimits, Slot, Slots};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -60,6 +62,19 @@ pub struct State {
     pub handshake_timeout: Duration,
     /// Time allowed from the upgrade to a complete ClientInfo.
     pub login_timeout: Duration,
+    /// Connections not logged in yet (`--max-handshakes`).
+    pub handshakes: Arc<Slots>,
+    /// `--max-clients`.
+    pub max_clients: usize,
+    /// `--accept-connection-limit` and `-burst`.
+    accept_limit: Option<(f64, u64)>,
+    /// `--rate-config`: the per-client receive limit.
+    pub rate: RateLimits,
+    rate_config: Option<std::path::PathBuf>,
+    /// Set on SIGTERM/SIGINT: the listeners stop accepting.
+    stopping: Stop,
+    /// Swaps in renewed `--certmode manual` files.
+    certs: Option<tls::CertReloader>,
 }
 
 impl std::fmt::Debug for State {
@@ -111,8 +126,10 @@ pub struct Server {
     stun_addrs: Vec<SocketAddr>,
     stop: Arc<Stop>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    ex: Arc<Executor<'static>>,
 }
 
+/// A one-way flag that tasks can wait on.
 #[derive(Debug, Default)]
 struct Stop {
     flag: AtomicBool,
@@ -120,6 +137,11 @@ struct Stop {
 }
 
 impl Stop {
+    fn set(&self) {
+        self.flag.store(true, Relaxed);
+        self.event.notify(usize::MAX);
+    }
+
     async fn wait(&self) {
         loop {
             if self.flag.load(Relaxed) {
@@ -154,6 +176,7 @@ impl Server {
         let addr = tcp.get_ref().local_addr().map_err(StartError::Io)?;
 
         let mut tls_acceptor = None;
+        let mut cert_reloader = None;
         let mut node_pin = None;
         if let Some(mode) = &cfg.tls {
             let cert =
@@ -168,9 +191,16 @@ impl Server {
             if cert.hostname_is_ip {
                 node_pin = Some(cert.leaf_sha256_hex());
             }
-            let sc = tls::server_config(&cert, &mode.hostname, public_key.0, cfg.meta_cert)
-                .map_err(StartError::Tls)?;
+            let (sc, reloader) = tls::reloadable_server_config(
+                &cert,
+                &mode.hostname,
+                &mode.certdir,
+                public_key.0,
+                cfg.meta_cert,
+            )
+            .map_err(StartError::Tls)?;
             tls_acceptor = Some(futures_rustls::TlsAcceptor::from(sc));
+            cert_reloader = Some(reloader);
         }
 
         let http80 = match (cfg.tls.is_some(), cfg.http_port) {
@@ -203,6 +233,12 @@ impl Server {
         }
         let admission =
             crate::admission::Admission::new(cfg.admission.clone()).map_err(StartError::Config)?;
+        let rate = RateLimits::default();
+        if let Some(p) = &cfg.rate_config {
+            let rc = RateConfig::load(p).map_err(StartError::Config)?;
+            rate.set(rc);
+            log_rate_config(rc);
+        }
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::with_budget(cfg.buffer_budget);
         let state = Arc::new(State {
@@ -222,6 +258,13 @@ impl Server {
             admission,
             handshake_timeout: cfg.handshake_timeout,
             login_timeout: cfg.login_timeout,
+            handshakes: Slots::new(cfg.max_handshakes),
+            max_clients: cfg.max_clients,
+            accept_limit: cfg.accept_limit,
+            rate,
+            rate_config: cfg.rate_config.clone(),
+            stopping: Stop::default(),
+            certs: cert_reloader,
         });
 
         info!(
@@ -264,6 +307,9 @@ impl Server {
             ex.spawn(accept_loop(ex.clone(), state.clone(), l, Listener::Port80))
                 .detach();
         }
+        if state.certs.is_some() {
+            ex.spawn(watch_certs(state.clone(), cfg.cert_poll)).detach();
+        }
         for s in stun_socks {
             ex.spawn(stun_loop(state.clone(), s)).detach();
         }
@@ -291,6 +337,7 @@ impl Server {
             stun_addrs,
             stop,
             threads,
+            ex,
         })
     }
 
@@ -320,12 +367,130 @@ impl Server {
             let _ = t.join();
         }
     }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully ([`Server::shutdown`]).
+    /// SIGHUP reloads the allow-keys file, the rate config and the certificate. For the
+    /// binary; tests call [`Server::shutdown`] instead.
+    pub fn run_until_signalled(mut self) -> Result<ShutdownReport, StartError> {
+        use async_signal::{Signal, Signals};
+        use smol::stream::StreamExt;
+        let mut signals =
+            Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(StartError::Io)?;
+        let state = self.state.clone();
+        let task = self.ex.spawn(async move {
+            while let Some(sig) = signals.next().await {
+                match sig {
+                    Ok(Signal::Hup) => reload(&state),
+                    Ok(sig) => {
+                        let name = if sig == Signal::Int {
+                            "SIGINT"
+                        } else {
+                            "SIGTERM"
+                        };
+                        info!("received {name}: shutting down");
+                        return graceful(&state, SHUTDOWN_GRACE).await;
+                    }
+                    Err(e) => warn!("signal handling: {e}"),
+                }
+            }
+            graceful(&state, SHUTDOWN_GRACE).await
+        });
+        let report = smol::block_on(task);
+        self.stop_threads();
+        Ok(report)
+    }
+
+    /// Stops accepting, tells every client the server is restarting (frame 0x15, with a
+    /// reconnect delay spread over [`RECONNECT_SPREAD`] so they do not all return at once),
+    /// lets each writer flush what it has queued, and waits up to `grace` for the connections
+    /// to end.
+    pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        smol::block_on(graceful(&self.state, grace))
+    }
+
+    fn stop_threads(&mut self) {
+        self.stop.set();
+        self.state.registry.close_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How long a graceful shutdown waits for clients to take their Restarting frame.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Clients are asked to reconnect after a delay drawn from `[0, RECONNECT_SPREAD)`.
+pub const RECONNECT_SPREAD: Duration = Duration::from_secs(2);
+/// The Restarting frame's try-for: "not more than a few seconds" (Tailscale's derp client).
+pub const RESTART_TRY_FOR: Duration = Duration::from_secs(5);
+
+/// What a graceful shutdown achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Clients sent a Restarting frame.
+    pub notified: usize,
+    /// Connections still open when the grace period ended.
+    pub left: usize,
+}
+
+async fn graceful(state: &State, grace: Duration) -> ShutdownReport {
+    state.stopping.set();
+    let notified = state.registry.restart_all(|| {
+        let spread = RECONNECT_SPREAD.as_millis() as u32;
+        SmallFrame::restarting(fastrand::u32(0..spread), RESTART_TRY_FOR.as_millis() as u32)
+    });
+    let deadline = std::time::Instant::now() + grace;
+    let m = &state.metrics;
+    // Polled: the shutdown path is not worth an event on every disconnect.
+    while m.current_connections.load(Relaxed) > 0 && std::time::Instant::now() < deadline {
+        Timer::after(Duration::from_millis(20)).await;
+    }
+    let left = m.current_connections.load(Relaxed);
+    info!("shutdown: {notified} clients told to reconnect, {left} still connected");
+    ShutdownReport { notified, left }
+}
+
+/// SIGHUP: re-read every file that can change under a running server.
+fn reload(state: &State) {
+    info!("received SIGHUP: reloading");
+    state.admission.reload();
+    if let Some(certs) = &state.certs {
+        if let Err(e) = certs.reload() {
+            warn!("certificate reload failed, keeping the old certificate: {e}");
+        }
+    }
+    if let Some(p) = &state.rate_config {
+        match RateConfig::load(p) {
+            Ok(rc) => {
+                state.rate.set(rc);
+                log_rate_config(rc);
+            }
+            Err(e) => warn!("rate config reload failed, keeping the old one: {e}"),
+        }
+    }
+}
+
+/// Reloads the certificate when its files change (acme.sh and similar renew in place).
+async fn watch_certs(state: Arc<State>, every: Duration) {
+    let Some(certs) = &state.certs else { return };
+    loop {
+        Timer::after(every).await;
+        if let Some(Err(e)) = certs.reload_if_changed() {
+            warn!("certificate files changed but cannot be used, keeping the old certificate: {e}");
+        }
+    }
+}
+
+fn log_rate_config(rc: RateConfig) {
+    info!(
+        "rate config applied: client-rate={} bytes/sec, client-burst={} bytes",
+        rc.bytes_per_sec, rc.burst_bytes
+    );
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.flag.store(true, Relaxed);
-        self.stop.event.notify(usize::MAX);
+        self.stop.set();
         self.state.registry.close_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -413,14 +578,41 @@ async fn accept_loop(
     which: Listener,
 ) {
     let mut backoff = Duration::from_millis(5);
+    let m = &state.metrics;
+    let mut limiter = match which {
+        Listener::Main => state.accept_limit.map(|(r, b)| AcceptLimiter::new(r, b)),
+        Listener::Port80 => None,
+    };
+    let mut refusals = Refusals::default();
     loop {
-        match listener.accept().await {
+        let accepted = async { Some(listener.accept().await) }
+            .or(async {
+                state.stopping.wait().await;
+                None
+            })
+            .await;
+        let Some(accepted) = accepted else {
+            debug!("{which:?} listener closed");
+            return;
+        };
+        match accepted {
             Ok((tcp, remote)) => {
                 backoff = Duration::from_millis(5);
-                state.metrics.accepts.fetch_add(1, Relaxed);
+                m.accepts.fetch_add(1, Relaxed);
+                // Over a limit: close at once and keep accepting (derper's listener may exit).
+                if limiter.as_mut().is_some_and(|l| !l.allow()) {
+                    m.accept_rejected.fetch_add(1, Relaxed);
+                    refusals.note(remote, "--accept-connection-limit");
+                    continue;
+                }
+                let Some(slot) = state.handshakes.try_take() else {
+                    m.handshakes_full.fetch_add(1, Relaxed);
+                    refusals.note(remote, "--max-handshakes");
+                    continue;
+                };
                 let st = state.clone();
                 ex.spawn(async move {
-                    let Err(e) = handle_conn(&st, tcp, remote, which).await else {
+                    let Err(e) = handle_conn(&st, tcp, remote, which, slot).await else {
                         return;
                     };
                     st.metrics.failed_logins.fetch_add(1, Relaxed);
@@ -435,11 +627,38 @@ async fn accept_loop(
                 .detach();
             }
             Err(e) => {
+                m.accept_errors.fetch_add(1, Relaxed);
                 // Out of file descriptors and similar: wait and keep accepting, never exit.
                 warn!("accept: {e}; retrying in {backoff:?}");
                 Timer::after(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Logs refused connections at most every 10 s, so a flood does not flood the log.
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, remote: SocketAddr, limit: &str) {
+        self.since_log += 1;
+        debug!("{remote}: refused by {limit}");
+        let now = std::time::Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+        {
+            warn!(
+                "refusing connections: {limit} reached ({} refused since the last report)",
+                self.since_log
+            );
+            self.since_log = 0;
+            self.last_log = Some(now);
         }
     }
 }
@@ -490,6 +709,7 @@ async fn handle_conn(
     tcp: Async<TcpStream>,
     remote: SocketAddr,
     which: Listener,
+    slot: Slot,
 ) -> Result<(), ConnFail> {
     set_tcp_options(state, tcp.get_ref());
     // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
@@ -534,14 +754,14 @@ async fn handle_conn(
                     match crate::ws::accept(&req, remote) {
                         Ok(acc) => {
                             drop(req);
-                            let ws = crate::ws::serve(state, stream, leftover, acc, remote);
+                            let ws = crate::ws::serve(state, stream, leftover, acc, remote, slot);
                             return ws.await.map_err(ConnFail::Derp);
                         }
                         Err(refusal) => refusal,
                     }
                 }
                 "derp" | "websocket" => {
-                    return serve_derp(state, stream, leftover, req, remote).await;
+                    return serve_derp(state, stream, leftover, req, remote, slot).await;
                 }
                 other => {
                     if !other.is_empty() {
@@ -578,6 +798,7 @@ async fn serve_derp(
     leftover: Vec<u8>,
     req: Request,
     remote: SocketAddr,
+    slot: Slot,
 ) -> Result<(), ConnFail> {
     let shared = Shared::new(stream);
     let rd = Cursor::new(leftover).chain(shared.clone());
@@ -586,6 +807,7 @@ async fn serve_derp(
         fast_start: req.fast_start,
         not_ideal: req.not_ideal,
         websocket: false,
+        slot: Some(slot),
     };
     // The request's strings are not needed for the connection's life.
     drop(req);

@@ -15,7 +15,6 @@ use rcgen::{
     CertificateParams, CustomExtension, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
@@ -305,9 +304,7 @@ impl ServerCert {
 /// is generated and written there (like derper's `createSelfSignedIPCert`). A loaded certificate
 /// must match `hostname` by Go's `VerifyHostname` rules and its key must match the leaf.
 pub fn load_or_create(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsError> {
-    let stem = cert_file_stem(hostname);
-    let crt = certdir.join(format!("{stem}.crt"));
-    let key = certdir.join(format!("{stem}.key"));
+    let (crt, key) = cert_paths(hostname, certdir);
     let ip = hostname.parse::<IpAddr>().ok();
     let crt_exists = crt
         .try_exists()
@@ -315,24 +312,48 @@ pub fn load_or_create(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsE
     let key_exists = key
         .try_exists()
         .map_err(io_err("check the key file", &key))?;
+    match (crt_exists, key_exists, ip) {
+        (false, false, Some(ip)) => {
+            let cert = create_self_signed_ip_cert(ip, hostname, certdir, &crt, &key)?;
+            check_cert(&cert, hostname, &crt, &key)?;
+            Ok(cert)
+        }
+        _ => load(hostname, certdir),
+    }
+}
 
+/// `<certdir>/<stem>.crt` and `.key`.
+fn cert_paths(hostname: &str, certdir: &Path) -> (PathBuf, PathBuf) {
+    let stem = cert_file_stem(hostname);
+    (
+        certdir.join(format!("{stem}.crt")),
+        certdir.join(format!("{stem}.key")),
+    )
+}
+
+/// Loads and checks the certificate files; never creates them (a reload uses this).
+pub fn load(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsError> {
+    let (crt, key) = cert_paths(hostname, certdir);
+    let crt_exists = crt
+        .try_exists()
+        .map_err(io_err("check the certificate file", &crt))?;
+    let key_exists = key
+        .try_exists()
+        .map_err(io_err("check the key file", &key))?;
     let cert = match (crt_exists, key_exists) {
         (true, true) => ServerCert {
             chain: read_chain(&crt)?,
             key: read_key(&key)?,
             generated: false,
-            hostname_is_ip: ip.is_some(),
+            hostname_is_ip: hostname.parse::<IpAddr>().is_ok(),
         },
-        (false, false) => match ip {
-            Some(ip) => create_self_signed_ip_cert(ip, hostname, certdir, &crt, &key)?,
-            None => {
-                return Err(TlsError::CertFilesMissing {
-                    hostname: hostname.to_owned(),
-                    crt,
-                    key,
-                })
-            }
-        },
+        (false, false) => {
+            return Err(TlsError::CertFilesMissing {
+                hostname: hostname.to_owned(),
+                crt,
+                key,
+            })
+        }
         (true, false) => {
             return Err(TlsError::IncompleteFiles {
                 present: crt,
@@ -346,13 +367,18 @@ pub fn load_or_create(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsE
             })
         }
     };
+    check_cert(&cert, hostname, &crt, &key)?;
+    Ok(cert)
+}
 
+/// The key must match the leaf, and the leaf the hostname.
+fn check_cert(cert: &ServerCert, hostname: &str, crt: &Path, key: &Path) -> Result<(), TlsError> {
     let provider = rustls::crypto::ring::default_provider();
     CertifiedKey::from_der(cert.chain.clone(), cert.key.clone_key(), &provider).map_err(
         |source| match source {
             rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-                crt: crt.clone(),
-                key: key.clone(),
+                crt: crt.to_path_buf(),
+                key: key.to_path_buf(),
             },
             source => TlsError::Rustls {
                 context: format!("cannot use the private key in {}", key.display()),
@@ -360,8 +386,7 @@ pub fn load_or_create(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsE
             },
         },
     )?;
-    verify_hostname(&cert.chain, hostname, &crt)?;
-    Ok(cert)
+    verify_hostname(&cert.chain, hostname, crt)
 }
 
 fn pem_err(path: &Path, action: &'static str, e: pem::Error) -> TlsError {
@@ -685,18 +710,94 @@ pub fn server_config(
     server_public_key: [u8; 32],
     with_meta_cert: bool,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let resolver = DerpCertResolver::new(
+    let resolver = Arc::new(DerpCertResolver::new(
         cert,
         hostname,
         with_meta_cert.then_some(server_public_key),
-        &provider,
-    )?;
+    )?);
+    config_with(resolver)
+}
+
+/// [`server_config`] plus a handle that swaps in renewed certificate files without a restart.
+pub fn reloadable_server_config(
+    cert: &ServerCert,
+    hostname: &str,
+    certdir: &Path,
+    server_public_key: [u8; 32],
+    with_meta_cert: bool,
+) -> Result<(Arc<rustls::ServerConfig>, CertReloader), TlsError> {
+    let resolver = Arc::new(DerpCertResolver::new(
+        cert,
+        hostname,
+        with_meta_cert.then_some(server_public_key),
+    )?);
+    let (crt, key) = cert_paths(hostname, certdir);
+    let reloader = CertReloader {
+        stamp: Mutex::new(files_stamp(&crt, &key)),
+        resolver: resolver.clone(),
+        hostname: hostname.to_string(),
+        certdir: certdir.to_path_buf(),
+        crt,
+        key,
+    };
+    Ok((config_with(resolver)?, reloader))
+}
+
+/// Reloads `--certmode manual` certificates: on demand (SIGHUP) or when the files change.
+/// Connections already up keep the certificate they were handshaken with.
+#[derive(Debug)]
+pub struct CertReloader {
+    resolver: Arc<DerpCertResolver>,
+    hostname: String,
+    certdir: PathBuf,
+    crt: PathBuf,
+    key: PathBuf,
+    /// The files as last looked at.
+    stamp: Mutex<FilesStamp>,
+}
+
+/// (modified, length, inode) of the certificate and key files; `None` for a missing file.
+type FilesStamp = [Option<(SystemTime, u64, u64)>; 2];
+
+fn files_stamp(crt: &Path, key: &Path) -> FilesStamp {
+    use std::os::unix::fs::MetadataExt;
+    [crt, key].map(|p| {
+        let m = fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    })
+}
+
+impl CertReloader {
+    /// Reads the files and serves them to new connections. On error the old certificate stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = files_stamp(&self.crt, &self.key);
+        let cert = load(&self.hostname, &self.certdir)?;
+        self.resolver.replace(&cert)?;
+        log::info!(
+            "loaded certificate {} (leaf sha256 {})",
+            self.crt.display(),
+            cert.leaf_sha256_hex()
+        );
+        Ok(())
+    }
+
+    /// Reloads if either file changed since the last look. `None`: nothing changed.
+    pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
+        let now = files_stamp(&self.crt, &self.key);
+        if *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) == now {
+            return None;
+        }
+        Some(self.reload())
+    }
+}
+
+fn config_with(resolver: Arc<DerpCertResolver>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(rustls_err("cannot configure TLS versions"))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // DERP clients never resume (Go's client has no session cache), and a resumed TLS 1.3
     // session would carry no meta-cert anyway; don't spend router memory on a session cache.
@@ -707,6 +808,10 @@ pub fn server_config(
 
 #[derive(Debug)]
 struct Served {
+    /// The certificate chain from the files, leaf first.
+    chain: Vec<CertificateDer<'static>>,
+    signing_key: Arc<dyn SigningKey>,
+    /// `chain` plus the meta-cert, as served.
     key: Arc<CertifiedKey>,
     /// When to regenerate the meta-cert; None when there is none.
     renew_after: Option<SystemTime>,
@@ -718,10 +823,10 @@ struct DerpCertResolver {
     /// (derper compares the raw strings; Go clients send the hostname as configured).
     hostname: String,
     hostname_is_ip: bool,
-    chain: Vec<CertificateDer<'static>>,
-    signing_key: Arc<dyn SigningKey>,
     /// The server's DERP key, when the meta-cert is enabled.
     meta_key: Option<[u8; 32]>,
+    /// The current meta-cert, kept to serve it again with a reloaded chain.
+    meta: Mutex<Option<MetaCert>>,
     served: Mutex<Served>,
 }
 
@@ -730,22 +835,26 @@ impl DerpCertResolver {
         cert: &ServerCert,
         hostname: &str,
         meta_key: Option<[u8; 32]>,
-        provider: &CryptoProvider,
     ) -> Result<Self, TlsError> {
-        let signing_key = provider
-            .key_provider
-            .load_private_key(cert.key.clone_key())
-            .map_err(rustls_err("cannot use the certificate's private key"))?;
+        let signing_key = signing_key(cert)?;
         let meta = meta_key.as_ref().map(generate_meta_cert).transpose()?;
-        let served = build_served(&cert.chain, &signing_key, meta.as_ref());
+        let served = build_served(cert.chain.clone(), signing_key, meta.as_ref());
         Ok(DerpCertResolver {
             hostname: hostname.to_ascii_lowercase(),
             hostname_is_ip: hostname.parse::<IpAddr>().is_ok(),
-            chain: cert.chain.clone(),
-            signing_key,
             meta_key,
+            meta: Mutex::new(meta),
             served: Mutex::new(served),
         })
+    }
+
+    /// Serves `cert` to new connections from now on, with the current meta-cert.
+    fn replace(&self, cert: &ServerCert) -> Result<(), TlsError> {
+        let signing_key = signing_key(cert)?;
+        let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        let next = build_served(cert.chain.clone(), signing_key, meta.as_ref());
+        *self.served.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
     }
 
     /// derper's rule: a DNS hostname requires SNI == hostname; an IP hostname accepts anything.
@@ -761,7 +870,10 @@ impl DerpCertResolver {
                 match meta_cert_at(&server_key, now) {
                     Ok(meta) => {
                         log::info!("renewed the DERP meta-certificate");
-                        *served = build_served(&self.chain, &self.signing_key, Some(&meta));
+                        let chain = std::mem::take(&mut served.chain);
+                        let key = Arc::clone(&served.signing_key);
+                        *served = build_served(chain, key, Some(&meta));
+                        *self.meta.lock().unwrap_or_else(|e| e.into_inner()) = Some(meta);
                     }
                     Err(e) => {
                         log::warn!(
@@ -776,16 +888,25 @@ impl DerpCertResolver {
     }
 }
 
+fn signing_key(cert: &ServerCert) -> Result<Arc<dyn SigningKey>, TlsError> {
+    rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(cert.key.clone_key())
+        .map_err(rustls_err("cannot use the certificate's private key"))
+}
+
 /// The chain followed by the meta-cert (last, as derper does), and when to renew the latter.
 fn build_served(
-    chain: &[CertificateDer<'static>],
-    signing_key: &Arc<dyn SigningKey>,
+    chain: Vec<CertificateDer<'static>>,
+    signing_key: Arc<dyn SigningKey>,
     meta: Option<&MetaCert>,
 ) -> Served {
-    let mut chain = chain.to_vec();
-    chain.extend(meta.map(|m| m.der.clone()));
+    let mut served = chain.clone();
+    served.extend(meta.map(|m| m.der.clone()));
     Served {
-        key: Arc::new(CertifiedKey::new(chain, Arc::clone(signing_key))),
+        key: Arc::new(CertifiedKey::new(served, Arc::clone(&signing_key))),
+        chain,
+        signing_key,
         renew_after: meta.map(|m| {
             m.not_after
                 .checked_sub(META_RENEW_BEFORE)
@@ -1104,7 +1225,7 @@ mod tests {
     }
 
     #[derive(Debug)]
-    struct AcceptAnything(Arc<CryptoProvider>);
+    struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
 
     impl ServerCertVerifier for AcceptAnything {
         fn verify_server_cert(
@@ -1248,9 +1369,8 @@ mod tests {
     fn resolver(with_meta: bool) -> (ServerCert, DerpCertResolver) {
         let tmp = TempDir::new();
         let cert = load_or_create("192.0.2.3", &tmp.0).unwrap();
-        let provider = rustls::crypto::ring::default_provider();
         let meta_key = with_meta.then_some(SERVER_KEY);
-        let r = DerpCertResolver::new(&cert, "192.0.2.3", meta_key, &provider).unwrap();
+        let r = DerpCertResolver::new(&cert, "192.0.2.3", meta_key).unwrap();
         (cert, r)
     }
 

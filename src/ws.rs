@@ -167,6 +167,7 @@ pub async fn serve<S>(
     leftover: Vec<u8>,
     acc: Accept,
     remote: SocketAddr,
+    slot: crate::limits::Slot,
 ) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -200,6 +201,7 @@ where
         fast_start: false,
         not_ideal: false,
         websocket: true,
+        slot: Some(slot),
     };
     client::serve(state.clone(), rd, wr, up).await
 }
