@@ -1387,6 +1387,49 @@ mod tests {
     }
 
     #[test]
+    fn reloader_swaps_in_renewed_files_and_keeps_the_old_on_error() {
+        let tmp = TempDir::new();
+        let cert = load_or_create("192.0.2.3", &tmp.0).unwrap();
+        let (_, reloader) =
+            reloadable_server_config(&cert, "192.0.2.3", &tmp.0, SERVER_KEY, true).unwrap();
+        let served = |r: &CertReloader| r.resolver.resolve_at(SystemTime::now());
+        assert!(reloader.reload_if_changed().is_none(), "nothing changed");
+        // A renewal: another certificate for the same IP, written over the files.
+        let other = TempDir::new();
+        let renewed = load_or_create("192.0.2.3", &other.0).unwrap();
+        for ext in ["crt", "key"] {
+            fs::copy(
+                other.0.join(format!("192.0.2.3.{ext}")),
+                tmp.0.join(format!("192.0.2.3.{ext}")),
+            )
+            .unwrap();
+        }
+        reloader.reload_if_changed().unwrap().unwrap();
+        let key = served(&reloader);
+        assert_eq!(key.cert[0], renewed.chain[0]);
+        assert_meta_last(&key.cert, &renewed.chain[0]);
+        key.keys_match().unwrap();
+        // A half-written renewal (certificate without its key) is refused; the last good
+        // certificate stays, and the change is reported once, not at every poll.
+        let third = TempDir::new();
+        load_or_create("192.0.2.3", &third.0).unwrap();
+        fs::copy(third.0.join("192.0.2.3.crt"), tmp.0.join("192.0.2.3.crt")).unwrap();
+        let e = reloader.reload_if_changed().unwrap().unwrap_err();
+        assert!(matches!(e, TlsError::KeyMismatch { .. }), "{e}");
+        assert!(reloader.reload_if_changed().is_none());
+        assert_eq!(served(&reloader).cert[0], renewed.chain[0]);
+        fs::write(tmp.0.join("192.0.2.3.key"), "garbage").unwrap();
+        assert!(reloader.reload().is_err());
+        fs::remove_file(tmp.0.join("192.0.2.3.key")).unwrap();
+        assert!(
+            reloader.reload().is_err(),
+            "a missing file is never regenerated"
+        );
+        assert!(!tmp.0.join("192.0.2.3.key").exists());
+        assert_eq!(served(&reloader).cert[0], renewed.chain[0]);
+    }
+
+    #[test]
     fn sni_rule() {
         let (_, ip) = resolver(false);
         assert!(ip.sni_allowed(None));

@@ -309,3 +309,52 @@ fn websocket_login_over_tls() {
     drop(srv);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// acme.sh and friends renew in place: new connections get the new certificate, connected
+/// clients stay, and a half-written renewal is ridden out.
+#[test]
+fn renewed_certificate_is_served_without_dropping_clients() {
+    let dir = tmpdir("tls-reload");
+    let mut cfg = Config::dev_loopback();
+    cfg.tls = Some(TlsMode {
+        hostname: "127.0.0.1".into(),
+        certdir: dir.clone(),
+    });
+    cfg.cert_poll = std::time::Duration::from_millis(20);
+    let srv = start(cfg);
+    let leaf = |rec: &Recorder| rec.0.lock().unwrap()[0].clone();
+    let login = |s: TlsConn| {
+        let mut c = DerpClient::new_raw(s);
+        c.login_upgrade(br#"{"version":2}"#).unwrap();
+        c
+    };
+    let (s, rec) = connect(srv.addr(), false);
+    let old = leaf(&rec);
+    let mut a = login(s);
+
+    let other = tmpdir("tls-reload-new");
+    let renewed = derpd::tls::load_or_create("127.0.0.1", &other).unwrap();
+    let new = renewed.chain[0].to_vec();
+    assert_ne!(new, old);
+    // The certificate first: for a moment the files do not match, and the old one stays.
+    for ext in ["crt", "key"] {
+        std::fs::copy(
+            other.join(format!("127.0.0.1.{ext}")),
+            dir.join(format!("127.0.0.1.{ext}")),
+        )
+        .unwrap();
+    }
+    wait_until("new connections get the renewed certificate", || {
+        let (_s, rec) = connect(srv.addr(), false);
+        leaf(&rec) == new
+    });
+    let (s, rec) = connect(srv.addr(), true);
+    assert_eq!(leaf(&rec), new, "TLS 1.2 too");
+    let mut b = login(s);
+    let bk = b.public();
+    a.send(&bk, b"from before the renewal");
+    assert_eq!(b.recv_packet().1, b"from before the renewal");
+    let ak = a.public();
+    b.send(&ak, b"back");
+    assert_eq!(a.recv_packet().1, b"back");
+}

@@ -1,0 +1,218 @@
+//! Limits against floods and slow clients: the accept rate, connections still logging in,
+//! logged-in clients, the handshake and login deadlines, and the per-client receive rate.
+//! Each test checks that the offending connection is closed and that logged-in clients keep
+//! relaying.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use common::*;
+use derpd::config::Config;
+use derpd::limits::RateConfig;
+
+fn relays(a: &mut DerpClient, b: &mut DerpClient, tag: &str) {
+    let bk = b.public();
+    a.send(&bk, tag.as_bytes());
+    assert_eq!(b.recv_packet().1, tag.as_bytes(), "relay after {tag}");
+}
+
+/// True when the server closes `s` (EOF or reset) before `IO_TIMEOUT`.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn max_handshakes_closes_the_excess_and_frees_slots() {
+    let mut cfg = Config::dev_loopback();
+    cfg.max_handshakes = 4;
+    let srv = start(cfg);
+    let st = srv.state().clone();
+    let mut a = DerpClient::connect(srv.addr());
+    let mut b = DerpClient::connect(srv.addr());
+    // Four silent connections take every slot (logged-in clients hold none).
+    let mut idle: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(srv.addr()).unwrap())
+        .collect();
+    wait_until("4 handshakes pending", || st.handshakes.in_use() == 4);
+    let mut fifth = TcpStream::connect(srv.addr()).unwrap();
+    assert!(closed_by_server(&mut fifth), "fifth connection closed");
+    assert_eq!(st.metrics.handshakes_full.load(Relaxed), 1);
+    relays(&mut a, &mut b, "handshakes full");
+    // One silent connection leaves: its slot serves a new login.
+    drop(idle.pop());
+    wait_until("a slot freed", || st.handshakes.in_use() == 3);
+    let mut c = DerpClient::connect(srv.addr());
+    relays(&mut c, &mut a, "new login after a slot freed");
+    assert_eq!(
+        st.handshakes.in_use(),
+        3,
+        "a logged-in client holds no slot"
+    );
+}
+
+#[test]
+fn handshake_and_login_deadlines_close_slow_clients() {
+    let mut cfg = Config::dev_loopback();
+    cfg.handshake_timeout = Duration::from_millis(300);
+    cfg.login_timeout = Duration::from_millis(300);
+    let srv = start(cfg);
+    let st = srv.state().clone();
+    let mut a = DerpClient::connect(srv.addr());
+    let mut b = DerpClient::connect(srv.addr());
+    // Slowloris: half a request head, then nothing.
+    let mut slow_head = TcpStream::connect(srv.addr()).unwrap();
+    slow_head
+        .write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // Upgraded, then no ClientInfo.
+    let mut slow_login = TcpStream::connect(srv.addr()).unwrap();
+    slow_login
+        .write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n")
+        .unwrap();
+    let t0 = Instant::now();
+    assert!(closed_by_server(&mut slow_head), "head deadline");
+    assert!(closed_by_server(&mut slow_login), "login deadline");
+    // Closed by the deadlines, not by the 5 s read timeout of the test socket.
+    assert!(t0.elapsed() < IO_TIMEOUT);
+    wait_until("slots given back", || st.handshakes.in_use() == 0);
+    relays(&mut a, &mut b, "deadlines");
+}
+
+#[test]
+fn accept_rate_limit_closes_the_excess_and_keeps_accepting() {
+    let mut cfg = Config::dev_loopback();
+    // One connection, then one every 50 ms.
+    cfg.accept_limit = Some((20.0, 1));
+    let srv = start(cfg);
+    let m = srv.state().metrics.clone();
+    let mut a = DerpClient::connect(srv.addr());
+    // Connections as fast as we can: the bucket is empty, so some are closed at once.
+    let mut refused = 0;
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(srv.addr()).unwrap();
+        s.write_all(b"GET /generate_204 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let _ = s.read_to_end(&mut out);
+        if out.is_empty() {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "no connection refused");
+    assert_eq!(m.accept_rejected.load(Relaxed), refused);
+    // The listener keeps accepting: a later login gets through once the bucket refills.
+    let mut b = None;
+    wait_until("a login after the refusals", || {
+        let s = TcpStream::connect(srv.addr()).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut c = DerpClient::new_raw(s);
+        let ok = c.login_upgrade(br#"{"version":2}"#).is_ok();
+        if ok {
+            b = Some(c);
+        }
+        ok
+    });
+    let mut b = b.unwrap();
+    let bk = b.public();
+    a.send(&bk, b"after the flood");
+    assert_eq!(b.recv_packet().1, b"after the flood");
+}
+
+#[test]
+fn max_clients_refuses_logins_but_not_mesh_peers() {
+    let mut cfg = Config::dev_loopback();
+    cfg.max_clients = 2;
+    cfg.mesh_key = Some([7; 32]);
+    let srv = start(cfg);
+    let m = srv.state().metrics.clone();
+    let mut a = DerpClient::connect(srv.addr());
+    let mut b = DerpClient::connect(srv.addr());
+    let s = TcpStream::connect(srv.addr()).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut third = DerpClient::new_raw(s);
+    let e = third.login_upgrade(br#"{"version":2}"#).unwrap_err();
+    assert!(!e.contains("want 101"), "refused after ClientInfo: {e}");
+    assert_eq!(m.clients_full.load(Relaxed), 1);
+    relays(&mut a, &mut b, "server full");
+    // The mesh key gets in regardless.
+    let mesh_json = format!(r#"{{"version":2,"meshKey":"{}"}}"#, "07".repeat(32));
+    let mut mesh = DerpClient::connect_with(
+        srv.addr(),
+        derpd::key::NodePrivate::generate(),
+        mesh_json.as_bytes(),
+    );
+    relays(&mut mesh, &mut a, "mesh peer over the limit");
+    // Mesh peers count towards the limit but are never refused. Two leaving make room.
+    drop(b);
+    drop(mesh);
+    wait_until("two connections gone", || {
+        m.current_connections.load(Relaxed) == 1
+    });
+    let mut c = DerpClient::connect(srv.addr());
+    relays(&mut a, &mut c, "room again");
+}
+
+#[test]
+fn rate_config_is_backpressure_not_drops() {
+    let srv = start_dev();
+    let st = srv.state().clone();
+    // 1 MB/s with the minimum burst (one 64 KiB frame).
+    st.rate.set(RateConfig {
+        bytes_per_sec: 1_000_000,
+        burst_bytes: 0,
+    });
+    let mut a = DerpClient::connect(srv.addr());
+    let mut b = DerpClient::connect(srv.addr());
+    let bk = b.public();
+    let pkt = vec![0x5a; 60 << 10];
+    let n = 24; // 1.5 MB: the reader must wait about 1.4 s in all
+    let t0 = Instant::now();
+    let writer = std::thread::spawn(move || {
+        for _ in 0..n {
+            a.send(&bk, &pkt);
+        }
+        a
+    });
+    for i in 0..n {
+        let (_, p) = b.recv_packet();
+        assert_eq!(p.len(), 60 << 10, "packet {i}");
+    }
+    let elapsed = t0.elapsed();
+    let _a = writer.join().unwrap();
+    let frame = 32 + (60 << 10);
+    // A lower bound only: the limit cannot be beaten, however fast the machine.
+    let owed = n * frame - derpd::limits::MIN_RATE_BURST as usize;
+    let min = Duration::from_secs_f64(owed as f64 / 1_000_000.0 * 0.9);
+    assert!(
+        elapsed >= min,
+        "{elapsed:?} < {min:?}: the limit was not applied"
+    );
+    assert!(st.rate.waited.load(Relaxed) > 0);
+    let drops: u64 = derpd::metrics::DropReason::ALL
+        .iter()
+        .map(|r| st.metrics.dropped(*r))
+        .sum();
+    assert_eq!(drops, 0, "rate limiting must not drop");
+    // Turned off again: applies to the connections already up.
+    st.rate.set(RateConfig::default());
+    let waited = st.rate.waited.load(Relaxed);
+    let mut c = DerpClient::connect(srv.addr());
+    relays(&mut c, &mut b, "rate limit off");
+    assert_eq!(st.rate.waited.load(Relaxed), waited);
+}
