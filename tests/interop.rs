@@ -233,3 +233,70 @@ fn log_line_parsers() {
         "127.0.0.1:5".parse::<SocketAddr>().unwrap()
     );
 }
+
+/// SIGTERM, seen by Tailscale's client: every client gets a Restarting message (ReconnectIn
+/// under 2 s, TryFor 5 s) and then its connection closes; derpd exits 0.
+#[test]
+fn graceful_restart_seen_by_tailscale_clients() {
+    use rustix::process::{kill_process, Pid, Signal};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let Some(harness) = harness() else { return };
+    let mut d = Derpd::start(&dev_args("127.0.0.1:0"));
+    let addr = d.startup(false).addr;
+    let url = format!("http://{addr}/derp");
+    let mut h = Command::new(&harness)
+        .args(["restart", "-url", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    spawn_line_reader(h.stdout.take().unwrap(), tx.clone());
+    spawn_line_reader(h.stderr.take().unwrap(), tx);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    let mut read_until = |out: &mut Vec<String>, stop: &dyn Fn(&str) -> bool| -> bool {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => {
+                    let hit = stop(&l);
+                    out.push(l);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    };
+    if !read_until(&mut out, &|l| {
+        l.contains("INFO READY") || l.starts_with("FAIL")
+    }) {
+        let _ = h.kill();
+        d.fail(&format!("harness never got READY:\n{}", out.join("\n")));
+    }
+    kill_process(Pid::from_child(&d.child), Signal::TERM).unwrap();
+    // The harness's output ends when it exits.
+    read_until(&mut out, &|_| false);
+    let status = h.wait().unwrap();
+    let transcript = out.join("\n");
+    println!("{transcript}");
+    if !status.success() || !transcript.contains("PASS restart: all checks (3 clients)") {
+        d.fail(&format!("derp-interop restart: {status}\n{transcript}"));
+    }
+    let exited = loop {
+        if let Some(st) = d.child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            d.fail("derpd still running after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(exited.success(), "derpd exit status {exited}");
+}

@@ -9,6 +9,7 @@
 //	derp-interop relay [-clients N] -host H -port P -pin sha256-raw:HEX
 //	derp-interop stun -addr HOST:PORT
 //	derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
+//	derp-interop restart [-clients N] -url http://HOST:PORT/derp
 //
 // Every check prints "PASS <what>" on success. The first failure prints
 // "FAIL <what>: <reason>" and exits with status 1. Extra information is
@@ -89,6 +90,7 @@ func usage() {
   derp-interop relay [-clients N] -host H -port P -pin sha256-raw:HEX
   derp-interop stun -addr HOST:PORT
   derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
+  derp-interop restart [-clients N] -url http://HOST:PORT/derp
 `)
 	os.Exit(2)
 }
@@ -104,6 +106,8 @@ func main() {
 		runSTUN(os.Args[2:])
 	case "mesh":
 		runMesh(os.Args[2:])
+	case "restart":
+		runRestart(os.Args[2:])
 	case "-h", "-help", "--help", "help":
 		usage()
 	default:
