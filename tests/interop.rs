@@ -259,7 +259,7 @@ fn graceful_restart_seen_by_tailscale_clients() {
     spawn_line_reader(h.stderr.take().unwrap(), tx);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut out = Vec::new();
-    let mut read_until = |out: &mut Vec<String>, stop: &dyn Fn(&str) -> bool| -> bool {
+    let read_until = |out: &mut Vec<String>, stop: &dyn Fn(&str) -> bool| -> bool {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
