@@ -622,6 +622,7 @@ async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
             Ok(x) => x,
             Err(e) => {
                 warn!("STUN read: {e}");
+                m.stun_read_error.fetch_add(1, Relaxed);
                 Timer::after(Duration::from_secs(1)).await;
                 continue;
             }
@@ -630,12 +631,17 @@ async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
             m.stun_not_stun.fetch_add(1, Relaxed);
             continue;
         };
+        let v6 = from.ip().to_canonical().is_ipv6();
+        m.stun_addrfamily[usize::from(v6)].fetch_add(1, Relaxed);
         let len = stun::write_response(&mut out, &tx, from);
         match sock.send_to(&out[..len], from).await {
             Ok(_) => {
                 m.stun_success.fetch_add(1, Relaxed);
             }
-            Err(e) => debug!("STUN write to {from}: {e}"),
+            Err(e) => {
+                m.stun_write_error.fetch_add(1, Relaxed);
+                debug!("STUN write to {from}: {e}");
+            }
         }
     }
 }
