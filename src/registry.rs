@@ -592,6 +592,19 @@ impl Registry {
         read(&self.inner).clients.len()
     }
 
+    /// For `/debug/varz`: (keys connected here, keys only on other nodes of the region, mesh
+    /// watchers). derper's `clients_local`, `clients_remote` and `watchers`. Read-only; the
+    /// middle count walks the mesh keys, which is fine once per scrape.
+    pub fn varz_counts(&self) -> (usize, usize, usize) {
+        let inner = read(&self.inner);
+        let remote = inner
+            .mesh
+            .keys()
+            .filter(|k| !inner.clients.contains_key(k))
+            .count();
+        (inner.clients.len(), remote, inner.watchers.len())
+    }
+
     /// Closes every connection (shutdown).
     pub fn close_all(&self) {
         for set in read(&self.inner).clients.values() {

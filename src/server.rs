@@ -60,6 +60,8 @@ pub struct State {
     pub handshake_timeout: Duration,
     /// Time allowed from the upgrade to a complete ClientInfo.
     pub login_timeout: Duration,
+    /// `/debug/` access rule and start-time facts.
+    pub(crate) debug: crate::debug::DebugState,
 }
 
 impl std::fmt::Debug for State {
@@ -203,6 +205,7 @@ impl Server {
         }
         let admission =
             crate::admission::Admission::new(cfg.admission.clone()).map_err(StartError::Config)?;
+        let debug = crate::debug::DebugState::new(&cfg).map_err(StartError::Config)?;
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::with_budget(cfg.buffer_budget);
         let state = Arc::new(State {
@@ -222,6 +225,7 @@ impl Server {
             admission,
             handshake_timeout: cfg.handshake_timeout,
             login_timeout: cfg.login_timeout,
+            debug,
         });
 
         info!(
