@@ -525,7 +525,8 @@ async fn handle_conn(
         })
         .await?;
     let head = req.method == "HEAD";
-    let resp = if which == Listener::Port80 {
+    // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
+    let resp = if which == Listener::Port80 && !req.target.starts_with("/debug") {
         http::port80(&req)
     } else {
         match req.path.as_str() {

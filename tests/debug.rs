@@ -465,6 +465,41 @@ fn debug_pages_over_loopback() {
     }
 }
 
+/// In TLS mode the port-80 listener serves `/debug…` like the main one (derper's
+/// `Port80Handler`), and still redirects everything else.
+#[test]
+fn debug_on_port_80() {
+    let dir = fresh_path("debug_port80", "certs");
+    let mut cfg = derpd::config::Config::dev_loopback();
+    cfg.tls = Some(derpd::config::TlsMode {
+        hostname: "127.0.0.1".into(),
+        certdir: dir.clone(),
+    });
+    cfg.http_port = Some(0);
+    let srv = common::start(cfg);
+    let a = srv.http_addr().unwrap();
+    let r = request(a, "GET", "/debug/", "");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(
+        r.body.contains("<b>TLS hostname:</b> 127.0.0.1"),
+        "{}",
+        r.body
+    );
+    assert_eq!(request(a, "GET", "/debug/varz", "").status, 200);
+    let f = request(a, "GET", "/debug/varz", "X-Forwarded-For: 1.2.3.4\r\n");
+    assert_eq!(f.status, 403);
+    assert_eq!(request(a, "GET", "/debug", "").status, 307);
+    let d = request(a, "GET", "/derp", "");
+    assert!(
+        d.head
+            .starts_with("HTTP/1.1 302 Found\r\nLocation: https://x/derp\r\n"),
+        "{}",
+        d.head
+    );
+    drop(srv);
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
 /// `TS_DEBUG_KEY_PATH`: the right `?debugkey=` opens `/debug/` even behind a proxy.
 #[test]
 fn debug_key_from_env() {
