@@ -146,11 +146,9 @@ fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
     let (addr, bits) = s.split_once('/')?;
     let ip: IpAddr = addr.parse().ok()?;
     let width = if ip.is_ipv4() { 32 } else { 128 };
-    let ok = !bits.is_empty()
-        && bits.bytes().all(|b| b.is_ascii_digit())
-        && (bits == "0" || !bits.starts_with('0'));
-    let bits: u8 = bits.parse().ok().filter(|&b| ok && b <= width)?;
-    Some((ip, bits))
+    let ok = bits.bytes().all(|b| b.is_ascii_digit()) && (bits == "0" || !bits.starts_with('0'));
+    let bits = leading_number(bits.as_bytes()).filter(|&b| ok && b <= width)?;
+    Some((ip, bits as u8))
 }
 
 /// Whether `ip` is in `net/bits` (same family only, as `netip.Prefix.Contains`).
@@ -187,8 +185,9 @@ fn unescape(s: &str) -> Option<Vec<u8>> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                let hex = |c: u8| char::from(c).to_digit(16);
+                let v = hex(*b.get(i + 1)?)? << 4 | hex(*b.get(i + 2)?)?;
+                out.push(v as u8);
                 i += 2;
             }
             c => out.push(c),
@@ -252,8 +251,8 @@ fn index(state: &State, head: bool) -> Vec<u8> {
     };
     kv("Uptime", &go_duration(d.started.elapsed()));
     kv("Version", VERSION);
-    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-        kv("Machine", h.trim());
+    if let Ok(h) = std::fs::read("/proc/sys/kernel/hostname") {
+        kv("Machine", String::from_utf8_lossy(&h).trim());
     }
     if let Some(h) = &d.tls_hostname {
         kv("TLS hostname", h);
@@ -347,12 +346,22 @@ impl<'a> Scrape<'a> {
 /// Resident memory, bytes (`VmRSS` of /proc/self/status: /proc/self/statm counts pages, and
 /// the page size varies between routers); 0 when unknown.
 fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let status = std::fs::read("/proc/self/status").unwrap_or_default();
     status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"VmRSS:"))
+        .and_then(leading_number)
         .map_or(0, |kb| kb << 10)
+}
+
+/// The decimal number at the start of `b` (after blanks), saturating; `None` without digits.
+fn leading_number(b: &[u8]) -> Option<u64> {
+    let b = b.trim_ascii_start();
+    let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    let v = b[..n].iter().fold(0u64, |v, &d| {
+        v.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    });
+    (n > 0).then_some(v)
 }
 
 #[derive(Clone, Copy)]
@@ -702,6 +711,15 @@ mod tests {
         assert_eq!(query_value("/x?%6B=4", "k").unwrap(), b"4");
         assert_eq!(query_value("/x?k", "k").unwrap(), b"");
         assert!(query_value("/x", "k").is_none() && query_value("/x?k=%4", "k").is_none());
+    }
+
+    #[test]
+    fn debug_proc_numbers() {
+        assert_eq!(leading_number(b"\t  1234 kB"), Some(1234));
+        assert_eq!(leading_number(b"kB"), None);
+        assert_eq!(leading_number(b"99999999999999999999999"), Some(u64::MAX));
+        #[cfg(target_os = "linux")]
+        assert!(rss_bytes() > 0);
     }
 
     #[test]
