@@ -549,7 +549,14 @@ fn debug_key_from_env() {
 fn debug_bad_trusted_cidrs_is_a_start_error() {
     let mut cmd = derpd_command();
     cmd.env("TS_DEBUG_TRUSTED_CIDRS", "10.0.0.0/8,bogus");
-    let mut d = Derpd::start_command(cmd, &[s("--dev"), s("-a"), s("127.0.0.1:0")]);
+    let args = [
+        s("--dev"),
+        s("-a"),
+        s("127.0.0.1:0"),
+        s("--stun-port"),
+        s("0"),
+    ];
+    let mut d = Derpd::start_command(cmd, &args);
     d.wait_until("the CIDR error", support::STARTUP_DEADLINE, |log| {
         log.iter()
             .any(|l| l.contains("invalid CIDR in TS_DEBUG_TRUSTED_CIDRS: \"bogus\""))
