@@ -37,6 +37,9 @@ pub struct Request {
     pub ws_version: String,
     /// `Connection` header.
     pub connection: String,
+    /// A non-empty `X-Forwarded-For` header: the request came through a proxy, so the peer
+    /// address says nothing about the client (`/debug` access).
+    pub forwarded: bool,
 }
 
 /// Why a request head was refused.
@@ -108,6 +111,9 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
             req.ws_version = v;
         } else if name.eq_ignore_ascii_case("connection") {
             req.connection = v;
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            // Any non-empty one counts (Go looks at the first only; stricter is safer here).
+            req.forwarded |= !v.is_empty();
         }
     }
     Ok(Some((req, n)))
@@ -149,7 +155,8 @@ pub fn switching_protocols(server_key_hex: &str) -> String {
 }
 
 /// Security headers derper adds to pages a browser may render.
-const BROWSER_HEADERS: &str = "Strict-Transport-Security: max-age=63072000; includeSubDomains\r\n\
+pub(crate) const BROWSER_HEADERS: &str =
+    "Strict-Transport-Security: max-age=63072000; includeSubDomains\r\n\
 Content-Security-Policy: default-src 'self'; frame-ancestors 'none'; form-action 'self'; \
 base-uri 'self'; block-all-mixed-content; object-src 'none'\r\n\
 X-Frame-Options: DENY\r\nX-Content-Type-Options: nosniff\r\n";

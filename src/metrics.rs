@@ -1,5 +1,5 @@
-//! Server counters and gauges, named after derper's expvars so `/debug/varz` (a later issue)
-//! can publish them under the same names. 64-bit counters use portable-atomic: 32-bit MIPS has
+//! Server counters and gauges, named after derper's expvars so `/debug/varz` (`debug.rs`)
+//! publishes them under the same names. 64-bit counters use portable-atomic: 32-bit MIPS has
 //! no native 64-bit atomics.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -78,6 +78,9 @@ pub struct Metrics {
     pub fast_start_logins: AtomicU64,
     /// Connections that ended with an error (bad head, TLS, ClientInfo, deadline, protocol).
     pub failed_logins: AtomicU64,
+    /// Connections on the main listener let through the accept rate limit
+    /// (derper's `tls_listener` `counter_accepted_connections`).
+    pub main_accepted: AtomicU64,
     /// Connections closed at accept by `--accept-connection-limit`
     /// (derper's `tls_listener` `counter_rejected_connections`).
     pub accept_rejected: AtomicU64,
@@ -129,10 +132,17 @@ pub struct Metrics {
     pub packet_forwarder_delete_other_value: AtomicU64,
     /// Mesh links now connected (derpd's own gauge).
     pub mesh_links_up: AtomicUsize,
-    /// STUN: answered requests.
+    /// STUN: answered requests (`stun_requests{disposition="success"}`).
     pub stun_success: AtomicU64,
-    /// STUN: datagrams that were not Tailscale binding requests.
+    /// STUN: datagrams that were not Tailscale binding requests (`not_stun`).
     pub stun_not_stun: AtomicU64,
+    /// STUN: failed socket reads (`read_error`).
+    pub stun_read_error: AtomicU64,
+    /// STUN: failed response writes (`write_error`).
+    pub stun_write_error: AtomicU64,
+    /// STUN: binding requests by address family, [ipv4, ipv6] (`stun_addrfamily`); IPv4 peers
+    /// seen on a dual-stack socket count as ipv4, as in derper.
+    pub stun_addrfamily: [AtomicU64; 2],
     /// WebSocket upgrades accepted on `/derp` (`derp_websocket_accepts`).
     pub websocket_accepts: AtomicU64,
 }

@@ -592,8 +592,9 @@ impl Registry {
         read(&self.inner).clients.len()
     }
 
-    /// Queues `frame()` on every connection and closes it: each writer sends what it has
-    /// queued, the frame last, then ends the connection. Returns how many were told.
+    /// Queues `frame()` on every connection and closes it: each writer sends the frame (control
+    /// frames go first) and the packets already queued, then ends the connection. Returns how
+    /// many were told.
     pub fn restart_all(&self, mut frame: impl FnMut() -> SmallFrame) -> usize {
         let mut n = 0;
         for set in read(&self.inner).clients.values() {
@@ -605,6 +606,19 @@ impl Registry {
             }
         }
         n
+    }
+
+    /// For `/debug/varz`: (keys connected here, keys only on other nodes of the region, mesh
+    /// watchers). derper's `clients_local`, `clients_remote` and `watchers`. Read-only; the
+    /// middle count walks the mesh keys, which is fine once per scrape.
+    pub fn varz_counts(&self) -> (usize, usize, usize) {
+        let inner = read(&self.inner);
+        let remote = inner
+            .mesh
+            .keys()
+            .filter(|k| !inner.clients.contains_key(k))
+            .count();
+        (inner.clients.len(), remote, inner.watchers.len())
     }
 
     /// Closes every connection (shutdown).

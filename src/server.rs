@@ -70,11 +70,20 @@ pub struct State {
     accept_limit: Option<(f64, u64)>,
     /// `--rate-config`: the per-client receive limit.
     pub rate: RateLimits,
-    rate_config: Option<std::path::PathBuf>,
+    pub(crate) rate_config: Option<std::path::PathBuf>,
     /// Set on SIGTERM/SIGINT: the listeners stop accepting.
     stopping: Stop,
     /// Swaps in renewed `--certmode manual` files.
     certs: Option<tls::CertReloader>,
+    /// `/debug/` access rule and start-time facts.
+    pub(crate) debug: crate::debug::DebugState,
+}
+
+impl State {
+    /// The main listener uses TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
 }
 
 impl std::fmt::Debug for State {
@@ -239,6 +248,7 @@ impl Server {
             rate.set(rc);
             log_rate_config(rc);
         }
+        let debug = crate::debug::DebugState::new(&cfg).map_err(StartError::Config)?;
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::with_budget(cfg.buffer_budget);
         let state = Arc::new(State {
@@ -265,6 +275,7 @@ impl Server {
             rate_config: cfg.rate_config.clone(),
             stopping: Stop::default(),
             certs: cert_reloader,
+            debug,
         });
 
         info!(
@@ -605,6 +616,9 @@ async fn accept_loop(
                     refusals.note(remote, "--accept-connection-limit");
                     continue;
                 }
+                if which == Listener::Main {
+                    m.main_accepted.fetch_add(1, Relaxed);
+                }
                 let Some(slot) = state.handshakes.try_take() else {
                     m.handshakes_full.fetch_add(1, Relaxed);
                     refusals.note(remote, "--max-handshakes");
@@ -741,7 +755,8 @@ async fn handle_conn(
         })
         .await?;
     let head = req.method == "HEAD";
-    let resp = if which == Listener::Port80 {
+    // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
+    let resp = if which == Listener::Port80 && !req.target.starts_with("/debug") {
         http::port80(&req)
     } else {
         match req.path.as_str() {
@@ -844,6 +859,7 @@ async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
             Ok(x) => x,
             Err(e) => {
                 warn!("STUN read: {e}");
+                m.stun_read_error.fetch_add(1, Relaxed);
                 Timer::after(Duration::from_secs(1)).await;
                 continue;
             }
@@ -852,12 +868,17 @@ async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
             m.stun_not_stun.fetch_add(1, Relaxed);
             continue;
         };
+        let v6 = from.ip().to_canonical().is_ipv6();
+        m.stun_addrfamily[usize::from(v6)].fetch_add(1, Relaxed);
         let len = stun::write_response(&mut out, &tx, from);
         match sock.send_to(&out[..len], from).await {
             Ok(_) => {
                 m.stun_success.fetch_add(1, Relaxed);
             }
-            Err(e) => debug!("STUN write to {from}: {e}"),
+            Err(e) => {
+                m.stun_write_error.fetch_add(1, Relaxed);
+                debug!("STUN write to {from}: {e}");
+            }
         }
     }
 }
