@@ -795,9 +795,13 @@ mod tests {
             rss0: 1 << 19,
             uptime: 3,
             start_unix: 1_700_000_000,
-            rate: None,
-            rate_waited: 0,
-            tls: false,
+            // Every conditional set on, so that every metric is rendered.
+            rate: Some(RateConfig {
+                bytes_per_sec: 1000,
+                burst_bytes: 65568,
+            }),
+            rate_waited: 2,
+            tls: true,
             handshakes: 0,
         };
         let mut out = String::new();
@@ -830,6 +834,9 @@ mod tests {
             "\nprocess_start_unix_time 1700000000\n",
             "\nversion{version=\"",
             "# TYPE uptime_sec counter\nuptime_sec 3\n",
+            "derp_rate_limit_per_client_bytes_per_second 1000\n",
+            "# TYPE derp_rate_limit_per_client_waited counter\nderp_rate_limit_per_client_waited 2\n",
+            "# TYPE tls_listener_rejected_connections counter\n",
             "derp_memstats_sys0 524288\n",
             "derpd_pool_buffers_in_use{class=\"small\"} 1\n",
             "derpd_pool_buffers_free{class=\"small\"} 9\n",
