@@ -306,12 +306,7 @@ impl ServerCert {
 pub fn load_or_create(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsError> {
     let (crt, key) = cert_paths(hostname, certdir);
     let ip = hostname.parse::<IpAddr>().ok();
-    let crt_exists = crt
-        .try_exists()
-        .map_err(io_err("check the certificate file", &crt))?;
-    let key_exists = key
-        .try_exists()
-        .map_err(io_err("check the key file", &key))?;
+    let (crt_exists, key_exists) = files_exist(&crt, &key)?;
     match (crt_exists, key_exists, ip) {
         (false, false, Some(ip)) => {
             let cert = create_self_signed_ip_cert(ip, hostname, certdir, &crt, &key)?;
@@ -320,6 +315,16 @@ pub fn load_or_create(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsE
         }
         _ => load(hostname, certdir),
     }
+}
+
+/// Whether the certificate and the key file exist.
+fn files_exist(crt: &Path, key: &Path) -> Result<(bool, bool), TlsError> {
+    Ok((
+        crt.try_exists()
+            .map_err(io_err("check the certificate file", crt))?,
+        key.try_exists()
+            .map_err(io_err("check the key file", key))?,
+    ))
 }
 
 /// `<certdir>/<stem>.crt` and `.key`.
@@ -334,13 +339,7 @@ fn cert_paths(hostname: &str, certdir: &Path) -> (PathBuf, PathBuf) {
 /// Loads and checks the certificate files; never creates them (a reload uses this).
 pub fn load(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsError> {
     let (crt, key) = cert_paths(hostname, certdir);
-    let crt_exists = crt
-        .try_exists()
-        .map_err(io_err("check the certificate file", &crt))?;
-    let key_exists = key
-        .try_exists()
-        .map_err(io_err("check the key file", &key))?;
-    let cert = match (crt_exists, key_exists) {
+    let cert = match files_exist(&crt, &key)? {
         (true, true) => ServerCert {
             chain: read_chain(&crt)?,
             key: read_key(&key)?,

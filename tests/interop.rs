@@ -289,14 +289,6 @@ fn graceful_restart_seen_by_tailscale_clients() {
     if !status.success() || !transcript.contains("PASS restart: all checks (3 clients)") {
         d.fail(&format!("derp-interop restart: {status}\n{transcript}"));
     }
-    let exited = loop {
-        if let Some(st) = d.child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            d.fail("derpd still running after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let exited = d.wait_exit(Duration::from_secs(20));
     assert!(exited.success(), "derpd exit status {exited}");
 }

@@ -86,20 +86,10 @@ fn sigterm_and_sigint_restart_clients_and_exit_zero() {
         let (mut d, addr) = start_derpd(&[]);
         let mut a = DerpClient::connect(addr);
         let mut b = DerpClient::connect(addr);
-        let t0 = Instant::now();
         signal(&d, sig);
         check_restarting(&mut a);
         check_restarting(&mut b);
-        let deadline = t0 + Duration::from_secs(20);
-        let status = loop {
-            if let Some(st) = d.child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                d.fail("derpd did not exit within 20 s of the signal");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = d.wait_exit(Duration::from_secs(20));
         assert!(status.success(), "{sig:?}: exit status {status}");
         d.wait_until("the shutdown report", IO_TIMEOUT, |log| {
             log.iter()

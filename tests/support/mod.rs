@@ -411,6 +411,19 @@ impl Derpd {
         }
     }
 
+    /// Waits (bounded) for derpd to exit and returns its status.
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => return st,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+                Ok(None) => self.fail(&format!("derpd still running after {within:?}")),
+                Err(e) => self.fail(&format!("derpd status: {e}")),
+            }
+        }
+    }
+
     pub(crate) fn expect_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             self.fail(&format!("derpd exited during the test: {status}"));
