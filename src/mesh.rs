@@ -579,6 +579,14 @@ pub fn client_config(peer: &MeshPeer) -> Result<Arc<rustls::ClientConfig>, Strin
     tls_client(provider, verifier)
 }
 
+/// A TLS client configuration that trusts the CA bundle (`SSL_CERT_FILE`, else the first of
+/// Go's Linux paths), as Go's `http.DefaultClient` does: derper's admission-controller URL.
+pub(crate) fn ca_client_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = ca_verifier(&provider)?;
+    tls_client(provider, verifier)
+}
+
 fn ca_verifier(
     provider: &Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<dyn ServerCertVerifier>, String> {
