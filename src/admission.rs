@@ -1,11 +1,73 @@
-//! Who may log in: the local tailscaled (`--verify-clients`), an admission controller
-//! (`--verify-client-url`), and derpd's own allow list (`--allow-keys-file`). Mesh peers are
-//! never checked. Runs after ClientInfo is opened and before the client is registered.
+//! Who may log in: derpd's own allow list (`--allow-keys-file`), the local tailscaled
+//! (`--verify-clients`), and an admission controller (`--verify-client-url`), asked in that
+//! order; a client must pass every check that is configured. Mesh peers are never checked.
+//! Runs after ClientInfo is opened and before the client is registered.
+//!
+//! The two remote checks make the requests derper makes (`derpserver.verifyClient`):
+//! - tailscaled: `GET /localapi/v0/whois?addr=nodekey%3A<hex>` over its unix socket, with
+//!   `Host: local-tailscaled.sock` and `Tailscale-Cap: <capability version>`. 200 admits, 404
+//!   refuses.
+//! - the admission controller: `POST <url>` with the body
+//!   `{"NodePublic":"nodekey:<hex>","Source":"<client IP>"}` and no `Content-Type`; a 200 whose
+//!   body (first 4 KiB) is a JSON object with `"Allow": true` admits. When the controller cannot
+//!   be reached, `--verify-client-url-fail-open` (default true) admits.
+//!
+//! Each check has [`TIMEOUT`] (derper's 5 s) for the whole exchange. Responses are read with a
+//! bounded head and a bounded body (`Content-Length`, chunked, or until close).
+//!
+//! The allow list is re-read by [`Admission::reload`] (SIGHUP) and, without a background task,
+//! when a check finds the file changed (at most one `stat` per [`RECHECK_INTERVAL`]). A file
+//! that does not parse at start-up is a start-up error; later, it is logged and the previous
+//! list is kept.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::File;
+use std::future::Future;
+use std::io::Read as _;
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{info, warn};
+use portable_atomic::AtomicU64;
+use rustls::pki_types::ServerName;
+use smol::future::FutureExt;
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol::{Async, Timer};
 
 use crate::key::NodePublic;
+
+/// How long one remote check may take, as derper's `verifyClient`: connect, request, response.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// How often (at most) a check looks at the allow-keys file for changes.
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The capability version (`tailcfg.CurrentCapabilityVersion`) of the Tailscale release derpd
+/// is tested against (v1.102.5), sent as `Tailscale-Cap` as Tailscale's LocalAPI client does.
+pub const TAILSCALE_CAP: u32 = 142;
+
+/// The LocalAPI's fixed host name (Tailscale's `apitype.LocalAPIHost`).
+const LOCALAPI_HOST: &str = "local-tailscaled.sock";
+/// derper decodes at most this much of the admission controller's answer.
+const ADMIT_BODY_MAX: usize = 4 << 10;
+/// A whois answer is read to its end (as derper does) but no further than this.
+const WHOIS_BODY_MAX: u64 = 1 << 20;
+/// How much of an error response's body goes into the rejection reason.
+const ERROR_BODY_KEEP: usize = 1 << 10;
+/// The longest response head accepted.
+const HEAD_MAX: usize = 16 << 10;
+/// The longest chunk-size line accepted.
+const CHUNK_LINE_MAX: usize = 1 << 10;
+/// The largest allow-keys file accepted (about 200 000 keys).
+const ALLOW_FILE_MAX: u64 = 16 << 20;
+/// A file modified less than this long ago is read again at the next check, even if its
+/// stamp has not changed: file systems with coarse timestamps (jffs2: 1 s) could otherwise hide
+/// a second edit of the same length.
+const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 /// The admission flags.
 #[derive(Debug, Clone, Default)]
@@ -20,16 +82,84 @@ pub struct AdmissionConfig {
     pub allow_keys_file: Option<PathBuf>,
 }
 
+/// One of the admission checks, for counting rejections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// `--allow-keys-file`.
+    AllowKeys = 0,
+    /// `--verify-clients`.
+    Tailscaled = 1,
+    /// `--verify-client-url`.
+    Url = 2,
+}
+
+impl Check {
+    /// All checks, in the order they run.
+    pub const ALL: [Check; 3] = [Check::AllowKeys, Check::Tailscaled, Check::Url];
+
+    /// A short name, for metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::AllowKeys => "allow_keys",
+            Check::Tailscaled => "tailscaled",
+            Check::Url => "url",
+        }
+    }
+}
+
 /// The admission checks of a running server.
-#[derive(Debug)]
 pub struct Admission {
     cfg: AdmissionConfig,
+    timeout: Duration,
+    url: Option<Endpoint>,
+    allow: Option<AllowList>,
+    rejected: [AtomicU64; 3],
+    fail_open_admits: AtomicU64,
+}
+
+impl fmt::Debug for Admission {
+    // Not derived: the URL may carry a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("tailscaled_socket", &self.cfg.tailscaled_socket)
+            .field("url", &self.url)
+            .field("fail_open", &self.cfg.fail_open)
+            .field("allow", &self.allow)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Admission {
-    /// Loads what the checks need (the allow list); errors are start-up errors.
+    /// Loads what the checks need (the allow list, the URL, its CA bundle for https); errors
+    /// are start-up errors.
     pub fn new(cfg: AdmissionConfig) -> Result<Self, String> {
-        Ok(Self { cfg })
+        Self::with_timing(cfg, TIMEOUT, RECHECK_INTERVAL)
+    }
+
+    /// [`Admission::new`] with another timeout for the remote checks and another interval
+    /// between looks at the allow-keys file (tests).
+    pub fn with_timing(
+        cfg: AdmissionConfig,
+        timeout: Duration,
+        recheck: Duration,
+    ) -> Result<Self, String> {
+        let url = match &cfg.url {
+            Some(u) => Some(Endpoint::parse(u).map_err(|e| format!("--verify-client-url: {e}"))?),
+            None => None,
+        };
+        let allow = match &cfg.allow_keys_file {
+            Some(p) => Some(AllowList::load(p.clone(), recheck)?),
+            None => None,
+        };
+        Ok(Self {
+            cfg,
+            timeout,
+            url,
+            allow,
+            rejected: Default::default(),
+            fail_open_admits: AtomicU64::new(0),
+        })
     }
 
     /// True when no check is configured: every client is admitted.
@@ -42,10 +172,1200 @@ impl Admission {
     /// Decides whether `key`, connecting from `remote`, may log in. `Err` is the reason,
     /// logged as derper does: `client <key> rejected: <reason>`.
     pub async fn check(&self, key: &NodePublic, remote: SocketAddr) -> Result<(), String> {
-        let _ = (key, remote);
+        let res = self.decide(key, remote).await;
+        res.map_err(|(check, why)| {
+            self.rejected[check as usize].fetch_add(1, Relaxed);
+            why
+        })
+    }
+
+    async fn decide(&self, key: &NodePublic, remote: SocketAddr) -> Result<(), (Check, String)> {
+        if let Some(list) = &self.allow {
+            list.check(key).map_err(|e| (Check::AllowKeys, e))?;
+        }
+        if let Some(socket) = &self.cfg.tailscaled_socket {
+            self.whois(socket, key)
+                .await
+                .map_err(|e| (Check::Tailscaled, e))?;
+        }
+        if let Some(url) = &self.url {
+            self.admit(url, key, remote)
+                .await
+                .map_err(|e| (Check::Url, e))?;
+        }
         Ok(())
     }
 
     /// Re-reads the allow list (SIGHUP). Keeps the old list when the file is unreadable.
-    pub fn reload(&self) {}
+    pub fn reload(&self) {
+        if let Some(list) = &self.allow {
+            list.reload();
+        }
+    }
+
+    /// Clients refused, all checks together.
+    pub fn rejections(&self) -> u64 {
+        self.rejected.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Clients refused by one check.
+    pub fn rejections_by(&self, check: Check) -> u64 {
+        self.rejected[check as usize].load(Relaxed)
+    }
+
+    /// Clients admitted because the admission controller could not be reached
+    /// (`--verify-client-url-fail-open`).
+    pub fn fail_open_admits(&self) -> u64 {
+        self.fail_open_admits.load(Relaxed)
+    }
+
+    /// `--verify-clients`: asks tailscaled whether it knows the node key.
+    async fn whois(&self, socket: &Path, key: &NodePublic) -> Result<(), String> {
+        let failed = |e: String| format!("failed to query local tailscaled status for {key}: {e}");
+        let deadline = Instant::now() + self.timeout;
+        let io = within(deadline, self.timeout, async {
+            Async::<UnixStream>::connect(socket)
+                .await
+                .map_err(|e| format!("connecting to {}: {e}", socket.display()))
+        })
+        .await
+        .map_err(failed)?;
+        let mut conn = Conn::new(Box::new(io), deadline, self.timeout);
+        conn.write_all(whois_request(key).as_bytes())
+            .await
+            .map_err(failed)?;
+        let head = conn.read_head().await.map_err(failed)?;
+        match head.status {
+            200 => {
+                // derper reads the whole answer (and decodes it); its content is not used.
+                let body = conn.read_body(head.framing, 0, WHOIS_BODY_MAX).await;
+                match body.end {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(failed(format!(
+                        "whois response larger than {WHOIS_BODY_MAX} bytes"
+                    ))),
+                    Err(e) => Err(failed(format!("reading the whois response: {e}"))),
+                }
+            }
+            404 => Err(format!(
+                "peer {key} not authorized (not found in local tailscaled)"
+            )),
+            _ => {
+                let body = conn
+                    .read_body(head.framing, ERROR_BODY_KEEP, ERROR_BODY_KEEP as u64)
+                    .await;
+                let text = String::from_utf8_lossy(&body.data);
+                if text.contains("invalid 'addr' parameter") {
+                    // Tailscale issue 12617: a tailscaled that predates whois by node key.
+                    return Err(
+                        "tailscaled version is too old (out of sync with derper binary)".into(),
+                    );
+                }
+                Err(failed(format!("{}: {}", head.status_line, text.trim())))
+            }
+        }
+    }
+
+    /// `--verify-client-url`: asks the admission controller.
+    async fn admit(
+        &self,
+        ep: &Endpoint,
+        key: &NodePublic,
+        remote: SocketAddr,
+    ) -> Result<(), String> {
+        let source = source_ip(remote);
+        let deadline = Instant::now() + self.timeout;
+        // Up to the response head, a failure is "unreachable" (fail-open applies), as for
+        // derper's http.Client.Do; after it, every failure refuses.
+        let sent = async {
+            let io = within(deadline, self.timeout, ep.connect()).await?;
+            let mut conn = Conn::new(io, deadline, self.timeout);
+            conn.write_all(ep.admit_request(key, &source).as_bytes())
+                .await?;
+            let head = conn.read_head().await?;
+            Ok::<_, String>((conn, head))
+        }
+        .await;
+        let (mut conn, head) = match sent {
+            Ok(x) => x,
+            Err(e) if self.cfg.fail_open => {
+                self.fail_open_admits.fetch_add(1, Relaxed);
+                warn!("admission controller unreachable; allowing client {key}: {e}");
+                return Ok(());
+            }
+            Err(e) => return Err(format!("admission controller unreachable: {e}")),
+        };
+        if head.status != 200 {
+            return Err(format!("admission controller: {}", head.status_line));
+        }
+        let body = conn
+            .read_body(head.framing, ADMIT_BODY_MAX, ADMIT_BODY_MAX as u64)
+            .await;
+        match decode_admit(&body.data) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("admission controller: {key}/{source} not allowed")),
+            Err(e) => Err(match body.end {
+                Err(read) => format!("admission controller: reading the response: {read}"),
+                Ok(_) => format!("admission controller: bad response: {e}"),
+            }),
+        }
+    }
+}
+
+/// The LocalAPI request of Tailscale's `local.Client.WhoIsNodeKey` (the `:` of the key is
+/// query-escaped, as Go's `url.QueryEscape` does).
+fn whois_request(key: &NodePublic) -> String {
+    format!(
+        "GET /localapi/v0/whois?addr=nodekey%3A{} HTTP/1.1\r\nHost: {LOCALAPI_HOST}\r\n\
+         User-Agent: derpd/{}\r\nTailscale-Cap: {TAILSCALE_CAP}\r\nConnection: close\r\n\r\n",
+        key.untyped_hex(),
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The client's IP as derper puts it in `Source`: Go's `netip.Addr` text of its
+/// `RemoteAddr`, where an IPv4 client of a dual-stack listener is plain IPv4.
+fn source_ip(remote: SocketAddr) -> String {
+    let ip = remote.ip().to_canonical();
+    match remote {
+        // Go prints the zone by interface name; derpd only knows its index.
+        SocketAddr::V6(a) if ip.is_ipv6() && a.scope_id() != 0 => {
+            format!("{ip}%{}", a.scope_id())
+        }
+        _ => ip.to_string(),
+    }
+}
+
+/// Decodes derper's `DERPAdmitClientResponse` as Go's `json.Decoder` would: the first JSON value
+/// (trailing bytes ignored) must be an object (or null); its `Allow` member, matched without
+/// regard to case, must be a boolean (or null); other members are ignored.
+fn decode_admit(body: &[u8]) -> Result<bool, String> {
+    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<AdmitResponse>();
+    match values.next() {
+        Some(Ok(r)) => Ok(r.0),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("empty body".into()),
+    }
+}
+
+/// `{"Allow": bool}`.
+struct AdmitResponse(bool);
+
+impl<'de> serde::Deserialize<'de> for AdmitResponse {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AdmitResponse;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_unit<E>(self) -> Result<AdmitResponse, E> {
+                Ok(AdmitResponse(false))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<AdmitResponse, A::Error> {
+                let mut allow = false;
+                while let Some(k) = m.next_key::<String>()? {
+                    if k.eq_ignore_ascii_case("allow") {
+                        if let Some(v) = m.next_value::<Option<bool>>()? {
+                            allow = v;
+                        }
+                    } else {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(AdmitResponse(allow))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admission controller's URL
+
+/// A parsed `--verify-client-url`: `http[s]://[user[:password]@]host[:port][/path][?query]`.
+#[derive(Debug)]
+struct Endpoint {
+    /// TLS configuration, for https.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Host to dial (an IPv6 literal without brackets).
+    host: String,
+    port: u16,
+    /// The `Host` header: the URL's host and port as written.
+    authority: String,
+    /// The request target: path and query (`/` when the URL has no path).
+    target: String,
+    /// `Authorization: Basic …` from the URL's user information, as Go's client sends it.
+    auth: Option<Secret>,
+}
+
+/// A credential that `Debug` does not print.
+struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, String> {
+        if let Some(b) = url.bytes().find(|&b| b <= b' ' || b >= 0x7f) {
+            return Err(format!(
+                "the URL contains the byte {b:#04x}; percent-encode it"
+            ));
+        }
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or("want an http:// or https:// URL")?;
+        let (https, default_port) = match scheme.to_ascii_lowercase().as_str() {
+            "http" => (false, 80),
+            "https" => (true, 443),
+            _ => return Err(format!("unsupported scheme {scheme:?}: want http or https")),
+        };
+        let rest = rest.split('#').next().unwrap_or_default();
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, target) = rest.split_at(end);
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (host, port) = split_host_port(hostport)?;
+        if host.is_empty() {
+            return Err("the URL has no host".into());
+        }
+        let port = match port {
+            None | Some("") => default_port,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("invalid port {p:?}"))?,
+        };
+        let auth = match userinfo {
+            Some(u) => {
+                let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+                let plain = format!("{}:{}", percent_decode(user)?, percent_decode(pass)?);
+                Some(Secret(base64(plain.as_bytes())))
+            }
+            None => None,
+        };
+        let target = if target.starts_with('/') {
+            target.to_string()
+        } else {
+            format!("/{target}")
+        };
+        let tls = if https {
+            if host.parse::<IpAddr>().is_err() {
+                ServerName::try_from(host.to_string())
+                    .map_err(|_| format!("invalid TLS host name {host:?}"))?;
+            }
+            Some(crate::mesh::ca_client_config()?)
+        } else {
+            None
+        };
+        Ok(Self {
+            tls,
+            host: host.to_string(),
+            port,
+            // Go drops an empty port (`host:`) from the Host header.
+            authority: hostport.strip_suffix(':').unwrap_or(hostport).to_string(),
+            target,
+            auth,
+        })
+    }
+
+    /// Derper's request: Go's `http.Client` POST of the JSON, with no `Content-Type`.
+    fn admit_request(&self, key: &NodePublic, source: &str) -> String {
+        let body = format!(r#"{{"NodePublic":"{key}","Source":"{source}"}}"#);
+        let auth = match &self.auth {
+            Some(a) => format!("Authorization: Basic {}\r\n", a.0),
+            None => String::new(),
+        };
+        format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpd/{}\r\nContent-Length: {}\r\n\
+             {auth}Connection: close\r\n\r\n{body}",
+            self.target,
+            self.authority,
+            env!("CARGO_PKG_VERSION"),
+            body.len()
+        )
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Io>, String> {
+        let tcp = connect_tcp(&self.host, self.port).await?;
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let name = match self.host.parse::<IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(self.host.clone())
+                .map_err(|_| format!("invalid TLS host name {:?}", self.host))?,
+        };
+        let s = futures_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        Ok(Box::new(s))
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` → (host without brackets, port text).
+fn split_host_port(hp: &str) -> Result<(&str, Option<&str>), String> {
+    if let Some(rest) = hp.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("invalid host {hp:?}"))?;
+        return match after {
+            "" => Ok((h, None)),
+            _ => match after.strip_prefix(':') {
+                Some(p) => Ok((h, Some(p))),
+                None => Err(format!("invalid host {hp:?}")),
+            },
+        };
+    }
+    match hp.split_once(':') {
+        Some((_, p)) if p.contains(':') => Err(format!(
+            "invalid host {hp:?} (an IPv6 address needs brackets)"
+        )),
+        Some((h, p)) => Ok((h, Some(p))),
+        None => Ok((hp, None)),
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            let v = hex
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("invalid percent-encoding in the URL's user information")?;
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "the URL's user information is not UTF-8".to_string())
+}
+
+/// Standard base64 with padding (`Authorization: Basic`).
+fn base64(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(b.len().div_ceil(3) * 4);
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(c.get(1).copied().unwrap_or(0)) << 8)
+            | u32::from(c.get(2).copied().unwrap_or(0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+async fn connect_tcp(host: &str, port: u16) -> Result<Async<TcpStream>, String> {
+    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => {
+            let h = host.to_string();
+            smol::unblock(move || (h.as_str(), port).to_socket_addrs().map(Vec::from_iter))
+                .await
+                .map_err(|e| format!("resolving {host}: {e}"))?
+        }
+    };
+    let mut last = format!("resolving {host}: no address");
+    for a in addrs {
+        match Async::<TcpStream>::connect(a).await {
+            Ok(t) => return Ok(t),
+            Err(e) => last = format!("connecting to {a}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client exchange: one request, one response, then close.
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Runs `f` until `deadline`; past it, the error says how long the whole check had.
+async fn within<T>(
+    deadline: Instant,
+    budget: Duration,
+    f: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    f.or(async {
+        Timer::at(deadline).await;
+        Err(format!("timed out after {budget:?}"))
+    })
+    .await
+}
+
+/// How the response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (1xx, 204, 304).
+    Empty,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the server closes.
+    Close,
+}
+
+#[derive(Debug)]
+struct Head {
+    status: u16,
+    /// `200 OK`: the code and the reason phrase, as Go's `Response.Status`.
+    status_line: String,
+    framing: Framing,
+}
+
+/// A body read: up to `keep` bytes of it, and how reading ended: `Ok(true)` at its end,
+/// `Ok(false)` at the reading limit.
+#[derive(Debug)]
+struct Body {
+    data: Vec<u8>,
+    end: Result<bool, String>,
+}
+
+struct Conn {
+    io: Box<dyn Io>,
+    /// Read but not yet consumed.
+    buf: Vec<u8>,
+    deadline: Instant,
+    budget: Duration,
+}
+
+impl Conn {
+    fn new(io: Box<dyn Io>, deadline: Instant, budget: Duration) -> Self {
+        Self {
+            io,
+            buf: Vec::new(),
+            deadline,
+            budget,
+        }
+    }
+
+    async fn write_all(&mut self, b: &[u8]) -> Result<(), String> {
+        let io = &mut self.io;
+        within(self.deadline, self.budget, async {
+            io.write_all(b).await.map_err(|e| e.to_string())?;
+            io.flush().await.map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Reads more into `buf`; 0 at EOF.
+    async fn fill(&mut self) -> Result<usize, String> {
+        let old = self.buf.len();
+        self.buf.resize(old + 4096, 0);
+        let (io, buf) = (&mut self.io, &mut self.buf[old..]);
+        let r = within(self.deadline, self.budget, async {
+            io.read(buf).await.map_err(|e| e.to_string())
+        })
+        .await;
+        let n = *r.as_ref().unwrap_or(&0);
+        self.buf.truncate(old + n);
+        r
+    }
+
+    /// The final response head (1xx heads other than 101 are skipped, as Go's client does).
+    async fn read_head(&mut self) -> Result<Head, String> {
+        let mut informational = 0;
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&self.buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let head = head_of(&resp)?;
+                    self.buf.drain(..n);
+                    if (100..200).contains(&head.status) && head.status != 101 {
+                        informational += 1;
+                        if informational > 5 {
+                            return Err("too many 1xx responses".into());
+                        }
+                        continue;
+                    }
+                    return Ok(head);
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(e) => return Err(format!("malformed HTTP response: {e}")),
+            }
+            if self.buf.len() >= HEAD_MAX {
+                return Err("HTTP response head too long".into());
+            }
+            if self.fill().await? == 0 {
+                return Err(if self.buf.is_empty() {
+                    "connection closed without a response".into()
+                } else {
+                    "connection closed in the response head".into()
+                });
+            }
+        }
+    }
+
+    /// Reads the body, keeping its first `keep` bytes, consuming at most `limit`.
+    async fn read_body(&mut self, framing: Framing, keep: usize, limit: u64) -> Body {
+        let mut sink = Sink {
+            data: Vec::new(),
+            keep,
+            seen: 0,
+            limit,
+        };
+        let end = match framing {
+            Framing::Empty => Ok(true),
+            Framing::Length(n) => self.copy(Some(n), &mut sink).await,
+            Framing::Close => self.copy(None, &mut sink).await,
+            Framing::Chunked => self.chunked(&mut sink).await,
+        };
+        Body {
+            data: sink.data,
+            end,
+        }
+    }
+
+    async fn chunked(&mut self, sink: &mut Sink) -> Result<bool, String> {
+        loop {
+            let line = self.read_line().await?;
+            let size = line.split(|&b| b == b';').next().unwrap_or_default();
+            let size = parse_hex_u64(size.trim_ascii()).ok_or("invalid chunk size")?;
+            if size == 0 {
+                // The trailers are not needed.
+                return Ok(true);
+            }
+            if !self.copy(Some(size), sink).await? {
+                return Ok(false);
+            }
+            if !self.read_line().await?.is_empty() {
+                return Err("no CRLF after a chunk".into());
+            }
+        }
+    }
+
+    /// One line (without CRLF) of at most [`CHUNK_LINE_MAX`] bytes.
+    async fn read_line(&mut self) -> Result<Vec<u8>, String> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if self.buf.len() > CHUNK_LINE_MAX {
+                return Err("chunk header too long".into());
+            }
+            if self.fill().await? == 0 {
+                return Err("connection closed in the chunked body".into());
+            }
+        }
+    }
+
+    /// Moves `want` bytes (`None`: up to EOF) into `sink`; `Ok(false)` when its limit comes
+    /// first.
+    async fn copy(&mut self, mut want: Option<u64>, sink: &mut Sink) -> Result<bool, String> {
+        loop {
+            if want == Some(0) {
+                return Ok(true);
+            }
+            if sink.seen >= sink.limit {
+                return Ok(false);
+            }
+            if self.buf.is_empty() && self.fill().await? == 0 {
+                return match want {
+                    None => Ok(true),
+                    Some(_) => Err("connection closed in the response body".into()),
+                };
+            }
+            let mut n = self.buf.len() as u64;
+            if let Some(w) = want {
+                n = n.min(w);
+            }
+            n = n.min(sink.limit - sink.seen);
+            let n = usize::try_from(n).unwrap_or(usize::MAX).min(self.buf.len());
+            let k = n.min(sink.keep.saturating_sub(sink.data.len()));
+            sink.data.extend_from_slice(&self.buf[..k]);
+            self.buf.drain(..n);
+            sink.seen += n as u64;
+            want = want.map(|w| w - n as u64);
+        }
+    }
+}
+
+struct Sink {
+    data: Vec<u8>,
+    keep: usize,
+    seen: u64,
+    limit: u64,
+}
+
+fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, String> {
+    let status = resp.code.ok_or("malformed HTTP response: no status")?;
+    let reason = resp.reason.unwrap_or_default();
+    let status_line = format!("{status} {reason}").trim_end().to_string();
+    let no_body = (100..200).contains(&status) || status == 204 || status == 304;
+    let mut te = Vec::new();
+    let mut length: Option<u64> = None;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te.push(h.value);
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or("malformed HTTP response: bad Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("malformed HTTP response: conflicting Content-Length".into());
+            }
+            length = Some(n);
+        }
+    }
+    let framing = if no_body {
+        Framing::Empty
+    } else if !te.is_empty() {
+        // Go's client knows only `chunked`, alone.
+        if te.len() != 1 || !te[0].trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Err("malformed HTTP response: unsupported Transfer-Encoding".into());
+        }
+        Framing::Chunked
+    } else {
+        match length {
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    Ok(Head {
+        status,
+        status_line,
+        framing,
+    })
+}
+
+fn parse_hex_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 16 {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, &b| {
+        let d = char::from(b).to_digit(16)?;
+        Some((n << 4) | u64::from(d))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The allow-keys file
+
+#[derive(Debug)]
+struct AllowList {
+    path: PathBuf,
+    recheck: Duration,
+    state: Mutex<AllowState>,
+}
+
+#[derive(Debug)]
+struct AllowState {
+    keys: HashSet<NodePublic>,
+    /// The stamp of the file the keys came from; `None` forces a re-read at the next look.
+    stamp: Option<Stamp>,
+    looked: Instant,
+    /// The file could not be opened at the last look (logged once).
+    missing: bool,
+}
+
+/// What tells that a file changed: device, inode, length, modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    /// `None` when the file is too recent for its stamp to be trusted (see [`RACY_WINDOW`]).
+    fn of(m: &std::fs::Metadata) -> Option<Self> {
+        let age = m
+            .modified()
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        if age.is_none_or(|a| a < RACY_WINDOW) {
+            return None;
+        }
+        Some(Self::raw(m))
+    }
+
+    fn raw(m: &std::fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AllowList {
+    fn load(path: PathBuf, recheck: Duration) -> Result<Self, String> {
+        let (keys, stamp) =
+            read_keys(&path).map_err(|e| format!("allow-keys file {}: {e}", path.display()))?;
+        info!("allow-keys file {}: {} keys", path.display(), keys.len());
+        Ok(Self {
+            path,
+            recheck,
+            state: Mutex::new(AllowState {
+                keys,
+                stamp,
+                looked: Instant::now(),
+                missing: false,
+            }),
+        })
+    }
+
+    fn check(&self, key: &NodePublic) -> Result<(), String> {
+        let mut st = lock(&self.state);
+        let now = Instant::now();
+        if now.saturating_duration_since(st.looked) >= self.recheck {
+            st.looked = now;
+            self.look(&mut st);
+        }
+        if st.keys.contains(key) {
+            Ok(())
+        } else {
+            Err(format!(
+                "peer {key} not authorized (not in allow-keys file {})",
+                self.path.display()
+            ))
+        }
+    }
+
+    /// Re-reads the file if its stamp changed.
+    fn look(&self, st: &mut AllowState) {
+        match std::fs::metadata(&self.path) {
+            Ok(m) => {
+                st.missing = false;
+                if st.stamp.is_some() && st.stamp == Some(Stamp::raw(&m)) {
+                    return;
+                }
+            }
+            Err(e) => {
+                if !st.missing {
+                    st.missing = true;
+                    warn!(
+                        "allow-keys file {}: {e}; keeping the previous {} keys",
+                        self.path.display(),
+                        st.keys.len()
+                    );
+                }
+                return;
+            }
+        }
+        self.read_into(st, false);
+    }
+
+    fn reload(&self) {
+        let mut st = lock(&self.state);
+        st.looked = Instant::now();
+        self.read_into(&mut st, true);
+    }
+
+    fn read_into(&self, st: &mut AllowState, always_log: bool) {
+        match read_keys(&self.path) {
+            Ok((keys, stamp)) => {
+                st.stamp = stamp;
+                if always_log || keys != st.keys {
+                    info!(
+                        "allow-keys file {}: {} keys",
+                        self.path.display(),
+                        keys.len()
+                    );
+                }
+                st.keys = keys;
+            }
+            Err(e) => {
+                // Not read again until it changes (or after an edit too recent to trust).
+                st.stamp = std::fs::metadata(&self.path)
+                    .ok()
+                    .and_then(|m| Stamp::of(&m));
+                warn!(
+                    "allow-keys file {}: {e}; keeping the previous {} keys",
+                    self.path.display(),
+                    st.keys.len()
+                );
+            }
+        }
+    }
+}
+
+/// Reads and parses the file; the stamp is of the file that was read.
+fn read_keys(path: &Path) -> Result<(HashSet<NodePublic>, Option<Stamp>), String> {
+    let f = File::open(path).map_err(|e| e.to_string())?;
+    let stamp = f.metadata().ok().and_then(|m| Stamp::of(&m));
+    let mut text = Vec::new();
+    f.take(ALLOW_FILE_MAX + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > ALLOW_FILE_MAX {
+        return Err(format!("larger than {ALLOW_FILE_MAX} bytes"));
+    }
+    Ok((parse_keys(&text)?, stamp))
+}
+
+/// One `nodekey:<64 hex>` per line; `#` starts a comment; blank lines are ignored.
+fn parse_keys(text: &[u8]) -> Result<HashSet<NodePublic>, String> {
+    let mut keys = HashSet::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        let line = line.split(|&b| b == b'#').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let word = line.trim();
+        if word.is_empty() {
+            continue;
+        }
+        let key = NodePublic::parse(word)
+            .ok_or_else(|| format!("line {}: want nodekey:<64 hex digits>, got {word:?}", i + 1))?;
+        keys.insert(key);
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn key(b: u8) -> NodePublic {
+        NodePublic([b; 32])
+    }
+
+    #[test]
+    fn source_is_go_netip_text() {
+        // Expected strings are Go's netip.Addr text (json.Marshal) of derper's RemoteAddr.
+        for (remote, want) in [
+            ("1.2.3.4:5", "1.2.3.4"),
+            ("[::ffff:1.2.3.4]:5", "1.2.3.4"),
+            ("[::1]:5", "::1"),
+            ("[2001:db8::1:0:0:1]:5", "2001:db8::1:0:0:1"),
+            ("[2001:db8:0:1:1:1:1:1]:5", "2001:db8:0:1:1:1:1:1"),
+            ("[2001:0:0:1::1]:5", "2001:0:0:1::1"),
+            ("[::1.2.3.4]:5", "::102:304"),
+            ("[0:0:1::]:1", "0:0:1::"),
+        ] {
+            assert_eq!(source_ip(remote.parse().unwrap()), want, "{remote}");
+        }
+        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::1".parse().unwrap(),
+            5,
+            0,
+            3,
+        ));
+        assert_eq!(source_ip(scoped), "fe80::1%3");
+    }
+
+    #[test]
+    fn admit_response_as_go_decodes_it() {
+        for (body, want) in [
+            (&br#"{"Allow":true}"#[..], true),
+            (br#"{"allow":true}"#, true),
+            (br#"{"ALLOW":true}"#, true),
+            (br#" {"Other":[1,{"x":2}],"Allow":true} "#, true),
+            (br#"{"Allow":true}trailing garbage"#, true),
+            (br#"{"Allow":true}{"Allow":false}"#, true),
+            (br#"{"Allow":true,"Allow":false}"#, false),
+            (br#"{"Allow":true,"Allow":null}"#, true),
+            (br#"{"Allow":false}"#, false),
+            (br#"{}"#, false),
+            (b"null", false),
+        ] {
+            assert_eq!(
+                decode_admit(body),
+                Ok(want),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"true",
+            b"[true]",
+            br#"{"Allow":"true"}"#,
+            br#"{"Allow":1}"#,
+            br#"{"Allow":tru"#,
+            br#"{"Allow":true"#,
+        ] {
+            assert!(
+                decode_admit(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn urls() {
+        let ep = Endpoint::parse("http://127.0.0.1:8080/admit?x=1&y=2#frag").unwrap();
+        assert_eq!(
+            (
+                ep.host.as_str(),
+                ep.port,
+                ep.authority.as_str(),
+                ep.target.as_str()
+            ),
+            ("127.0.0.1", 8080, "127.0.0.1:8080", "/admit?x=1&y=2")
+        );
+        assert!(ep.tls.is_none() && ep.auth.is_none());
+        let ep = Endpoint::parse("HTTP://Admit.Example").unwrap();
+        assert_eq!(
+            (
+                ep.host.as_str(),
+                ep.port,
+                ep.authority.as_str(),
+                ep.target.as_str()
+            ),
+            ("Admit.Example", 80, "Admit.Example", "/")
+        );
+        let ep = Endpoint::parse("http://[::1]:9/?q").unwrap();
+        assert_eq!(
+            (
+                ep.host.as_str(),
+                ep.port,
+                ep.authority.as_str(),
+                ep.target.as_str()
+            ),
+            ("::1", 9, "[::1]:9", "/?q")
+        );
+        let ep = Endpoint::parse("http://h:?q").unwrap();
+        assert_eq!(
+            (ep.port, ep.authority.as_str(), ep.target.as_str()),
+            (80, "h", "/?q")
+        );
+        let ep = Endpoint::parse("http://us%40er:p%3Ass@h/").unwrap();
+        assert_eq!(ep.auth.as_ref().unwrap().0, base64(b"us@er:p:ss"));
+        assert_eq!(ep.authority, "h");
+        assert!(!format!("{ep:?}").contains(&base64(b"us@er:p:ss")));
+        let a = Admission::new(AdmissionConfig {
+            url: Some("http://user:hunter2@h/".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let shown = format!("{a:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains(&base64(b"user:hunter2")));
+        for bad in [
+            "",
+            "127.0.0.1:80",
+            "ftp://h/",
+            "http:///x",
+            "http://h:0/",
+            "http://h:65536/",
+            "http://h:x/",
+            "http://::1/",
+            "http://[::1/",
+            "http://h/a b",
+            "http://h/\u{e9}",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+
+    #[test]
+    fn request_texts() {
+        let k = key(0xab);
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            whois_request(&k),
+            format!(
+                "GET /localapi/v0/whois?addr=nodekey%3A{hex} HTTP/1.1\r\n\
+                 Host: local-tailscaled.sock\r\nUser-Agent: derpd/{v}\r\n\
+                 Tailscale-Cap: 142\r\nConnection: close\r\n\r\n",
+                v = env!("CARGO_PKG_VERSION")
+            )
+        );
+        let ep = Endpoint::parse("http://u:p@a.b:1/x?y").unwrap();
+        let body = format!(r#"{{"NodePublic":"nodekey:{hex}","Source":"10.0.0.1"}}"#);
+        assert_eq!(
+            ep.admit_request(&k, "10.0.0.1"),
+            format!(
+                "POST /x?y HTTP/1.1\r\nHost: a.b:1\r\nUser-Agent: derpd/{v}\r\n\
+                 Content-Length: {}\r\nAuthorization: Basic dTpw\r\nConnection: close\r\n\r\n\
+                 {body}",
+                body.len(),
+                v = env!("CARGO_PKG_VERSION")
+            )
+        );
+    }
+
+    #[test]
+    fn allow_keys_format() {
+        let text = format!(
+            "# derpd allow list\n\n  nodekey:{}  # laptop\r\nnodekey:{}\n\t\n#nodekey:{}\n",
+            "01".repeat(32),
+            "AB".repeat(32),
+            "02".repeat(32)
+        );
+        let keys = parse_keys(text.as_bytes()).unwrap();
+        assert_eq!(keys, HashSet::from([key(1), key(0xab)]));
+        assert!(parse_keys(b"").unwrap().is_empty());
+        let e = parse_keys(format!("nodekey:{}\n\nnodekey:123\n", "01".repeat(32)).as_bytes())
+            .unwrap_err();
+        assert!(e.starts_with("line 3: "), "{e}");
+        let e = parse_keys(
+            format!("nodekey:{} nodekey:{}", "01".repeat(32), "02".repeat(32)).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.starts_with("line 1: "), "{e}");
+        let e = parse_keys(format!("{}\n", "01".repeat(32)).as_bytes()).unwrap_err();
+        assert!(e.starts_with("line 1: "), "{e}");
+        let e = parse_keys(b"\n\xff\n").unwrap_err();
+        assert!(e.starts_with("line 2: "), "{e}");
+    }
+
+    #[test]
+    fn hex_sizes() {
+        assert_eq!(parse_hex_u64(b"0"), Some(0));
+        assert_eq!(parse_hex_u64(b"1aF"), Some(0x1af));
+        assert_eq!(parse_hex_u64(b"ffffffffffffffff"), Some(u64::MAX));
+        assert_eq!(parse_hex_u64(b"10000000000000000"), None);
+        assert_eq!(parse_hex_u64(b""), None);
+        assert_eq!(parse_hex_u64(b"-1"), None);
+        assert_eq!(parse_hex_u64(b"0x1"), None);
+    }
+
+    /// Reads `raw` as a response with the given limits.
+    fn read(raw: &[u8], keep: usize, limit: u64) -> Result<(Head, Body), String> {
+        smol::block_on(async {
+            let io = Box::new(smol::io::Cursor::new(raw.to_vec()));
+            let mut c = Conn::new(
+                io,
+                Instant::now() + Duration::from_secs(5),
+                Duration::from_secs(5),
+            );
+            let head = c.read_head().await?;
+            let body = c.read_body(head.framing, keep, limit).await;
+            Ok((head, body))
+        })
+    }
+
+    #[test]
+    fn response_framing() {
+        // Content-Length: exactly that much, even with more bytes behind it.
+        let (h, b) = read(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA",
+            100,
+            100,
+        )
+        .unwrap();
+        assert_eq!((h.status, h.status_line.as_str()), (200, "200 OK"));
+        assert_eq!((b.data.as_slice(), b.end), (&b"hello"[..], Ok(true)));
+        // Chunked, with extensions and trailers.
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    3;ext=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        let (_, b) = read(raw, 100, 100).unwrap();
+        assert_eq!(
+            (b.data.as_slice(), b.end),
+            (&b"abc0123456789abcdef"[..], Ok(true))
+        );
+        // Keep less than the body; the limit stops reading.
+        let (_, b) = read(raw, 2, 100).unwrap();
+        assert_eq!((b.data.as_slice(), b.end), (&b"ab"[..], Ok(true)));
+        let (_, b) = read(raw, 100, 5).unwrap();
+        assert_eq!((b.data.as_slice(), b.end), (&b"abc01"[..], Ok(false)));
+        // Until close.
+        let (_, b) = read(b"HTTP/1.0 404 Not Found\r\n\r\nnope\n", 100, 100).unwrap();
+        assert_eq!((b.data.as_slice(), b.end), (&b"nope\n"[..], Ok(true)));
+        // 1xx skipped; 204 has no body; no reason phrase.
+        let (h, b) = read(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204\r\n\r\n", 10, 10).unwrap();
+        assert_eq!(
+            (h.status, h.status_line.as_str(), b.end),
+            (204, "204", Ok(true))
+        );
+        // Truncated bodies and bad framing.
+        let (_, b) = read(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
+            100,
+            100,
+        )
+        .unwrap();
+        assert_eq!(b.data, b"short");
+        assert!(b.end.is_err());
+        let (_, b) = read(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+            100,
+            100,
+        )
+        .unwrap();
+        assert!(b.end.is_err());
+        let (_, b) = read(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            100,
+            100,
+        )
+        .unwrap();
+        assert!(b.end.is_err());
+        let (_, b) = read(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n",
+            100,
+            100,
+        )
+        .unwrap();
+        assert!(b.end.is_err());
+        for bad in [
+            &b""[..],
+            b"HTTP/1.1 200 OK\r\n",
+            b"garbage\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ] {
+            assert!(
+                read(bad, 10, 10).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut long = b"HTTP/1.1 200 OK\r\n".to_vec();
+        long.extend(std::iter::repeat_n(b"X-A: b\r\n".as_slice(), HEAD_MAX / 8).flatten());
+        assert!(read(&long, 10, 10).is_err());
+    }
 }

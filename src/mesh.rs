@@ -573,16 +573,37 @@ pub fn client_config(peer: &MeshPeer) -> Result<Arc<rustls::ClientConfig>, Strin
             pin,
             algs: provider.signature_verification_algorithms,
         }),
-        None => {
-            let (path, roots) = ca_roots()?;
-            rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| format!("CA bundle {}: {e}", path.display()))?
-        }
+        None => ca_verifier(&provider)
+            .map_err(|e| format!("{e}; or pin the peer with /sha256-raw:<hex> in --mesh-with"))?,
     };
+    tls_client(provider, verifier)
+}
+
+/// A TLS client configuration that trusts the CA bundle (`SSL_CERT_FILE`, else the first of
+/// Go's Linux paths), as Go's `http.DefaultClient` does: derper's admission-controller URL.
+pub(crate) fn ca_client_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = ca_verifier(&provider)?;
+    tls_client(provider, verifier)
+}
+
+fn ca_verifier(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, String> {
+    let (path, roots) = ca_roots()?;
+    let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
+    Ok(v)
+}
+
+fn tls_client(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
@@ -610,9 +631,7 @@ fn ca_roots() -> Result<(PathBuf, rustls::RootCertStore), String> {
             .map(PathBuf::from)
             .find(|p| p.is_file())
             .ok_or_else(|| {
-                "no CA bundle found (set SSL_CERT_FILE, install ca-bundle, or pin the peer \
-                 with /sha256-raw:<hex> in --mesh-with)"
-                    .to_string()
+                "no CA bundle found (set SSL_CERT_FILE or install ca-bundle)".to_string()
             })?,
     };
     let certs = CertificateDer::pem_file_iter(&path)
