@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::admission::Check;
 use crate::config::Config;
 use crate::http::{self, Request};
 use crate::limits::RateConfig;
@@ -331,6 +332,9 @@ struct Scrape<'a> {
     tls: bool,
     /// Connections not logged in yet.
     handshakes: usize,
+    /// Admission refusals by check (in `Check::ALL` order), and fail-open admissions.
+    refused: [u64; 3],
+    fail_open: u64,
 }
 
 impl<'a> Scrape<'a> {
@@ -351,6 +355,8 @@ impl<'a> Scrape<'a> {
             rate_waited: state.rate.waited.load(Relaxed) as u64,
             tls: state.is_tls(),
             handshakes: state.handshakes.in_use(),
+            refused: Check::ALL.map(|c| state.admission.rejections_by(c)),
+            fail_open: state.admission.fail_open_admits(),
         }
     }
 }
@@ -555,6 +561,11 @@ static VARS: &[Var] = &[
         .help("Connections closed at accept because --max-handshakes were logging in."),
     c("derpd_clients_full", |s| s.m.clients_full.load(Relaxed))
         .help("Logins refused because --max-clients were connected."),
+    by(Type::Counter, "derpd_admission_rejections", "check", &["allow_keys", "tailscaled", "url"],
+        |s, i| s.refused[i])
+        .help("Logins refused by --allow-keys-file, --verify-clients or --verify-client-url."),
+    c("derpd_admission_fail_open_admits", |s| s.fail_open)
+        .help("Logins let in because the admission controller could not be reached (fail-open)."),
     g("derpd_mesh_links_up", |s| s.m.mesh_links_up.load(Relaxed) as u64)
         .help("Mesh links to other nodes of the region now connected."),
     g("derpd_pool_budget_bytes", |s| s.budget as u64)
@@ -803,6 +814,8 @@ mod tests {
             rate_waited: 2,
             tls: true,
             handshakes: 0,
+            refused: [1, 2, 3],
+            fail_open: 4,
         };
         let mut out = String::new();
         render(&s, &mut out);
@@ -837,6 +850,8 @@ mod tests {
             "derp_rate_limit_per_client_bytes_per_second 1000\n",
             "# TYPE derp_rate_limit_per_client_waited counter\nderp_rate_limit_per_client_waited 2\n",
             "# TYPE tls_listener_rejected_connections counter\n",
+            "derpd_admission_rejections{check=\"tailscaled\"} 2\n",
+            "derpd_admission_fail_open_admits 4\n",
             "derp_memstats_sys0 524288\n",
             "derpd_pool_buffers_in_use{class=\"small\"} 1\n",
             "derpd_pool_buffers_free{class=\"small\"} 9\n",
