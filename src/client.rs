@@ -116,8 +116,13 @@ where
         rd.read_exact(&mut h).await?;
         let (t, len) = frame::decode_header(&h);
         handshake::check_client_info_header(t, len).map_err(ConnError::Login)?;
-        let mut buf = state.pool.get(len as usize).await;
         let n = len as usize;
+        // derper takes up to 256 KiB, but the login reads into one pool buffer: refuse what
+        // does not fit (Tailscale's ClientInfo is ~100 bytes) instead of slicing past its end.
+        if n > crate::pool::LARGE_BUF {
+            return Err(ConnError::Login(LoginError::BadLength(len)));
+        }
+        let mut buf = state.pool.get(n).await;
         rd.read_exact(&mut buf.raw_mut()[..n]).await?;
         buf.set_len(n);
         handshake::open_client_info(&state.private_key, buf.as_slice()).map_err(ConnError::Login)

@@ -591,6 +591,16 @@ fn hostile_input_plain() {
             "login refused: login: ClientInfo length 262145 out of range",
         ),
         (
+            "ClientInfo of 100,000 bytes (over a pool buffer)",
+            Box::new(|c: &DerpClient| {
+                let mut f = header(0x02, 100_000);
+                f.extend(c.public().0);
+                f.resize(5 + 100_000, 7);
+                f
+            }),
+            "login refused: login: ClientInfo length 100000 out of range",
+        ),
+        (
             "first frame a SendPacket, not ClientInfo",
             Box::new(|_: &DerpClient| frame(0x04, &[1; 40])),
             "login refused: login: bad frame type 0x04",
