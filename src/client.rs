@@ -56,6 +56,10 @@ pub enum ConnError {
 impl std::fmt::Display for ConnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            // read_exact's own text ("failed to fill whole buffer") says nothing to an admin.
+            Self::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                f.write_str("EOF before the end of a frame")
+            }
             Self::Io(e) => write!(f, "{e}"),
             Self::Login(e) => write!(f, "login: {e}"),
             Self::Protocol(s) => f.write_str(s),
@@ -311,12 +315,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             smol::future::yield_now().await;
         }
         let mut h = [0u8; HEADER_LEN];
-        match rd.read_exact(&mut h).await {
-            Ok(()) => {}
-            // A clean close between frames is a normal end.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        // A clean close between frames is a normal end; one inside a header is not.
+        let got = rd.read(&mut h).await?;
+        if got == 0 {
+            return Ok(());
         }
+        rd.read_exact(&mut h[got..]).await?;
         let (t, len) = frame::decode_header(&h);
         state.registry.note_activity(client);
         // --rate-config: wait before reading the frame (TCP backpressure); mesh peers exempt.

@@ -503,6 +503,31 @@ fn hostile_input_plain() {
         rig.finish(at);
     }
 
+    // Truncated frames: the client half-closes in the middle of a frame.
+    for (name, bytes) in [
+        ("truncated: 3 bytes of a header, then EOF", vec![0x04, 0, 0]),
+        ("truncated: SendPacket header, then EOF", header(0x04, 132)),
+        ("truncated: half a SendPacket payload, then EOF", {
+            let mut f = header(0x04, 132);
+            f.extend([1u8; 32 + 50]);
+            f
+        }),
+    ] {
+        let mut at = rig.begin(name);
+        let mut c = DerpClient::connect(addr);
+        let local = c.s.local_addr().unwrap();
+        c.s.write_all(&bytes).unwrap();
+        c.s.shutdown(Shutdown::Write).unwrap();
+        at.closed = must_close(&mut c.s, IO_TIMEOUT, name);
+        rig.expect_log(
+            &mut at,
+            "EOF before the end of a frame",
+            line_for(local, "EOF before the end of a frame"),
+        );
+        drop(c);
+        rig.finish(at);
+    }
+
     // Unknown frame types are skipped, as derper does (handleUnknownFrame discards any
     // length): the connection stays usable.
     {
