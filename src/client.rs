@@ -530,10 +530,17 @@ fn deliver_forwarded(
 /// Skips `n` payload bytes of a frame we ignore.
 pub(crate) async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
     let mut sink = [0u8; 64];
+    let mut reads = 0u32;
     while n > 0 {
         let k = n.min(sink.len() as u64) as usize;
         rd.read_exact(&mut sink[..k]).await?;
         n -= k as u64;
+        // A frame may declare 4 GiB: while its bytes keep coming, the reads never wait, so
+        // give the thread to the other connections now and then (as READ_BURST does).
+        reads += 1;
+        if reads % READ_BURST == 0 {
+            smol::future::yield_now().await;
+        }
     }
     Ok(())
 }

@@ -546,6 +546,56 @@ fn hostile_input_plain() {
         drop(c);
         rig.finish(at);
     }
+    {
+        // A 4 GiB frame of an unknown type, streamed as fast as the test can write, with one
+        // worker thread: the skipping reader must not starve the other connections.
+        let mut at = rig.begin("unknown frame type 0x7f, length 0xFFFFFFFF, streamed");
+        let mut c = DerpClient::connect(addr);
+        let local = c.s.local_addr().unwrap();
+        c.s.write_all(&header(0x7f, u32::MAX)).unwrap();
+        let mut w = c.s.try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let streamer = thread::spawn(move || {
+            let chunk = vec![0xabu8; 64 << 10];
+            let mut sent = 0u64;
+            while !st.load(Relaxed) && w.write_all(&chunk).is_ok() {
+                sent += chunk.len() as u64;
+            }
+            sent
+        });
+        let mut worst = Duration::ZERO;
+        for i in 0..20 {
+            let t0 = Instant::now();
+            relay_both(
+                &mut rig.a,
+                &mut rig.b,
+                &format!("during the 4 GiB frame #{i}"),
+            );
+            worst = worst.max(t0.elapsed());
+        }
+        stop.store(true, Relaxed);
+        let sent = streamer.join().unwrap();
+        c.s.shutdown(Shutdown::Write).unwrap();
+        must_close(&mut c.s, IO_TIMEOUT, &at.name);
+        at.closed = format!(
+            "at its EOF ({} MiB streamed; bystander round trip ≤ {} ms meanwhile)",
+            sent >> 20,
+            worst.as_millis()
+        );
+        assert!(
+            worst < Duration::from_millis(500),
+            "bystanders starved while a 4 GiB unknown frame was skipped: a round trip took {worst:?}"
+        );
+        rig.expect_log(
+            &mut at,
+            "EOF before the end of a frame",
+            line_for(local, "EOF before the end of a frame"),
+        );
+        drop(c);
+        rig.finish(at);
+    }
+
     // Zero keys.
     {
         let mut at = rig.begin("ClientInfo from the all-zero key");
