@@ -953,17 +953,37 @@ fn half_open(rig: &mut Rig<TcpStream>, nofile: u64) {
             let k = per.min(n.saturating_sub(i * per));
             thread::spawn(move || {
                 (0..k)
-                    .map(|_| TcpStream::connect(addr).unwrap())
+                    .map(|_| {
+                        let t = Instant::now();
+                        let c = TcpStream::connect(addr).unwrap();
+                        (c, t.elapsed())
+                    })
                     .collect::<Vec<_>>()
             })
         })
         .collect();
-    let mut conns: Vec<TcpStream> = connectors
+    let (mut conns, took): (Vec<TcpStream>, Vec<Duration>) = connectors
         .into_iter()
         .flat_map(|t| t.join().unwrap())
-        .collect();
+        .unzip();
     assert_eq!(conns.len(), n);
     let connected_in = t0.elapsed();
+    // A SYN dropped because the listen backlog was full is retried after 1 s. derpd listens
+    // with the kernel's somaxconn, as Go does; std's backlog of 128 overflowed here.
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let slowest = took.iter().max().copied().unwrap_or_default();
+    if somaxconn >= n {
+        assert!(
+            slowest < Duration::from_millis(900),
+            "a connect took {slowest:?}: a SYN was dropped, the listen backlog overflowed \
+             (somaxconn {somaxconn})"
+        );
+    } else {
+        println!("somaxconn {somaxconn} < {n}: the backlog may overflow; not checked");
+    }
     rig.note_fds(&mut at);
     // While they are held: the bystanders relay, and derpd holds at most the handshake
     // slots (plus the connections being accepted and closed right now).
