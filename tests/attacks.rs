@@ -584,7 +584,7 @@ fn hostile_input_plain() {
             worst.as_millis()
         );
         assert!(
-            worst < Duration::from_millis(500),
+            worst < Duration::from_secs(2),
             "bystanders starved while a 4 GiB unknown frame was skipped: a round trip took {worst:?}"
         );
         rig.expect_log(
