@@ -104,6 +104,8 @@ func main() {
 		runSTUN(os.Args[2:])
 	case "mesh":
 		runMesh(os.Args[2:])
+	case "churn":
+		runChurn(os.Args[2:])
 	case "-h", "-help", "--help", "help":
 		usage()
 	default:
