@@ -56,6 +56,10 @@ pub enum ConnError {
 impl std::fmt::Display for ConnError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            // read_exact's own text ("failed to fill whole buffer") says nothing to an admin.
+            Self::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                f.write_str("EOF before the end of a frame")
+            }
             Self::Io(e) => write!(f, "{e}"),
             Self::Login(e) => write!(f, "login: {e}"),
             Self::Protocol(s) => f.write_str(s),
@@ -116,8 +120,13 @@ where
         rd.read_exact(&mut h).await?;
         let (t, len) = frame::decode_header(&h);
         handshake::check_client_info_header(t, len).map_err(ConnError::Login)?;
-        let mut buf = state.pool.get(len as usize).await;
         let n = len as usize;
+        // derper takes up to 256 KiB, but the login reads into one pool buffer: refuse what
+        // does not fit (Tailscale's ClientInfo is ~100 bytes) instead of slicing past its end.
+        if n > crate::pool::LARGE_BUF {
+            return Err(ConnError::Login(LoginError::BadLength(len)));
+        }
+        let mut buf = state.pool.get(n).await;
         rd.read_exact(&mut buf.raw_mut()[..n]).await?;
         buf.set_len(n);
         handshake::open_client_info(&state.private_key, buf.as_slice()).map_err(ConnError::Login)
@@ -306,12 +315,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             smol::future::yield_now().await;
         }
         let mut h = [0u8; HEADER_LEN];
-        match rd.read_exact(&mut h).await {
-            Ok(()) => {}
-            // A clean close between frames is a normal end.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        // A clean close between frames is a normal end; one inside a header is not.
+        let got = rd.read(&mut h).await?;
+        if got == 0 {
+            return Ok(());
         }
+        rd.read_exact(&mut h[got..]).await?;
         let (t, len) = frame::decode_header(&h);
         state.registry.note_activity(client);
         // --rate-config: wait before reading the frame (TCP backpressure); mesh peers exempt.
@@ -521,10 +530,17 @@ fn deliver_forwarded(
 /// Skips `n` payload bytes of a frame we ignore.
 pub(crate) async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
     let mut sink = [0u8; 64];
+    let mut reads = 0u32;
     while n > 0 {
         let k = n.min(sink.len() as u64) as usize;
         rd.read_exact(&mut sink[..k]).await?;
         n -= k as u64;
+        // A frame may declare 4 GiB: while its bytes keep coming, the reads never wait, so
+        // give the thread to the other connections now and then (as READ_BURST does).
+        reads += 1;
+        if reads % READ_BURST == 0 {
+            smol::future::yield_now().await;
+        }
     }
     Ok(())
 }

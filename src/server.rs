@@ -553,15 +553,33 @@ fn print_derp_map(hostname: &str, port: u16, stun_port: Option<u16>, stun_on: bo
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<Async<TcpListener>, StartError> {
-    match Async::<TcpListener>::bind(addr) {
+    match listen_tcp(addr) {
         Ok(l) => Ok(l),
         // `[::]` fails on hosts with IPv6 disabled: fall back to IPv4 only.
         Err(_) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
             let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
-            Async::<TcpListener>::bind(v4).map_err(|e| StartError::Bind(v4, e))
+            listen_tcp(v4).map_err(|e| StartError::Bind(v4, e))
         }
         Err(e) => Err(StartError::Bind(addr, e)),
     }
+}
+
+/// std's `TcpListener::bind`, but with the kernel's largest backlog (`somaxconn`, 4096 on
+/// current Linux) as Go's listeners have: std's 128 overflows in a burst of connections, and
+/// every SYN dropped then costs its client a retry 1 s later.
+fn listen_tcp(addr: SocketAddr) -> io::Result<Async<TcpListener>> {
+    use rustix::net::{self as rn, AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rn::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    rn::sockopt::set_socket_reuseaddr(&fd, true)?;
+    rn::bind(&fd, &addr)?;
+    // The kernel caps the backlog at somaxconn.
+    rn::listen(&fd, i32::MAX)?;
+    Async::new(TcpListener::from(fd))
 }
 
 fn bind_udp(addr: SocketAddr) -> io::Result<Async<UdpSocket>> {

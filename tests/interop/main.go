@@ -108,6 +108,8 @@ func main() {
 		runMesh(os.Args[2:])
 	case "restart":
 		runRestart(os.Args[2:])
+	case "churn":
+		runChurn(os.Args[2:])
 	case "-h", "-help", "--help", "help":
 		usage()
 	default:
