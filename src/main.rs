@@ -57,8 +57,19 @@ fn main() -> ExitCode {
         }
     };
     // SIGTERM/SIGINT: Restarting to every client, a bounded flush, exit 0. SIGHUP: reload.
-    match derpd::server::Server::start(cfg).and_then(|s| s.run_until_signalled()) {
-        Ok(_) => ExitCode::SUCCESS,
+    // Caught before the server starts, so a signal right after its start-up lines is handled.
+    let signals = match derpd::server::catch_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot catch signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match derpd::server::Server::start(cfg) {
+        Ok(server) => {
+            server.run_until_signalled(signals);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             log::error!("{e}");
             ExitCode::FAILURE

@@ -380,13 +380,13 @@ impl Server {
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down gracefully ([`Server::shutdown`]).
-    /// SIGHUP reloads the allow-keys file, the rate config and the certificate. For the
-    /// binary; tests call [`Server::shutdown`] instead.
-    pub fn run_until_signalled(mut self) -> Result<ShutdownReport, StartError> {
-        use async_signal::{Signal, Signals};
+    /// SIGHUP reloads the allow-keys file, the rate config and the certificate. `signals`
+    /// comes from [`catch_signals`], called before [`Server::start`] so that a signal sent
+    /// as soon as the server announces itself is not lost (or fatal). For the binary; tests
+    /// call [`Server::shutdown`] instead.
+    pub fn run_until_signalled(mut self, mut signals: Signals) -> ShutdownReport {
+        use async_signal::Signal;
         use smol::stream::StreamExt;
-        let mut signals =
-            Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(StartError::Io)?;
         let state = self.state.clone();
         let task = self.ex.spawn(async move {
             while let Some(sig) = signals.next().await {
@@ -408,7 +408,7 @@ impl Server {
         });
         let report = smol::block_on(task);
         self.stop_threads();
-        Ok(report)
+        report
     }
 
     /// Stops accepting, tells every client the server is restarting (frame 0x15, with a
@@ -426,6 +426,14 @@ impl Server {
             let _ = t.join();
         }
     }
+}
+
+pub use async_signal::Signals;
+
+/// Catches SIGTERM, SIGINT and SIGHUP from now on, for [`Server::run_until_signalled`].
+pub fn catch_signals() -> io::Result<Signals> {
+    use async_signal::Signal;
+    Signals::new([Signal::Term, Signal::Int, Signal::Hup])
 }
 
 /// How long a graceful shutdown waits for clients to take their Restarting frame.
