@@ -201,6 +201,12 @@ pub(crate) fn spawn_line_reader(r: impl Read + Send + 'static, tx: mpsc::Sender<
 pub(crate) fn derpd_command() -> Command {
     let exe =
         std::env::var_os("DERPD_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_derpd").into());
+    through_runner(exe)
+}
+
+/// A command for a target binary (derpd, or this test binary itself), run through
+/// `DERPD_TEST_RUNNER` (qemu-user for cross builds) when that is set.
+pub(crate) fn through_runner(exe: impl AsRef<std::ffi::OsStr>) -> Command {
     let runner = std::env::var("DERPD_TEST_RUNNER").unwrap_or_default();
     let mut words = runner.split_whitespace();
     let Some(first) = words.next() else {
