@@ -457,7 +457,21 @@ async fn read_packet<R: AsyncRead + Unpin>(
     let total = HEADER_LEN + KEY_LEN + len;
     let mut buf = state.pool.get(total).await;
     let raw = buf.raw_mut();
-    rd.read_exact(&mut raw[HEADER_LEN + KEY_LEN..total]).await?;
+    // The buffer is the pool's: a client that stalls mid-frame must give it back in bounded
+    // time, or a few such clients would hold every large buffer (--frame-timeout).
+    async {
+        rd.read_exact(&mut raw[HEADER_LEN + KEY_LEN..total])
+            .await
+            .map_err(ConnError::from)
+    }
+    .or(async {
+        Timer::after(state.frame_timeout).await;
+        Err(ConnError::Protocol(format!(
+            "frame body of {len} bytes not received within {:?} (--frame-timeout)",
+            state.frame_timeout
+        )))
+    })
+    .await?;
     let mut h = [0u8; HEADER_LEN];
     frame::encode_header(&mut h, FrameType::RecvPacket, (KEY_LEN + len) as u32);
     raw[..HEADER_LEN].copy_from_slice(&h);

@@ -139,6 +139,10 @@ pub struct Args {
     /// deadline from the DERP upgrade to a complete login, Go duration (default 10s)
     #[argh(option, default = "String::from(\"10s\")")]
     pub login_timeout: String,
+    /// deadline for the rest of a packet once its header has arrived and a buffer was taken,
+    /// Go duration (default 10s)
+    #[argh(option, default = "String::from(\"10s\")")]
+    pub frame_timeout: String,
     /// log level: error, warn, info, debug, trace; RUST_LOG overrides (default info)
     #[argh(option, default = "String::from(\"info\")")]
     pub log_level: String,
@@ -317,6 +321,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Deadline from the upgrade to a complete ClientInfo.
     pub login_timeout: Duration,
+    /// Deadline for a packet's body once its buffer is taken.
+    pub frame_timeout: Duration,
     /// How often the certificate files are checked for changes.
     pub cert_poll: Duration,
 }
@@ -347,6 +353,7 @@ impl Config {
             rate_config: None,
             handshake_timeout: Duration::from_secs(10),
             login_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(10),
             cert_poll: CERT_POLL,
         }
     }
@@ -463,6 +470,7 @@ impl Config {
             rate_config: non_empty(&a.rate_config).map(PathBuf::from),
             handshake_timeout: deadline("--handshake-timeout", &a.handshake_timeout)?,
             login_timeout: deadline("--login-timeout", &a.login_timeout)?,
+            frame_timeout: deadline("--frame-timeout", &a.frame_timeout)?,
             cert_poll: CERT_POLL,
         })
     }

@@ -62,6 +62,8 @@ pub struct State {
     pub handshake_timeout: Duration,
     /// Time allowed from the upgrade to a complete ClientInfo.
     pub login_timeout: Duration,
+    /// Time allowed for a packet's body once its pool buffer is taken.
+    pub frame_timeout: Duration,
     /// Connections not logged in yet (`--max-handshakes`).
     pub handshakes: Arc<Slots>,
     /// `--max-clients`.
@@ -268,6 +270,7 @@ impl Server {
             admission,
             handshake_timeout: cfg.handshake_timeout,
             login_timeout: cfg.login_timeout,
+            frame_timeout: cfg.frame_timeout,
             handshakes: Slots::new(cfg.max_handshakes),
             max_clients: cfg.max_clients,
             accept_limit: cfg.accept_limit,

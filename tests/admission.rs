@@ -621,6 +621,15 @@ fn fake_https(cert: &derpd::tls::ServerCert, respond: Responder) -> (SocketAddr,
     (addr, rx)
 }
 
+/// The real timeout: a TLS handshake under qemu-user (cross tests) takes longer than [`SHORT`].
+fn https_admission(url: String) -> Admission {
+    let cfg = AdmissionConfig {
+        url: Some(url),
+        ..Default::default()
+    };
+    Admission::with_timing(cfg, derpd::admission::TIMEOUT, Duration::ZERO).unwrap()
+}
+
 #[test]
 #[ignore = "run by admission_over_https, with SSL_CERT_FILE set"]
 fn https_child() {
@@ -630,7 +639,7 @@ fn https_child() {
     let dir = PathBuf::from(dir);
     let trusted = derpd::tls::load_or_create("127.0.0.1", &dir.join("trusted")).unwrap();
     let (addr, rx) = fake_https(&trusted, responder(|_| http("200 OK", r#"{"Allow":true}"#)));
-    let a = url_admission(format!("https://{addr}/admit"), false);
+    let a = https_admission(format!("https://{addr}/admit"));
     let key = new_key();
     assert_eq!(check(&a, &key), Ok(()));
     let req = recv(&rx);
@@ -645,7 +654,7 @@ fn https_child() {
     // A certificate that does not chain to SSL_CERT_FILE: unreachable.
     let other = derpd::tls::load_or_create("127.0.0.1", &dir.join("other")).unwrap();
     let (addr, _rx) = fake_https(&other, responder(|_| http("200 OK", r#"{"Allow":true}"#)));
-    let why = check(&url_admission(format!("https://{addr}/admit"), false), &key).unwrap_err();
+    let why = check(&https_admission(format!("https://{addr}/admit")), &key).unwrap_err();
     assert!(
         why.starts_with("admission controller unreachable: TLS: "),
         "{why}"

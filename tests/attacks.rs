@@ -697,7 +697,7 @@ fn hostile_input_plain() {
     {
         // Logins declaring a 60,000-byte ClientInfo, then silence: each holds one of the 15
         // large pool buffers until the login deadline, so a bystander's packet of more than
-        // 2 KiB waits for one. Bounded by --login-timeout (after login there is no bound:
+        // 2 KiB waits for one. Bounded by --login-timeout (after login by --frame-timeout:
         // see `stalled_frames_do_not_hold_up_others`).
         let mut at = rig.begin("15 logins declaring a 60 KB ClientInfo, then silence");
         let mut holders: Vec<(DerpClient, SocketAddr)> = (0..15)
@@ -1382,14 +1382,17 @@ fn hostile_input_tls() {
     rig.print("TLS listener");
 }
 
-/// A finding, not fixed (run with `--ignored` to reproduce): a logged-in client that sends the
-/// header of a large SendPacket and then stalls holds a large pool buffer, with no deadline.
-/// 15 such connections (63 at the default budget) take every large buffer, and any client
-/// that then sends a packet over 2 KiB waits with its whole connection until they leave.
+/// A logged-in client that sends the header of a large SendPacket and then stalls holds a large
+/// pool buffer. 15 such connections (63 at the default budget) take every large buffer, and
+/// any client that then sends a packet over 2 KiB waits with its whole connection until they
+/// leave: `--frame-timeout` closes them (found by this test; there was no deadline).
 #[test]
-#[ignore = "finding: a stalled frame holds its pool buffer without a deadline"]
 fn stalled_frames_do_not_hold_up_others() {
-    let d = Derpd::start(&derpd_args(BUDGET_MIB, &["--dev"]));
+    // Each stalled frame holds a large buffer until --frame-timeout closes its connection.
+    let d = Derpd::start(&derpd_args(
+        BUDGET_MIB,
+        &["--dev", "--frame-timeout", "500ms"],
+    ));
     let mut rig = Rig::new(d, BUDGET_MIB, false, DerpClient::connect);
     let addr = rig.addr;
     let (ak, bk) = (rig.a.public(), rig.b.public());
@@ -1417,4 +1420,17 @@ fn stalled_frames_do_not_hold_up_others() {
         "a 3 KB packet is stuck behind {} stalled frames: {got:?}",
         holders.len()
     );
+    for mut h in holders {
+        assert!(
+            h.is_closed_by_server(),
+            "a stalled frame's connection is closed"
+        );
+    }
+    rig.d
+        .wait_until("the frame deadline's log line", IO_TIMEOUT, |log| {
+            log.iter()
+                .filter(|l| l.contains("not received within 500ms (--frame-timeout)"))
+                .count()
+                == 15
+        });
 }
