@@ -11,17 +11,23 @@
 #   FUZZ_JOBS        how many targets run at once (default: the number of CPUs, at most 2)
 #   FUZZ_TARGET_DIR  build directory (default: target/fuzz, apart from the normal build); each
 #                    target's corpus (kept between runs) is in corpus/<target> under it
-#   FUZZ_ARGS        extra libFuzzer arguments, e.g. "-jobs=1 -max_len=8192"
+#   FUZZ_ARGS        extra libFuzzer arguments, e.g. "-max_len=8192 -dict=FILE"
+#   FUZZ_PROFILE     `fuzz` (default, quicker to build) or `release` (cargo-fuzz's build)
 #
 # This builds with plain `cargo +nightly` and the RUSTFLAGS cargo-fuzz passes, so CI needs no
-# cargo-fuzz; the `fuzz` profile (fuzz/Cargo.toml) optimises only what the targets run, which
-# builds in about a third of the time of cargo-fuzz's release profile. A developer with
-# cargo-fuzz (`cargo install cargo-fuzz`) can run one target from the repository root:
-#   cargo +nightly-2026-05-19 fuzz run frame fuzz/corpus/frame fuzz/seeds/frame
-#   cargo +nightly-2026-05-19 fuzz run client_info -- -max_total_time=300   # or -jobs=N ...
-# (targets: frame, http_head, stun, client_info; `cargo fuzz list`), and replay a saved crash
-# with `cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...`, or with this script's build:
-#   target/fuzz/<host triple>/fuzz/TARGET target/fuzz/artifacts/TARGET/crash-...
+# cargo-fuzz. The `fuzz` profile (fuzz/Cargo.toml) optimises only what the targets run: it builds
+# in ~60 % of the time of cargo-fuzz's release profile, which runs 2-4 times more executions per
+# second (FUZZ_PROFILE=release, for long runs).
+#
+# A developer with cargo-fuzz (`cargo install cargo-fuzz`) runs one target from the repository
+# root (`cargo fuzz list`: frame, http_head, stun, client_info), new inputs going to the first
+# corpus directory (fuzz/corpus/, ignored by git), never to the seeds:
+#   cargo +nightly-2026-05-19 fuzz run frame                 # from fuzz/corpus/frame alone
+#   mkdir -p fuzz/corpus/frame
+#   cargo +nightly-2026-05-19 fuzz run frame fuzz/corpus/frame fuzz/seeds/frame \
+#     -- -max_total_time=300
+# and replays a saved crash with `cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...`; with
+# this script's build: target/fuzz/<host triple>/fuzz/TARGET target/fuzz/artifacts/TARGET/crash-...
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -65,12 +71,18 @@ flags=(-Cpasses=sancov-module
   -Cllvm-args=-simplifycfg-branch-fold-threshold=0
   --cfg fuzzing
   -Zsanitizer=address)
+profile=${FUZZ_PROFILE:-fuzz}
+case "$profile" in
+  fuzz) ;; # debug assertions and overflow checks come with the profile
+  release) flags+=(-Cdebug-assertions -Coverflow-checks -Ccodegen-units=1) ;;
+  *) say "FUZZ_PROFILE must be fuzz or release"; exit 2 ;;
+esac
 build_start=$(date +%s)
-say "building ${targets[*]} ($DERPD_NIGHTLY, $host) in $out"
+say "building ${targets[*]} ($DERPD_NIGHTLY, $host, profile $profile) in $out"
 bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
 RUSTFLAGS="${flags[*]} ${RUSTFLAGS:-}" CARGO_TARGET_DIR="$out" \
-  cargo "+$DERPD_NIGHTLY" build --locked --manifest-path fuzz/Cargo.toml --profile fuzz \
+  cargo "+$DERPD_NIGHTLY" build --locked --manifest-path fuzz/Cargo.toml --profile "$profile" \
   --target "$host" "${bins[@]}"
 say "built in $(($(date +%s) - build_start)) s"
 
@@ -84,17 +96,18 @@ run_one() {
   # A request head may be up to http::MAX_HEAD_LEN (16 KiB); let inputs grow past it.
   [[ $t == http_head ]] && max_len=20000
   # shellcheck disable=SC2086 # FUZZ_ARGS is a list of arguments
-  "$out/$host/fuzz/$t" -max_total_time="$secs" -timeout=10 -max_len="$max_len" \
+  "$out/$host/$profile/$t" -max_total_time="$secs" -timeout=10 -max_len="$max_len" \
     -print_final_stats=1 -artifact_prefix="$art" ${FUZZ_ARGS:-} \
     "$corpus" "fuzz/seeds/$t" >"$out/logs/$t.log" 2>&1
 }
 
 # Prints a target's result line: executions, coverage, corpus; the log's end if it failed.
 report() {
-  local t=$1 rc=$2 log="$out/logs/$1.log" last
+  local t=$1 rc=$2 log="$out/logs/$1.log" last done
   last=$(grep -E '^#[0-9]+' "$log" | tail -n1 || true)
   if ((rc == 0)); then
-    say "$t: ok: ${last:-no status line} ($(grep -o 'Done [0-9]* runs in [0-9]* second(s)' "$log" || true))"
+    done=$(grep -o 'Done [0-9]* runs in [0-9]* second(s)' "$log" || true)
+    say "$t: ok: ${last:-no status line} ($done)"
   else
     say "$t: FAILED (exit $rc); the end of $log:"
     tail -n 60 "$log" >&2
@@ -105,7 +118,7 @@ report() {
 failed=()
 pids=() names=()
 for t in "${targets[@]}"; do
-  [[ -x "$out/$host/fuzz/$t" ]] || { say "$t: no binary"; failed+=("$t"); continue; }
+  [[ -x "$out/$host/$profile/$t" ]] || { say "$t: no binary"; failed+=("$t"); continue; }
   say "$t: running for $secs s"
   run_one "$t" & pids+=($!) names+=("$t")
   if ((${#pids[@]} >= jobs)); then
