@@ -77,6 +77,12 @@ case "$profile" in
   release) flags+=(-Cdebug-assertions -Coverflow-checks -Ccodegen-units=1) ;;
   *) say "FUZZ_PROFILE must be fuzz or release"; exit 2 ;;
 esac
+# fuzz/Cargo.lock pins derpd's dependencies too: a dependency added to derpd needs it updated.
+if ! cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null; then
+  say "fuzz/Cargo.lock is out of date with Cargo.toml: run" \
+    "'cargo metadata --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null' and commit it"
+  exit 1
+fi
 build_start=$(date +%s)
 say "building ${targets[*]} ($DERPD_NIGHTLY, $host, profile $profile) in $out"
 bins=()
