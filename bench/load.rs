@@ -334,7 +334,7 @@ impl Conn {
             self.fill().await?;
             // A socket that always has data never makes the read wait: let others run.
             self.fills += 1;
-            if self.fills % 8 == 0 {
+            if self.fills.is_multiple_of(8) {
                 smol::future::yield_now().await;
             }
         }

@@ -552,7 +552,7 @@ pub(crate) async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io:
         // A frame may declare 4 GiB: while its bytes keep coming, the reads never wait, so
         // give the thread to the other connections now and then (as READ_BURST does).
         reads += 1;
-        if reads % READ_BURST == 0 {
+        if reads.is_multiple_of(READ_BURST) {
             smol::future::yield_now().await;
         }
     }
