@@ -402,14 +402,14 @@ impl Server {
                             "SIGTERM"
                         };
                         info!("received {name}: shutting down");
-                        return graceful(&state, SHUTDOWN_GRACE).await;
+                        return;
                     }
                     Err(e) => warn!("signal handling: {e}"),
                 }
             }
-            graceful(&state, SHUTDOWN_GRACE).await
         });
-        let report = smol::block_on(task);
+        smol::block_on(task);
+        let report = self.shutdown(SHUTDOWN_GRACE);
         self.stop_threads();
         report
     }
@@ -417,9 +417,23 @@ impl Server {
     /// Stops accepting, tells every client the server is restarting (frame 0x15, with a
     /// reconnect delay spread over [`RECONNECT_SPREAD`] so they do not all return at once),
     /// lets each writer flush what it has queued, and waits up to `grace` for the connections
-    /// to end.
+    /// to end. Blocks the calling thread (not an executor thread): the wait is plain polling,
+    /// so it ends on time whatever the executor is doing.
     pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
-        smol::block_on(graceful(&self.state, grace))
+        let state = &self.state;
+        state.stopping.set();
+        let notified = state.registry.restart_all(|| {
+            let spread = RECONNECT_SPREAD.as_millis() as u32;
+            SmallFrame::restarting(fastrand::u32(0..spread), RESTART_TRY_FOR.as_millis() as u32)
+        });
+        let deadline = std::time::Instant::now() + grace;
+        let m = &state.metrics;
+        while m.current_connections.load(Relaxed) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let left = m.current_connections.load(Relaxed);
+        info!("shutdown: {notified} clients told to reconnect, {left} still connected");
+        ShutdownReport { notified, left }
     }
 
     fn stop_threads(&mut self) {
@@ -453,23 +467,6 @@ pub struct ShutdownReport {
     pub notified: usize,
     /// Connections still open when the grace period ended.
     pub left: usize,
-}
-
-async fn graceful(state: &State, grace: Duration) -> ShutdownReport {
-    state.stopping.set();
-    let notified = state.registry.restart_all(|| {
-        let spread = RECONNECT_SPREAD.as_millis() as u32;
-        SmallFrame::restarting(fastrand::u32(0..spread), RESTART_TRY_FOR.as_millis() as u32)
-    });
-    let deadline = std::time::Instant::now() + grace;
-    let m = &state.metrics;
-    // Polled: the shutdown path is not worth an event on every disconnect.
-    while m.current_connections.load(Relaxed) > 0 && std::time::Instant::now() < deadline {
-        Timer::after(Duration::from_millis(20)).await;
-    }
-    let left = m.current_connections.load(Relaxed);
-    info!("shutdown: {notified} clients told to reconnect, {left} still connected");
-    ShutdownReport { notified, left }
 }
 
 /// SIGHUP: re-read every file that can change under a running server.
