@@ -14,7 +14,7 @@ mod common;
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -811,15 +811,7 @@ fn every_check_must_pass_in_order() {
 
 /// Logs in over plain HTTP as `key`; `Err` if the login does not complete.
 fn login(addr: SocketAddr, key: NodePrivate, json: &[u8]) -> Result<DerpClient, String> {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.set_nodelay(true).unwrap();
-    let mut c = DerpClient {
-        key,
-        server_key: NodePublic([0; 32]),
-        s,
-    };
-    c.login_upgrade(json).map(|()| c)
+    DerpClient::try_connect_with(addr, key, json)
 }
 
 /// A refused login: ServerKey came, then EOF where ServerInfo would be.

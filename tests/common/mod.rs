@@ -77,6 +77,16 @@ impl DerpClient<TcpStream> {
     }
 
     pub fn connect_with(addr: SocketAddr, key: NodePrivate, json: &[u8]) -> Self {
+        Self::try_connect_with(addr, key, json).expect("login")
+    }
+
+    /// [`DerpClient::connect_with`] for logins that may be refused: `Err` if it does not
+    /// complete.
+    pub fn try_connect_with(
+        addr: SocketAddr,
+        key: NodePrivate,
+        json: &[u8],
+    ) -> Result<Self, String> {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.set_nodelay(true).unwrap();
@@ -85,8 +95,7 @@ impl DerpClient<TcpStream> {
             server_key: NodePublic([0; 32]),
             s,
         };
-        c.login_upgrade(json).expect("login");
-        c
+        c.login_upgrade(json).map(|()| c)
     }
 }
 
