@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Packages the static release binaries of scripts/build-release.sh (dist/derpd-<triple>):
+# - OpenWrt .ipk files, without the SDK, in the format of OpenWrt's scripts/ipkg-build and
+#   include/package-pack.mk (control fields, conffiles, the default postinst/prerm, keep.d),
+#   with the fields of openwrt/Makefile and the files of openwrt/files/;
+# - Debian .deb files (Raspberry Pi OS, Debian, Ubuntu) with dpkg-deb, from debian/.
+# Then it runs the package tests on them (tests/packages.rs: structure, and as root `dpkg -i`).
+#
+#   scripts/build-packages.sh                    # dist/derpd-* → dist/*.ipk, dist/*.deb
+#   scripts/build-packages.sh --bin-dir D --out O [--no-test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bin_dir=dist out=dist run_tests=1
+while (($#)); do
+  case "$1" in
+  --bin-dir) bin_dir=$2 && shift 2 ;;
+  --out) out=$2 && shift 2 ;;
+  --no-test) run_tests=0 && shift ;;
+  *) echo "usage: $0 [--bin-dir DIR] [--out DIR] [--no-test]" >&2 && exit 2 ;;
+  esac
+done
+
+# OpenWrt architecture → the Rust target whose static binary runs there.
+ipk_arches=(
+  aarch64_cortex-a53:aarch64-unknown-linux-musl
+  aarch64_generic:aarch64-unknown-linux-musl
+  arm_cortex-a7_neon-vfpv4:armv7-unknown-linux-musleabihf
+  mipsel_24kc:mipsel-unknown-linux-musl
+  mips_24kc:mips-unknown-linux-musl
+  x86_64:x86_64-unknown-linux-musl
+)
+# Debian architecture → Rust target.
+deb_arches=(
+  arm64:aarch64-unknown-linux-musl
+  armhf:armv7-unknown-linux-musleabihf
+  amd64:x86_64-unknown-linux-musl
+)
+# What `readelf -h` must say of each target's binary: class, byte order, machine.
+declare -A elf=(
+  [aarch64-unknown-linux-musl]="ELF64 little AArch64"
+  [armv7-unknown-linux-musleabihf]="ELF32 little ARM"
+  [mipsel-unknown-linux-musl]="ELF32 little MIPS"
+  [mips-unknown-linux-musl]="ELF32 big MIPS"
+  [x86_64-unknown-linux-musl]="ELF64 little X86-64"
+)
+
+for tool in dpkg-deb tar gzip readelf md5sum; do
+  command -v "$tool" >/dev/null || {
+    echo "build-packages: $tool is missing (apt-get install dpkg binutils)" >&2
+    exit 1
+  }
+done
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+# Reproducible: every timestamp is the last commit's (ipkg-build's SOURCE_DATE_EPOCH).
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+mtime="@$SOURCE_DATE_EPOCH"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$out"
+out=$(cd "$out" && pwd) bin_dir=$(cd "$bin_dir" && pwd)
+umask 022
+
+# A field of openwrt/Makefile's `define Package/derpd` (or a top-level PKG_ variable).
+mk_field() { sed -n "s/^ *$1:=//p" openwrt/Makefile | head -1; }
+ipk_release=$(mk_field PKG_RELEASE)
+ipk_version="$version-r$ipk_release"
+license=$(mk_field PKG_LICENSE)
+license_files=$(mk_field PKG_LICENSE_FILES)
+maintainer=$(mk_field PKG_MAINTAINER)
+section=$(mk_field SECTION)
+userid=$(mk_field USERID)
+# DEPENDS without the @conditions and $(…) variables, '+' dropped: what the SDK writes.
+depends=$(mk_field DEPENDS | tr ' ' '\n' | grep '^+' | sed 's/^+//' | paste -sd, | sed 's/,/, /g')
+description=$(sed -n '/^define Package\/derpd\/description/,/^endef/p' openwrt/Makefile |
+  sed '1d;$d')
+# /etc/derpd/ (key and certificates) is a conffiles entry that is not a file of the package:
+# package-pack.mk keeps it across sysupgrade through /lib/upgrade/keep.d instead.
+conffiles_mk=$(sed -n '/^define Package\/derpd\/conffiles/,/^endef/p' openwrt/Makefile | sed '1d;$d')
+
+check_binary() { # file target
+  local f=$1 t=$2 want got
+  [[ -f "$f" ]] || {
+    echo "build-packages: $f is missing: run scripts/build-release.sh first" >&2
+    exit 1
+  }
+  read -r -a want <<<"${elf[$t]}"
+  got=$(readelf -h "$f")
+  if ! grep -q "Class: *${want[0]}" <<<"$got" || ! grep -q "Data: .*${want[1]} endian" <<<"$got" ||
+    ! grep -q "Machine: .*${want[2]}" <<<"$got"; then
+    echo "build-packages: $f is not a ${elf[$t]} binary:" >&2
+    echo "$got" >&2
+    exit 1
+  fi
+  if readelf -lW "$f" | grep -q INTERP; then
+    echo "build-packages: $f is dynamically linked; packages ship static binaries" >&2
+    exit 1
+  fi
+}
+
+# tar as ipkg-build runs it under fakeroot: GNU format, root-owned, sorted, one mtime.
+ipk_tar() { tar --format=gnu --numeric-owner --owner=0 --group=0 --sort=name --mtime="$mtime" "$@"; }
+
+build_ipk() { # openwrt-arch target
+  local arch=$1 t=$2 root=$work/ipk-$1 tmp=$work/ipk-$1.out conf
+  rm -rf "$root" "$tmp" && mkdir -p "$root" "$tmp"
+  install -d -m 0755 "$root/usr/sbin" "$root/etc/init.d" "$root/etc/config" \
+    "$root/etc/capabilities" "$root/CONTROL"
+  install -m 0755 "$bin_dir/derpd-$t" "$root/usr/sbin/derpd"
+  install -m 0755 openwrt/files/derpd.init "$root/etc/init.d/derpd"
+  install -m 0600 openwrt/files/derpd.config "$root/etc/config/derpd"
+  install -m 0600 openwrt/files/derpd.json "$root/etc/capabilities/derpd.json"
+  # conffiles: the entries that are files of the package; the rest go to keep.d.
+  : >"$root/CONTROL/conffiles"
+  for conf in $conffiles_mk; do
+    if [[ -f "$root$conf" ]]; then
+      echo "$conf" >>"$root/CONTROL/conffiles"
+    else
+      install -d -m 0755 "$root/lib/upgrade/keep.d"
+      echo "$conf" >>"$root/lib/upgrade/keep.d/derpd"
+    fi
+  done
+  LC_ALL=C sort -o "$root/CONTROL/conffiles" "$root/CONTROL/conffiles"
+  chmod 0644 "$root/CONTROL/conffiles" "$root/lib/upgrade/keep.d/derpd"
+  {
+    echo "Package: derpd"
+    echo "Version: $ipk_version"
+    [[ -n "$depends" ]] && echo "Depends: $depends"
+    echo "SourceName: derpd"
+    echo "License: $license"
+    echo "LicenseFiles: $license_files"
+    echo "Section: $section"
+    echo "Require-User: $userid"
+    echo "SourceDateEpoch: $SOURCE_DATE_EPOCH"
+    echo "Maintainer: $maintainer"
+    echo "Architecture: $arch"
+    echo "Installed-Size: 0"
+    printf "Description: "
+    sed -e 's,^[[:space:]]*, ,g' <<<"$description"
+  } >"$root/CONTROL/control"
+  chmod 0644 "$root/CONTROL/control"
+  for script in postinst:default_postinst prerm:default_prerm; do
+    {
+      echo "#!/bin/sh"
+      [[ $script == postinst:* ]] && echo '[ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0'
+      echo '[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0'
+      echo '. ${IPKG_INSTROOT}/lib/functions.sh'
+      echo "${script#*:} \$0 \$@"
+    } >"$root/CONTROL/${script%%:*}"
+    chmod 0755 "$root/CONTROL/${script%%:*}"
+  done
+  chmod 0755 "$root"
+  (cd "$root" && ipk_tar --exclude=./CONTROL -cpf - . | gzip -n - >"$tmp/data.tar.gz")
+  sed -i "s/^Installed-Size: .*/Installed-Size: $(zcat <"$tmp/data.tar.gz" | wc -c)/" \
+    "$root/CONTROL/control"
+  (cd "$root/CONTROL" && ipk_tar -cf - . | gzip -n - >"$tmp/control.tar.gz")
+  echo "2.0" >"$tmp/debian-binary"
+  local pkg="$out/derpd_${ipk_version}_${arch}.ipk"
+  (cd "$tmp" && ipk_tar -cf - ./debian-binary ./data.tar.gz ./control.tar.gz | gzip -n - >"$pkg")
+  echo "build-packages: $pkg"
+}
+
+copyright() {
+  cat <<EOF
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: derpd
+Source: the derpd repository
+
+Files: *
+Copyright: 2026 the derpd developers
+License: BSD-3-Clause
+
+License: BSD-3-Clause
+EOF
+  # The license text, as a copyright-format paragraph: indented, blank lines as " .".
+  sed -n '/^Redistribution/,$p' LICENSE | sed -e 's/^$/./' -e 's/^/ /'
+}
+
+build_deb() { # debian-arch target
+  local arch=$1 t=$2 root=$work/deb-$1 size
+  rm -rf "$root" && mkdir -p "$root"
+  install -d -m 0755 "$root/DEBIAN" "$root/usr/sbin" "$root/usr/lib/systemd/system" \
+    "$root/etc/default" "$root/usr/share/doc/derpd"
+  install -m 0755 "$bin_dir/derpd-$t" "$root/usr/sbin/derpd"
+  install -m 0644 debian/derpd.service "$root/usr/lib/systemd/system/derpd.service"
+  install -m 0644 debian/derpd.default "$root/etc/default/derpd"
+  install -m 0644 debian/README.Debian "$root/usr/share/doc/derpd/README.Debian"
+  copyright >"$root/usr/share/doc/derpd/copyright"
+  chmod 0644 "$root/usr/share/doc/derpd/copyright"
+  install -m 0755 debian/postinst debian/prerm debian/postrm "$root/DEBIAN/"
+  echo /etc/default/derpd >"$root/DEBIAN/conffiles"
+  (cd "$root" && find usr -type f -print0 | LC_ALL=C sort -z | xargs -0 md5sum) >"$root/DEBIAN/md5sums"
+  size=$(du -sk --apparent-size --exclude=DEBIAN "$root" | cut -f1)
+  cat >"$root/DEBIAN/control" <<EOF
+Package: derpd
+Version: $version-1
+Architecture: $arch
+Maintainer: $maintainer
+Installed-Size: $size
+Depends: adduser
+Section: net
+Priority: optional
+Description: DERP relay and STUN server for Tailscale
+EOF
+  sed -e 's,^[[:space:]]*, ,' <<<"$description" >>"$root/DEBIAN/control"
+  cat >>"$root/DEBIAN/control" <<EOF
+ .
+ The systemd unit runs it as the derpd user with only CAP_NET_BIND_SERVICE;
+ flags go in /etc/default/derpd.
+EOF
+  chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/conffiles" "$root/DEBIAN/md5sums"
+  local pkg="$out/derpd_${version}-1_${arch}.deb"
+  dpkg-deb --root-owner-group -Zxz --build "$root" "$pkg" >/dev/null
+  echo "build-packages: $pkg"
+}
+
+for pair in "${ipk_arches[@]}" "${deb_arches[@]}"; do
+  check_binary "$bin_dir/derpd-${pair#*:}" "${pair#*:}"
+done
+for pair in "${ipk_arches[@]}"; do build_ipk "${pair%%:*}" "${pair#*:}"; done
+for pair in "${deb_arches[@]}"; do build_deb "${pair%%:*}" "${pair#*:}"; done
+
+echo
+echo "| package | bytes |"
+echo "|---|---:|"
+for f in "$out"/derpd_"$version"-*.ipk "$out"/derpd_"$version"-*.deb; do
+  printf '| %s | %s |\n' "$(basename "$f")" "$(stat -c %s "$f")"
+done
+
+if ((run_tests)); then
+  echo
+  echo "build-packages: tests/packages.rs on $out"
+  DERPD_PACKAGES_DIR="$out" cargo test --locked --test packages -- --include-ignored
+fi

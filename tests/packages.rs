@@ -1,0 +1,1235 @@
+//! The packages: the OpenWrt init script, the built `.ipk` and `.deb` files, and installing the
+//! `.deb` on this machine.
+//!
+//! - `init_*`: `openwrt/files/derpd.init` run by a POSIX shell (dash, and busybox ash as on
+//!   OpenWrt) against `tests/packaging/openwrt-stub.sh`, a stand-in for rc.common, the UCI
+//!   functions and procd. Each UCI config must become the right procd instance, and its
+//!   command line must be one derpd itself accepts (parsed by derpd's own `config` module, and
+//!   in one test run as a relay that Tailscale's client uses).
+//! - `ipk_*`, `deb_*` (ignored by plain `cargo test`: they need the packages):
+//!   `scripts/build-packages.sh` builds them from the release binaries and runs these with
+//!   `--include-ignored` on `DERPD_PACKAGES_DIR` (default `dist/`). `deb_installs_*` runs
+//!   `dpkg -i` for real and needs root; under `CI=true` nothing here may be skipped.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use argh::FromArgs;
+use derpd::config::{normalize_args, Args, Config};
+use support::{ci, fresh_path, run_bounded, s, skip, Derpd};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const SHIPPED_UCI: &str = include_str!("../openwrt/files/derpd.config");
+const SHELL_DEADLINE: Duration = Duration::from_secs(20);
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(ROOT).join(path)
+}
+
+fn cargo_version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+/// A variable of `openwrt/Makefile` (`NAME:=value`, indented or not).
+fn makefile_var(name: &str) -> String {
+    let text = std::fs::read_to_string(repo("openwrt/Makefile")).unwrap();
+    let prefix = format!("{name}:=");
+    text.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("openwrt/Makefile has no {name}"))
+        .to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The init script under a stub of OpenWrt's shell environment.
+
+/// The shells to run the init script with: dash (POSIX), and busybox ash (OpenWrt's own shell)
+/// when installed (`.ci/run` installs it; under CI it must be there).
+fn shells() -> Vec<Vec<String>> {
+    let mut out = vec![vec![s("dash")]];
+    if Command::new("busybox").arg("true").output().is_ok() {
+        out.push(vec![s("busybox"), s("sh")]);
+    } else {
+        assert!(
+            !ci(),
+            "busybox is missing, and CI=true: the init script must be run by busybox ash"
+        );
+        eprintln!("NOTE: busybox not installed; the init script ran under dash only");
+    }
+    out
+}
+
+/// The shipped `/etc/config/derpd` with `uci set` edits and `uci add_list` entries applied.
+fn uci(set: &[(&str, &str)], lists: &[(&str, &str)]) -> String {
+    let mut lines: Vec<String> = SHIPPED_UCI.lines().map(str::to_string).collect();
+    for (name, value) in set {
+        let line = format!("\toption {name} '{value}'");
+        let prefix = format!("\toption {name} ");
+        match lines.iter_mut().find(|l| l.starts_with(&prefix)) {
+            Some(l) => *l = line,
+            None => lines.push(line),
+        }
+    }
+    for (name, value) in lists {
+        lines.push(format!("\tlist {name} '{value}'"));
+    }
+    lines.join("\n") + "\n"
+}
+
+#[derive(Debug)]
+struct InitRun {
+    shell: String,
+    status: i32,
+    /// procd's instance command.
+    argv: Vec<String>,
+    /// Every other record of the stub (see openwrt-stub.sh).
+    records: Vec<String>,
+    /// What the script sent to logger.
+    log: String,
+    stderr: String,
+}
+
+impl InitRun {
+    fn has(&self, record: &str) -> bool {
+        self.records.iter().any(|r| r == record)
+    }
+
+    fn expect(&self, record: &str) {
+        assert!(
+            self.has(record),
+            "{}: no record {record:?} in {self:#?}",
+            self.shell
+        );
+    }
+
+    fn config(&self) -> Config {
+        derpd_config(&self.argv).unwrap_or_else(|e| {
+            panic!(
+                "{}: derpd refuses the init script's command line: {e}\n{self:#?}",
+                self.shell
+            )
+        })
+    }
+}
+
+/// `/etc/init.d/derpd start` with `uci_text` as /etc/config/derpd; `ujail` says whether
+/// procd-ujail is installed.
+fn run_init(shell: &[String], uci_text: &str, ujail: bool) -> InitRun {
+    let dir = fresh_path("init", "run");
+    let uci_dir = dir.join("uci");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&uci_dir).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(uci_dir.join("derpd"), uci_text).unwrap();
+    let ujail_path = dir.join("ujail");
+    if ujail {
+        std::fs::write(&ujail_path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&ujail_path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let stub = repo("tests/packaging/openwrt-stub.sh");
+    let init = repo("openwrt/files/derpd.init");
+    let script = r#". "$STUB" && . "$INIT" && rc_procd_start"#;
+    let mut args: Vec<String> = shell[1..].to_vec();
+    args.extend([s("-c"), s(script)]);
+    let env = [
+        ("STUB", stub.to_str().unwrap()),
+        ("INIT", init.to_str().unwrap()),
+        ("STUB_OUT", out.to_str().unwrap()),
+        ("UCI_DIR", uci_dir.to_str().unwrap()),
+        ("UJAIL", ujail_path.to_str().unwrap()),
+    ];
+    let (status, _stdout, stderr) = run_bounded(Path::new(&shell[0]), &args, &env, SHELL_DEADLINE);
+    let status = status.and_then(|s| s.code()).unwrap_or(-1);
+    let procd = std::fs::read_to_string(out.join("procd")).unwrap_or_default();
+    let mut argv = Vec::new();
+    let mut records = Vec::new();
+    for line in procd.lines() {
+        match line.strip_prefix("command ") {
+            Some(arg) => argv.push(arg.to_string()),
+            None => records.push(line.to_string()),
+        }
+    }
+    InitRun {
+        shell: shell.join(" "),
+        status,
+        argv,
+        records,
+        log: std::fs::read_to_string(out.join("log")).unwrap_or_default(),
+        stderr,
+    }
+}
+
+/// derpd's own parsing of a command line (`argv[0]` is the program).
+fn derpd_config(argv: &[String]) -> Result<Config, String> {
+    let rest = argv.get(1..).ok_or("empty command")?;
+    let normalized = normalize_args(rest)?;
+    let refs: Vec<&str> = normalized.iter().map(String::as_str).collect();
+    let args = Args::from_args(&["derpd"], &refs).map_err(|e| e.output)?;
+    Config::from_args(&args)
+}
+
+fn enabled_with(set: &[(&str, &str)], lists: &[(&str, &str)]) -> String {
+    let mut all = vec![("enabled", "1")];
+    all.extend_from_slice(set);
+    uci(&all, lists)
+}
+
+#[test]
+fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
+    let text = enabled_with(&[("hostname", "derp.example.com")], &[]);
+    for shell in shells() {
+        let run = run_init(&shell, &text, true);
+        assert_eq!(run.status, 0, "{run:#?}");
+        let want: Vec<String> = [
+            "/usr/sbin/derpd",
+            "--config=/etc/derpd/derper.key",
+            "--certdir=/etc/derpd/certs",
+            "--hostname=derp.example.com",
+            "--certmode=manual",
+            "--addr=:443",
+            "--http-port=80",
+            "--stun-port=3478",
+            "--log-level=info",
+            "--buffer-budget-mib=16",
+            "--threads=0",
+            "--max-clients=2048",
+            "--max-handshakes=256",
+            "--handshake-timeout=10s",
+            "--login-timeout=10s",
+            "--frame-timeout=10s",
+            "--tcp-write-timeout=2s",
+            "--tcp-keepalive-time=10m",
+            "--tcp-user-timeout=15s",
+            "--stun=true",
+            "--meta-cert=true",
+            "--verify-clients=false",
+            "--verify-client-url-fail-open=true",
+        ]
+        .map(s)
+        .to_vec();
+        assert_eq!(run.argv, want, "{}", run.shell);
+        // The values the shipped config spells out are derpd's defaults: the same Config as a
+        // command line with only what the init script must give.
+        let minimal = [
+            "/usr/sbin/derpd",
+            "--config=/etc/derpd/derper.key",
+            "--certdir=/etc/derpd/certs",
+            "--hostname=derp.example.com",
+            "--certmode=manual",
+        ]
+        .map(s);
+        assert_eq!(
+            format!("{:?}", run.config()),
+            format!("{:?}", derpd_config(&minimal).unwrap()),
+            "the shipped UCI values differ from derpd's defaults"
+        );
+        let tls = run.config().tls.expect("TLS");
+        assert_eq!(tls.hostname, "derp.example.com");
+        assert_eq!(tls.certdir, Path::new("/etc/derpd/certs"));
+        for record in [
+            "instance instance1",
+            "mkdir -p /etc/derpd /etc/derpd/certs",
+            "chmod 0700 /etc/derpd",
+            "chown derpd:derpd /etc/derpd /etc/derpd/certs",
+            "set respawn ",
+            "set stdout 1",
+            "set stderr 1",
+            "set limits nofile=8192 8192",
+            "set user derpd",
+            "set group derpd",
+            "set capabilities /etc/capabilities/derpd.json",
+            "set no_new_privs 1",
+            "jail derpd log procfs",
+            "mount_rw /etc/derpd",
+            "mount_rw /etc/derpd/certs",
+            "close_instance",
+            // `uci commit derpd` (through reload_config or LuCI) reloads the service.
+            "trigger derpd",
+        ] {
+            run.expect(record);
+        }
+        assert!(!run.has("json open_data"), "firewall is off by default");
+        assert_eq!(run.log, "", "{}", run.shell);
+    }
+}
+
+#[test]
+fn init_self_signed_ip_config() {
+    let text = enabled_with(&[("hostname", "192.168.1.1")], &[]);
+    for shell in shells() {
+        let run = run_init(&shell, &text, true);
+        assert_eq!(run.status, 0, "{run:#?}");
+        assert!(run.argv.contains(&s("--hostname=192.168.1.1")));
+        let tls = run.config().tls.expect("TLS");
+        assert_eq!(
+            tls.hostname.parse::<std::net::IpAddr>().ok(),
+            Some([192, 168, 1, 1].into())
+        );
+        // derpd writes the self-signed certificate into certdir: it is mounted writable.
+        run.expect("mount_rw /etc/derpd/certs");
+    }
+}
+
+#[test]
+fn init_mesh_config() {
+    let dir = fresh_path("init-mesh", "keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    let psk = dir.join("mesh.key");
+    std::fs::write(&psk, format!("{}\n", "5a".repeat(32))).unwrap();
+    let text = enabled_with(
+        &[
+            ("hostname", "derp1.example.com"),
+            ("mesh_psk_file", psk.to_str().unwrap()),
+        ],
+        &[
+            ("mesh_with", "derp2.example.com"),
+            ("mesh_with", "derp3.example.com/10.0.0.3"),
+        ],
+    );
+    for shell in shells() {
+        let run = run_init(&shell, &text, true);
+        assert_eq!(run.status, 0, "{run:#?}");
+        assert!(run.argv.contains(&s(
+            "--mesh-with=derp2.example.com,derp3.example.com/10.0.0.3"
+        )));
+        assert!(run
+            .argv
+            .contains(&format!("--mesh-psk-file={}", psk.display())));
+        let cfg = run.config();
+        assert_eq!(cfg.mesh_key, Some([0x5a; 32]));
+        let peers: Vec<(&str, &str)> = cfg
+            .mesh_with
+            .iter()
+            .map(|p| (p.name.as_str(), p.dial_host.as_str()))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                ("derp2.example.com", "derp2.example.com"),
+                ("derp3.example.com", "10.0.0.3")
+            ]
+        );
+        // The jail shows derpd its key file, read-only.
+        run.expect(&format!("mount_ro {}", psk.display()));
+    }
+}
+
+#[test]
+fn init_admission_config() {
+    let dir = fresh_path("init-admission", "files");
+    let ts = dir.join("tailscale");
+    std::fs::create_dir_all(&ts).unwrap();
+    let allow = dir.join("allow-keys");
+    std::fs::write(&allow, "# none yet\n").unwrap();
+    let socket = ts.join("tailscaled.sock");
+    let text = enabled_with(
+        &[
+            ("hostname", "derp.example.com"),
+            ("verify_clients", "1"),
+            ("socket", socket.to_str().unwrap()),
+            ("verify_client_url", "https://admission.example.com/check"),
+            ("verify_client_url_fail_open", "0"),
+            ("allow_keys_file", allow.to_str().unwrap()),
+        ],
+        &[],
+    );
+    for shell in shells() {
+        let run = run_init(&shell, &text, true);
+        assert_eq!(run.status, 0, "{run:#?}");
+        for flag in [
+            s("--verify-clients=true"),
+            format!("--socket={}", socket.display()),
+            s("--verify-client-url=https://admission.example.com/check"),
+            s("--verify-client-url-fail-open=false"),
+            format!("--allow-keys-file={}", allow.display()),
+        ] {
+            assert!(
+                run.argv.contains(&flag),
+                "{}: no {flag} in {:?}",
+                run.shell,
+                run.argv
+            );
+        }
+        let adm = run.config().admission;
+        assert_eq!(adm.tailscaled_socket.as_deref(), Some(socket.as_path()));
+        assert_eq!(
+            adm.url.as_deref(),
+            Some("https://admission.example.com/check")
+        );
+        assert!(!adm.fail_open);
+        assert_eq!(adm.allow_keys_file.as_deref(), Some(allow.as_path()));
+        // tailscaled's socket directory and the allow-keys file are visible in the jail.
+        run.expect(&format!("mount_ro {}", ts.display()));
+        run.expect(&format!("mount_ro {}", allow.display()));
+    }
+}
+
+#[test]
+fn init_firewall_rules_follow_the_ports() {
+    let rule = |name: &str, proto: &str, port: &str| {
+        vec![
+            s("json add_object "),
+            s("json add_string type rule"),
+            format!("json add_string name {name}"),
+            s("json add_string src wan"),
+            format!("json add_string proto {proto}"),
+            format!("json add_string dest_port {port}"),
+            s("json add_string target ACCEPT"),
+            s("json close_object"),
+        ]
+    };
+    // (UCI edits, the firewall rules they must give)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<Vec<String>>);
+    let cases: [Case<'_>; 3] = [
+        (
+            vec![],
+            vec![
+                rule("derpd-derp", "tcp", "443"),
+                rule("derpd-http", "tcp", "80"),
+                rule("derpd-stun", "udp", "3478"),
+            ],
+        ),
+        (
+            vec![
+                ("addr", ":8443"),
+                ("http_port", "-1"),
+                ("stun_port", "3479"),
+            ],
+            vec![
+                rule("derpd-derp", "tcp", "8443"),
+                rule("derpd-stun", "udp", "3479"),
+            ],
+        ),
+        (
+            vec![("stun", "0")],
+            vec![
+                rule("derpd-derp", "tcp", "443"),
+                rule("derpd-http", "tcp", "80"),
+            ],
+        ),
+    ];
+    for (extra, rules) in cases {
+        let mut set = vec![("hostname", "derp.example.com"), ("firewall", "1")];
+        set.extend(extra.iter().copied());
+        let text = enabled_with(&set, &[]);
+        let mut want = vec![s("json open_data"), s("json add_array firewall")];
+        want.extend(rules.into_iter().flatten());
+        want.extend([s("json close_array"), s("json close_data")]);
+        for shell in shells() {
+            let run = run_init(&shell, &text, true);
+            assert_eq!(run.status, 0, "{run:#?}");
+            let json: Vec<String> = run
+                .records
+                .iter()
+                .filter(|r| r.starts_with("json "))
+                .cloned()
+                .collect();
+            assert_eq!(json, want, "{}: {extra:?}", run.shell);
+            run.config();
+        }
+    }
+}
+
+#[test]
+fn init_refuses_what_cannot_run() {
+    // Shipped as is: disabled, no instance.
+    for shell in shells() {
+        let run = run_init(&shell, SHIPPED_UCI, true);
+        assert_eq!(run.status, 0, "{run:#?}");
+        assert!(!run.has("instance instance1"), "{run:#?}");
+        assert!(run.stderr.contains("derpd.main.enabled=1"), "{run:#?}");
+        run.expect("trigger derpd");
+    }
+    let cases = [
+        (enabled_with(&[], &[]), "set option hostname"),
+        (
+            enabled_with(&[("hostname", "derp.example.com"), ("stun", "maybe")], &[]),
+            "option stun 'maybe' is not a boolean",
+        ),
+        (
+            enabled_with(
+                &[
+                    ("hostname", "derp.example.com"),
+                    ("key_file", "/etc/derper.key"),
+                ],
+                &[],
+            ),
+            "must be a directory of its own, not /etc",
+        ),
+        (
+            enabled_with(
+                &[("hostname", "derp.example.com"), ("certdir", "/tmp")],
+                &[],
+            ),
+            "certdir must be a directory of its own, not /tmp",
+        ),
+    ];
+    for (text, why) in cases {
+        for shell in shells() {
+            let run = run_init(&shell, &text, true);
+            assert_eq!(run.status, 1, "{why}: {run:#?}");
+            assert!(run.log.contains(why), "{why}: {run:#?}");
+            assert!(run.stderr.contains(why), "{why}: {run:#?}");
+            assert!(!run.has("close_instance"), "{why}: {run:#?}");
+            assert!(
+                !run.records.iter().any(|r| r.starts_with("chown")),
+                "{run:#?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn init_without_ujail_runs_as_root_and_says_so() {
+    let text = enabled_with(&[("hostname", "derp.example.com")], &[]);
+    for shell in shells() {
+        let run = run_init(&shell, &text, false);
+        assert_eq!(run.status, 0, "{run:#?}");
+        assert!(!run.records.iter().any(|r| r.starts_with("set user")
+            || r.starts_with("jail ")
+            || r.starts_with("chown")));
+        assert!(run.log.contains("procd-ujail"), "{run:#?}");
+        run.config();
+    }
+}
+
+/// The command line the init script builds (paths moved to a scratch directory, the ports to
+/// loopback) runs a relay that Tailscale's own client uses, over TLS with the self-signed
+/// certificate's pin that derpd prints for the derpMap.
+#[test]
+fn init_command_line_runs_a_relay_for_tailscale_clients() {
+    let Some(harness) = support::harness() else {
+        return;
+    };
+    let dir = fresh_path("init-relay", "etc");
+    let key = dir.join("derpd/derper.key");
+    let certdir = dir.join("derpd/certs");
+    std::fs::create_dir_all(&certdir).unwrap();
+    let text = enabled_with(
+        &[
+            ("hostname", "127.0.0.1"),
+            ("addr", "127.0.0.1:0"),
+            ("http_port", "-1"),
+            ("stun_port", "0"),
+            ("key_file", key.to_str().unwrap()),
+            ("certdir", certdir.to_str().unwrap()),
+        ],
+        &[],
+    );
+    let run = run_init(&shells()[0], &text, true);
+    assert_eq!(run.status, 0, "{run:#?}");
+    let mut d = Derpd::start(&run.argv[1..]);
+    let up = d.startup(true);
+    let pin = up.pin.clone().unwrap();
+    d.run_harness(
+        &harness,
+        &[
+            s("relay"),
+            s("-clients"),
+            s("2"),
+            s("-host"),
+            s("127.0.0.1"),
+            s("-port"),
+            up.addr.port().to_string(),
+            s("-pin"),
+            pin,
+        ],
+    );
+    assert!(key.exists(), "derpd made its key at the init script's path");
+    assert!(certdir.join("127.0.0.1.crt").exists());
+    d.expect_running();
+}
+
+#[test]
+fn capabilities_file_grants_only_net_bind_service() {
+    let text = std::fs::read_to_string(repo("openwrt/files/derpd.json")).unwrap();
+    let caps: BTreeMap<String, Vec<String>> = serde_json::from_str(&text).unwrap();
+    let sets: Vec<&str> = caps.keys().map(String::as_str).collect();
+    assert_eq!(
+        sets,
+        [
+            "ambient",
+            "bounding",
+            "effective",
+            "inheritable",
+            "permitted"
+        ]
+    );
+    for (set, list) in &caps {
+        assert_eq!(list, &[s("CAP_NET_BIND_SERVICE")], "{set}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The built packages.
+
+fn packages_dir() -> PathBuf {
+    std::env::var_os("DERPD_PACKAGES_DIR").map_or_else(|| repo("dist"), PathBuf::from)
+}
+
+/// What a static binary for a target must look like.
+#[derive(Clone, Copy, Debug)]
+struct Elf {
+    class64: bool,
+    big_endian: bool,
+    machine: u16,
+    /// (mask, value) on e_flags.
+    flags: (u32, u32),
+}
+
+const AARCH64: Elf = Elf {
+    class64: true,
+    big_endian: false,
+    machine: 183,
+    flags: (0, 0),
+};
+/// ARM EABI5, hard-float (EF_ARM_ABI_FLOAT_HARD).
+const ARMV7: Elf = Elf {
+    class64: false,
+    big_endian: false,
+    machine: 40,
+    flags: (0xff00_0400, 0x0500_0400),
+};
+/// MIPS32 release 2 (the 24Kc): EF_MIPS_ARCH_32R2.
+const MIPSEL: Elf = Elf {
+    class64: false,
+    big_endian: false,
+    machine: 8,
+    flags: (0xf000_0000, 0x7000_0000),
+};
+const MIPS: Elf = Elf {
+    big_endian: true,
+    ..MIPSEL
+};
+const X86_64: Elf = Elf {
+    class64: true,
+    big_endian: false,
+    machine: 62,
+    flags: (0, 0),
+};
+
+const IPKS: [(&str, Elf); 6] = [
+    ("aarch64_cortex-a53", AARCH64),
+    ("aarch64_generic", AARCH64),
+    ("arm_cortex-a7_neon-vfpv4", ARMV7),
+    ("mipsel_24kc", MIPSEL),
+    ("mips_24kc", MIPS),
+    ("x86_64", X86_64),
+];
+const DEBS: [(&str, Elf); 3] = [("arm64", AARCH64), ("armhf", ARMV7), ("amd64", X86_64)];
+
+/// Checks an ELF header: class, byte order, machine, flags, and no PT_INTERP (static).
+fn check_elf(bytes: &[u8], want: Elf, what: &str) {
+    assert_eq!(&bytes[..4], b"\x7fELF", "{what}: not ELF");
+    assert_eq!(bytes[4] == 2, want.class64, "{what}: ELF class");
+    assert_eq!(bytes[5] == 2, want.big_endian, "{what}: byte order");
+    let u16_at = |o: usize| {
+        let b = [bytes[o], bytes[o + 1]];
+        if want.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        }
+    };
+    let u32_at = |o: usize| {
+        let b = [bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]];
+        if want.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    let u64_at = |o: usize| {
+        let b: [u8; 8] = bytes[o..o + 8].try_into().unwrap();
+        if want.big_endian {
+            u64::from_be_bytes(b)
+        } else {
+            u64::from_le_bytes(b)
+        }
+    };
+    assert_eq!(u16_at(18), want.machine, "{what}: e_machine");
+    let (flags, phoff, phentsize, phnum) = if want.class64 {
+        (
+            u32_at(48),
+            u64_at(32) as usize,
+            u16_at(54) as usize,
+            u16_at(56) as usize,
+        )
+    } else {
+        (
+            u32_at(36),
+            u32_at(28) as usize,
+            u16_at(42) as usize,
+            u16_at(44) as usize,
+        )
+    };
+    assert_eq!(
+        flags & want.flags.0,
+        want.flags.1,
+        "{what}: e_flags {flags:#x}"
+    );
+    for i in 0..phnum {
+        let p_type = u32_at(phoff + i * phentsize);
+        assert_ne!(p_type, 3, "{what}: has PT_INTERP: not a static binary");
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `gzip -n`: no name and no timestamp in the header, so the same input gives the same bytes.
+fn check_gzip(bytes: &[u8], what: &str) {
+    assert_eq!(&bytes[..3], b"\x1f\x8b\x08", "{what}: not gzip");
+    assert_eq!(
+        bytes[3] & 0x08,
+        0,
+        "{what}: gzip header has a file name (not gzip -n)"
+    );
+    assert_eq!(
+        &bytes[4..8],
+        &[0, 0, 0, 0],
+        "{what}: gzip header has a time (not gzip -n)"
+    );
+}
+
+/// `tar -tv` of a tar(.gz) file: (mode string, owner, name) per entry, in archive order.
+fn tar_listing(file: &Path) -> Vec<(String, String, String)> {
+    let text = run("tar", &["--numeric-owner", "-tvf", file.to_str().unwrap()]);
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].to_string(), f[1].to_string(), f[5..].join(" "))
+        })
+        .collect()
+}
+
+/// Control-file fields in order (continuation lines joined to their field).
+fn control_fields(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with(' ') {
+            let last = out.last_mut().expect("continuation without field");
+            last.1.push('\n');
+            last.1.push_str(line);
+        } else {
+            let (k, v) = line.split_once(':').expect("field");
+            out.push((k.to_string(), v.trim_start().to_string()));
+        }
+    }
+    out
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name} field in {fields:?}"))
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn require_package(p: &Path) {
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/build-packages.sh (after scripts/build-release.sh)",
+        p.display()
+    );
+}
+
+#[test]
+#[ignore = "needs the packages: scripts/build-packages.sh runs it"]
+fn ipk_structure() {
+    let version = format!("{}-r{}", cargo_version(), makefile_var("PKG_RELEASE"));
+    for (arch, elf) in IPKS {
+        let ipk = packages_dir().join(format!("derpd_{version}_{arch}.ipk"));
+        require_package(&ipk);
+        let what = ipk.file_name().unwrap().to_string_lossy().into_owned();
+        check_gzip(&read(&ipk), &what);
+        // The outer archive: a gzip'd tar (not ar) of exactly these three, in this order.
+        let outer = tar_listing(&ipk);
+        let names: Vec<&str> = outer.iter().map(|e| e.2.as_str()).collect();
+        assert_eq!(
+            names,
+            ["./debian-binary", "./data.tar.gz", "./control.tar.gz"],
+            "{what}"
+        );
+        let dir = fresh_path("ipk", arch);
+        std::fs::create_dir_all(dir.join("control")).unwrap();
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        run(
+            "tar",
+            &["-xzf", ipk.to_str().unwrap(), "-C", dir.to_str().unwrap()],
+        );
+        assert_eq!(read(&dir.join("debian-binary")), b"2.0\n", "{what}");
+        for inner in ["data.tar.gz", "control.tar.gz"] {
+            check_gzip(&read(&dir.join(inner)), &format!("{what}/{inner}"));
+        }
+        let data = tar_listing(&dir.join("data.tar.gz"));
+        let want: Vec<(String, String, String)> = [
+            ("drwxr-xr-x", "./"),
+            ("drwxr-xr-x", "./etc/"),
+            ("drwxr-xr-x", "./etc/capabilities/"),
+            ("-rw-------", "./etc/capabilities/derpd.json"),
+            ("drwxr-xr-x", "./etc/config/"),
+            ("-rw-------", "./etc/config/derpd"),
+            ("drwxr-xr-x", "./etc/init.d/"),
+            ("-rwxr-xr-x", "./etc/init.d/derpd"),
+            ("drwxr-xr-x", "./lib/"),
+            ("drwxr-xr-x", "./lib/upgrade/"),
+            ("drwxr-xr-x", "./lib/upgrade/keep.d/"),
+            ("-rw-r--r--", "./lib/upgrade/keep.d/derpd"),
+            ("drwxr-xr-x", "./usr/"),
+            ("drwxr-xr-x", "./usr/sbin/"),
+            ("-rwxr-xr-x", "./usr/sbin/derpd"),
+        ]
+        .iter()
+        .map(|(m, n)| (s(m), s("0/0"), s(n)))
+        .collect();
+        assert_eq!(data, want, "{what}: data.tar.gz");
+        let control = tar_listing(&dir.join("control.tar.gz"));
+        let want: Vec<(String, String, String)> = [
+            ("drwxr-xr-x", "./"),
+            ("-rw-r--r--", "./conffiles"),
+            ("-rw-r--r--", "./control"),
+            ("-rwxr-xr-x", "./postinst"),
+            ("-rwxr-xr-x", "./prerm"),
+        ]
+        .iter()
+        .map(|(m, n)| (s(m), s("0/0"), s(n)))
+        .collect();
+        assert_eq!(control, want, "{what}: control.tar.gz");
+        let (d, c) = (dir.join("data"), dir.join("control"));
+        run(
+            "tar",
+            &[
+                "-xzf",
+                dir.join("data.tar.gz").to_str().unwrap(),
+                "-C",
+                d.to_str().unwrap(),
+            ],
+        );
+        run(
+            "tar",
+            &[
+                "-xzf",
+                dir.join("control.tar.gz").to_str().unwrap(),
+                "-C",
+                c.to_str().unwrap(),
+            ],
+        );
+
+        let text = String::from_utf8(read(&c.join("control"))).unwrap();
+        let fields = control_fields(&text);
+        // package-pack.mk's order of the fields.
+        let order = [
+            "Package",
+            "Version",
+            "Depends",
+            "SourceName",
+            "License",
+            "LicenseFiles",
+            "Section",
+            "Require-User",
+            "SourceDateEpoch",
+            "Maintainer",
+            "Architecture",
+            "Installed-Size",
+            "Description",
+        ];
+        let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, order, "{what}: control fields");
+        assert_eq!(field(&fields, "Package"), "derpd");
+        assert_eq!(field(&fields, "Version"), version);
+        assert_eq!(field(&fields, "Architecture"), arch);
+        assert_eq!(field(&fields, "Depends"), "procd-ujail");
+        assert_eq!(field(&fields, "License"), makefile_var("PKG_LICENSE"));
+        assert_eq!(field(&fields, "Section"), makefile_var("SECTION"));
+        assert_eq!(field(&fields, "Require-User"), makefile_var("USERID"));
+        assert_eq!(field(&fields, "Maintainer"), makefile_var("PKG_MAINTAINER"));
+        // ipkg-build: the size of the uncompressed data tar.
+        let unpacked = run(
+            "sh",
+            &[
+                "-c",
+                &format!("zcat < '{}' | wc -c", dir.join("data.tar.gz").display()),
+            ],
+        );
+        assert_eq!(field(&fields, "Installed-Size"), unpacked.trim(), "{what}");
+        assert!(
+            text.contains("Description:  A small, wire-compatible"),
+            "{what}: {text}"
+        );
+
+        assert_eq!(read(&c.join("conffiles")), b"/etc/config/derpd\n", "{what}");
+        assert_eq!(
+            read(&d.join("lib/upgrade/keep.d/derpd")),
+            b"/etc/derpd/\n",
+            "{what}"
+        );
+        assert_eq!(
+            String::from_utf8(read(&c.join("postinst"))).unwrap(),
+            "#!/bin/sh\n[ \"${IPKG_NO_SCRIPT}\" = \"1\" ] && exit 0\n\
+             [ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0\n\
+             . ${IPKG_INSTROOT}/lib/functions.sh\ndefault_postinst $0 $@\n"
+        );
+        assert_eq!(
+            String::from_utf8(read(&c.join("prerm"))).unwrap(),
+            "#!/bin/sh\n[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0\n\
+             . ${IPKG_INSTROOT}/lib/functions.sh\ndefault_prerm $0 $@\n"
+        );
+        for (inside, source) in [
+            ("etc/init.d/derpd", "openwrt/files/derpd.init"),
+            ("etc/config/derpd", "openwrt/files/derpd.config"),
+            ("etc/capabilities/derpd.json", "openwrt/files/derpd.json"),
+        ] {
+            assert_eq!(
+                read(&d.join(inside)),
+                read(&repo(source)),
+                "{what}: {inside}"
+            );
+        }
+        check_elf(
+            &read(&d.join("usr/sbin/derpd")),
+            elf,
+            &format!("{what}: /usr/sbin/derpd"),
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the packages: scripts/build-packages.sh runs it"]
+fn deb_structure() {
+    let version = format!("{}-1", cargo_version());
+    for (arch, elf) in DEBS {
+        let deb = packages_dir().join(format!("derpd_{version}_{arch}.deb"));
+        require_package(&deb);
+        let what = deb.file_name().unwrap().to_string_lossy().into_owned();
+        let p = deb.to_str().unwrap();
+        let fields = control_fields(&run("dpkg-deb", &["-f", p]));
+        assert_eq!(field(&fields, "Package"), "derpd");
+        assert_eq!(field(&fields, "Version"), version);
+        assert_eq!(field(&fields, "Architecture"), arch);
+        assert_eq!(field(&fields, "Depends"), "adduser");
+        assert_eq!(field(&fields, "Section"), "net");
+        assert!(field(&fields, "Description").starts_with("DERP relay"));
+        let listing: Vec<(String, String)> = run("dpkg-deb", &["-c", p])
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (format!("{} {}", f[0], f[1]), f[5..].join(" "))
+            })
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("drwxr-xr-x", "./"),
+            ("drwxr-xr-x", "./etc/"),
+            ("drwxr-xr-x", "./etc/default/"),
+            ("-rw-r--r--", "./etc/default/derpd"),
+            ("drwxr-xr-x", "./usr/"),
+            ("drwxr-xr-x", "./usr/lib/"),
+            ("drwxr-xr-x", "./usr/lib/systemd/"),
+            ("drwxr-xr-x", "./usr/lib/systemd/system/"),
+            ("-rw-r--r--", "./usr/lib/systemd/system/derpd.service"),
+            ("drwxr-xr-x", "./usr/sbin/"),
+            ("-rwxr-xr-x", "./usr/sbin/derpd"),
+            ("drwxr-xr-x", "./usr/share/"),
+            ("drwxr-xr-x", "./usr/share/doc/"),
+            ("drwxr-xr-x", "./usr/share/doc/derpd/"),
+            ("-rw-r--r--", "./usr/share/doc/derpd/README.Debian"),
+            ("-rw-r--r--", "./usr/share/doc/derpd/copyright"),
+        ]
+        .iter()
+        .map(|(m, n)| (format!("{m} root/root"), s(n)))
+        .collect();
+        assert_eq!(listing, want, "{what}");
+        let dir = fresh_path("deb", arch);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (d, c) = (dir.join("data"), dir.join("DEBIAN"));
+        run("dpkg-deb", &["-x", p, d.to_str().unwrap()]);
+        run("dpkg-deb", &["-e", p, c.to_str().unwrap()]);
+        assert_eq!(read(&c.join("conffiles")), b"/etc/default/derpd\n");
+        for script in ["postinst", "prerm", "postrm"] {
+            assert_eq!(
+                read(&c.join(script)),
+                read(&repo(&format!("debian/{script}"))),
+                "{what}"
+            );
+            let mode = std::fs::metadata(c.join(script)).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o755, "{what}: {script}");
+        }
+        for (inside, source) in [
+            (
+                "usr/lib/systemd/system/derpd.service",
+                "debian/derpd.service",
+            ),
+            ("etc/default/derpd", "debian/derpd.default"),
+            ("usr/share/doc/derpd/README.Debian", "debian/README.Debian"),
+        ] {
+            assert_eq!(
+                read(&d.join(inside)),
+                read(&repo(source)),
+                "{what}: {inside}"
+            );
+        }
+        let copyright = String::from_utf8(read(&d.join("usr/share/doc/derpd/copyright"))).unwrap();
+        assert!(copyright.starts_with(
+            "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"
+        ));
+        assert!(copyright.contains("License: BSD-3-Clause\n Redistribution and use"));
+        // md5sums matches the files.
+        let sums = run(
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "cd '{}' && md5sum -c --quiet '{}/md5sums'",
+                    d.display(),
+                    c.display()
+                ),
+            ],
+        );
+        assert_eq!(sums, "", "{what}: md5sums");
+        check_elf(
+            &read(&d.join("usr/sbin/derpd")),
+            elf,
+            &format!("{what}: /usr/sbin/derpd"),
+        );
+    }
+}
+
+/// The systemd unit's ExecStart, split into words (the unit has no quoting).
+fn exec_start(unit: &str) -> Vec<String> {
+    unit.lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn getent(db: &str, key: &str) -> Option<Vec<String>> {
+    let out = Command::new("getent").args([db, key]).output().ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split(':')
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+/// `dpkg -i` of the amd64 package on this machine, then derpd run the way its unit runs it
+/// (the derpd user, only CAP_NET_BIND_SERVICE, the state directory), in a network namespace of
+/// the test's own so that it binds 443, 80 and 3478 as shipped; Tailscale's client relays
+/// through it. Then `dpkg -r` and `dpkg --purge`.
+#[test]
+#[ignore = "needs the packages: scripts/build-packages.sh runs it"]
+fn deb_installs_and_runs_as_the_derpd_user() {
+    let deb = packages_dir().join(format!("derpd_{}-1_amd64.deb", cargo_version()));
+    require_package(&deb);
+    if !rustix::process::geteuid().is_root() {
+        assert!(!ci(), "dpkg -i needs root, and CI=true: it must run in CI");
+        eprintln!("SKIPPED: dpkg -i needs root");
+        return;
+    }
+    let Some(harness) = support::harness() else {
+        return skip("no Go for Tailscale's client");
+    };
+    // A derpd from an earlier, interrupted run goes first.
+    let _ = Command::new("dpkg").args(["--purge", "derpd"]).output();
+    run("dpkg", &["-i", deb.to_str().unwrap()]);
+    let status = run("dpkg-query", &["-W", "-f=${Status} ${Version}", "derpd"]);
+    assert_eq!(
+        status,
+        format!("install ok installed {}-1", cargo_version())
+    );
+
+    let user = getent("passwd", "derpd").expect("postinst made the derpd user");
+    let uid: u32 = user[2].parse().unwrap();
+    assert!(uid < 1000, "derpd is a system user: {user:?}");
+    assert_eq!(user[5], "/var/lib/derpd");
+    assert!(user[6].ends_with("nologin"), "{user:?}");
+    let group = getent("group", "derpd").expect("derpd group");
+    assert_eq!(group[2], user[3], "derpd's primary group");
+
+    for (path, mode) in [
+        ("/usr/sbin/derpd", 0o755),
+        ("/etc/default/derpd", 0o644),
+        ("/usr/lib/systemd/system/derpd.service", 0o644),
+    ] {
+        let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid(), m.gid()),
+            (mode, 0, 0),
+            "{path}"
+        );
+    }
+    let conffiles = run("dpkg-query", &["-W", "-f=${Conffiles}", "derpd"]);
+    assert!(conffiles.contains("/etc/default/derpd"), "{conffiles}");
+    assert!(
+        run("/usr/sbin/derpd", &["--version"]).starts_with(&format!("derpd {} ", cargo_version()))
+    );
+    let unit = std::fs::read_to_string("/usr/lib/systemd/system/derpd.service").unwrap();
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "/usr/lib/systemd/system/derpd.service"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "systemd-analyze verify: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert!(!ci(), "systemd-analyze is missing, and CI=true");
+    }
+
+    // What systemd does for StateDirectory=derpd, StateDirectoryMode=0700.
+    run(
+        "install",
+        &[
+            "-d",
+            "-m",
+            "0700",
+            "-o",
+            "derpd",
+            "-g",
+            "derpd",
+            "/var/lib/derpd",
+        ],
+    );
+    let mut argv = exec_start(&unit);
+    assert_eq!(argv.pop().as_deref(), Some("$DERPD_FLAGS"));
+    // /etc/default/derpd's first example: a self-signed certificate for an IP address.
+    argv.extend([s("--certmode=manual"), s("--hostname=127.0.0.1")]);
+    let caps = "-all,+net_bind_service";
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$@\"",
+        "sh",
+    ])
+    .args(["setpriv", "--reuid=derpd", "--regid=derpd", "--init-groups"])
+    .args([
+        &format!("--inh-caps={caps}"),
+        &format!("--ambient-caps={caps}"),
+    ])
+    .args([&format!("--bounding-set={caps}"), "--no-new-privs", "--"]);
+    let mut d = Derpd::start_command(cmd, &argv);
+    let up = d.startup(true);
+    assert_eq!(
+        up.addr.port(),
+        443,
+        "the shipped port, bound by the derpd user"
+    );
+    let pid = d.child.id().to_string();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        line("Uid:")
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == uid.to_string()),
+        "{status}"
+    );
+    assert_eq!(
+        line("CapEff:"),
+        "CapEff:\t0000000000000400",
+        "only CAP_NET_BIND_SERVICE"
+    );
+    let nsenter = |args: &[String]| {
+        let mut all = vec![s("-t"), pid.clone(), s("-n"), harness.display().to_string()];
+        all.extend_from_slice(args);
+        let (st, out, err) =
+            run_bounded(Path::new("nsenter"), &all, &[], support::HARNESS_DEADLINE);
+        println!("$ nsenter derp-interop {}\n{out}{err}", args.join(" "));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "derp-interop {args:?}: {out}\n{err}"
+        );
+    };
+    let pin = up.pin.clone().unwrap();
+    nsenter(&[
+        s("relay"),
+        s("-clients"),
+        s("2"),
+        s("-host"),
+        s("127.0.0.1"),
+        s("-port"),
+        s("443"),
+        s("-pin"),
+        pin,
+    ]);
+    nsenter(&[s("stun"), s("-addr"), s("127.0.0.1:3478")]);
+    d.expect_running();
+    let key = std::fs::metadata("/var/lib/derpd/derper.key").unwrap();
+    assert_eq!(
+        (key.uid(), key.mode() & 0o777),
+        (uid, 0o600),
+        "the key, made by derpd"
+    );
+    let cert = std::fs::metadata("/var/lib/derpd/certs/127.0.0.1.crt").unwrap();
+    assert_eq!(cert.uid(), uid);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&d.child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(
+        d.wait_exit(Duration::from_secs(10)).success(),
+        "SIGTERM: exit 0"
+    );
+
+    run("dpkg", &["-r", "derpd"]);
+    assert!(!Path::new("/usr/sbin/derpd").exists());
+    assert!(
+        Path::new("/etc/default/derpd").exists(),
+        "remove keeps the conffile"
+    );
+    assert!(
+        Path::new("/var/lib/derpd/derper.key").exists(),
+        "remove keeps the key"
+    );
+    run("dpkg", &["--purge", "derpd"]);
+    assert!(
+        !Path::new("/etc/default/derpd").exists(),
+        "purge removes the conffile"
+    );
+    assert!(
+        !Path::new("/var/lib/derpd").exists(),
+        "purge removes the state"
+    );
+}
