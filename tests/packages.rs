@@ -208,6 +208,7 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             "--tcp-keepalive-time=10m",
             "--tcp-user-timeout=15s",
             "--stun=true",
+            "--derp=true",
             "--meta-cert=true",
             "--verify-clients=false",
             "--verify-client-url-fail-open=true",
