@@ -585,36 +585,22 @@ struct Elf {
     flags: (u32, u32),
 }
 
-const AARCH64: Elf = Elf {
-    class64: true,
-    big_endian: false,
-    machine: 183,
-    flags: (0, 0),
-};
+const fn elf(class64: bool, big_endian: bool, machine: u16, flags: (u32, u32)) -> Elf {
+    Elf {
+        class64,
+        big_endian,
+        machine,
+        flags,
+    }
+}
+
+const AARCH64: Elf = elf(true, false, 183, (0, 0));
 /// ARM EABI5, hard-float (EF_ARM_ABI_FLOAT_HARD).
-const ARMV7: Elf = Elf {
-    class64: false,
-    big_endian: false,
-    machine: 40,
-    flags: (0xff00_0400, 0x0500_0400),
-};
+const ARMV7: Elf = elf(false, false, 40, (0xff00_0400, 0x0500_0400));
 /// MIPS32 release 2 (the 24Kc): EF_MIPS_ARCH_32R2.
-const MIPSEL: Elf = Elf {
-    class64: false,
-    big_endian: false,
-    machine: 8,
-    flags: (0xf000_0000, 0x7000_0000),
-};
-const MIPS: Elf = Elf {
-    big_endian: true,
-    ..MIPSEL
-};
-const X86_64: Elf = Elf {
-    class64: true,
-    big_endian: false,
-    machine: 62,
-    flags: (0, 0),
-};
+const MIPSEL: Elf = elf(false, false, 8, (0xf000_0000, 0x7000_0000));
+const MIPS: Elf = elf(false, true, 8, (0xf000_0000, 0x7000_0000));
+const X86_64: Elf = elf(true, false, 62, (0, 0));
 
 const IPKS: [(&str, Elf); 6] = [
     ("aarch64_cortex-a53", AARCH64),
@@ -746,6 +732,37 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name} field in {fields:?}"))
 }
 
+/// Expected `tar -tv` entries, all owned by 0/0.
+fn root_owned(entries: &[(&str, &str)]) -> Vec<(String, String, String)> {
+    entries
+        .iter()
+        .map(|(mode, name)| (s(mode), s("0/0"), s(name)))
+        .collect()
+}
+
+fn untar(archive: &Path, into: &Path) {
+    run(
+        "tar",
+        &[
+            "-xzf",
+            archive.to_str().unwrap(),
+            "-C",
+            into.to_str().unwrap(),
+        ],
+    );
+}
+
+/// Files of an unpacked package that must be the repository's own, byte for byte.
+fn same_as_repo(unpacked: &Path, pairs: &[(&str, &str)], what: &str) {
+    for (inside, source) in pairs {
+        assert_eq!(
+            read(&unpacked.join(inside)),
+            read(&repo(source)),
+            "{what}: {inside}"
+        );
+    }
+}
+
 fn read(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -787,7 +804,7 @@ fn ipk_structure() {
             check_gzip(&read(&dir.join(inner)), &format!("{what}/{inner}"));
         }
         let data = tar_listing(&dir.join("data.tar.gz"));
-        let want: Vec<(String, String, String)> = [
+        let want = root_owned(&[
             ("drwxr-xr-x", "./"),
             ("drwxr-xr-x", "./etc/"),
             ("drwxr-xr-x", "./etc/capabilities/"),
@@ -803,42 +820,20 @@ fn ipk_structure() {
             ("drwxr-xr-x", "./usr/"),
             ("drwxr-xr-x", "./usr/sbin/"),
             ("-rwxr-xr-x", "./usr/sbin/derpd"),
-        ]
-        .iter()
-        .map(|(m, n)| (s(m), s("0/0"), s(n)))
-        .collect();
+        ]);
         assert_eq!(data, want, "{what}: data.tar.gz");
         let control = tar_listing(&dir.join("control.tar.gz"));
-        let want: Vec<(String, String, String)> = [
+        let want = root_owned(&[
             ("drwxr-xr-x", "./"),
             ("-rw-r--r--", "./conffiles"),
             ("-rw-r--r--", "./control"),
             ("-rwxr-xr-x", "./postinst"),
             ("-rwxr-xr-x", "./prerm"),
-        ]
-        .iter()
-        .map(|(m, n)| (s(m), s("0/0"), s(n)))
-        .collect();
+        ]);
         assert_eq!(control, want, "{what}: control.tar.gz");
         let (d, c) = (dir.join("data"), dir.join("control"));
-        run(
-            "tar",
-            &[
-                "-xzf",
-                dir.join("data.tar.gz").to_str().unwrap(),
-                "-C",
-                d.to_str().unwrap(),
-            ],
-        );
-        run(
-            "tar",
-            &[
-                "-xzf",
-                dir.join("control.tar.gz").to_str().unwrap(),
-                "-C",
-                c.to_str().unwrap(),
-            ],
-        );
+        untar(&dir.join("data.tar.gz"), &d);
+        untar(&dir.join("control.tar.gz"), &c);
 
         let text = String::from_utf8(read(&c.join("control"))).unwrap();
         let fields = control_fields(&text);
@@ -899,17 +894,15 @@ fn ipk_structure() {
             "#!/bin/sh\n[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0\n\
              . ${IPKG_INSTROOT}/lib/functions.sh\ndefault_prerm $0 $@\n"
         );
-        for (inside, source) in [
-            ("etc/init.d/derpd", "openwrt/files/derpd.init"),
-            ("etc/config/derpd", "openwrt/files/derpd.config"),
-            ("etc/capabilities/derpd.json", "openwrt/files/derpd.json"),
-        ] {
-            assert_eq!(
-                read(&d.join(inside)),
-                read(&repo(source)),
-                "{what}: {inside}"
-            );
-        }
+        same_as_repo(
+            &d,
+            &[
+                ("etc/init.d/derpd", "openwrt/files/derpd.init"),
+                ("etc/config/derpd", "openwrt/files/derpd.config"),
+                ("etc/capabilities/derpd.json", "openwrt/files/derpd.json"),
+            ],
+            &what,
+        );
         check_elf(
             &read(&d.join("usr/sbin/derpd")),
             elf,
@@ -978,20 +971,18 @@ fn deb_structure() {
             let mode = std::fs::metadata(c.join(script)).unwrap().mode() & 0o777;
             assert_eq!(mode, 0o755, "{what}: {script}");
         }
-        for (inside, source) in [
-            (
-                "usr/lib/systemd/system/derpd.service",
-                "debian/derpd.service",
-            ),
-            ("etc/default/derpd", "debian/derpd.default"),
-            ("usr/share/doc/derpd/README.Debian", "debian/README.Debian"),
-        ] {
-            assert_eq!(
-                read(&d.join(inside)),
-                read(&repo(source)),
-                "{what}: {inside}"
-            );
-        }
+        same_as_repo(
+            &d,
+            &[
+                (
+                    "usr/lib/systemd/system/derpd.service",
+                    "debian/derpd.service",
+                ),
+                ("etc/default/derpd", "debian/derpd.default"),
+                ("usr/share/doc/derpd/README.Debian", "debian/README.Debian"),
+            ],
+            &what,
+        );
         let copyright = String::from_utf8(read(&d.join("usr/share/doc/derpd/copyright"))).unwrap();
         assert!(copyright.starts_with(
             "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"
