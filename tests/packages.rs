@@ -288,6 +288,8 @@ fn init_mesh_config() {
         &[
             ("hostname", "derp1.example.com"),
             ("mesh_psk_file", psk.to_str().unwrap()),
+            // The mesh key beside the relay's key: the init script makes it derpd's.
+            ("key_file", dir.join("derper.key").to_str().unwrap()),
         ],
         &[
             ("mesh_with", "derp2.example.com"),
@@ -317,8 +319,9 @@ fn init_mesh_config() {
                 ("derp3.example.com", "10.0.0.3")
             ]
         );
-        // The jail shows derpd its key file, read-only.
+        // The jail shows derpd its key file, read-only; derpd's user owns it.
         run.expect(&format!("mount_ro {}", psk.display()));
+        run.expect(&format!("chown derpd:derpd {}", psk.display()));
     }
 }
 
@@ -369,6 +372,8 @@ fn init_admission_config() {
         // tailscaled's socket directory and the allow-keys file are visible in the jail.
         run.expect(&format!("mount_ro {}", ts.display()));
         run.expect(&format!("mount_ro {}", allow.display()));
+        // Outside derpd's own directories, the admin's file keeps its owner.
+        assert!(!run.has(&format!("chown derpd:derpd {}", allow.display())));
     }
 }
 
