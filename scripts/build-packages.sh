@@ -24,6 +24,8 @@ done
 # OpenWrt architecture → the Rust target whose static binary runs there.
 ipk_arches=(
   aarch64_cortex-a53:aarch64-unknown-linux-musl
+  aarch64_cortex-a72:aarch64-unknown-linux-musl
+  aarch64_cortex-a76:aarch64-unknown-linux-musl
   aarch64_generic:aarch64-unknown-linux-musl
   arm_cortex-a7_neon-vfpv4:armv7-unknown-linux-musleabihf
   mipsel_24kc:mipsel-unknown-linux-musl

@@ -607,8 +607,10 @@ const MIPSEL: Elf = elf(false, false, 8, (0xf000_0000, 0x7000_0000));
 const MIPS: Elf = elf(false, true, 8, (0xf000_0000, 0x7000_0000));
 const X86_64: Elf = elf(true, false, 62, (0, 0));
 
-const IPKS: [(&str, Elf); 6] = [
+const IPKS: [(&str, Elf); 8] = [
     ("aarch64_cortex-a53", AARCH64),
+    ("aarch64_cortex-a72", AARCH64),
+    ("aarch64_cortex-a76", AARCH64),
     ("aarch64_generic", AARCH64),
     ("arm_cortex-a7_neon-vfpv4", ARMV7),
     ("mipsel_24kc", MIPSEL),
