@@ -237,7 +237,7 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
         for record in [
             "instance instance1",
             "mkdir -p /etc/derpd /etc/derpd/certs",
-            "chmod 0700 /etc/derpd",
+            "chmod 0700 /etc/derpd /etc/derpd/certs",
             "chown derpd:derpd /etc/derpd /etc/derpd/certs",
             "set respawn ",
             "set stdout 1",
