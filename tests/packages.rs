@@ -319,9 +319,11 @@ fn init_mesh_config() {
                 ("derp3.example.com", "10.0.0.3")
             ]
         );
-        // The jail shows derpd its key file, read-only; derpd's user owns it.
-        run.expect(&format!("mount_ro {}", psk.display()));
+        // The mesh key beside the relay's key: derpd's user owns it, and the jail shows it
+        // through that directory (no second mount for the file).
         run.expect(&format!("chown derpd:derpd {}", psk.display()));
+        run.expect(&format!("mount_rw {}", dir.display()));
+        assert!(!run.has(&format!("mount_ro {}", psk.display())), "{run:#?}");
     }
 }
 
