@@ -179,6 +179,45 @@ EOF
   sed -n '/^Redistribution/,$p' LICENSE | sed -e 's/^$/./' -e 's/^/ /'
 }
 
+# derpd(8), from `derpd --help` of the x86_64 binary (the host's): the flags are the same on
+# every architecture. Backslashes escaped, lines that troff would take for requests guarded.
+manpage() {
+  local help
+  help=$("$bin_dir/derpd-x86_64-unknown-linux-musl" --help | sed '1,/^Options:/d' |
+    sed -e 's/\\/\\e/g' -e "s/^\([.']\)/\\\\\&\1/")
+  cat <<EOF
+.TH DERPD 8 "$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%d)" "derpd $version" "System Administration"
+.SH NAME
+derpd \- DERP relay and STUN server for Tailscale
+.SH SYNOPSIS
+.B derpd
+[\fIflags\fR]
+.SH DESCRIPTION
+A small, wire-compatible replacement for Tailscale's DERP relay (derper) and its STUN server.
+Flags take derper's names; \fB-flag=value\fR, \fB--flag=value\fR and \fB-flag value\fR all work.
+The systemd unit derpd.service runs it with the flags of \fI/etc/default/derpd\fR.
+.SH OPTIONS
+.nf
+$help
+.fi
+.SH SIGNALS
+SIGHUP reloads the certificates, \fB--allow-keys-file\fR and \fB--rate-config\fR.
+SIGTERM and SIGINT tell every client to reconnect elsewhere, then exit.
+.SH FILES
+.TP
+.I /etc/default/derpd
+DERPD_FLAGS for the service.
+.TP
+.I /var/lib/derpd/derper.key
+The relay's private key, made on first start.
+.TP
+.I /var/lib/derpd/certs
+\fIhostname\fR.crt and \fIhostname\fR.key, or the self-signed certificate for an IP address.
+.SH SEE ALSO
+.I /usr/share/doc/derpd/README.Debian
+EOF
+}
+
 build_deb() { # debian-arch target
   local arch=$1 t=$2 root=$work/deb-$1 size
   rm -rf "$root" && mkdir -p "$root"
@@ -188,6 +227,19 @@ build_deb() { # debian-arch target
   install -m 0644 debian/derpd.service "$root/usr/lib/systemd/system/derpd.service"
   install -m 0644 debian/derpd.default "$root/etc/default/derpd"
   install -m 0644 debian/README.Debian "$root/usr/share/doc/derpd/README.Debian"
+  install -d -m 0755 "$root/usr/share/man/man8"
+  manpage | gzip -9 -n >"$root/usr/share/man/man8/derpd.8.gz"
+  chmod 0644 "$root/usr/share/man/man8/derpd.8.gz"
+  install -d -m 0755 "$root/usr/share/lintian/overrides"
+  install -m 0644 debian/lintian-overrides "$root/usr/share/lintian/overrides/derpd"
+  {
+    echo "derpd ($version-1) unstable; urgency=medium"
+    echo
+    echo "  * derpd $version, packaged by scripts/build-packages.sh."
+    echo
+    echo " -- $maintainer  $(LC_ALL=C date -u -R -d "@$SOURCE_DATE_EPOCH")"
+  } | gzip -9 -n >"$root/usr/share/doc/derpd/changelog.Debian.gz"
+  chmod 0644 "$root/usr/share/doc/derpd/changelog.Debian.gz"
   copyright >"$root/usr/share/doc/derpd/copyright"
   chmod 0644 "$root/usr/share/doc/derpd/copyright"
   install -m 0755 debian/postinst debian/prerm debian/postrm "$root/DEBIAN/"

@@ -5,7 +5,8 @@
 #   the unit starts derpd as the derpd user with only CAP_NET_BIND_SERVICE, under the unit's
 #   sandbox, on ports 443 and 3478; Tailscale's client (tests/interop) relays through it and
 #   uses its STUN; `systemctl reload` reaches derpd as SIGHUP; `systemctl stop` ends it with
-#   success; `dpkg --purge` removes its state. `systemd-analyze security` is printed.
+#   success; reinstalling (an upgrade) restarts it and keeps /etc/default/derpd; `dpkg --purge`
+#   removes its state. `systemd-analyze security` is printed.
 # Run as root after scripts/build-packages.sh (CI does). The container's root file system is
 # cached in target/systemd-check/ (about 280 MB, a minute to make).
 #
@@ -119,11 +120,11 @@ say "container booted: $state"
 inside systemctl is-active --quiet derpd || fail "derpd is not active: $(inside systemctl status derpd --no-pager)"
 # This boot only: the cached root file system keeps the journals of earlier runs.
 journal() { inside journalctl -b -u derpd --no-pager -o cat "$@"; }
-# Polls derpd's journal for a line, for up to 20 s.
+# Polls derpd's journal until a line has appeared (at least $2 times), for up to 20 s.
 wait_journal() {
   local _
   for _ in $(seq 100); do
-    journal | grep -q -- "$1" && return 0
+    (($(journal | grep -c -- "$1") >= ${2:-1})) && return 0
     sleep 0.2
   done
   fail "no '$1' in derpd's journal: $(journal)"
@@ -143,6 +144,15 @@ grep -q '^CapEff:[[:space:]]*0000000000000400$' <<<"$status" || fail "capabiliti
 say "Tailscale's client through the unit's derpd (port 443, pin $pin)"
 nsenter -t "$init_pid" -n "$work/derp-interop" relay -clients 3 -host 127.0.0.1 -port 443 -pin "$pin"
 nsenter -t "$init_pid" -n "$work/derp-interop" stun -addr 127.0.0.1:3478
+
+# An upgrade (the same package again): postinst restarts the running derpd; the edited
+# /etc/default/derpd stays.
+inside dpkg -i /derpd.deb >/dev/null
+new_pid=$(inside systemctl show -p MainPID --value derpd)
+[[ "$new_pid" != "$pid" && "$new_pid" != 0 ]] || fail "the upgrade did not restart derpd"
+grep -q '^DERPD_FLAGS="--certmode' "$root/etc/default/derpd" || fail "the upgrade replaced /etc/default/derpd"
+wait_journal "serving on" 2
+say "upgrade: derpd restarted (pid $pid → $new_pid), /etc/default/derpd kept"
 
 inside systemctl reload derpd
 wait_journal 'received SIGHUP'

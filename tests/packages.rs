@@ -959,7 +959,14 @@ fn deb_structure() {
             ("drwxr-xr-x", "./usr/share/doc/"),
             ("drwxr-xr-x", "./usr/share/doc/derpd/"),
             ("-rw-r--r--", "./usr/share/doc/derpd/README.Debian"),
+            ("-rw-r--r--", "./usr/share/doc/derpd/changelog.Debian.gz"),
             ("-rw-r--r--", "./usr/share/doc/derpd/copyright"),
+            ("drwxr-xr-x", "./usr/share/lintian/"),
+            ("drwxr-xr-x", "./usr/share/lintian/overrides/"),
+            ("-rw-r--r--", "./usr/share/lintian/overrides/derpd"),
+            ("drwxr-xr-x", "./usr/share/man/"),
+            ("drwxr-xr-x", "./usr/share/man/man8/"),
+            ("-rw-r--r--", "./usr/share/man/man8/derpd.8.gz"),
         ]
         .iter()
         .map(|(m, n)| (format!("{m} root/root"), s(n)))
@@ -1015,7 +1022,36 @@ fn deb_structure() {
             elf,
             &format!("{what}: /usr/sbin/derpd"),
         );
+        lintian(&deb);
     }
+}
+
+/// Debian's own package checker: no error and no warning (the overrides shipped in
+/// debian/lintian-overrides say why each is wrong for a static binary).
+fn lintian(deb: &Path) {
+    if Command::new("lintian").arg("--version").output().is_err() {
+        assert!(
+            !ci(),
+            "lintian is missing, and CI=true (.ci/run installs it)"
+        );
+        eprintln!(
+            "NOTE: lintian not installed; {} not checked by it",
+            deb.display()
+        );
+        return;
+    }
+    let out = Command::new("lintian")
+        .args(["--fail-on", "error,warning"])
+        .arg(deb)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lintian {}:\n{}{}",
+        deb.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The systemd unit's ExecStart, split into words (the unit has no quoting).
