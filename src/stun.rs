@@ -56,7 +56,7 @@ pub fn parse_binding_request(pkt: &[u8]) -> Option<TxId> {
         pkt[attr_off + 6],
         pkt[attr_off + 7],
     ]);
-    if got != crc32(&pkt[..attr_off]) ^ FINGERPRINT_XOR {
+    if got != fingerprint(&pkt[..attr_off]) {
         return None;
     }
     let mut tx = [0u8; 12];
@@ -104,6 +104,12 @@ pub fn write_response(out: &mut [u8; MAX_RESPONSE_LEN], tx: &TxId, addr: SocketA
     28 + addr_len
 }
 
+/// The FINGERPRINT attribute's value for a message whose bytes before the attribute are
+/// `data` (with the header's length already counting the attribute): RFC 5389 15.5.
+pub fn fingerprint(data: &[u8]) -> u32 {
+    crc32(data) ^ FINGERPRINT_XOR
+}
+
 /// CRC-32 (IEEE), bitwise: STUN packets are tiny, a table would cost 1 KiB of binary.
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = !0u32;
@@ -132,7 +138,7 @@ pub fn tailscale_request(tx: &TxId) -> [u8; 40] {
     p[24..32].copy_from_slice(b"tailnode");
     p[32..34].copy_from_slice(&ATTR_FINGERPRINT.to_be_bytes());
     p[34..36].copy_from_slice(&4u16.to_be_bytes());
-    let fp = crc32(&p[..32]) ^ FINGERPRINT_XOR;
+    let fp = fingerprint(&p[..32]);
     p[36..40].copy_from_slice(&fp.to_be_bytes());
     p
 }

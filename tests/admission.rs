@@ -157,19 +157,36 @@ fn handle<S: Read + Write>(mut s: S, respond: &Responder, tx: &Sender<Req>) {
     }
 }
 
+/// How long a fake server waits for a request's bytes.
+const FAKE_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A fake server's accept loop, on its own thread: each accepted connection (from `accept`,
+/// which also sets its read timeout) is served by `serve` on a thread of its own.
+fn serve_each<S: Send + 'static>(
+    mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+    serve: impl Fn(S) + Clone + Send + 'static,
+) {
+    thread::spawn(move || loop {
+        let Ok(s) = accept() else { continue };
+        let serve = serve.clone();
+        thread::spawn(move || serve(s));
+    });
+}
+
+fn tcp_accept(l: TcpListener) -> impl FnMut() -> std::io::Result<std::net::TcpStream> + Send {
+    move || {
+        let (s, _) = l.accept()?;
+        s.set_read_timeout(Some(FAKE_READ_TIMEOUT)).unwrap();
+        Ok(s)
+    }
+}
+
 /// A fake HTTP server on 127.0.0.1:0; the receiver gets each request as it arrives.
 fn fake_tcp(respond: Responder) -> (SocketAddr, Receiver<Req>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let (r, tx) = (respond.clone(), tx.clone());
-            thread::spawn(move || handle(s, &r, &tx));
-        }
-    });
+    serve_each(tcp_accept(l), move |s| handle(s, &respond, &tx));
     (addr, rx)
 }
 
@@ -177,14 +194,14 @@ fn fake_tcp(respond: Responder) -> (SocketAddr, Receiver<Req>) {
 fn fake_unix(path: &Path, respond: Responder) -> Receiver<Req> {
     let l = UnixListener::bind(path).unwrap();
     let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let (r, tx) = (respond.clone(), tx.clone());
-            thread::spawn(move || handle(s, &r, &tx));
-        }
-    });
+    serve_each(
+        move || {
+            let (s, _) = l.accept()?;
+            s.set_read_timeout(Some(FAKE_READ_TIMEOUT)).unwrap();
+            Ok(s)
+        },
+        move |s| handle(s, &respond, &tx),
+    );
     rx
 }
 
@@ -607,16 +624,9 @@ fn fake_https(cert: &derpd::tls::ServerCert, respond: Responder) -> (SocketAddr,
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let (r, tx, cfg) = (respond.clone(), tx.clone(), cfg.clone());
-            thread::spawn(move || {
-                let conn = rustls::ServerConnection::new(cfg).unwrap();
-                handle(rustls::StreamOwned::new(conn, s), &r, &tx);
-            });
-        }
+    serve_each(tcp_accept(l), move |s| {
+        let conn = rustls::ServerConnection::new(cfg.clone()).unwrap();
+        handle(rustls::StreamOwned::new(conn, s), &respond, &tx);
     });
     (addr, rx)
 }
@@ -978,6 +988,47 @@ fn assert_same_request(what: &str, go: &Req, ours: &Req) {
     );
 }
 
+/// A real derper asking both fakes: tailscaled's LocalAPI on `sock` and the admission URL,
+/// failing closed. Returns it once it listens, and its address.
+fn start_derper_verifying(
+    derper: &Path,
+    dir: &Path,
+    sock: &Path,
+    url: &str,
+) -> (support::Derpd, SocketAddr) {
+    let listen = SocketAddr::from(([127, 0, 0, 1], support::reserve_port()));
+    let args = [
+        "-a".to_string(),
+        listen.to_string(),
+        "-c".into(),
+        dir.join("derper.key").display().to_string(),
+        "-stun=false".into(),
+        "-http-port".into(),
+        "-1".into(),
+        "-verify-clients".into(),
+        "-socket".into(),
+        sock.display().to_string(),
+        "-verify-client-url".into(),
+        url.to_string(),
+        "-verify-client-url-fail-open=false".into(),
+    ];
+    let mut d = support::Derpd::start_command(Command::new(derper), &args);
+    if let Err(e) = support::wait_listening(listen, support::STARTUP_DEADLINE) {
+        d.fail(&format!("derper: {e}"));
+    }
+    (d, listen)
+}
+
+/// derpd's admission with the same two checks as [`start_derper_verifying`].
+fn verifying(sock: PathBuf, url: String) -> AdmissionConfig {
+    AdmissionConfig {
+        tailscaled_socket: Some(sock),
+        url: Some(url),
+        fail_open: false,
+        allow_keys_file: None,
+    }
+}
+
 #[test]
 fn derper_sends_the_same_requests() {
     let Some(derper) = support::derper() else {
@@ -991,42 +1042,14 @@ fn derper_sends_the_same_requests() {
     let url = format!("http://derp:s%40cret@{admit_addr}/derp/admit?region=home");
     let key = NodePrivate::generate();
 
-    let port = support::reserve_port();
-    let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let args = [
-        "-a".to_string(),
-        listen.to_string(),
-        "-c".into(),
-        dir.join("derper.key").display().to_string(),
-        "-stun=false".into(),
-        "-http-port".into(),
-        "-1".into(),
-        "-verify-clients".into(),
-        "-socket".into(),
-        sock.display().to_string(),
-        "-verify-client-url".into(),
-        url.clone(),
-        "-verify-client-url-fail-open=false".into(),
-    ];
-    let mut d = support::Derpd::start_command(Command::new(&derper), &args);
-    if let Err(e) = support::wait_listening(listen, support::STARTUP_DEADLINE) {
-        d.fail(&format!("derper: {e}"));
-    }
+    let (mut d, listen) = start_derper_verifying(&derper, &dir, &sock, &url);
     if let Err(e) = login(listen, key.clone(), CLIENT_JSON) {
         d.fail(&format!("derper refused the client: {e}"));
     }
     let (go_whois, go_admit) = (recv(&whois_rx), recv(&admit_rx));
     drop(d);
 
-    let srv = start_with(
-        AdmissionConfig {
-            tailscaled_socket: Some(sock),
-            url: Some(url),
-            fail_open: false,
-            allow_keys_file: None,
-        },
-        None,
-    );
+    let srv = start_with(verifying(sock, url), None);
     login(srv.addr(), key, CLIENT_JSON).unwrap();
     let (our_whois, our_admit) = (recv(&whois_rx), recv(&admit_rx));
     for (what, go, ours) in [
@@ -1086,33 +1109,8 @@ fn derper_refuses_for_the_same_reasons() {
         }
     }));
     let url = format!("http://{admit_addr}/admit");
-    let port = support::reserve_port();
-    let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let args = [
-        "-a".to_string(),
-        listen.to_string(),
-        "-c".into(),
-        dir.join("derper.key").display().to_string(),
-        "-stun=false".into(),
-        "-http-port".into(),
-        "-1".into(),
-        "-verify-clients".into(),
-        "-socket".into(),
-        sock.display().to_string(),
-        "-verify-client-url".into(),
-        url.clone(),
-        "-verify-client-url-fail-open=false".into(),
-    ];
-    let mut d = support::Derpd::start_command(Command::new(&derper), &args);
-    if let Err(e) = support::wait_listening(listen, support::STARTUP_DEADLINE) {
-        d.fail(&format!("derper: {e}"));
-    }
-    let ours = admission(AdmissionConfig {
-        tailscaled_socket: Some(sock),
-        url: Some(url),
-        fail_open: false,
-        allow_keys_file: None,
-    });
+    let (mut d, listen) = start_derper_verifying(&derper, &dir, &sock, &url);
+    let ours = admission(verifying(sock, url));
     for (i, key) in keys.iter().enumerate() {
         let public = key.public();
         let res = login(listen, key.clone(), CLIENT_JSON);

@@ -394,6 +394,11 @@ impl<S: Read + Write> Rig<S> {
         at.log = line.chars().take(110).collect();
     }
 
+    /// [`Rig::expect_log`] for a line about the connection from `local` that contains `what`.
+    fn expect_line(&mut self, at: &mut Attack, local: SocketAddr, what: &str) {
+        self.expect_log(at, what, line_for(local, what));
+    }
+
     fn note_fds(&self, at: &mut Attack) {
         at.fd_peak = at.fd_peak.max(fd_count(self.pid));
     }
@@ -499,7 +504,7 @@ fn hostile_input_plain() {
         f.extend(vec![0x55; 65537]);
         let _ = c.s.write_all(&f);
         at.closed = must_close(&mut c.s, IO_TIMEOUT, name);
-        rig.expect_log(&mut at, expect, line_for(local, expect));
+        rig.expect_line(&mut at, local, expect);
         drop(c);
         rig.finish(at);
     }
@@ -520,11 +525,7 @@ fn hostile_input_plain() {
         c.s.write_all(&bytes).unwrap();
         c.s.shutdown(Shutdown::Write).unwrap();
         at.closed = must_close(&mut c.s, IO_TIMEOUT, name);
-        rig.expect_log(
-            &mut at,
-            "EOF before the end of a frame",
-            line_for(local, "EOF before the end of a frame"),
-        );
+        rig.expect_line(&mut at, local, "EOF before the end of a frame");
         drop(c);
         rig.finish(at);
     }
@@ -588,11 +589,7 @@ fn hostile_input_plain() {
             worst < Duration::from_secs(2),
             "bystanders starved while a 4 GiB unknown frame was skipped: a round trip took {worst:?}"
         );
-        rig.expect_log(
-            &mut at,
-            "EOF before the end of a frame",
-            line_for(local, "EOF before the end of a frame"),
-        );
+        rig.expect_line(&mut at, local, "EOF before the end of a frame");
         drop(c);
         rig.finish(at);
     }
@@ -606,11 +603,7 @@ fn hostile_input_plain() {
         f[5..37].fill(0);
         c.s.write_all(&f).unwrap();
         at.closed = must_close(&mut c.s, IO_TIMEOUT, &at.name);
-        rig.expect_log(
-            &mut at,
-            "all-zero client key",
-            line_for(local, "login refused: login: all-zero client key"),
-        );
+        rig.expect_line(&mut at, local, "login refused: login: all-zero client key");
         drop(c);
         rig.finish(at);
     }
@@ -689,7 +682,7 @@ fn hostile_input_plain() {
         let f = make(&c);
         let _ = c.s.write_all(&f);
         at.closed = must_close(&mut c.s, IO_TIMEOUT, name);
-        rig.expect_log(&mut at, expect, line_for(local, expect));
+        rig.expect_line(&mut at, local, expect);
         drop(c);
         rig.finish(at);
     }
@@ -728,11 +721,7 @@ fn hostile_input_plain() {
             stall.as_millis()
         );
         let (_, first) = holders[0];
-        rig.expect_log(
-            &mut at,
-            "login deadline",
-            line_for(first, "login refused: login timed out"),
-        );
+        rig.expect_line(&mut at, first, "login refused: login timed out");
         drop(holders);
         rig.finish(at);
     }
@@ -780,7 +769,7 @@ fn hostile_input_plain() {
         assert!(reply.starts_with(status), "{name}: reply {reply:?}");
         let closed = closed.unwrap_or_else(|e| panic!("{name}: not closed: {e}"));
         at.closed = format!("{}, after `{status}`", ms(closed));
-        rig.expect_log(&mut at, expect, line_for(local, expect));
+        rig.expect_line(&mut at, local, expect);
         rig.finish(at);
     }
 
@@ -869,10 +858,10 @@ fn hostile_input_plain() {
             "closed after {closed:?}, before the deadline"
         );
         at.closed = format!("yes, after {} ms and {sent} bytes", closed.as_millis());
-        rig.expect_log(
+        rig.expect_line(
             &mut at,
-            "head deadline",
-            line_for(local, "closed: TLS handshake and request head timed out"),
+            local,
+            "closed: TLS handshake and request head timed out",
         );
         rig.finish(at);
     }
@@ -900,11 +889,7 @@ fn hostile_input_plain() {
         };
         assert!(sent < f.len(), "the whole ClientInfo got through");
         at.closed = format!("yes, after {} ms and {sent} bytes", closed.as_millis());
-        rig.expect_log(
-            &mut at,
-            "login deadline",
-            line_for(local, "login refused: login timed out"),
-        );
+        rig.expect_line(&mut at, local, "login refused: login timed out");
         rig.finish(at);
     }
 
@@ -1173,7 +1158,7 @@ fn stuck_receiver(rig: &mut Rig<TcpStream>, max_gap: Duration) {
         worst_gap.as_millis()
     );
     let expect = "write timeout";
-    rig.expect_log(&mut at, expect, line_for(r_local, expect));
+    rig.expect_line(&mut at, r_local, expect);
     drop(r);
     drop(sender);
     rig.finish(at);
@@ -1305,11 +1290,7 @@ fn hostile_input_tls() {
             c.shutdown(Shutdown::Write).unwrap();
         }
         at.closed = must_close(&mut c, IO_TIMEOUT, name);
-        rig.expect_log(
-            &mut at,
-            "TLS handshake failure",
-            line_for(local, "closed: TLS handshake:"),
-        );
+        rig.expect_line(&mut at, local, "closed: TLS handshake:");
         drop(c);
         rig.finish(at);
     }
@@ -1329,10 +1310,10 @@ fn hostile_input_tls() {
             "closed after {closed:?}, before the deadline"
         );
         at.closed = format!("yes, after {} ms", t0.elapsed().as_millis());
-        rig.expect_log(
+        rig.expect_line(
             &mut at,
-            "head deadline",
-            line_for(local, "closed: TLS handshake and request head timed out"),
+            local,
+            "closed: TLS handshake and request head timed out",
         );
         drop(c);
         rig.finish(at);
@@ -1352,11 +1333,7 @@ fn hostile_input_tls() {
             "reply {reply:?}"
         );
         at.closed = must_close(&mut s.sock, IO_TIMEOUT, &at.name) + ", after `HTTP/1.1 400`";
-        rig.expect_log(
-            &mut at,
-            "malformed head",
-            line_for(local, "refused: malformed request head"),
-        );
+        rig.expect_line(&mut at, local, "refused: malformed request head");
         drop(s);
         rig.finish(at);
     }
@@ -1370,11 +1347,7 @@ fn hostile_input_tls() {
         rec.extend([0x5a; 0x40]);
         c.s.sock.write_all(&rec).unwrap();
         at.closed = must_close(&mut c.s.sock, IO_TIMEOUT, &at.name);
-        rig.expect_log(
-            &mut at,
-            "decrypt error",
-            line_for(local, "cannot decrypt peer's message"),
-        );
+        rig.expect_line(&mut at, local, "cannot decrypt peer's message");
         drop(c);
         rig.finish(at);
     }

@@ -54,20 +54,7 @@ fn tls_pinned(test: &str, meta_cert: bool) {
     let stun = dial_addr(st.stun, false);
     let pin = st.pin.clone().unwrap();
 
-    let relay = d.run_harness(
-        &harness,
-        &[
-            s("relay"),
-            s("-clients"),
-            s("3"),
-            s("-host"),
-            s("127.0.0.1"),
-            s("-port"),
-            addr.port().to_string(),
-            s("-pin"),
-            pin,
-        ],
-    );
+    let relay = d.run_harness(&harness, &pinned_relay_args(3, addr.port(), pin));
     d.run_harness(&harness, &[s("stun"), s("-addr"), stun.to_string()]);
     d.expect_client_fast_start(&relay, meta_cert, 3);
     d.expect_fast_start(meta_cert, 3);

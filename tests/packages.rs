@@ -166,6 +166,18 @@ fn run_init(shell: &[String], uci_text: &str, ujail: bool) -> InitRun {
     }
 }
 
+/// [`run_init`] under every shell, each run expected to succeed.
+fn started(uci_text: &str, ujail: bool) -> Vec<InitRun> {
+    shells()
+        .iter()
+        .map(|shell| {
+            let run = run_init(shell, uci_text, ujail);
+            assert_eq!(run.status, 0, "{run:#?}");
+            run
+        })
+        .collect()
+}
+
 /// derpd's own parsing of a command line (`argv[0]` is the program).
 fn derpd_config(argv: &[String]) -> Result<Config, String> {
     let rest = argv.get(1..).ok_or("empty command")?;
@@ -184,9 +196,7 @@ fn enabled_with(set: &[(&str, &str)], lists: &[(&str, &str)]) -> String {
 #[test]
 fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
     let text = enabled_with(&[("hostname", "derp.example.com")], &[]);
-    for shell in shells() {
-        let run = run_init(&shell, &text, true);
-        assert_eq!(run.status, 0, "{run:#?}");
+    for run in started(&text, true) {
         let want: Vec<String> = [
             "/usr/sbin/derpd",
             "--config=/etc/derpd/derper.key",
@@ -264,9 +274,7 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
 #[test]
 fn init_self_signed_ip_config() {
     let text = enabled_with(&[("hostname", "192.168.1.1")], &[]);
-    for shell in shells() {
-        let run = run_init(&shell, &text, true);
-        assert_eq!(run.status, 0, "{run:#?}");
+    for run in started(&text, true) {
         assert!(run.argv.contains(&s("--hostname=192.168.1.1")));
         let tls = run.config().tls.expect("TLS");
         assert_eq!(
@@ -296,9 +304,7 @@ fn init_mesh_config() {
             ("mesh_with", "derp3.example.com/10.0.0.3"),
         ],
     );
-    for shell in shells() {
-        let run = run_init(&shell, &text, true);
-        assert_eq!(run.status, 0, "{run:#?}");
+    for run in started(&text, true) {
         assert!(run.argv.contains(&s(
             "--mesh-with=derp2.example.com,derp3.example.com/10.0.0.3"
         )));
@@ -346,9 +352,7 @@ fn init_admission_config() {
         ],
         &[],
     );
-    for shell in shells() {
-        let run = run_init(&shell, &text, true);
-        assert_eq!(run.status, 0, "{run:#?}");
+    for run in started(&text, true) {
         for flag in [
             s("--verify-clients=true"),
             format!("--socket={}", socket.display()),
@@ -430,9 +434,7 @@ fn init_firewall_rules_follow_the_ports() {
         let mut want = vec![s("json open_data"), s("json add_array firewall")];
         want.extend(rules.into_iter().flatten());
         want.extend([s("json close_array"), s("json close_data")]);
-        for shell in shells() {
-            let run = run_init(&shell, &text, true);
-            assert_eq!(run.status, 0, "{run:#?}");
+        for run in started(&text, true) {
             let json: Vec<String> = run
                 .records
                 .iter()
@@ -497,9 +499,7 @@ fn init_refuses_what_cannot_run() {
 #[test]
 fn init_without_ujail_runs_as_root_and_says_so() {
     let text = enabled_with(&[("hostname", "derp.example.com")], &[]);
-    for shell in shells() {
-        let run = run_init(&shell, &text, false);
-        assert_eq!(run.status, 0, "{run:#?}");
+    for run in started(&text, false) {
         assert!(!run.records.iter().any(|r| r.starts_with("set user")
             || r.starts_with("jail ")
             || r.starts_with("chown")));
@@ -538,17 +538,7 @@ fn init_command_line_runs_a_relay_for_tailscale_clients() {
     let pin = up.pin.clone().unwrap();
     d.run_harness(
         &harness,
-        &[
-            s("relay"),
-            s("-clients"),
-            s("2"),
-            s("-host"),
-            s("127.0.0.1"),
-            s("-port"),
-            up.addr.port().to_string(),
-            s("-pin"),
-            pin,
-        ],
+        &support::pinned_relay_args(2, up.addr.port(), pin),
     );
     assert!(key.exists(), "derpd made its key at the init script's path");
     assert!(certdir.join("127.0.0.1.crt").exists());
@@ -1219,17 +1209,7 @@ fn deb_installs_and_runs_as_the_derpd_user() {
         );
     };
     let pin = up.pin.clone().unwrap();
-    nsenter(&[
-        s("relay"),
-        s("-clients"),
-        s("2"),
-        s("-host"),
-        s("127.0.0.1"),
-        s("-port"),
-        s("443"),
-        s("-pin"),
-        pin,
-    ]);
+    nsenter(&support::pinned_relay_args(2, 443, pin));
     nsenter(&[s("stun"), s("-addr"), s("127.0.0.1:3478")]);
     d.expect_running();
     let key = std::fs::metadata("/var/lib/derpd/derper.key").unwrap();

@@ -10,7 +10,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use derpd::stun::{
-    parse_binding_request, tailscale_request, write_response, TxId, MAGIC_COOKIE, MAX_RESPONSE_LEN,
+    fingerprint, parse_binding_request, tailscale_request, write_response, TxId, MAGIC_COOKIE,
+    MAX_RESPONSE_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -56,7 +57,7 @@ fn fingerprinted(tx: &TxId, attrs: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&MAGIC_COOKIE);
     p.extend_from_slice(tx);
     p.extend_from_slice(attrs);
-    let fp = crc32(&p) ^ 0x5354_554E;
+    let fp = fingerprint(&p);
     p.extend_from_slice(&FINGERPRINT.to_be_bytes());
     p.extend_from_slice(&4u16.to_be_bytes());
     p.extend_from_slice(&fp.to_be_bytes());
@@ -136,20 +137,4 @@ fn parse_response(r: &[u8]) -> Option<(TxId, SocketAddr)> {
         _ => return None,
     };
     Some((tx, SocketAddr::new(ip, port)))
-}
-
-/// CRC-32 (IEEE), as STUN's FINGERPRINT uses it.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }

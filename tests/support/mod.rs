@@ -556,6 +556,22 @@ pub(crate) fn dial_addr(listen: SocketAddr, v6: bool) -> SocketAddr {
     }
 }
 
+/// `derp-interop relay` arguments: `clients` Tailscale clients to 127.0.0.1:`port` over TLS,
+/// trusting the certificate through its `sha256-raw:` pin.
+pub(crate) fn pinned_relay_args(clients: usize, port: u16, pin: String) -> Vec<String> {
+    vec![
+        s("relay"),
+        s("-clients"),
+        clients.to_string(),
+        s("-host"),
+        s("127.0.0.1"),
+        s("-port"),
+        port.to_string(),
+        s("-pin"),
+        pin,
+    ]
+}
+
 pub(crate) fn s(v: &str) -> String {
     v.to_string()
 }
