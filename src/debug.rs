@@ -576,6 +576,9 @@ static VARS: &[Var] = &[
         .help("Packet buffers holding a packet now."),
     by(Type::Gauge, "derpd_pool_buffers_free", "class", CLASSES, |s, i| class(&s.pool, i).3 as u64)
         .help("Packet buffers that can still be handed out before readers wait."),
+    by(Type::Gauge, "derpd_pool_waiting_readers", "class", CLASSES,
+        |s, i| (if i == 0 { s.pool.waiting.0 } else { s.pool.waiting.1 }) as u64)
+        .help("Readers waiting for a free packet buffer now (TCP backpressure)."),
 ];
 
 /// Writes every metric in Prometheus text format.
@@ -856,6 +859,7 @@ mod tests {
             "derpd_pool_buffers_in_use{class=\"small\"} 1\n",
             "derpd_pool_buffers_free{class=\"small\"} 9\n",
             "derpd_pool_buffers_free{class=\"large\"} 2\n",
+            "derpd_pool_waiting_readers{class=\"small\"} 0\n",
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
         }

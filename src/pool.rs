@@ -15,9 +15,10 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use event_listener::{listener, Event};
+use event_listener::{listener, Event, IntoNotification};
 
 use crate::frame::{HEADER_LEN, MAX_PACKET_SIZE};
 use crate::key::KEY_LEN;
@@ -50,8 +51,12 @@ struct ClassPool {
     buf_len: usize,
     cap: usize,
     state: Mutex<ClassState>,
-    /// Notified when a buffer comes back.
+    /// Notified when a buffer comes back: one *additional* waiter per returned buffer.
+    /// (A plain `notify(1)` counts a waiter that was notified but has not run yet, so a burst
+    /// of returns woke one waiter while the others slept beside free buffers.)
     returned: Event,
+    /// Readers waiting in [`Pool::get`] for a buffer of this class now.
+    waiting: AtomicUsize,
 }
 
 /// The pool: two size classes with a fixed number of buffers each.
@@ -73,6 +78,8 @@ pub struct PoolStats {
     pub small: (usize, usize, usize),
     /// Large buffers: capacity, allocated so far, currently in use.
     pub large: (usize, usize, usize),
+    /// Readers waiting for a buffer now: (small, large).
+    pub waiting: (usize, usize),
 }
 
 impl Pool {
@@ -93,6 +100,7 @@ impl Pool {
                 allocated: 0,
             }),
             returned: Event::new(),
+            waiting: AtomicUsize::new(0),
         };
         Arc::new(Self {
             classes: [class(SMALL_BUF, small), class(LARGE_BUF, large)],
@@ -113,6 +121,10 @@ impl Pool {
         PoolStats {
             small: get(&self.classes[0]),
             large: get(&self.classes[1]),
+            waiting: (
+                self.classes[0].waiting.load(Relaxed),
+                self.classes[1].waiting.load(Relaxed),
+            ),
         }
     }
 
@@ -124,16 +136,22 @@ impl Pool {
         } else {
             Class::Large
         };
+        if let Some(b) = self.try_get_class(class) {
+            return b;
+        }
+        let cp = &self.classes[class as usize];
+        cp.waiting.fetch_add(1, Relaxed);
+        // Counted out on every exit, a cancelled wait (the connection closed) included.
+        let _waiting = Waiting(&cp.waiting);
         loop {
-            if let Some(b) = self.try_get_class(class) {
-                return b;
-            }
-            let cp = &self.classes[class as usize];
             listener!(cp.returned => returned);
             if let Some(b) = self.try_get_class(class) {
                 return b;
             }
             returned.await;
+            if let Some(b) = self.try_get_class(class) {
+                return b;
+            }
         }
     }
 
@@ -174,7 +192,16 @@ impl Pool {
     fn put(&self, class: Class, data: Box<[u8]>) {
         let cp = &self.classes[class as usize];
         lock(&cp.state).free.push(data);
-        cp.returned.notify(1);
+        cp.returned.notify(1.additional());
+    }
+}
+
+/// Decrements a class's waiting count when a [`Pool::get`] ends, however it ends.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 
@@ -292,6 +319,7 @@ impl<T> DropOldest<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
     #[test]
     fn budget_arithmetic() {
@@ -323,6 +351,57 @@ mod tests {
         drop(l);
         assert_eq!(p.stats().small, (2, 2, 0));
         assert_eq!(p.stats().large, (1, 1, 0));
+    }
+
+    /// N readers wait on an empty class; N buffers come back in a burst; every reader must get
+    /// one. With `notify(1)` a burst woke one waiter and left the rest asleep beside free
+    /// buffers (the pool's wait has no timeout, so such a reader froze its connection).
+    #[test]
+    fn a_burst_of_returns_wakes_every_waiter() {
+        const N: usize = 8;
+        for round in 0..50 {
+            let p = Pool::with_counts(N, 1);
+            let held: Vec<_> = (0..N).map(|_| p.try_get(10).unwrap()).collect();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let waiters: Vec<_> = (0..N)
+                .map(|_| {
+                    let (p, tx) = (p.clone(), tx.clone());
+                    std::thread::spawn(move || {
+                        let b = smol::block_on(p.get(10));
+                        tx.send(()).unwrap();
+                        // Keep it: a waiter must be woken by its own returned buffer.
+                        b
+                    })
+                })
+                .collect();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while p.stats().waiting.0 < N {
+                assert!(std::time::Instant::now() < deadline, "waiters never waited");
+                std::thread::yield_now();
+            }
+            drop(held);
+            for i in 0..N {
+                let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+                assert!(got.is_ok(), "round {round}: {i} of {N} waiters woke");
+            }
+            let bufs: Vec<_> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
+            assert_eq!(bufs.len(), N);
+            assert_eq!(p.stats().waiting, (0, 0));
+        }
+    }
+
+    /// A wait that is cancelled (its connection closed) is counted out of the gauge.
+    #[test]
+    fn cancelled_wait_leaves_the_gauge() {
+        let p = Pool::with_counts(1, 1);
+        let _held = p.try_get(10).unwrap();
+        let mut fut = Box::pin(p.get(10));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(p.stats().waiting, (1, 0));
+        drop(fut);
+        assert_eq!(p.stats().waiting, (0, 0));
     }
 
     #[test]

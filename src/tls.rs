@@ -816,6 +816,16 @@ struct Served {
     renew_after: Option<SystemTime>,
 }
 
+/// What the resolver serves and regenerates. One lock guards both halves, so a reload
+/// (`replace`) and a meta-cert renewal (`resolve_at`) on two executor threads can never wait on
+/// each other in opposite orders.
+#[derive(Debug)]
+struct ResolverState {
+    /// The current meta-cert, kept to serve it again with a reloaded chain.
+    meta: Option<MetaCert>,
+    served: Served,
+}
+
 #[derive(Debug)]
 struct DerpCertResolver {
     /// Lowercased: rustls hands us the SNI lowercased, so we compare exactly after lowercasing
@@ -824,9 +834,8 @@ struct DerpCertResolver {
     hostname_is_ip: bool,
     /// The server's DERP key, when the meta-cert is enabled.
     meta_key: Option<[u8; 32]>,
-    /// The current meta-cert, kept to serve it again with a reloaded chain.
-    meta: Mutex<Option<MetaCert>>,
-    served: Mutex<Served>,
+    /// The only lock of the resolver.
+    state: Mutex<ResolverState>,
 }
 
 impl DerpCertResolver {
@@ -842,17 +851,19 @@ impl DerpCertResolver {
             hostname: hostname.to_ascii_lowercase(),
             hostname_is_ip: hostname.parse::<IpAddr>().is_ok(),
             meta_key,
-            meta: Mutex::new(meta),
-            served: Mutex::new(served),
+            state: Mutex::new(ResolverState { meta, served }),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ResolverState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Serves `cert` to new connections from now on, with the current meta-cert.
     fn replace(&self, cert: &ServerCert) -> Result<(), TlsError> {
         let signing_key = signing_key(cert)?;
-        let meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
-        let next = build_served(cert.chain.clone(), signing_key, meta.as_ref());
-        *self.served.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        let mut st = self.lock();
+        st.served = build_served(cert.chain.clone(), signing_key, st.meta.as_ref());
         Ok(())
     }
 
@@ -863,27 +874,27 @@ impl DerpCertResolver {
 
     /// The key to serve at `now`, regenerating the meta-cert if it is due.
     fn resolve_at(&self, now: SystemTime) -> Arc<CertifiedKey> {
-        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some(server_key), Some(renew_after)) = (self.meta_key, served.renew_after) {
+        let mut st = self.lock();
+        if let (Some(server_key), Some(renew_after)) = (self.meta_key, st.served.renew_after) {
             if now > renew_after {
                 match meta_cert_at(&server_key, now) {
                     Ok(meta) => {
                         log::info!("renewed the DERP meta-certificate");
-                        let chain = std::mem::take(&mut served.chain);
-                        let key = Arc::clone(&served.signing_key);
-                        *served = build_served(chain, key, Some(&meta));
-                        *self.meta.lock().unwrap_or_else(|e| e.into_inner()) = Some(meta);
+                        let chain = std::mem::take(&mut st.served.chain);
+                        let key = Arc::clone(&st.served.signing_key);
+                        st.served = build_served(chain, key, Some(&meta));
+                        st.meta = Some(meta);
                     }
                     Err(e) => {
                         log::warn!(
                             "cannot renew the DERP meta-certificate, keeping the old one: {e}"
                         );
-                        served.renew_after = now.checked_add(META_RETRY);
+                        st.served.renew_after = now.checked_add(META_RETRY);
                     }
                 }
             }
         }
-        Arc::clone(&served.key)
+        Arc::clone(&st.served.key)
     }
 }
 
@@ -1468,8 +1479,48 @@ mod tests {
         assert!((nb - unix(now + 24 * DAY - 30 * DAY)).abs() <= 2);
         let again = r.resolve_at(now + 46 * DAY);
         assert!(Arc::ptr_eq(&renewed, &again));
-        let renew_after = r.served.lock().unwrap().renew_after.unwrap();
+        let renew_after = r.lock().served.renew_after.unwrap();
         assert!((unix(renew_after) - unix(now + 47 * DAY)).abs() <= 2);
+    }
+
+    /// A reload on one thread and a meta-cert renewal on another, over and over: with the two
+    /// halves under two locks taken in opposite orders this hung within a few rounds.
+    #[test]
+    fn reload_and_renewal_on_two_threads_do_not_deadlock() {
+        let (cert, r) = resolver(true);
+        let r = Arc::new(r);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        const ROUNDS: u32 = 100;
+        let renewer = {
+            let (r, tx) = (Arc::clone(&r), done_tx.clone());
+            std::thread::spawn(move || {
+                let now = SystemTime::now();
+                // Every call is past the previous renewal point, so every call renews.
+                for i in 1..=ROUNDS {
+                    r.resolve_at(now + i * 30 * DAY);
+                }
+                tx.send("renewer").unwrap();
+            })
+        };
+        let reloader = {
+            let r = Arc::clone(&r);
+            std::thread::spawn(move || {
+                for _ in 0..ROUNDS {
+                    r.replace(&cert).unwrap();
+                }
+                done_tx.send("reloader").unwrap();
+            })
+        };
+        for _ in 0..2 {
+            let who = done_rx.recv_timeout(Duration::from_secs(60));
+            assert!(who.is_ok(), "replace() and resolve_at() deadlocked");
+        }
+        renewer.join().unwrap();
+        reloader.join().unwrap();
+        // Both halves still agree: the served chain ends with the kept meta-cert.
+        let st = r.lock();
+        let meta = st.meta.as_ref().unwrap();
+        assert_eq!(st.served.key.cert.last().unwrap(), &meta.der);
     }
 
     #[test]
