@@ -104,6 +104,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // derper's `accepts`: every DERP connection, counted before its login.
+    state.metrics.accepts.fetch_add(1, Relaxed);
     // Boxed, so that its buffers are not part of the connection's task for its whole life.
     let login = Box::pin(async {
         let mut hello = Vec::with_capacity(256);
@@ -315,8 +317,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
             smol::future::yield_now().await;
         }
         let mut h = [0u8; HEADER_LEN];
-        // A clean close between frames is a normal end; one inside a header is not.
-        let got = rd.read(&mut h).await?;
+        // A close between frames is a normal end; one inside a header is not. Over TLS,
+        // Tailscale's client closes the socket without a close_notify, which rustls reports as
+        // UnexpectedEof: at a frame boundary that is the same clean close as on plain TCP.
+        let got = match rd.read(&mut h).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e.into()),
+        };
         if got == 0 {
             return Ok(());
         }

@@ -547,6 +547,8 @@ static VARS: &[Var] = &[
     c("uptime_sec", |s| s.uptime),
     special(Type::Untyped, "version", Get::Version),
     // derpd's own.
+    c("derpd_tcp_accepts", |s| s.m.tcp_accepts.load(Relaxed))
+        .help("TCP connections accepted on any listener: DERP, probes, scrapes, failed TLS."),
     c("derpd_failed_logins", |s| s.m.failed_logins.load(Relaxed))
         .help("Connections that ended with an error: bad request head, TLS, login, deadline, protocol or I/O."),
     c("derpd_fast_start_logins", |s| s.m.fast_start_logins.load(Relaxed))

@@ -60,8 +60,12 @@ impl DropReason {
 /// synchronisation.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Connections accepted on any listener (`accepts`).
+    /// DERP connections: HTTP upgrades to DERP, WebSocket included, before the login (derper's
+    /// `accepts`, which it counts in `Server.Accept`).
     pub accepts: AtomicU64,
+    /// TCP connections accepted on any listener: DERP, probes, scrapes, failed TLS
+    /// (`derpd_tcp_accepts`).
+    pub tcp_accepts: AtomicU64,
     /// Logged-in DERP connections now (`gauge_current_connections`).
     pub current_connections: AtomicUsize,
     /// Connections whose last NotePreferred was true (`gauge_current_home_connections`).

@@ -635,7 +635,7 @@ async fn accept_loop(
         match accepted {
             Ok((tcp, remote)) => {
                 backoff = Duration::from_millis(5);
-                m.accepts.fetch_add(1, Relaxed);
+                m.tcp_accepts.fetch_add(1, Relaxed);
                 // Over a limit: close at once and keep accepting (derper's listener may exit).
                 if limiter.as_mut().is_some_and(|l| !l.allow()) {
                     m.accept_rejected.fetch_add(1, Relaxed);

@@ -402,9 +402,11 @@ fn debug_varz_counters_move() {
     assert_eq!(value(&now, "derp_current_connections"), 2.0);
     assert_eq!(value(&now, "derp_clients_local"), 2.0);
     assert_eq!(value(&now, "derp_clients_total"), 2.0);
+    // derper's meaning: DERP connections only; the scrapes are TCP accepts.
+    assert_eq!(value(&now, "derp_accepts"), 2.0, "two DERP clients");
     assert!(
-        value(&now, "derp_accepts") >= 3.0,
-        "two clients and a scrape"
+        value(&now, "derpd_tcp_accepts") >= 4.0,
+        "two clients and two scrapes"
     );
     assert!(value(&now, "derp_current_file_descriptors") >= 3.0);
     let kind = &now["derp_packets_received_kind"].samples;

@@ -169,6 +169,50 @@ fn ip_certificate_chain_pin_and_fast_start() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Tailscale's client ends a TLS connection by closing the socket, without a close_notify.
+/// Between frames that is a normal disconnect (derper logs and counts nothing); mid-frame it
+/// is still an error.
+#[test]
+fn tls_close_without_close_notify_is_a_clean_disconnect() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (srv, dir) = tls_server("tls-eof", true);
+    let m = &srv.state().metrics;
+    let login = || {
+        let (mut s, _) = connect(srv.addr(), false);
+        let mut c = DerpClient::new_raw(&mut s);
+        c.login_upgrade(b"{}").unwrap();
+        let me = c.public();
+        c.send(&me, b"ping");
+        assert_eq!(c.recv_packet().1, b"ping");
+        s
+    };
+    for _ in 0..3 {
+        let s = login();
+        // No close_notify: shut the TCP socket under the TLS session.
+        s.sock.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(s);
+    }
+    wait_until("the three clients to be gone", || {
+        m.current_connections.load(Relaxed) == 0
+    });
+    assert_eq!(
+        m.failed_logins.load(Relaxed),
+        0,
+        "clean closes counted as failures"
+    );
+
+    // Mid-frame (a header with no body) the same close is a failure.
+    let mut s = login();
+    s.write_all(&[0x04, 0, 0, 0, 40]).unwrap(); // SendPacket header, 40 bytes promised
+    s.flush().unwrap();
+    s.sock.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(s);
+    wait_until("the truncated frame to count as a failure", || {
+        m.failed_logins.load(Relaxed) == 1
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn meta_cert_off_serves_leaf_only() {
     let (srv, dir) = tls_server("tls-nometa", false);
