@@ -1,7 +1,6 @@
 //! One DERP connection after its HTTP upgrade: login, then a reader (frames from the client →
 //! pooled buffers → destination queues) and a writer (queues → batched frames → one flush).
 
-use std::collections::HashSet;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -626,9 +625,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let period = KEEPALIVE + jitter;
     let mut keepalive = Timer::after(period);
     let mut batch: Vec<Out> = Vec::new();
-    // Sources this connection has received from: each gets one PeerGone watch registration.
-    let mut seen_src: HashSet<NodePublic> = HashSet::new();
-    // Batches usually come from one source: skip the set lookup for a repeat.
+    // Batches usually come from one source: skip the registry's check for a repeat. (The
+    // registry keeps the set of sources this connection must hear PeerGone for; an entry
+    // goes when its source leaves, so the next packet from a returning key registers again.)
     let mut last_src = None;
     loop {
         fill_batch(client, &mut batch);
@@ -680,17 +679,22 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     src.copy_from_slice(&p.as_slice()[HEADER_LEN..HEADER_LEN + KEY_LEN]);
                     let src = NodePublic(src);
                     if last_src != Some(src) {
-                        last_src = Some(src);
-                        if seen_src.insert(src) {
-                            state.registry.add_gone_watcher(src, client);
-                        }
+                        // A source already gone gets its PeerGone now: no repeat cache then.
+                        let registered = state.registry.add_gone_watcher(src, client);
+                        last_src = registered.then_some(src);
                     }
                 }
-                Out::Small(f) => {
-                    if f.as_bytes()[0] == FrameType::Pong as u8 {
+                Out::Small(f) => match f.as_bytes()[0] {
+                    t if t == FrameType::Pong as u8 => {
                         m.sent_pong.fetch_add(1, Relaxed);
                     }
-                }
+                    // A source left (its interest is gone from the registry): a later packet
+                    // from a new connection of that key must register again. The PeerGone is
+                    // queued before that connection exists, and control frames come first in a
+                    // batch, so this runs before that packet is looked at.
+                    t if t == FrameType::PeerGone as u8 => last_src = None,
+                    _ => {}
+                },
             }
         }
     }

@@ -13,9 +13,7 @@
 //! forwarder" is simply the absence of a mesh entry, which behaves the same in every case of
 //! derper's `TestForwarderRegistration` (see the tests below).
 
-use std::collections::HashMap;
-#[cfg(test)]
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -54,6 +52,11 @@ pub struct Client {
     dup: AtomicBool,
     /// Last NotePreferred value.
     pub(crate) preferred: AtomicBool,
+    /// Sources this connection has received from and must hear PeerGone for when they leave.
+    /// Invariant (under the registry's `gone_watchers` lock): `src` is here exactly when this
+    /// connection is in `gone_watchers[src]`. Lock order: registry `inner`, then
+    /// `gone_watchers`, then this.
+    senders: Mutex<HashSet<NodePublic>>,
 }
 
 /// Frames waiting for a client's writer.
@@ -100,6 +103,7 @@ impl Client {
             closed: AtomicBool::new(false),
             dup: AtomicBool::new(false),
             preferred: AtomicBool::new(false),
+            senders: Mutex::new(HashSet::new()),
         })
     }
 
@@ -277,7 +281,9 @@ pub struct Registry {
     /// this has not moved. (usize: 32-bit targets have no native 64-bit atomics.)
     generation: AtomicUsize,
     /// Source key A → connections that received a packet from A and must get PeerGone(A)
-    /// when A leaves. Dead entries are pruned when a list doubles.
+    /// when A leaves the region. Only taken with `inner` held (read or write), so that a
+    /// departure (write) and a new interest in the departing key (read) are ordered. An entry
+    /// goes when A leaves or when the receiver leaves: nothing stays once either end is gone.
     gone_watchers: Mutex<HashMap<NodePublic, Vec<Weak<Client>>>>,
     /// Shared counters.
     pub metrics: Arc<Metrics>,
@@ -345,8 +351,9 @@ impl Registry {
     /// PeerGone(Disconnected).
     pub fn unregister(&self, c: &Arc<Client>) {
         let m = &self.metrics;
-        let last_gone = {
+        {
             let mut inner = self.write_inner();
+            self.forget_receiver(c);
             if c.is_mesh {
                 inner.watchers.retain(|w| !Arc::ptr_eq(w, c));
             }
@@ -364,7 +371,9 @@ impl Registry {
                     inner.clients.remove(&c.key);
                     inner.broadcast(SmallFrame::peer_gone(&c.key, PeerGoneReason::Disconnected));
                     // Still reachable through a mesh peer: not gone from the region.
-                    !inner.mesh.contains_key(&c.key)
+                    if !inner.mesh.contains_key(&c.key) {
+                        self.peer_gone_from_region(&c.key);
+                    }
                 }
                 1 => {
                     m.dup_client_keys.fetch_sub(1, Relaxed);
@@ -372,7 +381,6 @@ impl Registry {
                     let rest = set.conns[0].clone();
                     rest.dup.store(false, Relaxed);
                     set.active = Some(rest);
-                    false
                 }
                 _ => {
                     m.dup_client_conns.fetch_sub(1, Relaxed);
@@ -381,39 +389,74 @@ impl Registry {
                         // others speaks; sending to the newest remaining one loses less.
                         set.active = set.conns.last().cloned();
                     }
-                    false
                 }
             }
-        };
+        }
         if c.preferred.swap(false, Relaxed) {
             m.home_connections.fetch_sub(1, Relaxed);
         }
-        if last_gone {
-            self.peer_gone_from_region(&c.key);
+    }
+
+    /// `key` left the region: everyone who received from it gets PeerGone(key, Disconnected),
+    /// and the interest is forgotten on both sides. Called with the `inner` write lock held,
+    /// so no receiver can register a new interest in `key` halfway through; the frames are
+    /// queued before a new connection of `key` can send anything.
+    fn peer_gone_from_region(&self, key: &NodePublic) {
+        let Some(receivers) = lock(&self.gone_watchers).remove(key) else {
+            return;
+        };
+        for r in receivers.iter().filter_map(Weak::upgrade) {
+            lock(&r.senders).remove(key);
+            self.send_peer_gone(&r, key);
         }
     }
 
-    /// Sends PeerGone(key, Disconnected) to everyone who received from `key`.
-    fn peer_gone_from_region(&self, key: &NodePublic) {
-        let watchers = lock(&self.gone_watchers).remove(key).unwrap_or_default();
-        let f = SmallFrame::peer_gone(key, PeerGoneReason::Disconnected);
-        for w in watchers.iter().filter_map(Weak::upgrade) {
-            if w.enqueue_control(f) {
-                self.metrics
-                    .peer_gone_disconnected_frames
-                    .fetch_add(1, Relaxed);
+    fn send_peer_gone(&self, receiver: &Client, key: &NodePublic) {
+        if receiver.enqueue_control(SmallFrame::peer_gone(key, PeerGoneReason::Disconnected)) {
+            self.metrics
+                .peer_gone_disconnected_frames
+                .fetch_add(1, Relaxed);
+        }
+    }
+
+    /// `c` is leaving: drop its interest in every source. Called with `inner` write-locked.
+    fn forget_receiver(&self, c: &Arc<Client>) {
+        let sources = std::mem::take(&mut *lock(&c.senders));
+        if sources.is_empty() {
+            return;
+        }
+        let mut map = lock(&self.gone_watchers);
+        for src in &sources {
+            if let Some(list) = map.get_mut(src) {
+                list.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(c)));
+                if list.is_empty() {
+                    map.remove(src);
+                }
             }
         }
     }
 
-    /// Records that `receiver` got a packet from `src`; called once per (connection, source).
-    pub fn add_gone_watcher(&self, src: NodePublic, receiver: &Arc<Client>) {
-        let mut map = lock(&self.gone_watchers);
-        let list = map.entry(src).or_default();
-        if list.len() >= 8 && list.len().is_power_of_two() {
-            list.retain(|w| w.strong_count() > 0);
+    /// `receiver` was just sent a packet from `src` (the writer calls this after writing it):
+    /// it must hear PeerGone(src) when `src` leaves the region. When `src` has already left
+    /// (its packet sat in the queue while it disconnected), PeerGone goes out at once: every
+    /// receiver hears of every departed sender, however the two raced. Returns whether an
+    /// interest was registered.
+    pub fn add_gone_watcher(&self, src: NodePublic, receiver: &Arc<Client>) -> bool {
+        if lock(&receiver.senders).contains(&src) {
+            return true;
         }
-        list.push(Arc::downgrade(receiver));
+        let inner = read(&self.inner);
+        let present = inner.clients.contains_key(&src) || inner.mesh.contains_key(&src);
+        if !present {
+            drop(inner);
+            self.send_peer_gone(receiver, &src);
+            return false;
+        }
+        let mut map = lock(&self.gone_watchers);
+        if lock(&receiver.senders).insert(src) {
+            map.entry(src).or_default().push(Arc::downgrade(receiver));
+        }
+        true
     }
 
     /// [`Registry::route`] through a reader's one-entry cache: a reader usually sends to the
@@ -504,8 +547,8 @@ impl Registry {
     /// When that was the key's last way into the region and the key is not local either,
     /// connections that received from it get PeerGone(Disconnected).
     pub fn remove_forwarder(&self, key: &NodePublic, link: &Arc<Link>) {
+        let mut inner = self.write_inner();
         let gone = {
-            let mut inner = self.write_inner();
             let local = inner.clients.contains_key(key);
             let m = &self.metrics;
             match inner.mesh.get_mut(key) {
@@ -544,6 +587,7 @@ impl Registry {
         if gone {
             self.peer_gone_from_region(key);
         }
+        drop(inner);
     }
 
     /// ClosePeer: closes every local connection of `key`. Returns how many there were.
@@ -585,6 +629,13 @@ impl Registry {
                 set.active = Some(c.clone());
             }
         }
+    }
+
+    /// (source, receiver) pairs waiting for a PeerGone: bounded by the pairs of keys present
+    /// that exchanged packets; zero once every sender or receiver is gone.
+    pub fn peer_gone_interests(&self) -> usize {
+        let _inner = read(&self.inner);
+        lock(&self.gone_watchers).values().map(Vec::len).sum()
     }
 
     /// Number of distinct keys connected.
@@ -900,6 +951,58 @@ mod tests {
         // ...the forwarder going then is.
         r.remove_forwarder(&key(2), &l);
         assert_eq!(gone_count(), 2);
+    }
+
+    /// The writer registers its interest after writing the packet; the source may be gone by
+    /// then. It still hears PeerGone, exactly once, and nothing is kept on either side.
+    #[test]
+    fn interest_in_a_departed_source_is_answered_at_once() {
+        let r = Registry::new(Arc::default());
+        let v = Client::new(1, key(1), addr(), 1);
+        r.register(&v);
+        let gone = |c: &Client| c.with_outbox(|o| o.control.drain(..).count());
+        // The source sent, then left before V's writer got to its packet.
+        let s = Client::new(2, key(2), addr(), 1);
+        r.register(&s);
+        r.unregister(&s);
+        assert!(!r.add_gone_watcher(key(2), &v));
+        assert_eq!(gone(&v), 1);
+        assert_eq!(r.peer_gone_interests(), 0);
+        assert!(lock(&v.senders).is_empty());
+        // It comes back: a new interest, and its next departure is heard again.
+        let s2 = Client::new(3, key(2), addr(), 1);
+        r.register(&s2);
+        assert!(r.add_gone_watcher(key(2), &v));
+        assert!(r.add_gone_watcher(key(2), &v), "a repeat is a no-op");
+        assert_eq!(r.peer_gone_interests(), 1);
+        r.unregister(&s2);
+        assert_eq!(gone(&v), 1);
+        assert_eq!(r.peer_gone_interests(), 0);
+        assert!(lock(&v.senders).is_empty());
+        assert_eq!(r.metrics.peer_gone_disconnected_frames.load(Relaxed), 2);
+    }
+
+    /// A receiver that leaves takes its interests with it, while the sources stay.
+    #[test]
+    fn departed_receiver_leaves_no_interest_behind() {
+        let r = Registry::new(Arc::default());
+        let sources: Vec<_> = (10..20)
+            .map(|i| Client::new(i, key(i as u8), addr(), 1))
+            .collect();
+        for s in &sources {
+            r.register(s);
+        }
+        for n in 0..3 {
+            let v = Client::new(100 + n, key(99), addr(), 1);
+            r.register(&v);
+            for s in &sources {
+                assert!(r.add_gone_watcher(s.key, &v));
+            }
+            assert_eq!(r.peer_gone_interests(), sources.len());
+            r.unregister(&v);
+            assert_eq!(r.peer_gone_interests(), 0, "round {n}");
+            assert!(r.watched_sources().is_empty());
+        }
     }
 
     #[test]
