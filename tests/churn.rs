@@ -107,15 +107,13 @@ fn check(threads: usize, pause: Option<Duration>) {
 /// Both ends gone: nothing is kept for the senders.
 fn assert_nothing_kept(srv: &derpd::server::Server) {
     let reg = &srv.state().registry;
-    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    let deadline = Instant::now() + IO_TIMEOUT;
     while reg.key_count() != 1 {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "{} keys still registered, {} connections",
             reg.key_count(),
-            reg.metrics
-                .current_connections
-                .load(std::sync::atomic::Ordering::Relaxed)
+            reg.metrics.current_connections.load(Ordering::Relaxed)
         );
         thread::sleep(Duration::from_millis(2));
     }
