@@ -162,8 +162,8 @@ impl std::error::Error for KeyFileError {}
 /// Returns the key and whether it was created.
 ///
 /// A file with nothing in it (zero bytes, or only NUL bytes) holds no key: it is what a power
-/// cut leaves when it comes just after a file was first written (by derper, or by derpd before
-/// its writes were crash-safe). Refusing to start would make every respawn fail, so derpd warns
+/// cut leaves when it comes just after a file was first written without fsync (as derpd did
+/// before its writes were crash-safe). Refusing to start would make every respawn fail, so derpd warns
 /// that the old key is lost and makes a new one. Any other file that does not parse is refused:
 /// it may be a real key that a person can repair.
 pub fn load_or_create_key_file(path: &Path) -> Result<(NodePrivate, bool), KeyFileError> {

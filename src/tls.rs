@@ -310,11 +310,11 @@ impl ServerCert {
 ///
 /// For an IP address, a broken self-signed pair is replaced by a new one (with
 /// [`ServerCert::replaced`] saying why): a half missing or empty, or a key that does not belong
-/// to the certificate. That is what a power cut while the pair was written can leave (derper,
-/// and derpd before its writes were crash-safe, wrote the key first and the certificate second,
-/// without making the names durable); refusing would fail every respawn. A certificate that is
-/// not self-signed came from a CA through the administrator and is never replaced, nor is
-/// anything for a DNS hostname: those errors are returned.
+/// to the certificate. That is what a power cut while the pair was written can leave (derper
+/// writes the certificate and then the key, derpd before its writes were crash-safe the key and
+/// then the certificate, neither making the names durable); refusing would fail every respawn.
+/// A certificate that is not self-signed came from a CA through the administrator and is never
+/// replaced, nor is anything for a DNS hostname: those errors are returned.
 pub fn load_or_create(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsError> {
     let Ok(ip) = hostname.parse::<IpAddr>() else {
         return load(hostname, certdir);
@@ -359,8 +359,8 @@ fn broken_self_signed_pair(e: TlsError, crt: &Path, key: &Path) -> Result<String
         }
     }
     let mut why = format!(
-        "the self-signed certificate pair was incomplete ({}), as a power cut while it was \
-         being written can leave it",
+        "the self-signed certificate pair was broken ({}), as a power cut while it was being \
+         written can leave it",
         problems.join("; ")
     );
     if crt_problem.is_none() {
