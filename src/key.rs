@@ -2,7 +2,6 @@
 //! in text, and derper's JSON key file (`-c`).
 
 use std::fmt;
-use std::io::Write as _;
 use std::path::Path;
 
 use crypto_box::aead::OsRng;
@@ -148,7 +147,9 @@ impl fmt::Display for KeyFileError {
             Self::Io(p, e) => write!(f, "key file {}: {e}", p.display()),
             Self::Invalid(p, why) => write!(
                 f,
-                "key file {}: {why} (expected {{\"PrivateKey\":\"privkey:<64 hex>\"}})",
+                "key file {}: {why} (expected {{\"PrivateKey\":\"privkey:<64 hex>\"}}); derpd \
+                 does not replace a key file it cannot read, since it may hold the server's key: \
+                 repair it, or move it away to have a new key made",
                 p.display()
             ),
         }
@@ -159,8 +160,25 @@ impl std::error::Error for KeyFileError {}
 
 /// Loads derper's JSON key file, or creates it (mode 0600) with a fresh key when it is missing.
 /// Returns the key and whether it was created.
+///
+/// A file with nothing in it (zero bytes, or only NUL bytes) holds no key: it is what a power
+/// cut leaves when it comes just after a file was first written without fsync (as derpd did
+/// before its writes were crash-safe). Refusing to start would make every respawn fail, so derpd warns
+/// that the old key is lost and makes a new one. Any other file that does not parse is refused:
+/// it may be a real key that a person can repair.
 pub fn load_or_create_key_file(path: &Path) -> Result<(NodePrivate, bool), KeyFileError> {
+    crate::fsutil::remove_temp_files(path);
     match std::fs::read(path) {
+        Ok(bytes) if bytes.iter().all(|&b| b == 0) => {
+            log::warn!(
+                "key file {} is empty ({} bytes, no key): the server's previous key was lost, \
+                 most likely in a power cut just after it was written; making a new key (clients \
+                 simply see a new server key when they reconnect)",
+                path.display(),
+                bytes.len()
+            );
+            Ok((create_key_file(path)?, true))
+        }
         Ok(bytes) => {
             let v: serde_json::Value = serde_json::from_slice(&bytes)
                 .map_err(|e| KeyFileError::Invalid(path.into(), e.to_string()))?;
@@ -172,26 +190,23 @@ pub fn load_or_create_key_file(path: &Path) -> Result<(NodePrivate, bool), KeyFi
                 .ok_or_else(|| KeyFileError::Invalid(path.into(), "bad PrivateKey".into()))?;
             Ok((key, false))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = NodePrivate::generate();
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| KeyFileError::Io(dir.into(), e))?;
-            }
-            // derper writes the same tab-indented JSON.
-            let body = format!("{{\n\t\"PrivateKey\": \"{}\"\n}}", key.to_text());
-            let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            let mut f = opts
-                .open(path)
-                .map_err(|e| KeyFileError::Io(path.into(), e))?;
-            f.write_all(body.as_bytes())
-                .map_err(|e| KeyFileError::Io(path.into(), e))?;
-            Ok((key, true))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((create_key_file(path)?, true)),
         Err(e) => Err(KeyFileError::Io(path.into(), e)),
     }
+}
+
+/// Writes a fresh key to `path` (0600, crash-safe), replacing what is there.
+fn create_key_file(path: &Path) -> Result<NodePrivate, KeyFileError> {
+    let key = NodePrivate::generate();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::fsutil::create_dir_all_durably(dir, 0o777)
+            .map_err(|e| KeyFileError::Io(dir.into(), e))?;
+    }
+    // derper writes the same tab-indented JSON.
+    let body = format!("{{\n\t\"PrivateKey\": \"{}\"\n}}", key.to_text());
+    crate::fsutil::write_file_atomic(path, body.as_bytes(), 0o600)
+        .map_err(|e| KeyFileError::Io(path.into(), e))?;
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -243,6 +258,52 @@ mod tests {
         }
         std::fs::write(&path, "{\"PrivateKey\":\"nope\"}").unwrap();
         assert!(load_or_create_key_file(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// What a power cut right after the first start leaves: a zero-length file (or one of NUL
+    /// bytes). derpd makes a new key and the file then holds it.
+    #[test]
+    fn empty_key_file_gets_a_new_key() {
+        let dir = std::env::temp_dir().join(format!("derpd-keytest-empty-{}", std::process::id()));
+        let path = dir.join("derper.key");
+        for lost in [&b""[..], &[0u8; 64][..]] {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, lost).unwrap();
+            let (k, created) = load_or_create_key_file(&path).unwrap();
+            assert!(created);
+            let (again, created) = load_or_create_key_file(&path).unwrap();
+            assert!(!created, "the new key was written");
+            assert_eq!(again.public(), k.public());
+            #[cfg(unix)]
+            assert_eq!(mode(&path), 0o600);
+            let names: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+            assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    /// A file with anything else in it may be a real key: refused, never replaced.
+    #[test]
+    fn unreadable_key_file_is_refused_and_kept() {
+        let dir = std::env::temp_dir().join(format!("derpd-keytest-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("derper.key");
+        for bad in ["{\"PrivateKey\": \"privkey:12", "\n", "garbage"] {
+            std::fs::write(&path, bad).unwrap();
+            let err = load_or_create_key_file(&path).unwrap_err();
+            assert!(matches!(err, KeyFileError::Invalid(..)), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("derper.key"), "{msg}");
+            assert!(msg.contains("does not replace"), "{msg}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), bad);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -23,6 +23,8 @@
 //!   login with the mesh key, WatchConns → forwarders, ForwardPacket writer, redial).
 //! - [`frame`]: the wire format; [`key`]: node keys and derper's key file;
 //!   [`metrics`]: counters named after derper's.
+//! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
+//!   derpd makes: the key file and the self-signed certificate pair.
 //!
 //! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`]) does no I/O.
 //!
@@ -35,6 +37,7 @@ pub mod client;
 pub mod config;
 mod debug;
 pub mod frame;
+mod fsutil;
 pub mod handshake;
 pub mod http;
 pub mod key;

@@ -192,7 +192,16 @@ impl Server {
         if let Some(mode) = &cfg.tls {
             let cert =
                 tls::load_or_create(&mode.hostname, &mode.certdir).map_err(StartError::Tls)?;
-            if cert.generated {
+            if let Some(why) = &cert.replaced {
+                warn!(
+                    "{why}. Generated a new self-signed certificate for {} in {}: THE CERTIFICATE \
+                     PIN CHANGED to sha256-raw:{}. Clients reach this node only after CertName is \
+                     updated in the DERPMap (the new node and region are logged below)",
+                    mode.hostname,
+                    mode.certdir.display(),
+                    cert.leaf_sha256_hex()
+                );
+            } else if cert.generated {
                 info!(
                     "generated a self-signed certificate for {} in {}",
                     mode.hostname,

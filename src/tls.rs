@@ -4,9 +4,9 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Ipv6Addr};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -287,6 +287,10 @@ pub struct ServerCert {
     /// True if `--hostname` is an IP address (the caller then prints a DERPNode with a
     /// `sha256-raw:` CertName, and any SNI is accepted).
     pub hostname_is_ip: bool,
+    /// Set when the generated certificate replaced a broken self-signed pair (a half missing or
+    /// empty, or a key that does not match): what was wrong, and the old pin when known. The
+    /// certificate's pin has changed, so the DERPMap's `CertName` must be updated.
+    pub replaced: Option<String>,
 }
 
 impl ServerCert {
@@ -303,17 +307,90 @@ impl ServerCert {
 /// If `hostname` is an IP address and both files are missing, a self-signed certificate for it
 /// is generated and written there (like derper's `createSelfSignedIPCert`). A loaded certificate
 /// must match `hostname` by Go's `VerifyHostname` rules and its key must match the leaf.
+///
+/// For an IP address, a broken self-signed pair is replaced by a new one (with
+/// [`ServerCert::replaced`] saying why): a half missing or empty, or a key that does not belong
+/// to the certificate. That is what a power cut while the pair was written can leave (derper
+/// writes the certificate and then the key, derpd before its writes were crash-safe the key and
+/// then the certificate, neither making the names durable); refusing would fail every respawn.
+/// A certificate that is not self-signed came from a CA through the administrator and is never
+/// replaced, nor is anything for a DNS hostname: those errors are returned.
 pub fn load_or_create(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsError> {
+    let Ok(ip) = hostname.parse::<IpAddr>() else {
+        return load(hostname, certdir);
+    };
     let (crt, key) = cert_paths(hostname, certdir);
-    let ip = hostname.parse::<IpAddr>().ok();
-    let (crt_exists, key_exists) = files_exist(&crt, &key)?;
-    match (crt_exists, key_exists, ip) {
-        (false, false, Some(ip)) => {
-            let cert = create_self_signed_ip_cert(ip, hostname, certdir, &crt, &key)?;
-            check_cert(&cert, hostname, &crt, &key)?;
-            Ok(cert)
+    for path in [&crt, &key] {
+        crate::fsutil::remove_temp_files(path);
+    }
+    let replaced = match files_exist(&crt, &key)? {
+        (false, false) => None,
+        _ => match load(hostname, certdir) {
+            Ok(cert) => return Ok(cert),
+            Err(e) => Some(broken_self_signed_pair(e, &crt, &key)?),
+        },
+    };
+    let mut cert = create_self_signed_ip_cert(ip, hostname, certdir, &crt, &key)?;
+    check_cert(&cert, hostname, &crt, &key)?;
+    cert.replaced = replaced;
+    Ok(cert)
+}
+
+/// Whether the pair that failed to load with `e` is a broken self-signed pair that may be
+/// replaced: `Ok(what was wrong)`, or `Err(e)` to refuse.
+fn broken_self_signed_pair(e: TlsError, crt: &Path, key: &Path) -> Result<String, TlsError> {
+    let describe = |path: &Path| match fs::metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Some(format!("{} is missing", path.display()))
         }
-        _ => load(hostname, certdir),
+        _ if holds_nothing(path) => Some(format!("{} is empty", path.display())),
+        _ => None,
+    };
+    let crt_problem = describe(crt);
+    let mut problems: Vec<String> = crt_problem.iter().chain(&describe(key)).cloned().collect();
+    if problems.is_empty() {
+        match e {
+            TlsError::KeyMismatch { .. } => problems.push(format!(
+                "the key in {} does not belong to the certificate in {}",
+                key.display(),
+                crt.display()
+            )),
+            e => return Err(e),
+        }
+    }
+    let mut why = format!(
+        "the self-signed certificate pair was broken ({}), as a power cut while it was being \
+         written can leave it",
+        problems.join("; ")
+    );
+    if crt_problem.is_none() {
+        // Only a certificate derpd could have made (self-signed, alone) is replaced.
+        match read_chain(crt).ok().filter(|c| is_self_signed(c)) {
+            Some(chain) => {
+                let old = chain.first().map(|c| c.as_ref()).unwrap_or_default();
+                why.push_str(&format!(
+                    "; the old certificate's pin was sha256-raw:{}",
+                    hex_lower(&Sha256::digest(old))
+                ));
+            }
+            None => return Err(e),
+        }
+    }
+    Ok(why)
+}
+
+/// True for a file with nothing in it: zero bytes, or only NUL bytes (what some filesystems
+/// show for data that never reached the disk). False if it cannot be read.
+fn holds_nothing(path: &Path) -> bool {
+    fs::read(path).is_ok_and(|b| b.iter().all(|&x| x == 0))
+}
+
+/// One certificate whose issuer is its subject, as derpd (and derper) generate for an IP.
+fn is_self_signed(chain: &[CertificateDer<'static>]) -> bool {
+    match chain {
+        [leaf] => x509_parser::parse_x509_certificate(leaf)
+            .is_ok_and(|(_, c)| c.subject().as_raw() == c.issuer().as_raw()),
+        _ => false,
     }
 }
 
@@ -345,6 +422,7 @@ pub fn load(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsError> {
             key: read_key(&key)?,
             generated: false,
             hostname_is_ip: hostname.parse::<IpAddr>().is_ok(),
+            replaced: None,
         },
         (false, false) => {
             return Err(TlsError::CertFilesMissing {
@@ -589,29 +667,29 @@ fn create_self_signed_ip_cert(
     let cert_pem = pem_encode("CERTIFICATE", cert.der());
 
     create_private_dir(certdir)?;
-    // The key is created 0600 from the start, so it is never readable by others, and with
-    // create_new so we never write through a file (or symlink) someone else put there.
-    write_new_file(key_path, key_pem.as_bytes(), 0o600, "write the key file")?;
-    write_new_file(
-        crt_path,
-        cert_pem.as_bytes(),
-        0o644,
-        "write the certificate file",
-    )?;
+    // The pair counts as complete once the certificate exists, so the certificate is removed
+    // first and written last: a crash at any point leaves at worst a key without a certificate
+    // (replaced at the next start), never a certificate beside a key that is not its own. Each
+    // write is crash-safe (temporary file, fsync, rename, directory fsync), and the key is
+    // 0600 from its first byte.
+    crate::fsutil::remove_file_durably(crt_path)
+        .map_err(io_err("remove the old certificate file", crt_path))?;
+    crate::fsutil::write_file_atomic(key_path, key_pem.as_bytes(), 0o600)
+        .map_err(io_err("write the key file", key_path))?;
+    crate::fsutil::write_file_atomic(crt_path, cert_pem.as_bytes(), 0o644)
+        .map_err(io_err("write the certificate file", crt_path))?;
     Ok(ServerCert {
         chain: vec![cert.der().clone()],
         key: key_der,
         generated: true,
         hostname_is_ip: true,
+        replaced: None,
     })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
     let existed = dir.is_dir();
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::fsutil::create_dir_all_durably(dir, 0o700)
         .map_err(io_err("create the certificate directory", dir))?;
     if !existed {
         // Exactly 0700 whatever the umask: only derpd's user may list or replace the key.
@@ -619,23 +697,6 @@ fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
             .map_err(io_err("set permissions on", dir))?;
     }
     Ok(())
-}
-
-fn write_new_file(
-    path: &Path,
-    data: &[u8],
-    mode: u32,
-    action: &'static str,
-) -> Result<(), TlsError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io_err(action, path))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(io_err(action, path))
 }
 
 /// Reads one DER TLV with the expected tag (short or one/two-byte long length); returns
@@ -1173,15 +1234,152 @@ mod tests {
         assert!(!tmp.0.join("derp.example.com.crt").exists());
     }
 
+    /// A self-signed pair for an IP that a crash left broken is replaced, saying why and that
+    /// the pin changed; the new pair is then what every later start loads.
     #[test]
-    fn only_one_file_fails() {
+    fn broken_self_signed_pair_is_replaced() {
+        const IP: &str = "192.0.2.9";
+        type Break = fn(&Path, &Path);
+        let cases: [(&str, Break, &str); 5] = [
+            (
+                "crt missing",
+                |crt, _| fs::remove_file(crt).unwrap(),
+                "192.0.2.9.crt is missing",
+            ),
+            (
+                "key missing",
+                |_, key| fs::remove_file(key).unwrap(),
+                "192.0.2.9.key is missing",
+            ),
+            (
+                "key empty",
+                |_, key| fs::write(key, "").unwrap(),
+                "192.0.2.9.key is empty",
+            ),
+            (
+                "crt empty",
+                |crt, _| fs::write(crt, "").unwrap(),
+                "192.0.2.9.crt is empty",
+            ),
+            (
+                "pair mismatched",
+                |_, key| {
+                    let other = TempDir::new();
+                    load_or_create(IP, &other.0).unwrap();
+                    fs::copy(other.0.join("192.0.2.9.key"), key).unwrap();
+                },
+                "does not belong to the certificate",
+            ),
+        ];
+        for (case, break_it, want) in cases {
+            let tmp = TempDir::new();
+            let (crt, key) = (tmp.0.join("192.0.2.9.crt"), tmp.0.join("192.0.2.9.key"));
+            let first = load_or_create(IP, &tmp.0).unwrap();
+            assert!(first.generated && first.replaced.is_none());
+            let old_pin = first.leaf_sha256_hex();
+            break_it(&crt, &key);
+            // A temporary file left by an interrupted write is cleaned up too.
+            fs::write(tmp.0.join(".192.0.2.9.key.derpd-tmp.1"), "half").unwrap();
+
+            let new = load_or_create(IP, &tmp.0).unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert!(new.generated, "{case}");
+            let why = new.replaced.as_deref().unwrap_or_else(|| panic!("{case}"));
+            assert!(why.contains(want), "{case}: {why}");
+            assert_ne!(new.leaf_sha256_hex(), old_pin, "{case}");
+            // The old pin is named when the old certificate is still there to read.
+            let crt_survived = case != "crt missing" && case != "crt empty";
+            assert_eq!(why.contains(&old_pin), crt_survived, "{case}: {why}");
+
+            let again = load_or_create(IP, &tmp.0).unwrap();
+            assert!(!again.generated && again.replaced.is_none(), "{case}");
+            assert_eq!(again.leaf_sha256_hex(), new.leaf_sha256_hex(), "{case}");
+            assert_eq!(mode(&key), 0o600, "{case}");
+            let mut names: Vec<_> = fs::read_dir(&tmp.0)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["192.0.2.9.crt", "192.0.2.9.key"], "{case}");
+        }
+    }
+
+    /// A regeneration that stops half-way (here: the certificate cannot be written) leaves a
+    /// key without a certificate, never a certificate beside a key that is not its own.
+    #[test]
+    fn interrupted_regeneration_leaves_no_mismatched_pair() {
         let tmp = TempDir::new();
-        let first = load_or_create("192.0.2.9", &tmp.0).unwrap();
-        assert!(first.generated);
-        fs::remove_file(tmp.0.join("192.0.2.9.key")).unwrap();
-        let err = load_or_create("192.0.2.9", &tmp.0).unwrap_err();
+        let (crt, key) = (tmp.0.join("192.0.2.12.crt"), tmp.0.join("192.0.2.12.key"));
+        let first = load_or_create("192.0.2.12", &tmp.0).unwrap();
+        fs::write(&key, "").unwrap();
+        let blocker = tmp
+            .0
+            .join(format!(".192.0.2.12.crt.derpd-tmp.{}", std::process::id()));
+        fs::create_dir(&blocker).unwrap();
+        let err = load_or_create("192.0.2.12", &tmp.0).unwrap_err();
+        assert!(
+            err.to_string().contains("write the certificate file"),
+            "{err}"
+        );
+        assert!(!crt.exists(), "the old certificate went first");
+        assert!(
+            fs::metadata(&key).unwrap().len() > 0,
+            "the new key was written"
+        );
+        fs::remove_dir(&blocker).unwrap();
+        let next = load_or_create("192.0.2.12", &tmp.0).unwrap();
+        assert!(next
+            .replaced
+            .as_deref()
+            .unwrap()
+            .contains("192.0.2.12.crt is missing"));
+        assert_ne!(next.leaf_sha256_hex(), first.leaf_sha256_hex());
+    }
+
+    /// What derpd did not make is never replaced: a DNS name's files, a CA-issued certificate
+    /// for an IP, a key file with something in it that is not a key.
+    #[test]
+    fn files_derpd_did_not_make_are_refused_not_replaced() {
+        let tmp = TempDir::new();
+        write_dns_cert(&tmp.0, "derp.example.com", &["derp.example.com"]);
+        let dns_crt = tmp.0.join("derp.example.com.crt");
+        let before = fs::read(&dns_crt).unwrap();
+        fs::remove_file(tmp.0.join("derp.example.com.key")).unwrap();
+        let err = load_or_create("derp.example.com", &tmp.0).unwrap_err();
         assert!(matches!(err, TlsError::IncompleteFiles { .. }), "{err}");
-        assert!(err.to_string().contains("192.0.2.9.key"));
+        assert!(err.to_string().contains("derp.example.com.key"), "{err}");
+        assert_eq!(fs::read(&dns_crt).unwrap(), before);
+        assert!(!tmp.0.join("derp.example.com.key").exists());
+
+        // A certificate for the IP issued by a CA, its key lost or empty.
+        let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name = common_name("Test CA");
+        let ca = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf_params.subject_alt_names = vec![SanType::IpAddress("192.0.2.10".parse().unwrap())];
+        let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+        let crt = tmp.0.join("192.0.2.10.crt");
+        let key = tmp.0.join("192.0.2.10.key");
+        fs::write(&crt, leaf.pem()).unwrap();
+        fs::write(&key, leaf_key.serialize_pem()).unwrap();
+        assert!(!load_or_create("192.0.2.10", &tmp.0).unwrap().generated);
+        fs::remove_file(&key).unwrap();
+        let err = load_or_create("192.0.2.10", &tmp.0).unwrap_err();
+        assert!(matches!(err, TlsError::IncompleteFiles { .. }), "{err}");
+        fs::write(&key, "").unwrap();
+        let err = load_or_create("192.0.2.10", &tmp.0).unwrap_err();
+        assert!(matches!(err, TlsError::NoKey { .. }), "{err}");
+        assert_eq!(fs::read_to_string(&crt).unwrap(), leaf.pem());
+
+        // Garbage in the key of a self-signed pair: not a crash (each file is written whole).
+        let ip_key = tmp.0.join("192.0.2.11.key");
+        load_or_create("192.0.2.11", &tmp.0).unwrap();
+        fs::write(&ip_key, "not a key\n").unwrap();
+        let err = load_or_create("192.0.2.11", &tmp.0).unwrap_err();
+        assert!(matches!(err, TlsError::NoKey { .. }), "{err}");
+        assert_eq!(fs::read_to_string(&ip_key).unwrap(), "not a key\n");
     }
 
     #[test]

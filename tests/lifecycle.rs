@@ -1,5 +1,6 @@
-//! The server's life: a graceful shutdown (Restarting to every client, a bounded flush, exit
-//! 0 on SIGTERM/SIGINT) and SIGHUP reloads of the rate config and the certificate.
+//! The server's life: a start after a crash left its files broken, a graceful shutdown
+//! (Restarting to every client, a bounded flush, exit 0 on SIGTERM/SIGINT) and SIGHUP reloads of
+//! the rate config and the certificate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,12 +8,13 @@ mod common;
 mod support;
 
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{start_dev, DerpClient, Frame, IO_TIMEOUT};
 use derpd::server::{ShutdownReport, RECONNECT_SPREAD, RESTART_TRY_FOR};
 use rustix::process::{kill_process, Pid, Signal};
-use support::{s, Derpd};
+use support::{s, Derpd, STARTUP_DEADLINE};
 
 /// Reads frames until the Restarting frame; returns (reconnect-in, try-for) in ms.
 fn expect_restarting(c: &mut DerpClient) -> (u32, u32) {
@@ -139,11 +141,9 @@ fn sighup_reloads_the_rate_config() {
     assert_eq!(b.recv_packet().1, b"after reloads");
 }
 
-#[test]
-fn sighup_reloads_the_certificate() {
-    let dir = support::fresh_path("sighup-cert", "certs");
-    let other = support::fresh_path("sighup-cert", "renewed");
-    let args = [
+/// derpd with a self-signed certificate for 127.0.0.1 in `certdir` and its key file `key`.
+fn ip_cert_args(certdir: &Path, key: &Path) -> Vec<String> {
+    vec![
         s("-a"),
         s("127.0.0.1:0"),
         s("--stun-port"),
@@ -155,11 +155,79 @@ fn sighup_reloads_the_certificate() {
         s("--hostname"),
         s("127.0.0.1"),
         s("--certdir"),
-        dir.display().to_string(),
+        certdir.display().to_string(),
         s("-c"),
-        dir.join("derper.key").display().to_string(),
-    ];
-    let mut d = Derpd::start(&args);
+        key.display().to_string(),
+    ]
+}
+
+/// A power cut soon after the first start (routers lose power) could leave an empty key file
+/// and half a self-signed certificate pair (derper, and derpd before its writes were
+/// crash-safe, wrote them without fsync and rename). derpd starts anyway, with a new key and a
+/// new certificate, and says loudly that the certificate pin changed.
+#[test]
+fn start_replaces_an_empty_key_file_and_a_half_certificate_pair() {
+    let dir = support::fresh_path("crash-files", "certs");
+    let key_file = dir.with_file_name("derper.key");
+    let old = derpd::tls::load_or_create("127.0.0.1", &dir).unwrap();
+    std::fs::remove_file(dir.join("127.0.0.1.crt")).unwrap();
+    std::fs::write(&key_file, "").unwrap();
+
+    let mut d = Derpd::start(&ip_cert_args(&dir, &key_file));
+    let pin = d.startup(true).pin.unwrap();
+    assert_ne!(pin, format!("sha256-raw:{}", old.leaf_sha256_hex()));
+    let changed = format!("PIN CHANGED to {pin}");
+    d.wait_until(
+        "the warnings about the lost key and the new pin",
+        IO_TIMEOUT,
+        |log| {
+            log.iter().any(|l| {
+                l.contains("WARN") && l.contains("derper.key is empty") && l.contains("new key")
+            }) && log.iter().any(|l| {
+                l.contains("WARN") && l.contains("127.0.0.1.crt is missing") && l.contains(&changed)
+            })
+        },
+    );
+    // The key file now holds the key derpd serves with.
+    let (key, created) = derpd::key::load_or_create_key_file(&key_file).unwrap();
+    assert!(!created);
+    let server_key = format!("server key {}", key.public());
+    assert!(d.log.iter().any(|l| l.contains(&server_key)), "{:?}", d.log);
+    assert!(
+        std::fs::read_to_string(dir.join("127.0.0.1.crt")).is_ok(),
+        "the new pair was written"
+    );
+}
+
+/// A key file with something in it that is not a key may be the real key, damaged: derpd
+/// refuses to start and leaves it alone.
+#[test]
+fn start_refuses_a_key_file_that_is_not_a_key() {
+    let key_file = support::fresh_path("bad-key", "derper.key");
+    let text = "{\"PrivateKey\": \"privkey:12";
+    std::fs::write(&key_file, text).unwrap();
+    let mut d = Derpd::start(&[
+        s("-a"),
+        s("127.0.0.1:0"),
+        s("--stun-port"),
+        s("0"),
+        s("-c"),
+        key_file.display().to_string(),
+    ]);
+    let status = d.wait_exit(STARTUP_DEADLINE);
+    assert!(!status.success(), "{status}");
+    d.wait_until("the refusal", IO_TIMEOUT, |log| {
+        log.iter()
+            .any(|l| l.contains("derper.key") && l.contains("does not replace a key file"))
+    });
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), text);
+}
+
+#[test]
+fn sighup_reloads_the_certificate() {
+    let dir = support::fresh_path("sighup-cert", "certs");
+    let other = support::fresh_path("sighup-cert", "renewed");
+    let mut d = Derpd::start(&ip_cert_args(&dir, &dir.join("derper.key")));
     let first_pin = d.startup(true).pin.unwrap();
     let renewed = derpd::tls::load_or_create("127.0.0.1", &other).unwrap();
     for ext in ["crt", "key"] {
