@@ -179,8 +179,8 @@ impl Bucket {
             let rc = limits.get();
             self.rate = rc.bytes_per_sec as f64;
             self.burst = rc.burst_bytes as f64;
-            // A new config starts with a full bucket, as x/time/rate's SetBurst/SetLimit keep
-            // the tokens already saved; a full bucket is the simple safe choice.
+            // A new config starts with a full bucket, as in derper, whose setRateLimit gives
+            // every connection a new x/time/rate limiter (and those start full).
             self.tokens = self.burst;
             self.at = Instant::now();
         }

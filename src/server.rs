@@ -384,6 +384,13 @@ impl Server {
         &self.state
     }
 
+    /// Re-reads every file that can change under a running server, as SIGHUP does in
+    /// [`Server::run_until_signalled`]: the allow-keys file, the rate config and the
+    /// certificate. For tests and embedders that handle signals themselves.
+    pub fn reload(&self) {
+        reload(&self.state);
+    }
+
     /// Blocks until the server stops (it does not stop on its own).
     pub fn wait(mut self) {
         for t in self.threads.drain(..) {

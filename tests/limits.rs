@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -204,10 +205,103 @@ fn rate_config_is_backpressure_not_drops() {
         .map(|r| st.metrics.dropped(*r))
         .sum();
     assert_eq!(drops, 0, "rate limiting must not drop");
-    // Turned off again: applies to the connections already up.
-    st.rate.set(RateConfig::default());
+}
+
+/// The packet size of the rate tests: one frame is 32 + 60 KiB bytes on the wire (after the
+/// 5-byte header, which the bucket does not count).
+const PKT: usize = 60 << 10;
+
+/// Sends `n` packets of [`PKT`] bytes from `from` to `to` (from a thread, so that the
+/// writer's backpressure cannot stall the reader) and returns `from` and the time until `to`
+/// had them all.
+fn send_timed(from: DerpClient, to: &mut DerpClient, n: usize) -> (DerpClient, Duration) {
+    let tk = to.public();
+    let t0 = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let mut from = from;
+        let pkt = vec![0xa5; PKT];
+        for _ in 0..n {
+            from.send(&tk, &pkt);
+        }
+        from
+    });
+    for i in 0..n {
+        let (_, p) = to.recv_packet();
+        assert_eq!(p.len(), PKT, "packet {i}");
+    }
+    let elapsed = t0.elapsed();
+    (writer.join().unwrap(), elapsed)
+}
+
+/// A reload of the `--rate-config` file (what SIGHUP does) reaches the connections already
+/// up at their next frame, and new ones. Each check sends well beyond the burst, so that the
+/// old config would show: a slower rate is checked with a lower bound on the time taken
+/// (which no machine can beat, however fast, and a slow one only passes more easily) that is
+/// 20 times what the old rate needs; "off" is checked with derpd's own count of waits, which
+/// the old rate would raise. Neither depends on the machine's speed.
+#[test]
+fn rate_config_reload_reaches_existing_and_new_connections() {
+    const FAST: u64 = 2_000_000;
+    const SLOW: u64 = 100_000;
+    let file = support::fresh_path("rate_reload", "rate.json");
+    let write = |json: &str| std::fs::write(&file, json).unwrap();
+    write(&format!(r#"{{"PerClientRateLimitBytesPerSec": {FAST}}}"#));
+    let mut cfg = Config::dev_loopback();
+    cfg.rate_config = Some(file.clone());
+    let srv = start(cfg);
+    let st = srv.state().clone();
+    assert_eq!(st.rate.get().bytes_per_sec, FAST);
+    let a = DerpClient::connect(srv.addr());
+    let mut b = DerpClient::connect(srv.addr());
+    // `a` takes the first config with its first frame.
+    let (a, _) = send_timed(a, &mut b, 1);
+
+    // Slower: 3 frames after the reload's fresh bucket (one burst) owe (3 * frame - burst)
+    // bytes at SLOW, about 1.2 s; at FAST they would take 0.06 s.
+    write(&format!(r#"{{"PerClientRateLimitBytesPerSec": {SLOW}}}"#));
+    srv.reload();
+    assert_eq!(
+        st.rate.get().bytes_per_sec,
+        SLOW,
+        "the reload read the file"
+    );
+    let frame = (32 + PKT) as f64;
+    let owed = 3.0 * frame - derpd::limits::MIN_RATE_BURST as f64;
+    let min = Duration::from_secs_f64(owed / SLOW as f64 * 0.9);
+    let (a, took) = send_timed(a, &mut b, 3);
+    assert!(
+        took >= min,
+        "the connection already up: {took:?} < {min:?}, the reload did not reach it"
+    );
+    let (c, took) = send_timed(DerpClient::connect(srv.addr()), &mut b, 3);
+    assert!(
+        took >= min,
+        "a new connection: {took:?} < {min:?}, it did not get the reloaded rate"
+    );
+
+    // Off: about 0.5 MB from each of them, and from a new one, and not one wait. At SLOW the
+    // first frame past the burst would wait.
+    write("{}");
+    srv.reload();
+    assert_eq!(
+        st.rate.get(),
+        RateConfig::default(),
+        "the reload read the file"
+    );
     let waited = st.rate.waited.load(Relaxed);
-    let mut c = DerpClient::connect(srv.addr());
-    relays(&mut c, &mut b, "rate limit off");
-    assert_eq!(st.rate.waited.load(Relaxed), waited);
+    let (_a, _) = send_timed(a, &mut b, 8);
+    assert_eq!(
+        st.rate.waited.load(Relaxed),
+        waited,
+        "the connection already up still waits"
+    );
+    let (_c, _) = send_timed(c, &mut b, 8);
+    let (_d, _) = send_timed(DerpClient::connect(srv.addr()), &mut b, 8);
+    assert_eq!(
+        st.rate.waited.load(Relaxed),
+        waited,
+        "limiting turned off, yet a connection waited"
+    );
+    drop(srv);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }

@@ -44,6 +44,24 @@ pub(crate) fn skip(reason: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// [`skip`] for a test that needs something other than Go from the host: a SKIPPED line
+/// saying that `what` did not run, or a failure under CI.
+pub(crate) fn skip_test(reason: &str, what: &str) {
+    assert!(!ci(), "{reason}, and CI=true: {what} must run in CI");
+    let line = format!("SKIPPED: {reason}; {what} did not run");
+    println!("{line}");
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A program from PATH, or from the sbin and bin directories (often not on a user's PATH).
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
 pub(crate) fn is_executable(p: &Path) -> bool {
     let Ok(meta) = p.metadata() else { return false };
     if !meta.is_file() {
