@@ -602,6 +602,7 @@ fn fill_batch(client: &Client, batch: &mut Vec<Out>) {
                     break;
                 }
                 if let Some(p) = q.pop() {
+                    o.large -= usize::from(p.is_large());
                     bytes += p.len();
                     batch.push(Out::Packet(p));
                     took = true;

@@ -7,7 +7,9 @@
 //! - small buffers get the rest: (16 MiB - 63 x 65,573 B) / 2,048 B = 6,174 buffers (a
 //!   WireGuard or disco packet each);
 //! - the per-client queues hold at most 32 disco + 32 other packets, so 6,174 small buffers
-//!   fill the queues of 96 stalled clients before any reader has to wait.
+//!   fill the queues of 96 stalled clients before any reader has to wait; of large buffers a
+//!   client's queues hold at most a quarter (15 of 63), so it takes four receivers that stop
+//!   reading, until the write timeout closes them, to make a sender of large packets wait.
 //! - total: 63 x 65,573 + 6,174 x 2,048 = 16,775,451 B, just under 16 MiB.
 //!
 //! Buffers are allocated on first use and then recycled, never freed: idle memory stays small
@@ -105,6 +107,13 @@ impl Pool {
         Arc::new(Self {
             classes: [class(SMALL_BUF, small), class(LARGE_BUF, large)],
         })
+    }
+
+    /// Large buffers one receiver's queues may hold: a quarter of the class, so that one
+    /// receiver that stops reading (until the write timeout closes it) cannot take every large
+    /// buffer and stall every sender of packets over 2 KiB.
+    pub fn large_per_receiver(&self) -> usize {
+        (self.classes[Class::Large as usize].cap / 4).max(1)
     }
 
     /// Bytes the pool may hold at most.
@@ -231,6 +240,16 @@ impl PacketBuf {
         self.data.as_deref_mut().unwrap_or_default()
     }
 
+    /// True for a buffer of the large class.
+    pub fn is_large(&self) -> bool {
+        self.class == Class::Large
+    }
+
+    /// The pool the buffer goes back to.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// Capacity in bytes.
     pub fn capacity(&self) -> usize {
         self.data.as_deref().map_or(0, <[u8]>::len)
@@ -298,6 +317,12 @@ impl<T> DropOldest<T> {
     /// Removes the oldest entry.
     pub fn pop(&mut self) -> Option<T> {
         self.q.pop_front()
+    }
+
+    /// Removes the oldest entry for which `f` holds.
+    pub fn remove_first(&mut self, f: impl FnMut(&T) -> bool) -> Option<T> {
+        let i = self.q.iter().position(f)?;
+        self.q.remove(i)
     }
 
     /// Number of queued entries.

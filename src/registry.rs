@@ -20,14 +20,17 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use event_listener::Event;
 
-use crate::frame::{PeerGoneReason, SmallFrame};
+use crate::frame::{self, PeerGoneReason, SmallFrame, HEADER_LEN};
 use crate::key::NodePublic;
+use crate::key::KEY_LEN;
 use crate::mesh::Link;
 use crate::metrics::{DropReason, Metrics};
 use crate::pool::{DropOldest, PacketBuf};
 
 /// Per-client queue depth for each of the disco and other queues (derper: 32 each).
 pub const QUEUE_DEPTH: usize = 32;
+/// Bytes before the packet in a queued RecvPacket frame: header and source key.
+const RECV_HEADER: usize = HEADER_LEN + KEY_LEN;
 
 /// One logged-in connection, shared by its reader, its writer and the registry.
 #[derive(Debug)]
@@ -71,6 +74,10 @@ pub struct Outbox {
     pub control: std::collections::VecDeque<SmallFrame>,
     /// Pending Pong payload. Capacity one: further pings are ignored until it is written.
     pub pong: Option<[u8; 8]>,
+    /// Large pool buffers in `disco` and `other`. Invariant: at most the pool's
+    /// [`crate::pool::Pool::large_per_receiver`]; both queues together (64 packets) could
+    /// otherwise hold every large buffer there is.
+    pub large: usize,
 }
 
 impl Client {
@@ -98,6 +105,7 @@ impl Client {
                 other: DropOldest::new(QUEUE_DEPTH),
                 control: std::collections::VecDeque::new(),
                 pong: None,
+                large: 0,
             }),
             wake: Event::new(),
             closed: AtomicBool::new(false),
@@ -107,7 +115,8 @@ impl Client {
         })
     }
 
-    /// Queues a RecvPacket frame. Never blocks: a full queue loses its oldest packet.
+    /// Queues a RecvPacket frame. Never blocks: a full queue loses its oldest packet, and so
+    /// does a client already holding its share of large buffers (its oldest large one).
     pub fn enqueue_packet(&self, pkt: PacketBuf, disco: bool, metrics: &Metrics) {
         let bytes = pkt.len();
         let dropped = {
@@ -115,22 +124,41 @@ impl Client {
             if self.closed.load(Relaxed) {
                 Some((pkt, DropReason::GoneDisconnected))
             } else {
-                let q = if disco {
-                    &mut out.disco
-                } else {
-                    &mut out.other
-                };
-                q.push(pkt).map(|old| (old, DropReason::QueueHead))
+                let Outbox {
+                    disco: dq,
+                    other: oq,
+                    large,
+                    ..
+                } = &mut *out;
+                let (q, other_q) = if disco { (dq, oq) } else { (oq, dq) };
+                let mut evicted = None;
+                if pkt.is_large() {
+                    if *large >= pkt.pool().large_per_receiver() {
+                        // This queue's oldest large packet, else the other queue's.
+                        evicted = q
+                            .remove_first(PacketBuf::is_large)
+                            .or_else(|| other_q.remove_first(PacketBuf::is_large));
+                        *large -= usize::from(evicted.is_some());
+                    }
+                    *large += 1;
+                }
+                let old = q.push(pkt);
+                if old.as_ref().is_some_and(PacketBuf::is_large) {
+                    *large -= 1;
+                }
+                // Both only when the large packet evicted was the other queue's.
+                for p in [evicted, old].into_iter().flatten() {
+                    let was_disco = frame::looks_like_disco(
+                        p.as_slice().get(RECV_HEADER..).unwrap_or_default(),
+                    );
+                    metrics.drop_packet(DropReason::QueueHead, was_disco, p.len());
+                }
+                None
             }
         };
-        if let Some((old, reason)) = dropped {
-            let n = if reason == DropReason::GoneDisconnected {
-                bytes
-            } else {
-                old.len()
-            };
-            metrics.drop_packet(reason, disco, n);
-            drop(old);
+        if let Some((pkt, reason)) = dropped {
+            metrics.drop_packet(reason, disco, bytes);
+            drop(pkt);
         }
         self.wake.notify(1);
     }
@@ -195,6 +223,7 @@ impl Client {
             disco,
             other,
             control,
+            large,
             ..
         } = &mut *guard;
         for (q, is_disco) in [(disco, true), (other, false)] {
@@ -202,6 +231,7 @@ impl Client {
                 metrics.drop_packet(DropReason::GoneDisconnected, is_disco, p.len());
             }
         }
+        *large = 0;
         control.clear();
     }
 }
@@ -1066,6 +1096,40 @@ mod tests {
         c.drain_on_close(&m);
         assert_eq!(m.dropped(DropReason::GoneDisconnected), 2);
         assert_eq!(pool.stats().small.2, 0, "buffers returned");
+    }
+
+    /// Both queues together hold at most the receiver's share of large buffers: a large
+    /// packet over the share evicts the oldest large one, from its own queue first.
+    #[test]
+    fn a_receiver_holds_at_most_its_share_of_large_buffers() {
+        let m = Metrics::default();
+        let pool = crate::pool::Pool::with_counts(64, 8);
+        assert_eq!(pool.large_per_receiver(), 2);
+        let c = Client::new(1, key(1), addr(), 1);
+        let large = |tag: u8| {
+            let mut p = pool.try_get(crate::pool::SMALL_BUF + 1).unwrap();
+            p.raw_mut()[RECV_HEADER] = tag;
+            p.set_len(crate::pool::SMALL_BUF + 1);
+            p
+        };
+        let small = pool.try_get(10).unwrap();
+        c.enqueue_packet(small, false, &m);
+        for (tag, disco) in [(1, true), (2, false), (3, true), (4, false)] {
+            c.enqueue_packet(large(tag), disco, &m);
+            assert!(pool.stats().large.2 <= 2, "{:?}", pool.stats());
+        }
+        c.with_outbox(|o| {
+            assert_eq!(o.large, 2);
+            assert_eq!(o.disco.len(), 1);
+            assert_eq!(o.other.len(), 2, "the small packet stays");
+            // The two newest large packets are what is left.
+            assert_eq!(o.disco.pop().unwrap().as_slice()[RECV_HEADER], 3);
+            assert!(!o.other.pop().unwrap().is_large());
+            assert_eq!(o.other.pop().unwrap().as_slice()[RECV_HEADER], 4);
+            o.large = 0;
+        });
+        assert_eq!(m.dropped(DropReason::QueueHead), 2);
+        assert_eq!(pool.stats().large.2, 0);
     }
 
     #[test]

@@ -902,8 +902,9 @@ fn hostile_input_plain() {
     rig.print("plain HTTP listener");
 }
 
-/// The same receiver at derpd's default budget: its queue (32 packets + one being written)
-/// cannot hold all 63 large buffers, so the sender is never held up.
+/// The same receiver at derpd's default budget: its queues (32 disco + 32 other packets, and
+/// one batch being written) would hold 64 large buffers, more than the 63 there are; a
+/// receiver may hold only a quarter of them, so the sender is never held up.
 #[test]
 fn stuck_receiver_default_budget() {
     raise_nofile();
@@ -1054,12 +1055,16 @@ fn stuck_receiver(rig: &mut Rig<TcpStream>, max_gap: Duration) {
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
     let flood = thread::spawn(move || {
-        let big = vec![0x6bu8; 64 << 10];
+        // Alternately disco-looking and plain: each fills its own queue of 32, so both queues
+        // together could hold 64 large buffers, more than the default budget's 63.
+        let plain = vec![0x6bu8; 64 << 10];
+        let mut disco = derpd::frame::DISCO_MAGIC.to_vec();
+        disco.resize(64 << 10, 0x6b);
         let (mut big_sent, mut small_sent) = (0u64, 0u64);
         let mut worst_write = Duration::ZERO;
         while !st.load(Relaxed) {
             let t0 = Instant::now();
-            sender.send(&rk, &big);
+            sender.send(&rk, if big_sent % 2 == 0 { &disco } else { &plain });
             big_sent += 1;
             if big_sent % 4 == 0 {
                 sender.send(&ak, format!("small {small_sent}").as_bytes());
