@@ -1079,7 +1079,7 @@ mod tests {
     }
 
     fn peer_flags_mesh() -> u8 {
-        crate::frame::peer_flags::IS_MESH_PEER
+        frame::peer_flags::IS_MESH_PEER
     }
 
     #[test]
