@@ -2,13 +2,15 @@
 # Soak: a release derpd on loopback under churning Tailscale clients, watched for drift in
 # memory and descriptors. Long; not run in CI.
 #
-#   bench/soak.sh [--minutes 30] [--clients 200] [--interval-ms 500] [--sample 10]
+#   bench/soak.sh [--minutes 30] [--clients 200] [--interval-ms 500] [--sample 10] [--fresh-keys]
 #
 # derpd runs in TLS mode (a self-signed certificate for 127.0.0.1, pinned by the clients,
 # STUN off, no port-80 listener, log level info). The load is `derp-interop churn`
 # (tests/interop/churn.go), made of Tailscale's own derphttp client: N client slots, each
 # with a fixed node key, logging in, sending a 64-1400 byte packet to a random other slot
-# every ~interval, living 5-60 s, closing, pausing up to 2 s, and logging in again.
+# every ~interval, living 5-60 s, closing, pausing up to 2 s, and logging in again. With
+# --fresh-keys every login is a new node key (every departure is a key gone for good, whose
+# PeerGone interests must not pile up); results go to ...-fresh.{csv,txt}.
 #
 # Every --sample seconds: derpd's VmRSS, VmHWM, open fds, threads and CPU seconds, to
 #   bench/results/soak-<minutes>m-<clients>c.csv
@@ -25,14 +27,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-minutes=30 clients=200 interval_ms=500 sample=10
+minutes=30 clients=200 interval_ms=500 sample=10 fresh=()
 while (($#)); do
   case $1 in
     --minutes) minutes=$2; shift ;;
     --clients) clients=$2; shift ;;
     --interval-ms) interval_ms=$2; shift ;;
     --sample) sample=$2; shift ;;
-    *) echo "usage: bench/soak.sh [--minutes M] [--clients N] [--interval-ms MS] [--sample S]" >&2; exit 2 ;;
+    --fresh-keys) fresh=(-fresh-keys) ;;
+    *) echo "usage: bench/soak.sh [--minutes M] [--clients N] [--interval-ms MS] [--sample S] [--fresh-keys]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -74,7 +77,7 @@ pin=$(grep -o '"CertName":"sha256-raw:[0-9a-f]*"' "$work/derpd.log" | head -1 | 
 say "$("$derpd" --version), pid $derpd_pid, on 127.0.0.1:$port; $clients clients for $minutes min"
 
 mkdir -p bench/results
-name=bench/results/soak-${minutes}m-${clients}c
+name=bench/results/soak-${minutes}m-${clients}c${fresh:+-fresh}
 csv=$name.csv
 tick=$(getconf CLK_TCK)
 t0=$(date +%s)
@@ -93,7 +96,7 @@ sample_now() {
 }
 idle_before=$(sample_now)
 
-"$work/derp-interop" churn -clients "$clients" -duration "${minutes}m" \
+"$work/derp-interop" churn "${fresh[@]}" -clients "$clients" -duration "${minutes}m" \
   -interval "${interval_ms}ms" -host 127.0.0.1 -port "$port" -pin "$pin" \
   >"$work/churn.out" 2>"$work/churn.err" &
 churn_pid=$!
@@ -145,7 +148,7 @@ report=$(awk -F, -v w="$window" '
   }' "$csv")
 warns=$(grep -c -E '^(WARN|ERROR)' "$work/derpd.log" || true)
 panics=$(grep -c -i 'panicked' "$work/derpd.log" || true)
-text="soak: $("$derpd" --version), $clients churning Tailscale derphttp clients, $minutes min, \
+text="soak: $("$derpd" --version), $clients churning Tailscale derphttp clients${fresh:+ (a fresh key per connection)}, $minutes min, \
 packets every ${interval_ms} ms per client, sampled every ${sample} s ($csv)
 $report
 clients: logins $(get logins), login errors $(get login_errors), packets sent $(get sends) \

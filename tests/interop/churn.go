@@ -4,9 +4,12 @@ package main
 //
 //	derp-interop churn [-clients N] [-duration D] -url http://HOST:PORT/derp
 //	derp-interop churn [-clients N] [-duration D] -host H -port P -pin sha256-raw:HEX
+//	derp-interop churn -fresh-keys ...
 //
 // N client slots run until the duration is over. Each slot has a fixed node
-// key (as a Tailscale node keeps its key across reconnects) and repeats: log in
+// key (as a Tailscale node keeps its key across reconnects), or with
+// -fresh-keys a new key for every connection (every departure is then a key
+// leaving for good, whose PeerGone its receivers must hear), and repeats: log in
 // with a fresh derphttp.Client, mark the connection preferred, live for a random
 // time (-min-life..-max-life) sending a packet of random size to a random other
 // slot every -interval (with jitter), close, wait up to -max-pause, and start
@@ -80,6 +83,7 @@ func runChurn(args []string) {
 	host := fs.String("host", "", "server IP (TLS, with -port and -pin)")
 	port := fs.Int("port", 0, "server TLS port")
 	pin := fs.String("pin", "", "certificate pin, sha256-raw:<hex>")
+	freshKeys := fs.Bool("fresh-keys", false, "a new node key for every connection")
 	fs.Parse(args)
 	if fs.NArg() != 0 || *nClients < 2 || *minLife <= 0 || *maxLife < *minLife || *interval <= 0 ||
 		*minSize < 16 || *maxSize < *minSize || *maxSize > derp.MaxPacketSize {
@@ -112,13 +116,33 @@ func runChurn(args []string) {
 		return derphttp.NewClient(priv, *serverURL, logger.Discard, netMon)
 	}
 
+	// Each slot's current key; with -fresh-keys it changes at every login, so it is read
+	// and written under keysMu. slotOf holds every key a slot has had.
+	var keysMu sync.Mutex
 	privs := make([]key.NodePrivate, *nClients)
 	pubs := make([]key.NodePublic, *nClients)
 	slotOf := make(map[key.NodePublic]int, *nClients)
-	for i := range privs {
-		privs[i] = key.NewNode()
-		pubs[i] = privs[i].Public()
+	newKey := func(i int) key.NodePrivate {
+		priv := key.NewNode()
+		keysMu.Lock()
+		defer keysMu.Unlock()
+		privs[i], pubs[i] = priv, priv.Public()
 		slotOf[pubs[i]] = i
+		return priv
+	}
+	for i := range privs {
+		newKey(i)
+	}
+	keyOf := func(i int) key.NodePublic {
+		keysMu.Lock()
+		defer keysMu.Unlock()
+		return pubs[i]
+	}
+	slotOfKey := func(k key.NodePublic) (int, bool) {
+		keysMu.Lock()
+		defer keysMu.Unlock()
+		i, ok := slotOf[k]
+		return i, ok
 	}
 
 	var st churnStats
@@ -133,7 +157,13 @@ func runChurn(args []string) {
 
 	// One life of slot i: returns when the life is over or the run ends.
 	life := func(i int, seq *uint64) {
-		c, err := newClient(privs[i])
+		keysMu.Lock()
+		priv := privs[i]
+		keysMu.Unlock()
+		if *freshKeys {
+			priv = newKey(i)
+		}
+		c, err := newClient(priv)
 		if err != nil {
 			fail("churn", "derphttp client: %v", err)
 		}
@@ -168,7 +198,7 @@ func runChurn(args []string) {
 				}
 				switch m := m.(type) {
 				case derp.ReceivedPacket:
-					src, ok := slotOf[m.Source]
+					src, ok := slotOfKey(m.Source)
 					if !ok || len(m.Data) < 16 || int(binary.BigEndian.Uint32(m.Data[0:])) != src ||
 						int(binary.BigEndian.Uint32(m.Data[4:])) != i {
 						st.corrupt.Add(1)
@@ -199,7 +229,7 @@ func runChurn(args []string) {
 				dst++
 			}
 			*seq++
-			if err := c.Send(pubs[dst], churnPacket(i, dst, *seq, *minSize+rand.N(*maxSize-*minSize+1))); err != nil {
+			if err := c.Send(keyOf(dst), churnPacket(i, dst, *seq, *minSize+rand.N(*maxSize-*minSize+1))); err != nil {
 				st.sendErrors.Add(1)
 			} else {
 				st.sends.Add(1)
