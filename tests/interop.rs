@@ -11,7 +11,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use support::*;
 
@@ -181,10 +181,10 @@ fn dev_mode_ipv6() {
 /// The headscale `derp.paths` file derpd logs, read by the harness as headscale reads it
 /// (gopkg.in/yaml.v3 into `tailcfg.DERPMap`) with every field checked; the CamelCase node JSON
 /// and the policy file snippet must hold the same node and, read as headscale YAML, lose it; then
-/// a Tailscale client logs in with the region headscale would serve. The ports are never 443 and
-/// 3478 here, so `derpport` and `stunport` (or `-1`, STUN off) are always in the file.
-fn headscale_yaml(test: &str, hostname: &str, listen: &str, stun: bool) {
+/// a Tailscale client logs in with the region headscale would serve.
+fn headscale_yaml(test: &str, hostname: &str, listen: &str, ports: Ports) {
     let Some(harness) = harness() else { return };
+    let stun = ports != Ports::StunOff;
     let dir = fresh_path(test, "files");
     std::fs::create_dir_all(&dir).unwrap();
     let mut args = vec![
@@ -201,12 +201,16 @@ fn headscale_yaml(test: &str, hostname: &str, listen: &str, stun: bool) {
         s("--http-port"),
         s("-1"),
     ];
-    if stun {
-        args.extend([s("--stun-port"), s("0")]);
-    } else {
-        args.push(s("--stun=false"));
+    match ports {
+        Ports::Free => args.extend([s("--stun-port"), s("0")]),
+        Ports::StunOff => args.push(s("--stun=false")),
+        Ports::Defaults => {} // 3478
     }
-    let mut d = Derpd::start(&args);
+    let mut d = if ports == Ports::Defaults {
+        Derpd::start_command(in_new_netns(&derpd_command()), &args)
+    } else {
+        Derpd::start(&args)
+    };
     let snippets = d.derp_map_snippets();
     let serving = d.log.iter().find_map(|l| parse_serving(l));
     let Some(Ok((addr, Mode::Tls))) = serving else {
@@ -214,10 +218,16 @@ fn headscale_yaml(test: &str, hostname: &str, listen: &str, stun: bool) {
             "want a `serving on ... (TLS)` line, got {serving:?}"
         ));
     };
+    // What the file must say: Tailscale's defaults (443, 3478) are left out (zero), STUN off is -1.
     let stun_port = match d.log.iter().find_map(|l| parse_stun(l)) {
+        Some(Ok(a)) if stun && a.port() == 3478 => 0,
         Some(Ok(a)) if stun => i32::from(a.port()),
         None if !stun => -1,
         other => d.fail(&format!("STUN {stun}, but STUN line {other:?}")),
+    };
+    let derp_port = match addr.port() {
+        443 => 0,
+        p => p,
     };
     let Some(Ok(pin)) = parse_pin(&snippets.node_json) else {
         d.fail("no pin in the node JSON line");
@@ -230,27 +240,33 @@ fn headscale_yaml(test: &str, hostname: &str, listen: &str, stun: bool) {
         std::fs::write(dir.join(name), text).unwrap();
     }
     let path = |name: &str| dir.join(name).display().to_string();
-    let out = d.run_harness(
-        &harness,
-        &[
-            s("headscale-yaml"),
-            s("-file"),
-            path("derp.yaml"),
-            s("-host"),
-            s(hostname),
-            s("-pin"),
-            pin,
-            s("-derp-port"),
-            addr.port().to_string(),
-            s("-stun-port"),
-            stun_port.to_string(),
-            s("-node-json"),
-            path("node.json"),
-            s("-policy"),
-            path("policy.json"),
-            s("-connect"),
-        ],
-    );
+    // In derpd's network namespace when it has one.
+    let (program, mut harness_args) = if ports == Ports::Defaults {
+        let pid = d.child.id().to_string();
+        let ns = [s("-t"), pid, s("-n"), harness.display().to_string()];
+        (PathBuf::from("nsenter"), ns.to_vec())
+    } else {
+        (harness.clone(), vec![])
+    };
+    harness_args.extend([
+        s("headscale-yaml"),
+        s("-file"),
+        path("derp.yaml"),
+        s("-host"),
+        s(hostname),
+        s("-pin"),
+        pin,
+        s("-derp-port"),
+        derp_port.to_string(),
+        s("-stun-port"),
+        stun_port.to_string(),
+        s("-node-json"),
+        path("node.json"),
+        s("-policy"),
+        path("policy.json"),
+        s("-connect"),
+    ]);
+    let out = d.run_harness(&program, &harness_args);
     if !out.contains("PASS headscale-yaml: all checks") {
         d.fail("the harness did not finish its checks");
     }
@@ -259,9 +275,39 @@ fn headscale_yaml(test: &str, hostname: &str, listen: &str, stun: bool) {
     let _ = std::fs::remove_dir_all(dir.parent().unwrap());
 }
 
+/// Which ports derpd gets in [`headscale_yaml`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ports {
+    /// Free ports for DERP and STUN: `derpport` and `stunport` in the file.
+    Free,
+    /// A free DERP port, `--stun=false`: `stunport: -1`.
+    StunOff,
+    /// 443 and 3478, in a network namespace of derpd's own: neither port in the file.
+    Defaults,
+}
+
 #[test]
 fn headscale_yaml_ipv4() {
-    headscale_yaml("headscale_yaml_ipv4", "127.0.0.1", "127.0.0.1:0", true);
+    headscale_yaml(
+        "headscale_yaml_ipv4",
+        "127.0.0.1",
+        "127.0.0.1:0",
+        Ports::Free,
+    );
+}
+
+#[test]
+fn headscale_yaml_default_ports_in_netns() {
+    if let Err(e) = can_unshare_net() {
+        skip(&format!("no network namespace for 443/3478 ({e})"));
+        return;
+    }
+    headscale_yaml(
+        "headscale_yaml_default_ports_in_netns",
+        "127.0.0.1",
+        "127.0.0.1:443",
+        Ports::Defaults,
+    );
 }
 
 #[test]
@@ -270,7 +316,12 @@ fn headscale_yaml_ipv6_stun_off() {
         skip(&format!("no IPv6 loopback (binding [::1]:0: {e})"));
         return;
     }
-    headscale_yaml("headscale_yaml_ipv6_stun_off", "::1", "[::1]:0", false);
+    headscale_yaml(
+        "headscale_yaml_ipv6_stun_off",
+        "::1",
+        "[::1]:0",
+        Ports::StunOff,
+    );
 }
 
 #[test]

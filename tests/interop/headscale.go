@@ -196,13 +196,15 @@ func describeMap(dm *tailcfg.DERPMap) string {
 			s += fmt.Sprintf(" %d:<nil>", id)
 			continue
 		}
-		rc := *r
-		rc.Nodes = nil
-		s += fmt.Sprintf(" %d:%+v Nodes:[", id, rc)
-		for _, n := range r.Nodes {
-			s += fmt.Sprintf("%+v ", n)
+		s += fmt.Sprintf(" %d:{RegionID:%d RegionCode:%q RegionName:%q Latitude:%v Longitude:%v Avoid:%v NoMeasureNoHome:%v Nodes:[",
+			id, r.RegionID, r.RegionCode, r.RegionName, r.Latitude, r.Longitude, r.Avoid, r.NoMeasureNoHome)
+		for i, n := range r.Nodes {
+			if i > 0 {
+				s += " "
+			}
+			s += fmt.Sprintf("%+v", n)
 		}
-		s += "]"
+		s += "]}"
 	}
 	return s + "}"
 }

@@ -219,6 +219,42 @@ pub(crate) fn through_runner(exe: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// `cmd` in a network namespace of its own with only `lo` up (`unshare --net`; needs root), where
+/// it may bind fixed ports such as 443 without touching the host's. `nsenter -t <pid> -n` runs
+/// a client beside it.
+pub(crate) fn in_new_netns(cmd: &Command) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$@\"",
+        "sh",
+    ])
+    .arg(cmd.get_program())
+    .args(cmd.get_args());
+    c
+}
+
+/// Whether [`in_new_netns`] works here.
+pub(crate) fn can_unshare_net() -> Result<(), String> {
+    let out = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", "ip link set lo up"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("unshare: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unshare --net: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 impl Derpd {
     pub(crate) fn start(args: &[String]) -> Derpd {
         Self::start_command(derpd_command(), args)
