@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 /// The region derpd suggests (Tailscale's custom-DERP docs start custom regions at 900).
 const REGION_ID: u16 = 900;
@@ -24,7 +24,14 @@ const REGION_NAME: &str = "derpd";
 /// out as `json:",omitempty"` leaves them out.
 #[derive(Debug)]
 pub(crate) struct Node {
-    fields: Vec<(&'static str, Value)>,
+    fields: Vec<(&'static str, Scalar)>,
+}
+
+/// A field's value: every `DERPNode` field derpd fills is a number or a string.
+#[derive(Debug)]
+enum Scalar {
+    Int(i32),
+    Str(String),
 }
 
 impl Node {
@@ -38,35 +45,39 @@ impl Node {
         stun_on: bool,
         pin_hex: &str,
     ) -> Node {
-        let mut fields: Vec<(&'static str, Value)> = vec![
-            ("Name", "900a".into()),
-            ("RegionID", REGION_ID.into()),
-            ("HostName", hostname.into()),
-            ("CertName", format!("sha256-raw:{pin_hex}").into()),
+        use Scalar::{Int, Str};
+        let mut fields = vec![
+            ("Name", Str("900a".into())),
+            ("RegionID", Int(REGION_ID.into())),
+            ("HostName", Str(hostname.into())),
+            ("CertName", Str(format!("sha256-raw:{pin_hex}"))),
         ];
         match hostname.parse::<IpAddr>() {
-            Ok(IpAddr::V4(_)) => fields.push(("IPv4", hostname.into())),
-            Ok(IpAddr::V6(_)) => fields.push(("IPv6", hostname.into())),
+            Ok(IpAddr::V4(_)) => fields.push(("IPv4", Str(hostname.into()))),
+            Ok(IpAddr::V6(_)) => fields.push(("IPv6", Str(hostname.into()))),
             Err(_) => {}
         }
         if !stun_on {
-            fields.push(("STUNPort", (-1).into()));
+            fields.push(("STUNPort", Int(-1)));
         } else if let Some(p) = stun_port.filter(|&p| p != 3478) {
-            fields.push(("STUNPort", p.into()));
+            fields.push(("STUNPort", Int(p.into())));
         }
         if derp_port != 443 {
-            fields.push(("DERPPort", derp_port.into()));
+            fields.push(("DERPPort", Int(derp_port.into())));
         }
         Node { fields }
     }
 
     fn json_value(&self) -> Value {
-        Value::Object(
-            self.fields
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), v.clone()))
-                .collect(),
-        )
+        let mut m = Map::new();
+        for (k, v) in &self.fields {
+            let v = match v {
+                Scalar::Int(i) => Value::from(*i),
+                Scalar::Str(s) => Value::from(s.as_str()),
+            };
+            m.insert((*k).into(), v);
+        }
+        Value::Object(m)
     }
 
     /// The node as one line of JSON (serde_json sorts the keys).
@@ -100,30 +111,24 @@ impl Node {
             y,
             "regions:\n  {REGION_ID}:\n    regionid: {REGION_ID}\n    regioncode: {}\n    \
              regionname: {}\n    nodes:",
-            yaml_scalar(&REGION_CODE.into()),
-            yaml_scalar(&REGION_NAME.into()),
+            yaml_string(REGION_CODE),
+            yaml_string(REGION_NAME),
         );
         for (i, (name, value)) in self.fields.iter().enumerate() {
             let lead = if i == 0 { "      - " } else { "        " };
-            let _ = write!(
-                y,
-                "\n{lead}{}: {}",
-                name.to_ascii_lowercase(),
-                yaml_scalar(value)
-            );
+            let key = name.to_ascii_lowercase();
+            let _ = match value {
+                Scalar::Int(n) => write!(y, "\n{lead}{key}: {n}"),
+                Scalar::Str(s) => write!(y, "\n{lead}{key}: {}", yaml_string(s)),
+            };
         }
         y
     }
 }
 
-/// A JSON scalar as a YAML scalar: numbers and booleans as they are, strings double-quoted
-/// (IPv6 addresses and `sha256-raw:` pins hold colons) with everything outside printable ASCII
-/// escaped, as both YAML 1.1 and 1.2 read it.
-fn yaml_scalar(v: &Value) -> String {
-    let Value::String(s) = v else {
-        // Numbers, booleans, null: JSON's spelling is YAML's.
-        return v.to_string();
-    };
+/// A YAML double-quoted string (IPv6 addresses and `sha256-raw:` pins hold colons) with
+/// everything outside printable ASCII escaped, as both YAML 1.1 and 1.2 read it.
+fn yaml_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -241,14 +246,12 @@ mod tests {
 
     #[test]
     fn yaml_strings_are_quoted_and_escaped() {
-        let q = |s: &str| yaml_scalar(&s.into());
+        let q = yaml_string;
         assert_eq!(q("2001:db8::1"), r#""2001:db8::1""#);
         assert_eq!(q("a\"b\\c"), r#""a\"b\\c""#);
         assert_eq!(q("#x: y"), r##""#x: y""##);
         assert_eq!(q("tab\there\n"), r#""tab\u0009here\u000a""#);
         assert_eq!(q("\u{7f}\u{85}\u{2028}é"), r#""\u007f\u0085\u2028\u00e9""#);
         assert_eq!(q("\u{1f600}"), r#""\U0001f600""#);
-        assert_eq!(yaml_scalar(&(-1).into()), "-1");
-        assert_eq!(yaml_scalar(&false.into()), "false");
     }
 }
