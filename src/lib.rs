@@ -9,6 +9,8 @@
 //! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
 //!   asked between ClientInfo and registration.
 //! - `debug`: the `/debug/` pages (Prometheus `varz`) and derper's access rule for them.
+//! - `derpmap`: the DERP map entry logged for a self-signed IP certificate: the node JSON, a
+//!   tailnet policy file snippet and a headscale `derp.paths` YAML file, from one description.
 //! - [`client`]: one DERP connection: the login ([`handshake`]: ServerKey → ClientInfo →
 //!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
 //!   RecvPacket and queues it on the destination, and a writer that drains queues into one
@@ -36,6 +38,7 @@ pub mod admission;
 pub mod client;
 pub mod config;
 mod debug;
+mod derpmap;
 pub mod frame;
 mod fsutil;
 pub mod handshake;

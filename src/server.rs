@@ -18,6 +18,7 @@ use smol::{Async, Executor, Timer};
 
 use crate::client::{self, Upgrade};
 use crate::config::{Config, KeySource};
+use crate::derpmap;
 use crate::frame::SmallFrame;
 use crate::http::{self, Home, Request};
 use crate::key::NodePrivate;
@@ -533,47 +534,23 @@ impl Drop for Server {
     }
 }
 
-/// Prints the DERPMap node and a region snippet for a self-signed IP certificate.
+/// Logs the DERPMap node for a self-signed IP certificate (the line derper logs), then a
+/// headscale `derp.paths` file and a tailnet policy file snippet, all from one [`derpmap::Node`].
 fn print_derp_map(hostname: &str, port: u16, stun_port: Option<u16>, stun_on: bool, pin: &str) {
-    let mut node = serde_json::Map::new();
-    node.insert("Name".into(), "900a".into());
-    node.insert("RegionID".into(), 900.into());
-    node.insert("HostName".into(), hostname.into());
-    match hostname.parse::<IpAddr>() {
-        Ok(IpAddr::V4(_)) => node.insert("IPv4".into(), hostname.into()),
-        Ok(IpAddr::V6(_)) => node.insert("IPv6".into(), hostname.into()),
-        Err(_) => None,
-    };
-    if !stun_on {
-        node.insert("STUNPort".into(), (-1).into());
-    } else if let Some(p) = stun_port.filter(|&p| p != 3478) {
-        node.insert("STUNPort".into(), p.into());
-    }
-    if port != 443 {
-        node.insert("DERPPort".into(), port.into());
-    }
-    node.insert("CertName".into(), format!("sha256-raw:{pin}").into());
-    let node = serde_json::Value::Object(node);
+    let node = derpmap::Node::self_signed(hostname, port, stun_port, stun_on, pin);
     info!(
         "Using self-signed certificate for IP address {hostname:?}. Configure it in DERPMap using: \
          (https://tailscale.com/s/custom-derp)"
     );
-    info!("  {node}");
-    let region = serde_json::json!({
-        "derpMap": {
-            "OmitDefaultRegions": false,
-            "Regions": {
-                "900": {
-                    "RegionID": 900,
-                    "RegionCode": "derpd",
-                    "RegionName": "derpd",
-                    "Nodes": [node],
-                }
-            }
-        }
-    });
-    let pretty = serde_json::to_string_pretty(&region).unwrap_or_default();
-    info!("tailnet policy file snippet (paste into the top-level object):\n{pretty}");
+    info!("  {}", node.json_line());
+    info!(
+        "headscale: save as a YAML file listed in derp.paths:\n{}",
+        node.headscale_yaml()
+    );
+    info!(
+        "tailnet policy file (Tailscale SaaS): paste into its top-level object:\n{}",
+        node.policy_file_snippet()
+    );
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<Async<TcpListener>, StartError> {

@@ -11,7 +11,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use support::*;
 
@@ -178,6 +178,152 @@ fn dev_mode_ipv6() {
     dev_mode("[::1]:0", true);
 }
 
+/// The headscale `derp.paths` file derpd logs, read by the harness as headscale reads it
+/// (gopkg.in/yaml.v3 into `tailcfg.DERPMap`) with every field checked; the CamelCase node JSON
+/// and the policy file snippet must hold the same node and, read as headscale YAML, lose it; then
+/// a Tailscale client logs in with the region headscale would serve.
+fn headscale_yaml(test: &str, hostname: &str, listen: &str, ports: Ports) {
+    let Some(harness) = harness() else { return };
+    let stun = ports != Ports::StunOff;
+    let dir = fresh_path(test, "files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args = vec![
+        s("--hostname"),
+        s(hostname),
+        s("--certmode"),
+        s("manual"),
+        s("--certdir"),
+        dir.join("certs").display().to_string(),
+        s("-c"),
+        dir.join("derpd.key").display().to_string(),
+        s("-a"),
+        s(listen),
+        s("--http-port"),
+        s("-1"),
+    ];
+    match ports {
+        Ports::Free => args.extend([s("--stun-port"), s("0")]),
+        Ports::StunOff => args.push(s("--stun=false")),
+        Ports::Defaults => {} // 3478
+    }
+    let mut d = if ports == Ports::Defaults {
+        Derpd::start_command(in_new_netns(&derpd_command()), &args)
+    } else {
+        Derpd::start(&args)
+    };
+    let snippets = d.derp_map_snippets();
+    let serving = d.log.iter().find_map(|l| parse_serving(l));
+    let Some(Ok((addr, Mode::Tls))) = serving else {
+        d.fail(&format!(
+            "want a `serving on ... (TLS)` line, got {serving:?}"
+        ));
+    };
+    // What the file must say: Tailscale's defaults (443, 3478) are left out (zero), STUN off is -1.
+    let stun_port = match d.log.iter().find_map(|l| parse_stun(l)) {
+        Some(Ok(a)) if stun && a.port() == 3478 => 0,
+        Some(Ok(a)) if stun => i32::from(a.port()),
+        None if !stun => -1,
+        other => d.fail(&format!("STUN {stun}, but STUN line {other:?}")),
+    };
+    let derp_port = match addr.port() {
+        443 => 0,
+        p => p,
+    };
+    let Some(Ok(pin)) = parse_pin(&snippets.node_json) else {
+        d.fail("no pin in the node JSON line");
+    };
+    for (name, text) in [
+        ("derp.yaml", &snippets.headscale_yaml),
+        ("node.json", &snippets.node_json),
+        ("policy.json", &snippets.policy),
+    ] {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let path = |name: &str| dir.join(name).display().to_string();
+    // In derpd's network namespace when it has one.
+    let (program, mut harness_args) = if ports == Ports::Defaults {
+        let pid = d.child.id().to_string();
+        let ns = [s("-t"), pid, s("-n"), harness.display().to_string()];
+        (PathBuf::from("nsenter"), ns.to_vec())
+    } else {
+        (harness.clone(), vec![])
+    };
+    harness_args.extend([
+        s("headscale-yaml"),
+        s("-file"),
+        path("derp.yaml"),
+        s("-host"),
+        s(hostname),
+        s("-pin"),
+        pin,
+        s("-derp-port"),
+        derp_port.to_string(),
+        s("-stun-port"),
+        stun_port.to_string(),
+        s("-node-json"),
+        path("node.json"),
+        s("-policy"),
+        path("policy.json"),
+        s("-connect"),
+    ]);
+    let out = d.run_harness(&program, &harness_args);
+    if !out.contains("PASS headscale-yaml: all checks") {
+        d.fail("the harness did not finish its checks");
+    }
+    d.expect_running();
+    drop(d);
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+/// Which ports derpd gets in [`headscale_yaml`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ports {
+    /// Free ports for DERP and STUN: `derpport` and `stunport` in the file.
+    Free,
+    /// A free DERP port, `--stun=false`: `stunport: -1`.
+    StunOff,
+    /// 443 and 3478, in a network namespace of derpd's own: neither port in the file.
+    Defaults,
+}
+
+#[test]
+fn headscale_yaml_ipv4() {
+    headscale_yaml(
+        "headscale_yaml_ipv4",
+        "127.0.0.1",
+        "127.0.0.1:0",
+        Ports::Free,
+    );
+}
+
+#[test]
+fn headscale_yaml_default_ports_in_netns() {
+    if let Err(e) = can_unshare_net() {
+        skip(&format!("no network namespace for 443/3478 ({e})"));
+        return;
+    }
+    headscale_yaml(
+        "headscale_yaml_default_ports_in_netns",
+        "127.0.0.1",
+        "127.0.0.1:443",
+        Ports::Defaults,
+    );
+}
+
+#[test]
+fn headscale_yaml_ipv6_stun_off() {
+    if let Err(e) = std::net::TcpListener::bind("[::1]:0") {
+        skip(&format!("no IPv6 loopback (binding [::1]:0: {e})"));
+        return;
+    }
+    headscale_yaml(
+        "headscale_yaml_ipv6_stun_off",
+        "::1",
+        "[::1]:0",
+        Ports::StunOff,
+    );
+}
+
 #[test]
 fn log_line_parsers() {
     let (a, m) = parse_serving("2026/01/01 derpd: serving on 127.0.0.1:41234 (TLS)")
@@ -211,6 +357,32 @@ fn log_line_parsers() {
     assert!(parse_pin(r#""CertName":"sha256-raw:abc""#)
         .unwrap()
         .is_err());
+    let log: Vec<String> = [
+        "INFO  [derpd::server]   {\"CertName\":\"sha256-raw:ab\",\"Name\":\"900a\"}",
+        "INFO  [derpd::server] headscale: save as a YAML file listed in derp.paths:",
+        "regions:",
+        "  900:",
+        "    regionid: 900",
+        "INFO  [derpd::server] tailnet policy file (Tailscale SaaS): paste into its top-level object:",
+        "{",
+        "  \"derpMap\": {}",
+        "}",
+        "INFO  [derpd::server] later",
+    ]
+    .map(String::from)
+    .to_vec();
+    let got = parse_derp_map_snippets(&log).unwrap();
+    assert_eq!(
+        got.node_json,
+        r#"{"CertName":"sha256-raw:ab","Name":"900a"}"#
+    );
+    assert_eq!(got.headscale_yaml, "regions:\n  900:\n    regionid: 900\n");
+    assert_eq!(got.policy, "{\n  \"derpMap\": {}\n}\n");
+    // Incomplete until each part has ended.
+    for n in [1, 4, 5, 8] {
+        assert_eq!(parse_derp_map_snippets(&log[..n]), None, "{n} lines");
+    }
+    assert_eq!(parse_derp_map_snippets(&log[..9]).unwrap(), got);
     assert_eq!(
         dial_addr("[::]:5".parse().unwrap(), true),
         "[::1]:5".parse::<SocketAddr>().unwrap()

@@ -4,6 +4,7 @@ go 1.26.6
 
 require (
 	go4.org/mem v0.0.0-20240501181205-ae6ca9944745
+	gopkg.in/yaml.v3 v3.0.1
 	tailscale.com v1.102.5
 )
 

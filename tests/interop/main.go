@@ -10,6 +10,7 @@
 //	derp-interop stun -addr HOST:PORT
 //	derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
 //	derp-interop restart [-clients N] -url http://HOST:PORT/derp
+//	derp-interop headscale-yaml -file F -host H -pin sha256-raw:HEX [-derp-port P] [-stun-port S] [-node-json F] [-policy F] [-connect]
 //
 // Every check prints "PASS <what>" on success. The first failure prints
 // "FAIL <what>: <reason>" and exits with status 1. Extra information is
@@ -91,6 +92,8 @@ func usage() {
   derp-interop stun -addr HOST:PORT
   derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
   derp-interop restart [-clients N] -url http://HOST:PORT/derp
+  derp-interop headscale-yaml -file F -host H -pin sha256-raw:HEX [-derp-port P] [-stun-port S]
+      [-node-json F] [-policy F] [-connect]
 `)
 	os.Exit(2)
 }
@@ -110,6 +113,8 @@ func main() {
 		runRestart(os.Args[2:])
 	case "churn":
 		runChurn(os.Args[2:])
+	case "headscale-yaml":
+		runHeadscaleYAML(os.Args[2:])
 	case "-h", "-help", "--help", "help":
 		usage()
 	default:

@@ -5,7 +5,9 @@
 //! The log lines derpd prints are the contract with this file:
 //! - `serving on <addr> (TLS)` or `serving on <addr> (plain HTTP)`
 //! - `STUN listening on <addr>`
-//! - with a generated certificate: the `DERPMap` node JSON containing `"CertName":"sha256-raw:<64 hex>"`
+//! - with a generated certificate: the `DERPMap` node JSON containing `"CertName":"sha256-raw:<64 hex>"`,
+//!   then [`HEADSCALE_HEADER`] and the YAML file's lines (`regions:` and indented lines), then
+//!   [`POLICY_HEADER`] and the policy file snippet's lines (up to a line `}`)
 //! - per DERP login, at debug level: `fast-start: true` or `fast-start: false`, and
 //!   `websocket: true` or `websocket: false`
 //!
@@ -235,6 +237,42 @@ pub(crate) fn through_runner(exe: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// `cmd` in a network namespace of its own with only `lo` up (`unshare --net`; needs root), where
+/// it may bind fixed ports such as 443 without touching the host's. `nsenter -t <pid> -n` runs
+/// a client beside it.
+pub(crate) fn in_new_netns(cmd: &Command) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$@\"",
+        "sh",
+    ])
+    .arg(cmd.get_program())
+    .args(cmd.get_args());
+    c
+}
+
+/// Whether [`in_new_netns`] works here.
+pub(crate) fn can_unshare_net() -> Result<(), String> {
+    let out = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", "ip link set lo up"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("unshare: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "unshare --net: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 impl Derpd {
     pub(crate) fn start(args: &[String]) -> Derpd {
         Self::start_command(derpd_command(), args)
@@ -452,6 +490,70 @@ impl Derpd {
         if let Ok(Some(status)) = self.child.try_wait() {
             self.fail(&format!("derpd exited during the test: {status}"));
         }
+    }
+}
+
+/// The log line before the headscale `derp.paths` YAML file.
+pub(crate) const HEADSCALE_HEADER: &str = "headscale: save as a YAML file listed in derp.paths:";
+/// The log line before the tailnet policy file snippet.
+pub(crate) const POLICY_HEADER: &str =
+    "tailnet policy file (Tailscale SaaS): paste into its top-level object:";
+
+/// The DERP map entry derpd logs for a self-signed IP certificate, in its three forms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DerpMapSnippets {
+    /// The node as one line of JSON (`{...}`, without the log prefix).
+    pub(crate) node_json: String,
+    /// The headscale YAML file, lines joined with `\n`, with a final newline.
+    pub(crate) headscale_yaml: String,
+    /// The tailnet policy file snippet (`{` ... `}`), with a final newline.
+    pub(crate) policy: String,
+}
+
+/// The three forms from derpd's log; `None` until all of them are complete (the YAML ends at
+/// the first line after it that is neither `regions:` nor indented, the policy snippet at a
+/// line `}`).
+pub(crate) fn parse_derp_map_snippets(log: &[String]) -> Option<DerpMapSnippets> {
+    let node_line = log
+        .iter()
+        .find(|l| l.contains("\"CertName\":\"sha256-raw:"))?;
+    let node_json = node_line[node_line.find('{')?..].to_string();
+    let after = |header: &str| {
+        let at = log.iter().position(|l| l.contains(header))?;
+        Some(&log[at + 1..])
+    };
+    let rest = after(HEADSCALE_HEADER)?;
+    let n = rest
+        .iter()
+        .position(|l| l != "regions:" && !l.starts_with(' '))?;
+    let rest_p = after(POLICY_HEADER)?;
+    let end = rest_p.iter().position(|l| l == "}")?;
+    let join = |ls: &[String]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
+    Some(DerpMapSnippets {
+        node_json,
+        headscale_yaml: join(&rest[..n]),
+        policy: join(&rest_p[..=end]),
+    })
+}
+
+impl Derpd {
+    /// Waits (bounded) for the DERP map entry's three forms and returns them.
+    pub(crate) fn derp_map_snippets(&mut self) -> DerpMapSnippets {
+        self.wait_until(
+            "the node JSON line, the headscale YAML and the policy file snippet",
+            STARTUP_DEADLINE,
+            |log| parse_derp_map_snippets(log).is_some(),
+        );
+        let Some(s) = parse_derp_map_snippets(&self.log) else {
+            unreachable!("waited for it")
+        };
+        if !s.headscale_yaml.starts_with("regions:\n") {
+            self.fail(&format!(
+                "derpd: the headscale YAML does not start with `regions:`: {:?}",
+                s.headscale_yaml
+            ));
+        }
+        s
     }
 }
 
