@@ -1154,22 +1154,15 @@ fn deb_installs_and_runs_as_the_derpd_user() {
     // /etc/default/derpd's first example: a self-signed certificate for an IP address.
     argv.extend([s("--certmode=manual"), s("--hostname=127.0.0.1")]);
     let caps = "-all,+net_bind_service";
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--net",
-        "--",
-        "sh",
-        "-c",
-        "ip link set lo up && exec \"$@\"",
-        "sh",
-    ])
-    .args(["setpriv", "--reuid=derpd", "--regid=derpd", "--init-groups"])
-    .args([
-        &format!("--inh-caps={caps}"),
-        &format!("--ambient-caps={caps}"),
-    ])
-    .args([&format!("--bounding-set={caps}"), "--no-new-privs", "--"]);
-    let mut d = Derpd::start_command(cmd, &argv);
+    let mut setpriv = Command::new("setpriv");
+    setpriv
+        .args(["--reuid=derpd", "--regid=derpd", "--init-groups"])
+        .args([
+            &format!("--inh-caps={caps}"),
+            &format!("--ambient-caps={caps}"),
+        ])
+        .args([&format!("--bounding-set={caps}"), "--no-new-privs", "--"]);
+    let mut d = Derpd::start_command(support::in_new_netns(&setpriv), &argv);
     let up = d.startup(true);
     assert_eq!(
         up.addr.port(),
