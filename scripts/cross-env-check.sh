@@ -16,7 +16,7 @@
 # the check fails if one failed, with the compiler's error. Run as root (debootstrap,
 # systemd-nspawn); needs the network for apt (about 300 MB of packages). The untouched debootstrap
 # result is kept in target/cross-env-check/base and copied to target/cross-env-check/root for
-# each run.
+# each run; that copy is removed when the check passes.
 #
 #   scripts/cross-env-check.sh [TARGET...]     # default: the five targets of cross-env.sh
 set -euo pipefail
@@ -56,7 +56,7 @@ mkdir -p "$work"
 debian_root "$work/base" "$work/debootstrap.log"
 root=$work/root
 rm -rf "$root"
-cp -a "$work/base" "$root" # left for inspection until the next run
+cp -a "$work/base" "$root" # about 1.9 GB once installed; kept if the check fails
 mkdir -p "$root/derpd"
 cp -r scripts "$root/derpd/"
 cp -r "$ring_src" "$root/ring"
@@ -151,4 +151,5 @@ if ((rc)); then
   say "FAILED (exit $rc) after $(($(date +%s) - start)) s"
   exit "$rc"
 fi
+rm -rf "$root"
 say "ok: ${targets[*]} in $(($(date +%s) - start)) s"
