@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Sourced by cross-test.sh and build-release.sh: `cross_setup TARGET` installs what TARGET needs
-# (Debian packages, rustup target or the pinned nightly with rust-src, the musl sysroot for the
-# tier-3 and armv7 targets) and exports the cargo environment for it. It sets:
+# (the Debian packages `cross_pkgs TARGET` prints, rustup target or the pinned nightly with
+# rust-src, the musl sysroot for the tier-3 and armv7 targets) and exports the cargo environment
+# for it. scripts/cross-env-check.sh runs it in a fresh Debian 12 root. It sets:
 #   CARGO_CMD      cargo with its toolchain, e.g. (cargo +nightly-2026-05-19)
 #   TARGET_ARGS    (--target T [-Z build-std=std,panic_abort])
 #   QEMU           the qemu-user runner ("" for x86_64)
@@ -44,6 +45,42 @@ _need_pkgs() {
     "${missing[@]}" >/dev/null
 }
 
+# The Debian packages the scripts need for TARGET, one per line, on top of a minimal Debian 12
+# (debootstrap --variant=minbase) with rustup. apt-get runs with --no-install-recommends, so a
+# package that another one only recommends must be named here. scripts/cross-env-check.sh
+# proves the lists in a fresh root.
+cross_pkgs() {
+  # Every target: the host's C compiler and glibc headers (cargo links build scripts with cc;
+  # ring's C for x86_64 is built with gcc), readelf (build-release.sh's static check), xz
+  # (its size report), and what scripts/ensure-go.sh uses to fetch Go: curl with the CA
+  # certificates, python3's zipfile to unpack it.
+  printf '%s\n' gcc libc6-dev binutils xz-utils curl ca-certificates python3
+  case "$1" in
+    x86_64-unknown-linux-musl) ;;
+    aarch64-unknown-linux-musl)
+      # ring's C is built against the glibc cross headers (gcc-aarch64-linux-gnu only
+      # recommends them).
+      printf '%s\n' gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu libc6-dev-arm64-cross \
+        qemu-user-static
+      ;;
+    armv7-unknown-linux-musleabihf | mipsel-unknown-linux-musl | mips-unknown-linux-musl)
+      local gcc
+      case "$1" in
+        armv7-*) gcc=arm-linux-gnueabihf ;;
+        mipsel-*) gcc=mipsel-linux-gnu ;;
+        mips-*) gcc=mips-linux-gnu ;;
+      esac
+      # build-musl-sysroot.sh: gcc and g++ (libunwind) for the arch, `apt-get source` (dpkg-dev)
+      # and make for musl. ring's C then uses the sysroot's headers, not glibc's.
+      printf '%s\n' "gcc-$gcc" "g++-$gcc" "binutils-$gcc" qemu-user-static dpkg-dev make
+      ;;
+    *)
+      _say "unknown target '$1'; known: ${DERPD_TARGETS[*]}"
+      return 2
+      ;;
+  esac
+}
+
 _need_stable_target() {
   if ! rustup target list --installed | grep -qx "$1"; then
     _say "rustup target add $1"
@@ -59,23 +96,33 @@ _need_nightly() {
   fi
 }
 
+# The rustup side of TARGET (not Debian packages): rustup's target for stable, or the pinned
+# nightly with rust-src for build-std.
+cross_rust() {
+  case "$1" in
+    x86_64-unknown-linux-musl | aarch64-unknown-linux-musl) _need_stable_target "$1" ;;
+    *) _need_nightly ;;
+  esac
+}
+
 cross_setup() {
-  local t=$1 up low gcc arch cflags
+  local t=$1 up low gcc arch cflags pkgs
+  pkgs=$(cross_pkgs "$t") || return
+  # shellcheck disable=SC2086 # one package per word
+  _need_pkgs $pkgs
+  cross_rust "$t"
   up=$(tr 'a-z-' 'A-Z_' <<<"$t")
   low=${t//-/_}
   TARGET_ARGS=(--target "$t")
   RELEASE_ARGS=()
   case "$t" in
     x86_64-unknown-linux-musl)
-      _need_stable_target "$t"
       CARGO_CMD=(cargo)
       QEMU="" ARCH_DESC="linux/x86_64, 64-bit, little-endian"
       # ring's C code against glibc headers is fine; rustup's musl std is self-contained.
       export "CC_$low=gcc" "AR_$low=ar"
       ;;
     aarch64-unknown-linux-musl)
-      _need_pkgs gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user-static
-      _need_stable_target "$t"
       CARGO_CMD=(cargo)
       QEMU=qemu-aarch64-static ARCH_DESC="linux/aarch64, 64-bit, little-endian"
       export "CARGO_TARGET_${up}_LINKER=rust-lld"
@@ -95,8 +142,6 @@ cross_setup() {
           ARCH_DESC="linux/mips, 32-bit, big-endian"
           cflags="-msoft-float -march=mips32r2" ;;
       esac
-      _need_pkgs "gcc-$gcc" "g++-$gcc" "binutils-$gcc" qemu-user-static dpkg-dev make
-      _need_nightly
       local out="$_root/target/cross/$arch"
       "$_root/scripts/build-musl-sysroot.sh" "$arch" "$out" "$DERPD_NIGHTLY" >&2
       CARGO_CMD=(cargo "+$DERPD_NIGHTLY")

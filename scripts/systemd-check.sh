@@ -33,33 +33,18 @@ fail() {
   exit 1
 }
 
-missing=()
-command -v debootstrap >/dev/null || missing+=(debootstrap)
-command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
-if ((${#missing[@]})); then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+# shellcheck source=scripts/debian-root.sh
+source scripts/debian-root.sh
+debian_host_tools
 
 # Tailscale's client, built for the host; it runs inside the container's network namespace.
 PATH="$(scripts/ensure-go.sh):$PATH"
 mkdir -p "$work"
 (cd tests/interop && go build -tags ts_debug_websockets -o "$work/derp-interop" .)
 
-if [[ ! -x "$root/lib/systemd/systemd" ]]; then
-  # The mirror this machine's apt already uses.
-  mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null |
-    grep -v security | head -1)
-  mirror=${mirror:-$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list 2>/dev/null)}
-  say "debootstrap bookworm from ${mirror:?no Debian mirror in /etc/apt}"
-  rm -rf "$root.tmp"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,adduser,iproute2 \
-    bookworm "$root.tmp" "$mirror" >"$work/debootstrap.log"
-  mv "$root.tmp" "$root"
-fi
+debian_root "$root" "$work/debootstrap.log" --include=systemd,systemd-sysv,dbus,adduser,iproute2
 
-# Without systemd on the host, nspawn must not try to register with it.
-nspawn=(systemd-nspawn --quiet --register=no --keep-unit -D "$root")
+nspawn=("${DEBIAN_NSPAWN[@]}" -D "$root")
 in_root() { "${nspawn[@]}" "$@"; }
 cp "$deb" "$root/derpd.deb"
 in_root dpkg --purge derpd >/dev/null 2>&1 || true
