@@ -10,6 +10,9 @@
 //	derp-interop stun -addr HOST:PORT
 //	derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
 //	derp-interop restart [-clients N] -url http://HOST:PORT/derp
+//	derp-interop nodes -derp HOST:PORT/sha256-raw:HEX[,...] [-ws] [-strays DEV]
+//	derp-interop nodes -derp http://HOST:PORT[,...] [-ws] [-strays DEV]
+//	derp-interop strays -strays DEV
 //
 // Every check prints "PASS <what>" on success. The first failure prints
 // "FAIL <what>: <reason>" and exits with status 1. Extra information is
@@ -91,6 +94,9 @@ func usage() {
   derp-interop stun -addr HOST:PORT
   derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
   derp-interop restart [-clients N] -url http://HOST:PORT/derp
+  derp-interop nodes -derp HOST:PORT/sha256-raw:HEX[,...] [-ws] [-strays DEV]
+  derp-interop nodes -derp http://HOST:PORT[,...] [-ws] [-strays DEV]
+  derp-interop strays -strays DEV
 `)
 	os.Exit(2)
 }
@@ -110,6 +116,10 @@ func main() {
 		runRestart(os.Args[2:])
 	case "churn":
 		runChurn(os.Args[2:])
+	case "nodes":
+		runNodes(os.Args[2:])
+	case "strays":
+		runStrays(os.Args[2:])
 	case "-h", "-help", "--help", "help":
 		usage()
 	default:
