@@ -475,8 +475,10 @@ func runNodes(args []string) {
 				name = req.Hostinfo.Hostname
 			}
 			res.DERPMap = region(home[name])
-			// Captive-portal detection would probe Tailscale's own servers
-			// (controlplane.tailscale.com) through DNS.
+			// Captive-portal detection (it starts once the node has seemed
+			// cut off for 2 s, e.g. while a slow derpd under QEMU starts)
+			// would also try Tailscale's own servers, by name:
+			// controlplane.tailscale.com and login.tailscale.com.
 			res.Node.Capabilities = append(res.Node.Capabilities,
 				tailcfg.NodeAttrDisableCaptivePortalDetection)
 		},

@@ -1,6 +1,8 @@
 //! Shared by the test binaries that run derpd as a process against Tailscale's Go code
 //! (`tests/interop.rs`, `tests/mesh.rs`): building the Go harness, starting derpd (or derper) and
-//! reading its log, running the harness with a deadline.
+//! reading its log, running the harness with a deadline; and, for whole Tailscale nodes, running
+//! a test in a network namespace of its own with a detector for anything sent beyond loopback
+//! (`run_in_netns`, `Strays`).
 //!
 //! The log lines derpd prints are the contract with this file:
 //! - `serving on <addr> (TLS)` or `serving on <addr> (plain HTTP)`
