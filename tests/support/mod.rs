@@ -690,8 +690,13 @@ fn netns_unavailable() -> Option<String> {
             return Some(format!("no `{tool}` on PATH (util-linux, iproute2)"));
         }
     }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("no /dev/net/tun".into());
+    // The namespace's root is the caller's own uid outside: the same access to the device.
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun");
+    if let Err(e) = tun {
+        return Some(format!("cannot open /dev/net/tun: {e}"));
     }
     let probe = Command::new("unshare")
         .args(["--map-root-user", "--net", "--mount", "--", "true"])
