@@ -483,13 +483,7 @@ func runNodes(args []string) {
 				tailcfg.NodeAttrDisableCaptivePortalDetection)
 		},
 	}
-	ctl.HTTPTestServer = httptest.NewUnstartedServer(ctl)
-	ctl.HTTPTestServer.Listener.Close()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		die("nodes: control server", "%v", err)
-	}
-	ctl.HTTPTestServer.Listener = ln
+	ctl.HTTPTestServer = httptest.NewUnstartedServer(ctl) // on 127.0.0.1:0
 	ctl.HTTPTestServer.Start()
 
 	dir, err := os.MkdirTemp("", "derp-interop-nodes-")
