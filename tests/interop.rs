@@ -19,12 +19,12 @@ use support::*;
 // ---------------------------------------------------------------------------------------------
 // Test cases
 
-/// TLS with a self-signed certificate for an IP hostname, pinned by the client (`sha256-raw:`).
-fn tls_pinned(test: &str, meta_cert: bool) {
-    let Some(harness) = harness() else { return };
-    let certdir = fresh_path(test, "certs"); // does not exist yet: derpd creates it
+/// derpd's arguments for TLS on a free loopback port with a self-signed certificate for
+/// 127.0.0.1 made in `certdir` (which must not exist yet), its key file beside it; STUN on a free
+/// port.
+fn tls_args(certdir: &Path) -> Vec<String> {
     let keyfile = certdir.with_file_name("derpd.key");
-    let mut args = vec![
+    vec![
         s("--hostname"),
         s("127.0.0.1"),
         s("--certmode"),
@@ -42,7 +42,14 @@ fn tls_pinned(test: &str, meta_cert: bool) {
         s("0"),
         s("--log-level"),
         s("debug"),
-    ];
+    ]
+}
+
+/// TLS with a self-signed certificate for an IP hostname, pinned by the client (`sha256-raw:`).
+fn tls_pinned(test: &str, meta_cert: bool) {
+    let Some(harness) = harness() else { return };
+    let certdir = fresh_path(test, "certs"); // does not exist yet: derpd creates it
+    let mut args = tls_args(&certdir);
     if !meta_cert {
         args.push(s("--meta-cert=false"));
     }
@@ -317,26 +324,7 @@ fn nodes_child() {
     let strays = Strays::start(&harness);
     let (mut d, derp, extra) = match variant.as_str() {
         "tls" => {
-            let certdir = fresh_path("nodes_child", "certs");
-            let keyfile = certdir.with_file_name("derpd.key");
-            let mut d = Derpd::start(&[
-                s("--hostname"),
-                s("127.0.0.1"),
-                s("--certmode"),
-                s("manual"),
-                s("--certdir"),
-                certdir.display().to_string(),
-                s("-c"),
-                keyfile.display().to_string(),
-                s("-a"),
-                s("127.0.0.1:0"),
-                s("--http-port"),
-                s("-1"),
-                s("--stun-port"),
-                s("0"),
-                s("--log-level"),
-                s("debug"),
-            ]);
+            let mut d = Derpd::start(&tls_args(&fresh_path("nodes_child", "certs")));
             let st = d.startup(true);
             let pin = st.pin.clone().unwrap();
             (d, format!("{}/{pin}", dial_addr(st.addr, false)), None)
