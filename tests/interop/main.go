@@ -11,6 +11,9 @@
 //	derp-interop mesh -a HOST:PORT/sha256-raw:HEX -b HOST:PORT/sha256-raw:HEX
 //	derp-interop restart [-clients N] -url http://HOST:PORT/derp
 //	derp-interop headscale-yaml -file F -host H -pin sha256-raw:HEX [-derp-port P] [-stun-port S] [-node-json F] [-policy F] [-connect]
+//	derp-interop nodes -derp HOST:PORT/sha256-raw:HEX[,...] [-ws] [-strays DEV]
+//	derp-interop nodes -derp http://HOST:PORT[,...] [-ws] [-strays DEV]
+//	derp-interop strays -strays DEV
 //
 // Every check prints "PASS <what>" on success. The first failure prints
 // "FAIL <what>: <reason>" and exits with status 1. Extra information is
@@ -94,6 +97,9 @@ func usage() {
   derp-interop restart [-clients N] -url http://HOST:PORT/derp
   derp-interop headscale-yaml -file F -host H -pin sha256-raw:HEX [-derp-port P] [-stun-port S]
       [-node-json F] [-policy F] [-connect]
+  derp-interop nodes -derp HOST:PORT/sha256-raw:HEX[,...] [-ws] [-strays DEV]
+  derp-interop nodes -derp http://HOST:PORT[,...] [-ws] [-strays DEV]
+  derp-interop strays -strays DEV
 `)
 	os.Exit(2)
 }
@@ -115,6 +121,10 @@ func main() {
 		runChurn(os.Args[2:])
 	case "headscale-yaml":
 		runHeadscaleYAML(os.Args[2:])
+	case "nodes":
+		runNodes(os.Args[2:])
+	case "strays":
+		runStrays(os.Args[2:])
 	case "-h", "-help", "--help", "help":
 		usage()
 	default:
