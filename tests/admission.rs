@@ -603,7 +603,7 @@ fn admission_over_https() {
     let cert = derpd::tls::load_or_create("127.0.0.1", &dir.join("trusted")).unwrap();
     assert!(cert.generated);
     // Through qemu-user when cross-testing: the test binary is the target's.
-    let out = support::through_runner(std::env::current_exe().unwrap())
+    let out = support::this_test_binary()
         .args(["--exact", "https_child", "--ignored", "--nocapture"])
         .env("SSL_CERT_FILE", dir.join("trusted").join("127.0.0.1.crt"))
         .env("DERPD_ADMISSION_HTTPS_DIR", dir.as_os_str())

@@ -652,7 +652,7 @@ fn debug_access_judges_the_remote_address() {
         );
     };
     // The child is this test binary, through qemu-user when cross-testing (derpd too).
-    let inner = support::through_runner(std::env::current_exe().unwrap());
+    let inner = support::this_test_binary();
     let mut args: Vec<String> = flags.iter().map(|f| s(f)).collect();
     args.push(s("--"));
     args.push(inner.get_program().to_string_lossy().into_owned());

@@ -226,6 +226,25 @@ pub(crate) fn derpd_command() -> Command {
     through_runner(exe)
 }
 
+/// A command that runs this test binary again (a child test): through `DERPD_TEST_RUNNER` when
+/// the binary is the target's (`scripts/cross-test.sh` runs the test binaries themselves under
+/// qemu-user), directly when it is native (`scripts/build-release.sh` runs native test binaries
+/// against a cross-built derpd, with the runner set for derpd alone). Native means: the same
+/// ELF machine as `/bin/sh`.
+pub(crate) fn this_test_binary() -> Command {
+    fn machine(p: &Path) -> Option<[u8; 2]> {
+        let mut head = [0u8; 20];
+        std::fs::File::open(p).ok()?.read_exact(&mut head).ok()?;
+        Some([head[18], head[19]])
+    }
+    let exe = std::env::current_exe().unwrap();
+    if machine(&exe).is_some() && machine(&exe) == machine(Path::new("/bin/sh")) {
+        Command::new(exe)
+    } else {
+        through_runner(exe)
+    }
+}
+
 /// A command for a target binary (derpd, or this test binary itself), run through
 /// `DERPD_TEST_RUNNER` (qemu-user for cross builds) when that is set.
 pub(crate) fn through_runner(exe: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -851,7 +870,7 @@ pub(crate) fn run_in_netns(
     }
     let resolv = fresh_path(test, "resolv.conf");
     // Through qemu-user when cross-testing: the test binary is the target's.
-    let inner = through_runner(std::env::current_exe().unwrap());
+    let inner = this_test_binary();
     let mut args: Vec<String> = [
         "--map-root-user",
         "--net",
