@@ -188,24 +188,37 @@ fn churned_keys_leave_no_memory_behind() {
     let pid = d.child.id();
     let mut v = DerpClient::connect(addr);
     let (server, vkey) = (v.server_key, v.public());
-    // V drains everything and counts PeerGone frames.
+    // V drains everything and counts packets and PeerGone frames.
+    let packets = Arc::new(AtomicU32::new(0));
     let gone = Arc::new(AtomicU32::new(0));
-    let counter = gone.clone();
+    let (p, g) = (packets.clone(), gone.clone());
     v.s.set_read_timeout(None).unwrap();
     thread::spawn(move || {
         while let Ok(f) = v.read_frame() {
-            if f.t == 0x08 {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
+            match f.t {
+                0x05 => p.fetch_add(1, Ordering::Relaxed),
+                0x08 => g.fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
         }
     });
+    let connections = || {
+        let varz = http_exchange(
+            addr,
+            b"GET /debug/varz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let line = varz
+            .lines()
+            .find(|l| l.starts_with("derp_current_connections "));
+        line.and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    };
+    let churned = Arc::new(AtomicU32::new(0));
     let churn_until = |target: u32| {
-        let next = Arc::new(AtomicU32::new(gone.load(Ordering::Relaxed)));
         let workers: Vec<_> = (0..4)
             .map(|_| {
-                let next = next.clone();
+                let churned = churned.clone();
                 thread::spawn(move || {
-                    while next.fetch_add(1, Ordering::Relaxed) < target {
+                    while churned.fetch_add(1, Ordering::Relaxed) < target {
                         churn_one(addr, &server, &vkey);
                     }
                 })
@@ -214,13 +227,25 @@ fn churned_keys_leave_no_memory_behind() {
         for w in workers {
             w.join().unwrap();
         }
-        // Every departure announced to V: the server has handled all of them.
+        churned.store(target, Ordering::Relaxed);
+        // Every sender gone from derpd, and every sender whose packet reached V announced to
+        // V. (A packet V's full queue dropped, as any DERP server may, owes no PeerGone: V
+        // never heard of that key.)
         let deadline = Instant::now() + Duration::from_secs(30);
-        while gone.load(Ordering::Relaxed) < target {
+        loop {
+            let (p, g) = (
+                packets.load(Ordering::Relaxed),
+                gone.load(Ordering::Relaxed),
+            );
+            if g == p && connections() == Some(1) && gone.load(Ordering::Relaxed) == p {
+                assert!(p > target / 2, "V got only {p} of {target} packets");
+                println!("{target} churned: V got {p} packets and {g} PeerGone");
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
-                "V heard {} of {target} PeerGone",
-                gone.load(Ordering::Relaxed)
+                "V got {p} packets and heard {g} PeerGone; derpd has {:?} connections",
+                connections()
             );
             thread::sleep(Duration::from_millis(5));
         }
