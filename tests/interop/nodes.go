@@ -331,7 +331,9 @@ func probeBeyondLoopback() {
 			c.Close()
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	// Long enough for the query to leave on a loaded machine (200 ms was not, under QEMU
+	// beside other tests); resolv.conf's timeout:1 attempts:1 ends the wait after ~1 s.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	net.DefaultResolver.LookupHost(ctx, "derpd-stray-probe.example")
 }
