@@ -153,14 +153,12 @@ impl Pool {
         // Counted out on every exit, a cancelled wait (the connection closed) included.
         let _waiting = Waiting(&cp.waiting);
         loop {
+            // Listen first, then look: a buffer returned in between still wakes this waiter.
             listener!(cp.returned => returned);
             if let Some(b) = self.try_get_class(class) {
                 return b;
             }
             returned.await;
-            if let Some(b) = self.try_get_class(class) {
-                return b;
-            }
         }
     }
 
