@@ -173,10 +173,17 @@ fn rss_kib(pid: u32) -> u64 {
 /// 100,000 fresh keys, each sending one packet to V and leaving, leave derpd's memory where
 /// 1,000 left it: nothing is kept per departed key. (Before, every churned key left its
 /// PeerGone interest, holding the departed connection's memory, and an entry in V's writer.)
-/// Under QEMU (cross-tests) the same run with 5,000 keys.
+/// Under QEMU (cross-tests) the RSS is qemu-user's, and qemu's own memory (its translation
+/// cache, its threads' malloc arenas) grows by about 2 MiB over the first 2,000 keys and then
+/// by 30 to 40 bytes a key: there the run measures from 2,000 to 12,000 keys and allows
+/// 640 KiB, which the old leak (over 100 bytes a key: 1 MiB here) would exceed.
 #[test]
 fn churned_keys_leave_no_memory_behind() {
-    let total: u32 = if under_qemu() { 5_000 } else { 100_000 };
+    let (warm, total, allowed_kib): (u32, u32, u64) = if under_qemu() {
+        (2_000, 12_000, 640)
+    } else {
+        (1_000, 100_000, 1024)
+    };
     let mut d = support::Derpd::start(&[
         support::s("--dev"),
         support::s("-a"),
@@ -250,15 +257,17 @@ fn churned_keys_leave_no_memory_behind() {
             thread::sleep(Duration::from_millis(5));
         }
     };
-    churn_until(1_000);
-    let after_1k = rss_kib(pid);
+    churn_until(warm);
+    let after_warm = rss_kib(pid);
     churn_until(total);
     let after_all = rss_kib(pid);
-    println!("derpd RSS after 1,000 churned keys: {after_1k} KiB; after {total}: {after_all} KiB");
+    println!(
+        "derpd RSS after {warm} churned keys: {after_warm} KiB; after {total}: {after_all} KiB"
+    );
     assert!(
-        after_all <= after_1k + 1024,
-        "RSS grew from {after_1k} KiB to {after_all} KiB over {} more churned keys",
-        total - 1_000
+        after_all <= after_warm + allowed_kib,
+        "RSS grew from {after_warm} KiB to {after_all} KiB over {} more churned keys",
+        total - warm
     );
     d.expect_running();
 }
