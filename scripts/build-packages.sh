@@ -74,7 +74,11 @@ maintainer=$(mk_field PKG_MAINTAINER)
 section=$(mk_field SECTION)
 userid=$(mk_field USERID)
 # DEPENDS without the @conditions and $(…) variables, '+' dropped: what the SDK writes.
-depends=$(mk_field DEPENDS | tr ' ' '\n' | grep '^+' | sed 's/^+//' | paste -sd, | sed 's/,/, /g')
+# package-pack.mk writes the package's directory under the build tree as Source; these are
+# not built in a tree, so it says where they come from. It must be at least as long as the
+# values opkg reads into Source after it ("ateEpoch: 1796197046", see build_ipk).
+source="derpd/openwrt/Makefile, by scripts/build-packages.sh"
+depends=$(mk_field DEPENDS | tr ' ' '\n' | { grep '^+' || true; } | sed 's/^+//' | paste -sd, | sed 's/,/, /g')
 description=$(sed -n '/^define Package\/derpd\/description/,/^endef/p' openwrt/Makefile |
   sed '1d;$d')
 # /etc/derpd/ (key and certificates) is a conffiles entry that is not a file of the package:
@@ -129,6 +133,11 @@ build_ipk() { # openwrt-arch target
     echo "Package: derpd"
     echo "Version: $ipk_version"
     [[ -n "$depends" ]] && echo "Depends: $depends"
+    # Source: before SourceName: and SourceDateEpoch:, as package-pack.mk writes them: opkg
+    # takes a field by the prefix of its name, so those two are stored as Source too, and
+    # only a first Source: at least as long as their values keeps `opkg info` from printing
+    # "ERROR: truncating field".
+    echo "Source: $source"
     echo "SourceName: derpd"
     echo "License: $license"
     echo "LicenseFiles: $license_files"

@@ -774,6 +774,105 @@ fn require_package(p: &Path) {
     );
 }
 
+/// The control fields opkg (opkg-lede, `libopkg/pkg_parse.c`) knows, in the order it tries
+/// them: it takes a line as the first of these whose name the line starts with, so
+/// `SourceName:` and `SourceDateEpoch:` are read as `Source`, and ignores the rest.
+const OPKG_FIELDS: &[&str] = &[
+    "ABIVersion",
+    "Alternatives",
+    "Architecture",
+    "Auto-Installed",
+    "Conffiles",
+    "Conflicts",
+    "Description",
+    "Depends",
+    "Essential",
+    "Filename",
+    "Installed-Size",
+    "Installed-Time",
+    "MD5sum:",
+    "MD5Sum:",
+    "Maintainer",
+    "Package",
+    "Priority",
+    "Provides",
+    "Pre-Depends",
+    "Recommends",
+    "Replaces",
+    "Section",
+    "SHA256sum",
+    "Size",
+    "Source",
+    "Status",
+    "Suggests",
+    "Tags",
+    "Version",
+];
+
+/// What opkg makes of a control file: each field it stores is stored under its own name, and
+/// no value is cut. opkg keeps a field's first value in a buffer of that value's size, copies
+/// a later value of the same field into it, and prints "ERROR: truncating field" when the
+/// later one is longer (`pkg_set_raw` in `libopkg/pkg.c`): with `SourceName:` and
+/// `SourceDateEpoch:` read as Source, a short or missing `Source:` before them does that.
+fn opkg_reads_as_written(control: &str, what: &str) {
+    let mut stored: Vec<(&str, usize)> = Vec::new(); // opkg field, buffer size
+    for line in control.lines().filter(|l| !l.starts_with(' ')) {
+        let Some(name) = OPKG_FIELDS.iter().find(|f| line.starts_with(*f)) else {
+            continue;
+        };
+        let written = line.split(':').next().unwrap();
+        let value = &line[name.trim_end_matches(':').len() + 1..];
+        let size = value.len() + 1;
+        match stored.iter().find(|(f, _)| f == name) {
+            None => {
+                assert!(
+                    written == *name || *name == "Source",
+                    "{what}: opkg reads {written}: as {name}"
+                );
+                stored.push((name, size));
+            }
+            Some((_, first)) => assert!(
+                size <= *first,
+                "{what}: opkg would truncate {written}: ({size} bytes) into {name}'s \
+                 {first}-byte buffer and print ERROR: truncating field"
+            ),
+        }
+    }
+    for want in [
+        "Package",
+        "Version",
+        "Source",
+        "Section",
+        "Architecture",
+        "Maintainer",
+    ] {
+        assert!(
+            stored.iter().any(|(f, _)| *f == want),
+            "{what}: no {want} for opkg in {control}"
+        );
+    }
+}
+
+#[test]
+fn opkg_reads_as_written_catches_a_missing_or_short_source_field() {
+    let control = |source: Option<&str>| {
+        let source = source.map(|v| format!("Source: {v}\n")).unwrap_or_default();
+        format!(
+            "Package: derpd\nVersion: 0.1.0-r1\n{source}SourceName: derpd\nSection: net\n\
+             SourceDateEpoch: 1796197046\nMaintainer: m\nArchitecture: all\n"
+        )
+    };
+    opkg_reads_as_written(&control(Some("twenty characters...")), "long enough");
+    for (source, what) in [
+        (None, "no Source"),
+        (Some("package/derpd"), "a short Source"),
+    ] {
+        let text = control(source);
+        let caught = std::panic::catch_unwind(|| opkg_reads_as_written(&text, what));
+        assert!(caught.is_err(), "{what} passed");
+    }
+}
+
 #[test]
 #[ignore = "needs the packages: scripts/build-packages.sh runs it"]
 fn ipk_structure() {
@@ -840,7 +939,7 @@ fn ipk_structure() {
         let order = [
             "Package",
             "Version",
-            "Depends",
+            "Source",
             "SourceName",
             "License",
             "LicenseFiles",
@@ -857,7 +956,10 @@ fn ipk_structure() {
         assert_eq!(field(&fields, "Package"), "derpd");
         assert_eq!(field(&fields, "Version"), version);
         assert_eq!(field(&fields, "Architecture"), arch);
-        assert_eq!(field(&fields, "Depends"), "procd-ujail");
+        // No Depends: an offline router without procd-ujail must be able to install it (opkg
+        // drops a package with an unresolved dependency even with --force-depends); the init
+        // script runs derpd without ujail and says so in the log.
+        opkg_reads_as_written(&text, &what);
         assert_eq!(field(&fields, "License"), makefile_var("PKG_LICENSE"));
         assert_eq!(field(&fields, "Section"), makefile_var("SECTION"));
         assert_eq!(field(&fields, "Require-User"), makefile_var("USERID"));
@@ -877,6 +979,20 @@ fn ipk_structure() {
         );
 
         assert_eq!(read(&c.join("conffiles")), b"/etc/config/derpd\n", "{what}");
+        // opkg records each conffile's hash at install, and on an upgrade keeps the user's
+        // edited file and puts the new one beside it as <name>-opkg: each entry must be a
+        // regular file of the package.
+        for conf in String::from_utf8(read(&c.join("conffiles")))
+            .unwrap()
+            .lines()
+        {
+            let rel = conf.strip_prefix('/').expect("absolute conffile");
+            let meta = std::fs::symlink_metadata(d.join(rel)).unwrap();
+            assert!(
+                meta.is_file(),
+                "{what}: conffile {conf} is not a regular file"
+            );
+        }
         assert_eq!(
             read(&d.join("lib/upgrade/keep.d/derpd")),
             b"/etc/derpd/\n",
