@@ -144,6 +144,8 @@ fn run_init(shell: &[String], uci_text: &str, ujail: bool) -> InitRun {
         ("STUB_OUT", out.to_str().unwrap()),
         ("UCI_DIR", uci_dir.to_str().unwrap()),
         ("UJAIL", ujail_path.to_str().unwrap()),
+        // The router's address on the network `lan` (network_get_ipaddr).
+        ("STUB_NET_lan", "192.168.1.1"),
     ];
     let (status, _stdout, stderr) = run_bounded(Path::new(&shell[0]), &args, &env, SHELL_DEADLINE);
     let status = status.and_then(|s| s.code()).unwrap_or(-1);
@@ -203,8 +205,9 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             "--certdir=/etc/derpd/certs",
             "--hostname=derp.example.com",
             "--certmode=manual",
-            "--addr=:443",
-            "--http-port=80",
+            "--addr=:3443",
+            "--http-port=3080",
+            "--public-port=443",
             "--stun-port=3478",
             "--log-level=info",
             "--buffer-budget-mib=16",
@@ -226,14 +229,18 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
         .map(s)
         .to_vec();
         assert_eq!(run.argv, want, "{}", run.shell);
-        // The values the shipped config spells out are derpd's defaults: the same Config as a
-        // command line with only what the init script must give.
+        // The other values the shipped config spells out are derpd's defaults: the same Config
+        // as a command line with only what the init script must give and the ports (beside
+        // uhttpd's 80 and 443, dialled at 443 through the firewall's redirect).
         let minimal = [
             "/usr/sbin/derpd",
             "--config=/etc/derpd/derper.key",
             "--certdir=/etc/derpd/certs",
             "--hostname=derp.example.com",
             "--certmode=manual",
+            "--addr=:3443",
+            "--http-port=3080",
+            "--public-port=443",
         ]
         .map(s);
         assert_eq!(
@@ -253,6 +260,8 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             "set stdout 1",
             "set stderr 1",
             "set limits nofile=8192 8192",
+            // A failed bind names the UCI option to change.
+            "set env DERPD_UCI_SECTION=derpd.main",
             "set user derpd",
             "set group derpd",
             "set capabilities /etc/capabilities/derpd.json",
@@ -263,10 +272,19 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             "close_instance",
             // `uci commit derpd` (through reload_config or LuCI) reloads the service.
             "trigger derpd",
+            // The router's LAN address (for NAT reflection) when the network comes up or changes.
+            "interface_trigger interface.* lan /etc/init.d/derpd reload",
         ] {
             run.expect(record);
         }
-        assert!(!run.has("json open_data"), "firewall is off by default");
+        assert!(
+            run.has("json open_data"),
+            "the firewall redirects are on by default"
+        );
+        let cfg = run.config();
+        assert_eq!(cfg.public_port, Some(443));
+        assert_eq!(cfg.listen.port(), 3443);
+        assert_eq!(cfg.http_port, Some(3080));
         assert_eq!(run.log, "", "{}", run.shell);
     }
 }
@@ -383,65 +401,144 @@ fn init_admission_config() {
     }
 }
 
+/// A firewall rule the init script asks fw4 for through procd's data, as the stub records it.
+fn fw_rule(name: &str, proto: &str, port: &str) -> Vec<String> {
+    vec![
+        s("json add_object "),
+        s("json add_string type rule"),
+        format!("json add_string name {name}"),
+        s("json add_string src wan"),
+        format!("json add_string proto {proto}"),
+        format!("json add_string dest_port {port}"),
+        s("json add_string target ACCEPT"),
+        s("json close_object"),
+    ]
+}
+
+/// A redirect from the wan zone: `public` to `port` on the router, at its address `lanip` in
+/// zone `lan` (fw4 then reflects it for LAN clients) or, without one, to the router itself.
+fn fw_redirect(name: &str, public: &str, port: &str, lanip: Option<&str>) -> Vec<String> {
+    let mut r = vec![
+        s("json add_object "),
+        s("json add_string type redirect"),
+        format!("json add_string name {name}"),
+        s("json add_string src wan"),
+        s("json add_string proto tcp"),
+        format!("json add_string src_dport {public}"),
+    ];
+    if let Some(ip) = lanip {
+        r.push(s("json add_string dest lan"));
+        r.push(format!("json add_string dest_ip {ip}"));
+    }
+    r.extend([
+        format!("json add_string dest_port {port}"),
+        s("json add_string target DNAT"),
+        s("json close_object"),
+    ]);
+    r
+}
+
+/// The stub's `json` records of a run.
+fn json_records(run: &InitRun) -> Vec<String> {
+    run.records
+        .iter()
+        .filter(|r| r.starts_with("json "))
+        .cloned()
+        .collect()
+}
+
 #[test]
 fn init_firewall_rules_follow_the_ports() {
-    let rule = |name: &str, proto: &str, port: &str| {
-        vec![
-            s("json add_object "),
-            s("json add_string type rule"),
-            format!("json add_string name {name}"),
-            s("json add_string src wan"),
-            format!("json add_string proto {proto}"),
-            format!("json add_string dest_port {port}"),
-            s("json add_string target ACCEPT"),
-            s("json close_object"),
-        ]
-    };
-    // (UCI edits, the firewall rules they must give)
-    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<Vec<String>>);
-    let cases: [Case<'_>; 3] = [
+    let lan = Some("192.168.1.1");
+    // (UCI edits, the firewall rules and redirects they must give, a warning in the log)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<Vec<String>>, &'a str);
+    let cases: [Case<'_>; 7] = [
+        // As shipped: beside uhttpd, the public ports redirected, reflected for the LAN.
         (
             vec![],
             vec![
-                rule("derpd-derp", "tcp", "443"),
-                rule("derpd-http", "tcp", "80"),
-                rule("derpd-stun", "udp", "3478"),
+                fw_redirect("derpd-derp", "443", "3443", lan),
+                fw_redirect("derpd-http", "80", "3080", lan),
+                fw_rule("derpd-stun", "udp", "3478"),
             ],
+            "",
         ),
+        // uhttpd moved away: derpd on the public ports itself, ACCEPT rules.
+        (
+            vec![
+                ("addr", ":443"),
+                ("http_port", "80"),
+                ("public_port", ""),
+                ("public_http_port", ""),
+            ],
+            vec![
+                fw_rule("derpd-derp", "tcp", "443"),
+                fw_rule("derpd-http", "tcp", "80"),
+                fw_rule("derpd-stun", "udp", "3478"),
+            ],
+            "",
+        ),
+        // A public port equal to the listening port needs no redirect.
         (
             vec![
                 ("addr", ":8443"),
+                ("public_port", "8443"),
                 ("http_port", "-1"),
                 ("stun_port", "3479"),
             ],
             vec![
-                rule("derpd-derp", "tcp", "8443"),
-                rule("derpd-stun", "udp", "3479"),
+                fw_rule("derpd-derp", "tcp", "8443"),
+                fw_rule("derpd-stun", "udp", "3479"),
             ],
+            "",
         ),
         (
             vec![("stun", "0")],
             vec![
-                rule("derpd-derp", "tcp", "443"),
-                rule("derpd-http", "tcp", "80"),
+                fw_redirect("derpd-derp", "443", "3443", lan),
+                fw_redirect("derpd-http", "80", "3080", lan),
             ],
+            "",
         ),
+        // No reflection: redirects to the router itself.
+        (
+            vec![("reflection_zone", "")],
+            vec![
+                fw_redirect("derpd-derp", "443", "3443", None),
+                fw_redirect("derpd-http", "80", "3080", None),
+                fw_rule("derpd-stun", "udp", "3478"),
+            ],
+            "",
+        ),
+        // A reflection network without an address (yet): the same, and a warning.
+        (
+            vec![("reflection_zone", "guest")],
+            vec![
+                fw_redirect("derpd-derp", "443", "3443", None),
+                fw_redirect("derpd-http", "80", "3080", None),
+                fw_rule("derpd-stun", "udp", "3478"),
+            ],
+            "no IPv4 address on network guest",
+        ),
+        // Firewall off: nothing asked for.
+        (vec![("firewall", "0")], vec![], ""),
     ];
-    for (extra, rules) in cases {
-        let mut set = vec![("hostname", "derp.example.com"), ("firewall", "1")];
+    for (extra, rules, warning) in cases {
+        let mut set = vec![("hostname", "derp.example.com")];
         set.extend(extra.iter().copied());
         let text = enabled_with(&set, &[]);
-        let mut want = vec![s("json open_data"), s("json add_array firewall")];
-        want.extend(rules.into_iter().flatten());
-        want.extend([s("json close_array"), s("json close_data")]);
+        let want = if rules.is_empty() {
+            vec![]
+        } else {
+            let mut w = vec![s("json open_data"), s("json add_array firewall")];
+            w.extend(rules.into_iter().flatten());
+            w.extend([s("json close_array"), s("json close_data")]);
+            w
+        };
         for run in started(&text, true) {
-            let json: Vec<String> = run
-                .records
-                .iter()
-                .filter(|r| r.starts_with("json "))
-                .cloned()
-                .collect();
-            assert_eq!(json, want, "{}: {extra:?}", run.shell);
+            assert_eq!(json_records(&run), want, "{}: {extra:?}", run.shell);
+            assert_eq!(run.log.is_empty(), warning.is_empty(), "{run:#?}");
+            assert!(run.log.contains(warning), "{run:#?}");
             run.config();
         }
     }
