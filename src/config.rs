@@ -41,7 +41,7 @@ pub struct Args {
     #[argh(option, default = "80")]
     pub http_port: i32,
     /// the TCP port clients dial when a firewall redirect forwards it to -a's port (OpenWrt's
-    /// init script: 443 to 8443); the derpMap printed for an IP --hostname gives it as DERPPort;
+    /// init script: 443 to 3443); the derpMap printed for an IP --hostname gives it as DERPPort;
     /// 0 = -a's port (default 0)
     #[argh(option, default = "0")]
     pub public_port: u16,
@@ -655,6 +655,13 @@ mod tests {
             plain.tls.is_none(),
             "derper serves plain HTTP off port 443 without manual mode"
         );
+        // --public-port: 0 (the default) is the listening port; it changes nothing else.
+        assert_eq!(plain.public_port, None);
+        let public = cfg(&["-a", ":8443", "-c", "/tmp/x", "-public-port=443"]).unwrap();
+        assert_eq!(public.public_port, Some(443));
+        assert_eq!(public.listen, plain.listen);
+        assert!(public.tls.is_none());
+        assert!(args(&["--public-port=65536"]).is_err());
         let man = cfg(&[
             "-a",
             "127.0.0.1:0",
