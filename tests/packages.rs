@@ -645,12 +645,12 @@ fn init_command_line_runs_a_relay_for_tailscale_clients() {
 // ---------------------------------------------------------------------------------------------
 // Beside uhttpd: a router as it ships, in network namespaces the test makes.
 
-/// The router's WAN address, its LAN address and subnet, and the two clients' addresses: the
-/// documentation and private ranges, inside namespaces of the test's own.
+/// The router's WAN and LAN addresses (as in tests/packaging/fw4-ruleset.sh) and the two
+/// clients' addresses: the documentation and private ranges, inside namespaces of the test's
+/// own.
 const WAN_IP: &str = "203.0.113.1";
 const INTERNET_IP: &str = "203.0.113.2";
 const LAN_IP: &str = "192.168.1.1";
-const LAN_NET: &str = "192.168.1.0/24";
 const LAN_CLIENT_IP: &str = "192.168.1.2";
 const COEXIST_DEADLINE: Duration = Duration::from_secs(150);
 
@@ -780,80 +780,14 @@ fn firewall_data(run: &InitRun) -> Vec<BTreeMap<String, String>> {
     out
 }
 
-/// The nft ruleset fw4 makes of that data on this topology (wan: `wan0` with WAN_IP, masq;
-/// lan: `br-lan` with LAN_NET; wan input rejects what no rule or redirect accepts).
-fn fw4_ruleset(data: &[BTreeMap<String, String>]) -> String {
-    let (mut input_wan, mut dstnat_wan, mut dstnat_lan, mut srcnat_lan) =
-        (String::new(), String::new(), String::new(), String::new());
-    for o in data {
-        let get = |k: &str| o.get(k).map(String::as_str);
-        let name = get("name").unwrap();
-        assert_eq!(get("src"), Some("wan"), "{o:?}");
-        let proto = get("proto").unwrap();
-        match get("type") {
-            Some("rule") => {
-                assert_eq!(get("target"), Some("ACCEPT"), "{o:?}");
-                let port = get("dest_port").unwrap();
-                input_wan += &format!("{proto} dport {port} accept comment \"!fw4: {name}\"\n");
-            }
-            Some("redirect") => {
-                assert_eq!(get("target"), Some("DNAT"), "{o:?}");
-                let (public, port) = (get("src_dport").unwrap(), get("dest_port").unwrap());
-                match get("dest_ip") {
-                    Some(ip) => {
-                        assert_eq!(get("dest"), Some("lan"), "{o:?}");
-                        dstnat_wan += &format!(
-                            "meta nfproto ipv4 {proto} dport {public} counter dnat ip to \
-                             {ip}:{port} comment \"!fw4: {name}\"\n"
-                        );
-                        dstnat_lan += &format!(
-                            "ip saddr {LAN_NET} ip daddr {WAN_IP} {proto} dport {public} dnat ip \
-                             to {ip}:{port} comment \"!fw4: {name} (reflection)\"\n"
-                        );
-                        srcnat_lan += &format!(
-                            "ip saddr {LAN_NET} ip daddr {ip} {proto} dport {port} snat ip to \
-                             {LAN_IP} comment \"!fw4: {name} (reflection)\"\n"
-                        );
-                    }
-                    None => {
-                        dstnat_wan += &format!(
-                            "meta nfproto ipv4 {proto} dport {public} counter redirect to \
-                             :{port} comment \"!fw4: {name}\"\n"
-                        );
-                    }
-                }
-            }
-            other => panic!("unexpected firewall data type {other:?}: {o:?}"),
-        }
-    }
-    format!(
-        "table inet fw4 {{
-  chain input {{
-    type filter hook input priority filter; policy accept;
-    iifname \"wan0\" jump input_wan
-  }}
-  chain input_wan {{
-{input_wan}    ct status dnat accept comment \"!fw4: Accept port redirections\"
-    reject
-  }}
-  chain dstnat {{
-    type nat hook prerouting priority dstnat; policy accept;
-    iifname \"wan0\" jump dstnat_wan
-    iifname \"br-lan\" jump dstnat_lan
-  }}
-  chain srcnat {{
-    type nat hook postrouting priority srcnat; policy accept;
-    oifname \"br-lan\" jump srcnat_lan
-  }}
-  chain dstnat_wan {{
-{dstnat_wan}  }}
-  chain dstnat_lan {{
-{dstnat_lan}  }}
-  chain srcnat_lan {{
-{srcnat_lan}  }}
-}}
-"
-    )
+/// `tests/packaging/fw4-derpd.nft`: what fw4 itself makes of the firewall data below on the
+/// test's router (made by `tests/packaging/fw4-ruleset.sh`, running fw4 as its own tests do).
+const FW4_RULESET: &str = "tests/packaging/fw4-derpd.nft";
+
+/// The init script's firewall data as fw4 reads it (`ubus call service get_data
+/// '{"type":"firewall"}'`): service, instance, then the rules and redirects.
+fn fw4_data_json(data: &[BTreeMap<String, String>]) -> String {
+    serde_json::json!({ "derpd": { "instance1": { "firewall": data } } }).to_string()
 }
 
 /// This test binary again (through the cross runner if it needs one), run as `program`'s
@@ -1073,10 +1007,25 @@ fn beside_uhttpd_child() {
     ];
     let run = run_init(&shells()[0], &enabled_with(&base, &[]), true);
     assert_eq!(run.status, 0, "{run:#?}");
-    let ruleset = fw4_ruleset(&firewall_data(&run));
-    println!("the firewall as fw4 would write it:\n{ruleset}");
+    // The firewall: fw4's own ruleset for the data the init script asks for.
+    let data = fw4_data_json(&firewall_data(&run));
+    let ruleset = std::fs::read_to_string(repo(FW4_RULESET)).unwrap_or_default();
+    let made_from = ruleset.lines().find_map(|l| l.strip_prefix("# data: "));
+    assert_eq!(
+        made_from,
+        Some(data.as_str()),
+        "{FW4_RULESET} was made from other firewall data: run tests/packaging/fw4-ruleset.sh \
+         with this data:\n{data}"
+    );
+    // Without fw4's hook for the admin's own files (`include "/etc/nftables.d/*.nft"`, none on
+    // a stock router): this machine's would be read.
     let rules = dir.join("fw4.nft");
-    std::fs::write(&rules, &ruleset).unwrap();
+    let own: String = ruleset
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("include "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&rules, own).unwrap();
     sh(&format!("nft -f {}", rules.display()));
     let env: Vec<(String, String)> = run
         .records
