@@ -657,11 +657,10 @@ const COEXIST_DEADLINE: Duration = Duration::from_secs(150);
 /// On a router as it ships (uhttpd on 0.0.0.0:80, [::]:80, 0.0.0.0:443, [::]:443), the shipped
 /// UCI config with a hostname and `enabled 1` gives a relay that Tailscale's client reaches at
 /// the public address on port 443, from the internet and, through NAT reflection, from the LAN,
-/// while uhttpd keeps its ports for the LAN. The firewall redirects are the ones the init
-/// script asks fw4 for, applied with nft as fw4 writes them (`tests/03_rules/07_redirect` in
-/// openwrt/firewall4: `dnat` to the rewrite address in `dstnat_<src>`, the reflection in
-/// `dstnat_<dest>` for the source zone's addresses, `redirect to` without a rewrite address).
-/// With derpd's old defaults (`addr ':443'`), the start fails naming uhttpd and the UCI option.
+/// while uhttpd keeps its ports for the LAN. The firewall is fw4's own ruleset for the data the
+/// init script gives procd ([`FW4_RULESET`]): the DNAT of 443 and 80 from wan to the router's
+/// LAN address, and fw4's NAT reflection of it in the lan zone. With derpd's old defaults
+/// (`addr ':443'`, `http_port '80'`), the start fails naming uhttpd and the UCI option.
 #[test]
 fn init_beside_uhttpd_relays_on_the_public_ports() {
     let Some(harness) = support::harness() else {
