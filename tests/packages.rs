@@ -273,7 +273,7 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             // `uci commit derpd` (through reload_config or LuCI) reloads the service.
             "trigger derpd",
             // The router's LAN address (for NAT reflection) when the network comes up or changes.
-            "interface_trigger interface.* lan /etc/init.d/derpd reload",
+            "reload_interface_trigger lan",
         ] {
             run.expect(record);
         }

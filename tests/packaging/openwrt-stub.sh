@@ -4,7 +4,7 @@
 #   $STUB_OUT/procd   one line per call: "command <arg>" per argv element, "set <param> <value>",
 #                     "jail <name> <flags>", "mount_ro <path>", "mount_rw <path>",
 #                     "json <call> <args>", "trigger <config>",
-#                     "interface_trigger <event> <interface> <script> <args>"
+#                     "reload_interface_trigger <interface>"
 #   $STUB_OUT/log     logger calls; mkdir/chown/chmod are recorded in procd, not run.
 # The UCI file is read from $UCI_DIR/<package>: its `config`, `option` and `list` lines are
 # shell words, as uci writes them. A network's IPv4 address (network.sh) is $STUB_NET_<name>.
@@ -115,7 +115,7 @@ procd_add_jail_mount_rw() {
 procd_open_data() { stub_record "json open_data"; }
 procd_close_data() { stub_record "json close_data"; }
 procd_add_reload_trigger() { stub_record "trigger $*"; }
-procd_add_interface_trigger() { stub_record "interface_trigger $*"; }
+procd_add_reload_interface_trigger() { stub_record "reload_interface_trigger $*"; }
 
 # --- jshn ---------------------------------------------------------------------------------
 json_add_array() { stub_record "json add_array $*"; }
