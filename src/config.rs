@@ -40,6 +40,11 @@ pub struct Args {
     /// plain-HTTP port in TLS mode (/generate_204, redirects to https); -1 disables (default 80)
     #[argh(option, default = "80")]
     pub http_port: i32,
+    /// the TCP port clients dial when a firewall redirect forwards it to -a's port (OpenWrt's
+    /// init script: 443 to 3443); the derpMap printed for an IP --hostname gives it as DERPPort;
+    /// 0 = -a's port (default 0)
+    #[argh(option, default = "0")]
+    pub public_port: u16,
     /// run the STUN server (default true)
     #[argh(option, default = "true")]
     pub stun: bool,
@@ -283,6 +288,8 @@ pub struct Config {
     pub tls: Option<TlsMode>,
     /// Port-80 listener in TLS mode.
     pub http_port: Option<u16>,
+    /// `--public-port`: the port clients dial, when a firewall forwards it to `listen`.
+    pub public_port: Option<u16>,
     /// STUN port, if STUN runs (0 = any free port).
     pub stun_port: Option<u16>,
     /// Serve `/derp`.
@@ -334,6 +341,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             tls: None,
             http_port: None,
+            public_port: None,
             stun_port: Some(0),
             derp: true,
             home: Home::Default,
@@ -444,6 +452,7 @@ impl Config {
             listen,
             tls,
             http_port,
+            public_port: (a.public_port != 0).then_some(a.public_port),
             stun_port,
             derp: a.derp,
             home: Home::parse(&a.home)?,
@@ -646,6 +655,13 @@ mod tests {
             plain.tls.is_none(),
             "derper serves plain HTTP off port 443 without manual mode"
         );
+        // --public-port: 0 (the default) is the listening port; it changes nothing else.
+        assert_eq!(plain.public_port, None);
+        let public = cfg(&["-a", ":8443", "-c", "/tmp/x", "-public-port=443"]).unwrap();
+        assert_eq!(public.public_port, Some(443));
+        assert_eq!(public.listen, plain.listen);
+        assert!(public.tls.is_none());
+        assert!(args(&["--public-port=65536"]).is_err());
         let man = cfg(&[
             "-a",
             "127.0.0.1:0",

@@ -25,6 +25,8 @@
 //!   login with the mesh key, WatchConns → forwarders, ForwardPacket writer, redial).
 //! - [`frame`]: the wire format; [`key`]: node keys and derper's key file;
 //!   [`metrics`]: counters named after derper's.
+//! - `holder`: who holds a port a listener cannot bind (`/proc/net/tcp*` and `/proc/*/fd`), for
+//!   the start-up error.
 //! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
 //!   derpd makes: the key file and the self-signed certificate pair.
 //!
@@ -42,6 +44,7 @@ mod derpmap;
 pub mod frame;
 mod fsutil;
 pub mod handshake;
+mod holder;
 pub mod http;
 pub mod key;
 pub mod limits;

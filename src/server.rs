@@ -20,6 +20,7 @@ use crate::client::{self, Upgrade};
 use crate::config::{Config, KeySource};
 use crate::derpmap;
 use crate::frame::SmallFrame;
+use crate::holder;
 use crate::http::{self, Home, Request};
 use crate::key::NodePrivate;
 use crate::key::NodePublic;
@@ -101,8 +102,9 @@ impl std::fmt::Debug for State {
 /// Why the server could not start.
 #[derive(Debug)]
 pub enum StartError {
-    /// Binding a listener failed.
-    Bind(SocketAddr, io::Error),
+    /// Binding a listener failed: the address, the error, and the hint for the admin (who holds
+    /// the port, which option to change).
+    Bind(SocketAddr, io::Error, String),
     /// The key file could not be used.
     Key(crate::key::KeyFileError),
     /// Certificates could not be loaded or created.
@@ -118,7 +120,7 @@ pub enum StartError {
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Bind(a, e) => write!(f, "cannot listen on {a}: {e}"),
+            Self::Bind(a, e, hint) => write!(f, "cannot listen on {a}: {e}{hint}"),
             Self::Key(e) => write!(f, "{e}"),
             Self::Tls(e) => write!(f, "{e}"),
             Self::Io(e) => write!(f, "{e}"),
@@ -184,7 +186,7 @@ impl Server {
             }
         };
         let public_key = private_key.public();
-        let tcp = bind_tcp(cfg.listen)?;
+        let tcp = bind_tcp(cfg.listen, Listener::Main)?;
         let addr = tcp.get_ref().local_addr().map_err(StartError::Io)?;
 
         let mut tls_acceptor = None;
@@ -225,7 +227,10 @@ impl Server {
         }
 
         let http80 = match (cfg.tls.is_some(), cfg.http_port) {
-            (true, Some(port)) => Some(bind_tcp(SocketAddr::new(addr.ip(), port))?),
+            (true, Some(port)) => Some(bind_tcp(
+                SocketAddr::new(addr.ip(), port),
+                Listener::Port80,
+            )?),
             _ => None,
         };
         let http_addr = match &http80 {
@@ -237,7 +242,10 @@ impl Server {
             // STUN errors are not fatal in derper; we log them and keep relaying.
             match bind_udp(SocketAddr::new(cfg.listen.ip(), port)) {
                 Ok(s) => stun_socks.push(s),
-                Err(e) => warn!("STUN disabled: cannot listen on udp port {port}: {e}"),
+                Err(e) => warn!(
+                    "STUN disabled: cannot listen on udp port {port}: {e}{}",
+                    bind_hint(holder::Proto::Udp, port, &e, "--stun-port", "stun_port")
+                ),
             }
         }
         let stun_addrs: Vec<SocketAddr> = stun_socks
@@ -313,10 +321,13 @@ impl Server {
             state.pool.budget_bytes() >> 10,
             state.pool.stats()
         );
+        if let Some(p) = cfg.public_port.filter(|&p| p != addr.port()) {
+            info!("clients dial port {p} (--public-port), forwarded here by the firewall");
+        }
         if let (Some(pin), Some(mode)) = (&node_pin, &cfg.tls) {
             print_derp_map(
                 &mode.hostname,
-                addr.port(),
+                cfg.public_port.unwrap_or(addr.port()),
                 stun_addrs.first().map(|a| a.port()),
                 cfg.stun_port.is_some(),
                 pin,
@@ -553,16 +564,52 @@ fn print_derp_map(hostname: &str, port: u16, stun_port: Option<u16>, stun_on: bo
     );
 }
 
-fn bind_tcp(addr: SocketAddr) -> Result<Async<TcpListener>, StartError> {
+fn bind_tcp(addr: SocketAddr, which: Listener) -> Result<Async<TcpListener>, StartError> {
+    let failed = |a: SocketAddr, e: io::Error| {
+        let (flag, uci) = match which {
+            Listener::Main => ("--addr", "addr"),
+            Listener::Port80 => ("--http-port", "http_port"),
+        };
+        let hint = bind_hint(holder::Proto::Tcp, a.port(), &e, flag, uci);
+        StartError::Bind(a, e, hint)
+    };
     match listen_tcp(addr) {
         Ok(l) => Ok(l),
         // `[::]` fails on hosts with IPv6 disabled: fall back to IPv4 only.
-        Err(_) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
             let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
-            listen_tcp(v4).map_err(|e| StartError::Bind(v4, e))
+            listen_tcp(v4).map_err(|e4| match e.kind() {
+                // IPv6 is there, and the port is taken: say so, not the fallback's error.
+                io::ErrorKind::AddrInUse => failed(addr, e),
+                _ => failed(v4, e4),
+            })
         }
-        Err(e) => Err(StartError::Bind(addr, e)),
+        Err(e) => Err(failed(addr, e)),
     }
+}
+
+/// Set by OpenWrt's init script to the UCI section its options come from (`derpd.main`): a
+/// failed bind then names the UCI option to change as well as the flag.
+pub const UCI_SECTION_ENV: &str = "DERPD_UCI_SECTION";
+
+/// What follows "cannot listen on ADDR: ERROR" in the log: who holds the port (when it is in
+/// use and /proc tells), then the flag (and, under OpenWrt's init script, the UCI option) that
+/// moves the listener.
+fn bind_hint(proto: holder::Proto, port: u16, e: &io::Error, flag: &str, uci: &str) -> String {
+    let mut hint = String::new();
+    if e.kind() == io::ErrorKind::AddrInUse {
+        let who = holder::describe(proto, port)
+            .unwrap_or_else(|| "another program (not found in /proc/net)".into());
+        hint = format!("; port {port} is held by {who}");
+    }
+    match std::env::var(UCI_SECTION_ENV) {
+        Ok(section) if !section.is_empty() => {
+            hint +=
+                &format!("; choose another port with UCI option {section}.{uci} (derpd {flag})");
+        }
+        _ => hint += &format!("; choose another port with {flag}"),
+    }
+    hint
 }
 
 /// std's `TcpListener::bind`, but with the kernel's largest backlog (`somaxconn`, 4096 on

@@ -535,6 +535,7 @@ func runSTUN(args []string) {
 	fs := flag.NewFlagSet("stun", flag.ExitOnError)
 	addrFlag := fs.String("addr", "", "STUN server address HOST:PORT, e.g. 127.0.0.1:3478 or [::1]:3478")
 	total := fs.Duration("timeout", 20*time.Second, "overall time limit for the run")
+	bindFlag := fs.String("bind", "", "local IP to send from (default: loopback of the server's family)")
 	fs.Parse(args)
 	if fs.NArg() != 0 {
 		fmt.Fprintf(os.Stderr, "stun: unexpected arguments %q\n", fs.Args())
@@ -556,6 +557,11 @@ func runSTUN(args []string) {
 		bind = netip.MustParseAddr("127.0.0.1")
 	} else {
 		bind = netip.IPv6Loopback()
+	}
+	if *bindFlag != "" {
+		if bind, err = netip.ParseAddr(*bindFlag); err != nil {
+			fail("stun flags", "bad -bind %q: %v", *bindFlag, err)
+		}
 	}
 	what := fmt.Sprintf("stun binding %s", server)
 	conn, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(bind, 0)))

@@ -3,10 +3,11 @@
 # It records what the script asks procd for instead of sending it over ubus:
 #   $STUB_OUT/procd   one line per call: "command <arg>" per argv element, "set <param> <value>",
 #                     "jail <name> <flags>", "mount_ro <path>", "mount_rw <path>",
-#                     "json <call> <args>", "trigger <config>"
+#                     "json <call> <args>", "trigger <config>",
+#                     "reload_interface_trigger <interface>"
 #   $STUB_OUT/log     logger calls; mkdir/chown/chmod are recorded in procd, not run.
 # The UCI file is read from $UCI_DIR/<package>: its `config`, `option` and `list` lines are
-# shell words, as uci writes them.
+# shell words, as uci writes them. A network's IPv4 address (network.sh) is $STUB_NET_<name>.
 # shellcheck shell=sh disable=SC2034
 
 : "${STUB_OUT:?}" "${UCI_DIR:?}"
@@ -64,6 +65,12 @@ config_get_bool() { # variable section option [default]
 	eval "$1=\$(get_bool \"\$stub_raw\" \"\$4\")"
 }
 
+# --- network.sh ---------------------------------------------------------------------------
+network_get_ipaddr() { # variable network
+	eval "$1=\${STUB_NET_$2:-}"
+	eval "[ -n \"\${$1}\" ]"
+}
+
 # --- procd.sh -----------------------------------------------------------------------------
 procd_open_instance() { stub_record "instance ${1:-instance1}"; }
 procd_close_instance() { stub_record "close_instance"; }
@@ -108,6 +115,7 @@ procd_add_jail_mount_rw() {
 procd_open_data() { stub_record "json open_data"; }
 procd_close_data() { stub_record "json close_data"; }
 procd_add_reload_trigger() { stub_record "trigger $*"; }
+procd_add_reload_interface_trigger() { stub_record "reload_interface_trigger $*"; }
 
 # --- jshn ---------------------------------------------------------------------------------
 json_add_array() { stub_record "json add_array $*"; }
