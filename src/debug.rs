@@ -320,6 +320,8 @@ struct Scrape<'a> {
     budget: usize,
     /// Registry: (local keys, keys only on other nodes, watchers).
     clients: (usize, usize, usize),
+    /// Registry: (sender, receiver) pairs owed a PeerGone when the sender leaves.
+    gone_interests: usize,
     fds: usize,
     rss: u64,
     rss0: u64,
@@ -345,6 +347,7 @@ impl<'a> Scrape<'a> {
             pool: state.pool.stats(),
             budget: state.pool.budget_bytes(),
             clients: state.registry.varz_counts(),
+            gone_interests: state.registry.peer_gone_interests(),
             // Counts the directory's own descriptor too, as derper does.
             fds: std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count),
             rss: rss_bytes(),
@@ -568,6 +571,8 @@ static VARS: &[Var] = &[
         .help("Logins refused by --allow-keys-file, --verify-clients or --verify-client-url."),
     c("derpd_admission_fail_open_admits", |s| s.fail_open)
         .help("Logins let in because the admission controller could not be reached (fail-open)."),
+    g("derpd_peer_gone_interests", |s| s.gone_interests as u64)
+        .help("(sender, receiver) pairs of connected keys owed a PeerGone when the sender leaves."),
     g("derpd_mesh_links_up", |s| s.m.mesh_links_up.load(Relaxed) as u64)
         .help("Mesh links to other nodes of the region now connected."),
     g("derpd_pool_budget_bytes", |s| s.budget as u64)
@@ -806,6 +811,7 @@ mod tests {
             pool: pool.stats(),
             budget: pool.budget_bytes(),
             clients: reg.varz_counts(),
+            gone_interests: 4,
             fds: 7,
             rss: 1 << 20,
             rss0: 1 << 19,

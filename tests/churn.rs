@@ -170,19 +170,20 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// 100,000 fresh keys, each sending one packet to V and leaving, leave derpd's memory where
-/// 1,000 left it: nothing is kept per departed key. (Before, every churned key left its
-/// PeerGone interest, holding the departed connection's memory, and an entry in V's writer.)
-/// Under QEMU (cross-tests) the RSS is qemu-user's, and qemu's own memory (its translation
-/// cache, its threads' malloc arenas) grows by about 2 MiB over the first 2,000 keys and then
-/// by 30 to 40 bytes a key: there the run measures from 2,000 to 12,000 keys and allows
-/// 640 KiB, which the old leak (over 100 bytes a key: 1 MiB here) would exceed.
+/// 100,000 fresh keys, each sending one packet to V and leaving, leave nothing behind in
+/// derpd: no PeerGone interest (`derpd_peer_gone_interests` back to 0), and its memory where
+/// 1,000 left it. (Before, every churned key left its PeerGone interest, holding the departed
+/// connection's memory, and an entry in V's writer: 16 MiB more over 100,000 keys.)
+/// Under QEMU (cross-tests) 12,000 keys, and the RSS is printed but not bounded: it is
+/// qemu-user's, whose own memory (translation cache, its threads' malloc arenas) grows by
+/// megabytes at times that depend on the machine's load (seen: +2.4 MiB over 10,000 keys on a
+/// loaded CI machine, +0.35 MiB on an idle one). The interest count is exact everywhere.
 #[test]
 fn churned_keys_leave_no_memory_behind() {
-    let (warm, total, allowed_kib): (u32, u32, u64) = if under_qemu() {
-        (2_000, 12_000, 640)
+    let (warm, total) = if under_qemu() {
+        (2_000, 12_000)
     } else {
-        (1_000, 100_000, 1024)
+        (1_000, 100_000)
     };
     let mut d = support::Derpd::start(&[
         support::s("--dev"),
@@ -209,16 +210,18 @@ fn churned_keys_leave_no_memory_behind() {
             };
         }
     });
-    let connections = || {
+    let gauge = |name: &str| {
         let varz = http_exchange(
             addr,
             b"GET /debug/varz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         );
-        let line = varz
-            .lines()
-            .find(|l| l.starts_with("derp_current_connections "));
+        let line = varz.lines().find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))
+        });
         line.and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
     };
+    let connections = || gauge("derp_current_connections");
     let churned = Arc::new(AtomicU32::new(0));
     let churn_until = |target: u32| {
         let workers: Vec<_> = (0..4)
@@ -264,10 +267,16 @@ fn churned_keys_leave_no_memory_behind() {
     println!(
         "derpd RSS after {warm} churned keys: {after_warm} KiB; after {total}: {after_all} KiB"
     );
-    assert!(
-        after_all <= after_warm + allowed_kib,
-        "RSS grew from {after_warm} KiB to {after_all} KiB over {} more churned keys",
-        total - warm
-    );
+    // V is the only key left: nobody is owed a PeerGone.
+    assert_eq!(gauge("derpd_peer_gone_interests"), Some(0));
+    if under_qemu() {
+        println!("RSS not bounded under QEMU (qemu-user's own memory is in it)");
+    } else {
+        assert!(
+            after_all <= after_warm + 1024,
+            "RSS grew from {after_warm} KiB to {after_all} KiB over {} more churned keys",
+            total - warm
+        );
+    }
     d.expect_running();
 }
