@@ -126,8 +126,9 @@ struct Rpcd {
 
 struct Env {
     rpcd: Mutex<Rpcd>,
-    /// Directory holding the `uci` stand-in the plugin calls.
+    /// Directory holding the `uci` stand-in the plugin calls (and `awk`, busybox's).
     shim_dir: PathBuf,
+    busybox: Option<PathBuf>,
     derpd_pid: u32,
     done: Mutex<Option<mpsc::Sender<()>>>,
 }
@@ -314,8 +315,13 @@ fn run_plugin(env: &Env, args: &[&str]) -> Result<Value, String> {
         env.shim_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let sh = PathBuf::from("/bin/sh");
-    let mut argv = vec![path(&format!("{APP}/{PLUGIN}")).display().to_string()];
+    // OpenWrt's shell and awk are busybox's: use them where there is a busybox (the `awk`
+    // stand-in in the shim directory runs busybox awk).
+    let (sh, mut argv) = match &env.busybox {
+        Some(b) => (b.clone(), vec![s("sh")]),
+        None => (PathBuf::from("/bin/sh"), vec![]),
+    };
+    argv.push(path(&format!("{APP}/{PLUGIN}")).display().to_string());
     argv.extend(args.iter().map(|s| s.to_string()));
     let (status, out, err) =
         run_bounded(&sh, &argv, &[("PATH", &path_var)], Duration::from_secs(20));
@@ -475,6 +481,21 @@ fn luci_page_in_chromium() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let busybox = find_program("busybox");
+    if let Some(b) = &busybox {
+        let awk = shim_dir.join("awk");
+        std::fs::write(
+            &awk,
+            format!("#!/bin/sh\nexec {} awk \"$@\"\n", b.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&awk, std::fs::Permissions::from_mode(0o755)).unwrap();
+    } else {
+        skip_test(
+            "busybox not found",
+            "the rpcd plugin under busybox sh and awk",
+        );
+    }
 
     let (options, shipped) = shipped_config();
     let (tx, rx) = mpsc::channel();
@@ -485,6 +506,7 @@ fn luci_page_in_chromium() {
             ..Rpcd::default()
         }),
         shim_dir,
+        busybox,
         derpd_pid: std::process::id(),
         done: Mutex::new(Some(tx)),
     });
