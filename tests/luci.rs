@@ -7,7 +7,8 @@
 //! rpcd plugin, which fetches the metrics and DERPMap entry from a real derpd started here
 //! (TLS, self-signed IP certificate, two DERP clients relaying). It fails on a JavaScript error,
 //! a UCI option without a field (or a field without an option), a status or DERPMap value that
-//! differs from derpd's, and any UCI write other than the edits made. The page's screenshot is
+//! differs from derpd's, and any UCI write other than those LuCI makes for the edits (the
+//! stand-in follows LuCI's rules for which fields it writes and removes). The page's screenshot is
 //! kept as target/luci-test/derpd-luci.png.
 //!
 //! Needs `chromium` (scripts/ensure-chromium.sh installs Debian's package), `sh` and `wget`;
@@ -800,8 +801,10 @@ fn check_page(
     assert_eq!(value("certdir"), "");
 }
 
-/// The UCI writes: none for the invalid attempt; for Save & Apply one `set` with exactly the
-/// edited values, one `delete` of the cleared option, and a commit.
+/// The UCI writes: none for the invalid attempt; for Save & Apply, as LuCI's form and uci
+/// modules make them, one `set` with the edited values and every flag (LuCI writes an active
+/// flag whether or not it changed), one `delete` of the cleared option and of the options
+/// the shipped config has empty (LuCI removes empty fields), and a commit.
 fn check_writes(rpcd: &Rpcd, shipped: &Section, context: &dyn Fn() -> String) {
     let mark = |n: &str| {
         rpcd.calls
@@ -834,37 +837,72 @@ fn check_writes(rpcd: &Rpcd, shipped: &Section, context: &dyn Fn() -> String) {
         "derp2.example.com/203.0.113.9/sha256-raw:{}",
         "ab".repeat(32)
     );
+    let set = json!({"config": "derpd", "section": "main", "values": {
+        // edited
+        "hostname": "192.0.2.10",
+        "http_port": "8080",
+        "stun": "0",
+        "log_level": "debug",
+        "mesh_with": [peer],
+        "verify_clients": "1",
+        "max_clients": "100",
+        "handshake_timeout": "30s",
+        // the other flags, unchanged
+        "enabled": "0",
+        "derp": "1",
+        "meta_cert": "1",
+        "firewall": "0",
+        "verify_client_url_fail_open": "1",
+    }});
+    let mut deleted = vec![
+        "certdir", // cleared
+        "home",
+        "verify_client_url",
+        "allow_keys_file",
+        "mesh_psk_file",
+        "accept_connection_limit",
+        "accept_connection_burst",
+        "rate_config",
+    ];
+    deleted.sort_unstable();
+    // `set` and `delete` go out together (in either order), then the commit.
+    let mut got = writes(&rpcd.calls[m2..]);
+    got.sort_by_key(|(m, _)| match m.as_str() {
+        "set" => 0,
+        "delete" => 1,
+        _ => 2,
+    });
+    if let Some(opts) = got
+        .get_mut(1)
+        .and_then(|d| d.1.get_mut("options"))
+        .and_then(Value::as_array_mut)
+    {
+        opts.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    }
     let want = vec![
-        (
-            "set".to_string(),
-            json!({"config": "derpd", "section": "main", "values": {
-                "hostname": "192.0.2.10",
-                "http_port": "8080",
-                "stun": "0",
-                "log_level": "debug",
-                "mesh_with": [peer],
-                "verify_clients": "1",
-                "max_clients": "100",
-                "handshake_timeout": "30s",
-            }}),
-        ),
+        ("set".to_string(), set.clone()),
         (
             "delete".to_string(),
-            json!({"config": "derpd", "section": "main", "options": ["certdir"]}),
+            json!({"config": "derpd", "section": "main", "options": deleted}),
         ),
         ("commit".to_string(), json!({"config": "derpd"})),
     ];
-    // `set` and `delete` go out together (in either order), then the commit.
-    let mut got = writes(&rpcd.calls[m2..]);
-    if got.len() == 3 && got[0].0 == "delete" {
-        got.swap(0, 1);
-    }
     assert_eq!(got, want, "{}", context());
+    let commit = rpcd.calls.iter().rposition(|c| c.1 == "commit").unwrap();
+    assert!(
+        rpcd.calls[commit + 1..]
+            .iter()
+            .all(|c| c.0 != "uci" || c.1 == "get"),
+        "writes after the commit{}",
+        context()
+    );
     let mut expect = shipped.clone();
-    for (k, v) in want[0].1["values"].as_object().unwrap() {
+    for (k, v) in set["values"].as_object().unwrap() {
         expect.insert(k.clone(), v.clone());
     }
-    expect.remove("certdir");
+    for k in &deleted {
+        expect.remove(*k);
+    }
     assert_eq!(rpcd.committed, expect);
 }
 

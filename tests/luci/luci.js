@@ -151,8 +151,10 @@
 			var d = (uci.deletes[config] || {})[sid];
 			if (d && d.indexOf(opt) >= 0) d.splice(d.indexOf(opt), 1);
 		},
+		// As LuCI's uci.js: a delete only for an option the section has (or was given).
 		unset: function(config, sid, opt) {
-			var c = (uci.changes[config] || {})[sid];
+			var c = (uci.changes[config] || {})[sid], s = (uci.state[config] || {})[sid];
+			if (!(s && s.hasOwnProperty(opt)) && !(c && c.hasOwnProperty(opt))) return;
 			if (c) delete c[opt];
 			var d = (uci.deletes[config] = uci.deletes[config] || {});
 			d[sid] = d[sid] || [];
@@ -272,9 +274,10 @@
 		},
 		isValid: function(sid) { return this.validateValue(sid, this.formvalue(sid)) === true; },
 		write: function(sid, v) { uci.set(this.map.config, sid, this.ucioption || this.option, v); },
-		remove: function(sid) {
-			if (this.cfgvalue(sid) != null) uci.unset(this.map.config, sid, this.ucioption || this.option);
-		},
+		remove: function(sid) { uci.unset(this.map.config, sid, this.ucioption || this.option); },
+		// LuCI's rules: an invalid active field rejects the save; an empty one is removed
+		// (rmempty, the default), a changed one written; an inactive one is removed unless
+		// `retain` is set.
 		parse: function(sid) {
 			var active = this.isActive(sid);
 			if (active && !this.isValid(sid))
@@ -284,13 +287,12 @@
 				return Promise.resolve();
 			}
 			var fval = this.formvalue(sid), cval = this.cfgvalue(sid);
-			var same = JSON.stringify(fval == null ? '' : fval) == JSON.stringify(cval == null ? (Array.isArray(fval) ? [] : '') : cval);
-			if (same) return Promise.resolve();
 			if (fval == null || fval === '' || (Array.isArray(fval) && !fval.length)) {
-				if (this.rmempty !== false || cval != null) this.remove(sid);
+				if (this.rmempty || this.optional) this.remove(sid);
 				return Promise.resolve();
 			}
-			this.write(sid, fval);
+			if (this.forcewrite || JSON.stringify(cval) != JSON.stringify(fval))
+				this.write(sid, fval);
 			return Promise.resolve();
 		},
 		markValidity: function(sid, input) {
@@ -366,16 +368,17 @@
 			var el = document.getElementById('widget.' + this.cbid(sid));
 			return el ? (el.checked ? this.enabled : this.disabled) : null;
 		},
-		cfgvalue: function(sid) {
-			var v = AbstractValue.prototype.cfgvalue.call(this, sid);
-			return v;
-		},
+		// LuCI's Flag: written whenever active (changed or not), removed when it equals the
+		// default and rmempty is set.
 		parse: function(sid) {
-			// An unset flag reads as its default: writing the same state again is no change.
-			var cval = this.cfgvalue(sid);
-			if (cval == null && this.formvalue(sid) == this.default && this.isActive(sid))
-				return Promise.resolve();
-			return AbstractValue.prototype.parse.call(this, sid);
+			if (this.isActive(sid)) {
+				var fval = this.formvalue(sid);
+				if (fval == this.default && (this.optional || this.rmempty)) this.remove(sid);
+				else this.write(sid, fval);
+			}
+			else if (!this.retain)
+				this.remove(sid);
+			return Promise.resolve();
 		},
 		renderWidget: function(sid) {
 			var self = this, v = this.cfgvalue(sid);
