@@ -127,9 +127,7 @@ struct Rpcd {
 
 struct Env {
     rpcd: Mutex<Rpcd>,
-    /// Directory holding the `uci` stand-in the plugin calls (and `awk`, busybox's).
-    shim_dir: PathBuf,
-    busybox: Option<PathBuf>,
+    plugin: Plugin,
     derpd_pid: u32,
     done: Mutex<Option<mpsc::Sender<()>>>,
 }
@@ -297,7 +295,7 @@ fn call(env: &Env, object: &str, method: &str, args: &Value) -> Value {
                 "respawn": {"threshold": 3600, "timeout": 5, "retry": 5}
             }}}}])
         }
-        ("luci.derpd", "status") => match run_plugin(env, &["call", "status"]) {
+        ("luci.derpd", "status") => match env.plugin.run(&["call", "status"]) {
             Ok(v) => json!([0, v]),
             Err(e) => {
                 env.rpcd.lock().unwrap().plugin_errors.push(e);
@@ -308,33 +306,74 @@ fn call(env: &Env, object: &str, method: &str, args: &Value) -> Value {
     }
 }
 
-/// Runs the app's rpcd plugin as rpcd does (`luci.derpd call status`), with the `uci` stand-in
-/// first on PATH; its output must be one JSON object.
-fn run_plugin(env: &Env, args: &[&str]) -> Result<Value, String> {
-    let path_var = format!(
-        "{}:{}",
-        env.shim_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    // OpenWrt's shell and awk are busybox's: use them where there is a busybox (the `awk`
-    // stand-in in the shim directory runs busybox awk).
-    let (sh, mut argv) = match &env.busybox {
-        Some(b) => (b.clone(), vec![s("sh")]),
-        None => (PathBuf::from("/bin/sh"), vec![]),
-    };
-    argv.push(path(&format!("{APP}/{PLUGIN}")).display().to_string());
-    argv.extend(args.iter().map(|s| s.to_string()));
-    let (status, out, err) =
-        run_bounded(&sh, &argv, &[("PATH", &path_var)], Duration::from_secs(20));
-    if status.is_none_or(|s| !s.success()) {
-        return Err(format!("plugin {args:?}: {status:?}, stderr {err:?}"));
+/// The app's rpcd plugin, run as rpcd runs it, with stand-ins first on PATH: `uci` answering
+/// `uci -q get derpd.main.OPTION` from a fixed list, and busybox's `awk` (OpenWrt's shell and
+/// awk are busybox's; without a busybox, /bin/sh and the host's awk).
+struct Plugin {
+    shim_dir: PathBuf,
+    busybox: Option<PathBuf>,
+}
+
+impl Plugin {
+    fn new(dir: &Path, uci: &[(&str, String)]) -> Plugin {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let mut script = String::from(
+            "#!/bin/sh\n# uci -q get derpd.main.OPTION, for the rpcd plugin under test\ncase \"$3\" in\n",
+        );
+        for (k, v) in uci {
+            script.push_str(&format!("derpd.main.{k}) echo '{v}' ;;\n"));
+        }
+        script.push_str("*) exit 1 ;;\nesac\n");
+        let shim = dir.join("uci");
+        std::fs::write(&shim, script).unwrap();
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let busybox = find_program("busybox");
+        if let Some(b) = &busybox {
+            let awk = dir.join("awk");
+            std::fs::write(
+                &awk,
+                format!("#!/bin/sh\nexec {} awk \"$@\"\n", b.display()),
+            )
+            .unwrap();
+            std::fs::set_permissions(&awk, std::fs::Permissions::from_mode(0o755)).unwrap();
+        } else {
+            skip_test(
+                "busybox not found",
+                "the rpcd plugin under busybox sh and awk",
+            );
+        }
+        Plugin {
+            shim_dir: dir.to_path_buf(),
+            busybox,
+        }
     }
-    let v: Value = serde_json::from_str(&out)
-        .map_err(|e| format!("plugin {args:?} printed no JSON ({e}): {out:?}"))?;
-    if v.is_object() {
-        Ok(v)
-    } else {
-        Err(format!("plugin {args:?}: not an object: {out}"))
+
+    /// `luci.derpd ARGS` (`list`, `call status`); its output must be one JSON object.
+    fn run(&self, args: &[&str]) -> Result<Value, String> {
+        let path_var = format!(
+            "{}:{}",
+            self.shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let (sh, mut argv) = match &self.busybox {
+            Some(b) => (b.clone(), vec![s("sh")]),
+            None => (PathBuf::from("/bin/sh"), vec![]),
+        };
+        argv.push(path(&format!("{APP}/{PLUGIN}")).display().to_string());
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let (status, out, err) =
+            run_bounded(&sh, &argv, &[("PATH", &path_var)], Duration::from_secs(20));
+        if status.is_none_or(|s| !s.success()) {
+            return Err(format!("plugin {args:?}: {status:?}, stderr {err:?}"));
+        }
+        let v: Value = serde_json::from_str(&out)
+            .map_err(|e| format!("plugin {args:?} printed no JSON ({e}): {out:?}"))?;
+        if v.is_object() {
+            Ok(v)
+        } else {
+            Err(format!("plugin {args:?}: not an object: {out}"))
+        }
     }
 }
 
@@ -465,38 +504,14 @@ fn luci_page_in_chromium() {
     let derp_map: Value = serde_json::from_str(&http_get(http, "/debug/derpmap")).unwrap();
 
     // The `uci` the plugin calls: derpd's listeners as UCI options.
-    let shim_dir = work.join("bin");
-    std::fs::create_dir_all(&shim_dir).unwrap();
-    let shim = shim_dir.join("uci");
-    std::fs::write(
-        &shim,
-        format!(
-            "#!/bin/sh\n# uci -q get derpd.main.OPTION, for the rpcd plugin under test\n\
-             case \"$3\" in\nderpd.main.addr) echo '127.0.0.1:{}' ;;\n\
-             derpd.main.certmode) echo manual ;;\nderpd.main.http_port) echo '{}' ;;\n\
-             *) exit 1 ;;\nesac\n",
-            main.port(),
-            http.port()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let busybox = find_program("busybox");
-    if let Some(b) = &busybox {
-        let awk = shim_dir.join("awk");
-        std::fs::write(
-            &awk,
-            format!("#!/bin/sh\nexec {} awk \"$@\"\n", b.display()),
-        )
-        .unwrap();
-        std::fs::set_permissions(&awk, std::fs::Permissions::from_mode(0o755)).unwrap();
-    } else {
-        skip_test(
-            "busybox not found",
-            "the rpcd plugin under busybox sh and awk",
-        );
-    }
+    let plugin = Plugin::new(
+        &work.join("bin"),
+        &[
+            ("addr", format!("127.0.0.1:{}", main.port())),
+            ("certmode", s("manual")),
+            ("http_port", http.port().to_string()),
+        ],
+    );
 
     let (options, shipped) = shipped_config();
     let (tx, rx) = mpsc::channel();
@@ -506,16 +521,15 @@ fn luci_page_in_chromium() {
             committed: shipped.clone(),
             ..Rpcd::default()
         }),
-        shim_dir,
-        busybox,
+        plugin,
         derpd_pid: std::process::id(),
         done: Mutex::new(Some(tx)),
     });
 
     // The plugin on its own: `list` names its method, `status` reads derpd.
-    let list = run_plugin(&env, &["list"]).unwrap();
+    let list = env.plugin.run(&["list"]).unwrap();
     assert_eq!(list, json!({"status": {}}));
-    let st = run_plugin(&env, &["call", "status"]).unwrap();
+    let st = env.plugin.run(&["call", "status"]).unwrap();
     assert_eq!(st["url"], format!("http://127.0.0.1:{}", http.port()));
     assert_eq!(st["metrics"]["derp_clients_local"], 2, "{st}");
     assert_eq!(st["metrics"]["derp_packets_received_kind/other"], 3, "{st}");
@@ -904,6 +918,52 @@ fn check_writes(rpcd: &Rpcd, shipped: &Section, context: &dyn Fn() -> String) {
         expect.remove(*k);
     }
     assert_eq!(rpcd.committed, expect);
+}
+
+/// The rpcd plugin against derpd in plain HTTP mode (metrics, no DERPMap entry: the page
+/// says how to get one) and against a port where nothing listens (an error the page shows).
+#[test]
+fn plugin_in_plain_http_mode_and_without_derpd() {
+    if find_program("wget").is_none() && find_program("uclient-fetch").is_none() {
+        skip_test(
+            "neither wget nor uclient-fetch found",
+            "the rpcd plugin test",
+        );
+        return;
+    }
+    let work = support::fresh_path("luci-plugin", "work");
+    let srv = common::start_dev();
+    let plain = Plugin::new(
+        &work.join("plain"),
+        &[
+            ("addr", format!("127.0.0.1:{}", srv.addr().port())),
+            ("certmode", s("")),
+            ("http_port", s("-1")),
+        ],
+    );
+    let st = plain.run(&["call", "status"]).unwrap();
+    assert_eq!(st["url"], format!("http://127.0.0.1:{}", srv.addr().port()));
+    assert_eq!(st["metrics"]["derp_clients_local"], 0, "{st}");
+    assert!(st["metrics"]["uptime_sec"].is_u64(), "{st}");
+    assert_eq!(st["derpmap"], Value::Null);
+    assert!(st.get("error").is_none(), "{st}");
+
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let down = Plugin::new(
+        &work.join("down"),
+        &[("addr", format!(":{port}")), ("http_port", s("-1"))],
+    );
+    let st = down.run(&["call", "status"]).unwrap();
+    // No certmode, no port 443: plain HTTP on every address, asked over loopback.
+    assert_eq!(st["url"], format!("http://127.0.0.1:{port}"));
+    assert_eq!(st["metrics"], json!({}));
+    assert_eq!(st["derpmap"], Value::Null);
+    assert!(
+        st["error"].as_str().unwrap().contains("does not answer"),
+        "{st}"
+    );
 }
 
 /// The feed Makefile's `Package/luci-app-derpd/install` (run by make against a minimal stand-in
