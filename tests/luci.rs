@@ -182,6 +182,11 @@ fn handle(conn: TcpStream, env: &Env) -> std::io::Result<()> {
                 file(&rel, "application/javascript")
             }
         }
+        ("GET", "/test/cases") => (
+            200,
+            "application/json".into(),
+            Ok(validation_cases().to_string().into_bytes()),
+        ),
         ("POST", "/ubus/") => {
             let reply = ubus(env, &body);
             (
@@ -634,6 +639,7 @@ fn luci_page_in_chromium() {
 
     check_page(&report, &options, &shipped, &derp_map, &context);
     check_writes(&rpcd, &shipped, &context);
+    check_validation(&report, &context);
 
     assert!(
         exited.is_some_and(|s| s.success()),
@@ -813,6 +819,63 @@ fn check_page(
         "the page does not show the saved value"
     );
     assert_eq!(value("certdir"), "");
+}
+
+/// Values to type into fields whose checks mirror derpd's own parsers (no host names in
+/// `addr`: derpd would resolve them).
+fn validation_cases() -> Value {
+    let pin = "ab".repeat(32);
+    json!({
+        "addr": [":443", "127.0.0.1:3340", "[::1]:443", "[2001:db8::1]:8443",
+            "[::ffff:1.2.3.4]:80", ":0", ":99999", "443", "1.2.3.4", ":", "[::1]",
+            "[1:2:3:4:5:6:7:8:9]:1", "1.2.3.4:65536"],
+        "http_port": ["80", "-1", "0", "65535", "08", "65536", "-2", "eighty", " 80"],
+        "handshake_timeout": ["10s", "1m30s", "500ms", "1.5h", "0", ".5s", "5.s", "250us",
+            "10", "10 s", "-1s", "1d", "s", "."],
+        "mesh_with": ["derp2.example.com", "derp2.example.com:8443",
+            "derp2.example.com/203.0.113.9", format!("[2001:db8::1]:443/sha256-raw:{pin}"),
+            "d.example.com/[2001:db8::2]", "d.example.com/2001:db8::2",
+            format!("d.example.com/sha256-raw:{pin}/10.0.0.2"),
+            "a/b/c", "host/sha256-raw:12", "bad peer!", "d.example.com/10.0.0.1:443",
+            "d.example.com:0", "2001:db8::1",
+            format!("d.example.com/sha256-raw:{pin}/sha256-raw:{pin}")],
+    })
+}
+
+/// Whether derpd itself takes `value` for the UCI option (what the init script passes on).
+fn derpd_accepts(option: &str, value: &str) -> bool {
+    use derpd::config::{parse_go_duration, parse_listen};
+    match option {
+        "addr" => parse_listen(value).is_ok(),
+        "http_port" => value
+            .parse::<i32>()
+            .is_ok_and(|p| p == -1 || u16::try_from(p).is_ok()),
+        "handshake_timeout" => parse_go_duration(value).is_ok(),
+        "mesh_with" => derpd::mesh::MeshPeer::parse(value).is_ok(),
+        _ => unreachable!("{option}"),
+    }
+}
+
+/// The page accepts exactly the values derpd accepts, for every case.
+fn check_validation(report: &Value, context: &dyn Fn() -> String) {
+    let probes = report["probes"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no probes{}", context()));
+    let cases = validation_cases();
+    for (opt, values) in cases.as_object().unwrap() {
+        let got = probes[opt].as_array().unwrap();
+        assert_eq!(got.len(), values.as_array().unwrap().len(), "{opt}");
+        for p in got {
+            let (v, page) = (p[0].as_str().unwrap(), p[1].as_bool().unwrap());
+            assert_eq!(
+                page,
+                derpd_accepts(opt, v),
+                "{opt} {v:?}: the page {} it, derpd {}",
+                if page { "accepts" } else { "refuses" },
+                if page { "does not" } else { "does" },
+            );
+        }
+    }
 }
 
 /// The UCI writes: none for the invalid attempt; for Save & Apply, as LuCI's form and uci

@@ -104,6 +104,26 @@
 		return sleep(5500);
 	}).then(function() {
 		result.final_status = status();
+		// Validation probes: which values each field accepts (the test asks derpd's parsers).
+		return fetch('/test/cases').then(function(r) { return r.json(); });
+	}).then(function(cases) {
+		result.probes = {};
+		Object.keys(cases).forEach(function(opt) {
+			var box = $('cbid.derpd.main.' + opt), before = widget(opt).value;
+			result.probes[opt] = cases[opt].map(function(v) {
+				if (box && box.classList.contains('cbi-dynlist')) {
+					var n = box.querySelectorAll('.item').length;
+					addListItem(opt, v);
+					var items = box.querySelectorAll('.item');
+					if (items.length == n) { setValue(opt, ''); return [ v, false ]; }
+					items[items.length - 1].querySelector('.cbi-button-remove').click();
+					return [ v, true ];
+				}
+				setValue(opt, v);
+				return [ v, !widget(opt).classList.contains('cbi-input-invalid') ];
+			});
+			setValue(opt, before);
+		});
 	}).catch(function(e) {
 		result.driver_error = String(e && e.stack ? e.stack : e);
 	}).then(function() {

@@ -24,9 +24,9 @@ var callStatus = rpc.declare({
 	expect: { '': {} }
 });
 
-// Go durations as derpd takes them: 10s, 1m30s, 500ms, 2h.
+// Go durations as derpd takes them: 0, 10s, 1m30s, 500ms, 1.5h.
 function validateDuration(section_id, value) {
-	if (value == '' || /^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$/.test(value))
+	if (value == '' || value == '0' || /^(([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|ms|s|m|h))+$/.test(value))
 		return true;
 	return _('Expecting a duration such as 10s, 1m30s or 500ms');
 }
@@ -37,25 +37,54 @@ function validateAbsPath(section_id, value) {
 	return _('Expecting an absolute path');
 }
 
+function isIPv4(v) {
+	var p = v.split('.');
+	return p.length == 4 && p.every(function(x) { return /^[0-9]{1,3}$/.test(x) && +x <= 255; });
+}
+
+function isIPv6(v) {
+	var halves = v.split('::');
+	if (halves.length > 2 || !/^[0-9a-fA-F:.]+$/.test(v))
+		return false;
+	var groups = [].concat.apply([], halves.map(function(h) { return h == '' ? [] : h.split(':'); }));
+	var last = groups[groups.length - 1] || '';
+	var words = groups.length + (last.indexOf('.') >= 0 ? 1 : 0);
+	return groups.every(function(g, i) {
+		return /^[0-9a-fA-F]{1,4}$/.test(g) || (i == groups.length - 1 && isIPv4(g));
+	}) && (halves.length == 2 ? words < 8 : words == 8);
+}
+
+function isPort(p, allowZero) {
+	return /^[0-9]{1,5}$/.test(p) && +p <= 65535 && (allowZero || +p > 0);
+}
+
 // derpd's -a: ":443", "1.2.3.4:443" or "[::1]:443".
 function validateListen(section_id, value) {
-	var m = /^(|[0-9.]+|\[[0-9a-fA-F:.]+\]):([0-9]+)$/.exec(value);
-	if (value == '' || (m && +m[2] <= 65535))
+	var m = /^(.*):([^:\]]*)$/.exec(value);
+	if (value == '' || (m && isPort(m[2], true) &&
+	    (m[1] == '' || isIPv4(m[1]) || (/^\[.*\]$/.test(m[1]) && isIPv6(m[1].slice(1, -1))))))
 		return true;
 	return _('Expecting :port, IPv4:port or [IPv6]:port');
 }
 
-// mesh_with: host[/dialhost][/sha256-raw:HEX].
+// mesh_with: host[:port][/dialhost][/sha256-raw:HEX], as derpd parses it.
 function validateMeshPeer(section_id, value) {
-	var parts = value.split('/');
+	var pins = 0, parts = [];
 	if (value == '')
 		return true;
-	if (parts.length <= 3 && /^[A-Za-z0-9.:\-\[\]]+$/.test(parts[0]) &&
-	    parts.slice(1).every(function(p) {
-		    return /^sha256-raw:[0-9a-fA-F]{64}$/.test(p) || /^[A-Za-z0-9.:\-\[\]]+$/.test(p);
-	    }))
+	value.split('/').forEach(function(p) {
+		if (p.indexOf('sha256-raw:') == 0)
+			pins += /^sha256-raw:[0-9a-fA-F]{64}$/.test(p) ? 1 : 2;
+		else
+			parts.push(p);
+	});
+	var name = /^(\[([^\]]*)\]|[A-Za-z0-9._-]+)(:([0-9]+))?$/.exec(parts[0] || '');
+	var dial = parts[1];
+	if (pins <= 1 && parts.length >= 1 && parts.length <= 2 && name &&
+	    (name[2] == null || isIPv6(name[2])) && (name[4] == null || isPort(name[4], false)) &&
+	    (dial == null || /^[A-Za-z0-9._-]+$/.test(dial) || isIPv6(dial.replace(/^\[(.*)\]$/, '$1'))))
 		return true;
-	return _('Expecting host[/dialhost][/sha256-raw:HEX]');
+	return _('Expecting host[:port][/dialhost][/sha256-raw:HEX]');
 }
 
 function validateURL(section_id, value) {
@@ -299,7 +328,7 @@ return view.extend({
 		o.validate = validateAbsPath;
 
 		o = s.taboption('mesh', form.DynamicList, 'mesh_with', _('Other nodes'),
-			_('One per entry: host[/dialhost][/sha256-raw:HEX].'));
+			_('One per entry: host[:port][/dialhost][/sha256-raw:HEX].'));
 		o.placeholder = 'derp2.example.com';
 		o.validate = validateMeshPeer;
 
