@@ -324,6 +324,7 @@ impl Server {
             state.pool.budget_bytes() >> 10,
             state.pool.stats()
         );
+        // Logged only with a pin (a self-signed IP certificate), as derper does.
         if let (Some(_), Some(mode), Some(node)) = (&node_pin, &cfg.tls, state.debug.derp_map()) {
             print_derp_map(&mode.hostname, node);
         }
