@@ -465,7 +465,7 @@ fn http_get(addr: SocketAddr, target: &str) -> String {
 
 fn chromium() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("DERPD_CHROMIUM") {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| support::is_executable(p));
     }
     find_program("chromium").or_else(|| find_program("chromium-browser"))
 }
