@@ -630,6 +630,9 @@ fn page_test() {
             "--hide-scrollbars",
             "--window-size=1000,1700",
             "--virtual-time-budget=60000",
+            // The page's console messages, for the failure report.
+            "--enable-logging=stderr",
+            "--log-level=0",
         ])
         .arg(format!(
             "--user-data-dir={}",
@@ -638,7 +641,7 @@ fn page_test() {
         .arg(format!("--screenshot={}", shot.display()))
         .arg(format!("http://127.0.0.1:{port}/"))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
