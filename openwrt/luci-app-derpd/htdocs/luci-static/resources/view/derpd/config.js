@@ -210,7 +210,7 @@ return view.extend({
 
 		return E('div', { 'id': 'derpd-derpmap' }, [
 			E('p', {}, [
-				_('Clients find this relay through the DERP map of your tailnet. Paste one of these where your control server reads it; the pin (CertName) changes only when the certificate does.')
+				_('Clients find this relay through the DERP map of your tailnet: paste one of these where your control server reads it. With an IP address as hostname the node carries the certificate\'s pin (CertName), which changes only when the certificate does. For a region of several relays (mesh), list every node\'s entry in one region.')
 			]),
 			E('h4', {}, [ _('Tailscale: tailnet policy file') ]),
 			E('p', {}, [ _('Admin console → Access controls: paste the "derpMap" member into the top-level object of the policy file.') ]),
