@@ -1,5 +1,6 @@
 //! `/debug/`: the pages derper serves there that derpd implements (the index, `varz`, `check`),
-//! and derper's access rule for them (tsweb's `AllowDebugAccess`).
+//! derpd's own `derpmap` (this node's DERPMap entry as JSON, for the LuCI page), and derper's
+//! access rule for them (tsweb's `AllowDebugAccess`).
 //!
 //! `varz` is Prometheus text under derper's names: Tailscale's expvar conversion turns the
 //! `derp` metrics set's `gauge_x`/`counter_x`/`x` keys into `derp_x` with that `# TYPE` (plain
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::admission::Check;
 use crate::config::Config;
+use crate::derpmap::Node;
 use crate::http::{self, Request};
 use crate::limits::RateConfig;
 use crate::metrics::{DropReason, Metrics};
@@ -39,13 +41,15 @@ pub(crate) struct DebugState {
     /// memory obtained from the OS at start), the nearest thing a Rust process has.
     rss0: u64,
     tls_hostname: Option<String>,
+    /// This node's DERPMap entry (TLS modes only), for `/debug/derpmap`.
+    derp_map: Option<Node>,
 }
 
 impl DebugState {
     /// Reads the access rule from the environment (once: derper reads it per request, but it
     /// does not change). A bad `TS_DEBUG_TRUSTED_CIDRS` is a start-up error, where derper
     /// exits at the first request that needs it.
-    pub(crate) fn new(cfg: &Config) -> Result<Self, String> {
+    pub(crate) fn new(cfg: &Config, derp_map: Option<Node>) -> Result<Self, String> {
         let env = |k| std::env::var(k).unwrap_or_default();
         let access = Access::parse(
             &env("TS_ALLOW_DEBUG_IP"),
@@ -61,7 +65,13 @@ impl DebugState {
             start_unix,
             rss0: rss_bytes(),
             tls_hostname: cfg.tls.as_ref().map(|t| t.hostname.clone()),
+            derp_map,
         })
+    }
+
+    /// This node's DERPMap entry, in TLS modes.
+    pub(crate) fn derp_map(&self) -> Option<&Node> {
+        self.derp_map.as_ref()
     }
 }
 
@@ -226,6 +236,14 @@ pub(crate) fn respond(state: &State, req: &Request, remote: SocketAddr) -> Vec<u
             let extra = format!("{DEBUG_HEADERS}{TEXT}");
             http::response(200, "OK", &extra, body.as_bytes(), head)
         }
+        // derpd's own: the DERPMap entry the log shows, for the LuCI page (rpcd plugin).
+        "derpmap" => match &state.debug.derp_map {
+            Some(node) => {
+                let extra = format!("{DEBUG_HEADERS}Content-Type: application/json\r\n");
+                http::response(200, "OK", &extra, node.page_json().as_bytes(), head)
+            }
+            None => error(404, "Not Found", "no DERPMap entry: plain HTTP mode", head),
+        },
         // derper checks its maps against each other; derpd keeps one map per purpose, so
         // those invariants hold by construction.
         "check" => {
@@ -270,6 +288,7 @@ fn index(state: &State, head: bool) -> Vec<u8> {
     for (slug, desc) in [
         ("varz", "Metrics (Prometheus)"),
         ("check", "Consistency check"),
+        ("derpmap", "DERPMap entry (JSON)"),
     ] {
         let _ = write!(
             b,

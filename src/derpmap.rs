@@ -1,7 +1,8 @@
 //! The DERP map entry derpd logs for a self-signed IP certificate, in the forms people paste:
 //! the node as one JSON line (what derper logs), a tailnet policy file snippet (Tailscale's
 //! control server: JSON with `tailcfg`'s CamelCase field names) and a headscale `derp.paths`
-//! file (YAML).
+//! file (YAML). `/debug/derpmap` serves all of them as one JSON document ([`Node::page_json`],
+//! read by the LuCI page through its rpcd plugin), for a DNS name as well (without a pin).
 //!
 //! headscale reads `derp.paths` files with `yaml.Unmarshal` (gopkg.in/yaml.v3) straight into
 //! `tailcfg.DERPMap` (`loadDERPMapFromPath` in hscontrol/derp/derp.go). `tailcfg` has no `yaml`
@@ -35,23 +36,27 @@ enum Scalar {
 }
 
 impl Node {
-    /// The node for derpd serving a self-signed certificate for the IP `hostname` on TCP
-    /// `derp_port`; `stun_port` is the first STUN listener's port, `stun_on` whether STUN runs.
-    /// Ports at Tailscale's defaults (443, 3478) are left out; STUN off is `STUNPort: -1`.
-    pub(crate) fn self_signed(
+    /// The node for derpd serving TLS for `hostname` on TCP `derp_port`: with `pin_hex`, a
+    /// self-signed certificate (`CertName` is the pin; an IP hostname fills `IPv4`/`IPv6`),
+    /// without, a certificate clients verify by name. `stun_port` is the first STUN listener's
+    /// port, `stun_on` whether STUN runs. Ports at Tailscale's defaults (443, 3478) are left
+    /// out; STUN off is `STUNPort: -1`.
+    pub(crate) fn new(
         hostname: &str,
         derp_port: u16,
         stun_port: Option<u16>,
         stun_on: bool,
-        pin_hex: &str,
+        pin_hex: Option<&str>,
     ) -> Node {
         use Scalar::{Int, Str};
         let mut fields = vec![
             ("Name", Str("900a".into())),
             ("RegionID", Int(REGION_ID.into())),
             ("HostName", Str(hostname.into())),
-            ("CertName", Str(format!("sha256-raw:{pin_hex}"))),
         ];
+        if let Some(pin) = pin_hex {
+            fields.push(("CertName", Str(format!("sha256-raw:{pin}"))));
+        }
         match hostname.parse::<IpAddr>() {
             Ok(IpAddr::V4(_)) => fields.push(("IPv4", Str(hostname.into()))),
             Ok(IpAddr::V6(_)) => fields.push(("IPv6", Str(hostname.into()))),
@@ -85,22 +90,40 @@ impl Node {
         self.json_value().to_string()
     }
 
+    /// The `tailcfg.DERPRegion` holding this node.
+    fn region_value(&self) -> Value {
+        json!({
+            "RegionID": REGION_ID,
+            "RegionCode": REGION_CODE,
+            "RegionName": REGION_NAME,
+            "Nodes": [self.json_value()],
+        })
+    }
+
     /// `"derpMap": {...}` inside an object, to paste into the top level of a tailnet policy file.
     pub(crate) fn policy_file_snippet(&self) -> String {
         let region = json!({
             "derpMap": {
                 "OmitDefaultRegions": false,
-                "Regions": {
-                    REGION_ID.to_string(): {
-                        "RegionID": REGION_ID,
-                        "RegionCode": REGION_CODE,
-                        "RegionName": REGION_NAME,
-                        "Nodes": [self.json_value()],
-                    }
-                }
+                "Regions": { REGION_ID.to_string(): self.region_value() }
             }
         });
         serde_json::to_string_pretty(&region).unwrap_or_default()
+    }
+
+    /// `/debug/derpmap`: `{"node", "region", "policy_file", "headscale_yaml"}`, the first two
+    /// as JSON objects, the last two as the texts [`Node::policy_file_snippet`] and
+    /// [`Node::headscale_yaml`] give (what the log shows).
+    pub(crate) fn page_json(&self) -> String {
+        let page = json!({
+            "node": self.json_value(),
+            "region": self.region_value(),
+            "policy_file": self.policy_file_snippet(),
+            "headscale_yaml": self.headscale_yaml(),
+        });
+        let mut s = serde_json::to_string_pretty(&page).unwrap_or_default();
+        s.push('\n');
+        s
     }
 
     /// A whole headscale `derp.paths` file: one region with this node. Written by hand (block
@@ -160,7 +183,7 @@ mod tests {
 
     #[test]
     fn ipv4_at_default_ports() {
-        let n = Node::self_signed("203.0.113.7", 443, Some(3478), true, PIN);
+        let n = Node::new("203.0.113.7", 443, Some(3478), true, Some(PIN));
         assert_eq!(
             n.json_line(),
             format!(
@@ -187,7 +210,7 @@ mod tests {
 
     #[test]
     fn ipv6_other_ports_stun_off() {
-        let n = Node::self_signed("2001:db8::1", 8443, Some(3479), false, PIN);
+        let n = Node::new("2001:db8::1", 8443, Some(3479), false, Some(PIN));
         let y = n.headscale_yaml();
         assert!(
             y.ends_with(&format!(
@@ -203,10 +226,10 @@ mod tests {
         assert_eq!(j["IPv6"], "2001:db8::1");
         assert!(j.get("IPv4").is_none());
         // STUN on, on a port of its own.
-        let n = Node::self_signed("2001:db8::1", 8443, Some(3479), true, PIN);
+        let n = Node::new("2001:db8::1", 8443, Some(3479), true, Some(PIN));
         assert!(n.headscale_yaml().contains("\n        stunport: 3479\n"));
         // STUN on at the default port: left out.
-        let n = Node::self_signed("2001:db8::1", 443, Some(3478), true, PIN);
+        let n = Node::new("2001:db8::1", 443, Some(3478), true, Some(PIN));
         assert!(!n.headscale_yaml().contains("port"));
     }
 
@@ -215,9 +238,9 @@ mod tests {
     #[test]
     fn forms_agree() {
         for n in [
-            Node::self_signed("192.0.2.1", 443, None, true, PIN),
-            Node::self_signed("::1", 40001, Some(40002), true, PIN),
-            Node::self_signed("::ffff:192.0.2.1", 1, None, false, PIN),
+            Node::new("192.0.2.1", 443, None, true, Some(PIN)),
+            Node::new("::1", 40001, Some(40002), true, Some(PIN)),
+            Node::new("::ffff:192.0.2.1", 1, None, false, Some(PIN)),
         ] {
             let line: Value = serde_json::from_str(&n.json_line()).unwrap();
             let policy: Value = serde_json::from_str(&n.policy_file_snippet()).unwrap();
@@ -242,6 +265,24 @@ mod tests {
                 assert_eq!(&serde_json::from_str::<Value>(v).unwrap(), jv, "{l}");
             }
         }
+    }
+
+    /// The page holds the same node, region and texts; a DNS name has no pin.
+    #[test]
+    fn page_json() {
+        let n = Node::new("192.0.2.1", 8443, Some(3478), true, Some(PIN));
+        let page: Value = serde_json::from_str(&n.page_json()).unwrap();
+        let line: Value = serde_json::from_str(&n.json_line()).unwrap();
+        assert_eq!(page["node"], line);
+        assert_eq!(page["region"]["Nodes"][0], line);
+        assert_eq!(page["region"]["RegionID"], 900);
+        assert_eq!(page["policy_file"], n.policy_file_snippet());
+        assert_eq!(page["headscale_yaml"], n.headscale_yaml());
+        let dns = Node::new("derp.example.com", 443, Some(3478), true, None);
+        assert_eq!(
+            dns.json_line(),
+            r#"{"HostName":"derp.example.com","Name":"900a","RegionID":900}"#
+        );
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //!   the DERP upgrade. Also the STUN loop ([`stun`]).
 //! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
 //!   asked between ClientInfo and registration.
-//! - `debug`: the `/debug/` pages (Prometheus `varz`) and derper's access rule for them.
+//! - `debug`: the `/debug/` pages (Prometheus `varz`, and `derpmap` for the LuCI page) and
+//!   derper's access rule for them.
 //! - `derpmap`: the DERP map entry logged for a self-signed IP certificate: the node JSON, a
-//!   tailnet policy file snippet and a headscale `derp.paths` YAML file, from one description.
+//!   tailnet policy file snippet and a headscale `derp.paths` YAML file, from one description
+//!   (also served as JSON on `/debug/derpmap`).
 //! - [`client`]: one DERP connection: the login ([`handshake`]: ServerKey → ClientInfo →
 //!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
 //!   RecvPacket and queues it on the destination, and a writer that drains queues into one

@@ -268,7 +268,18 @@ impl Server {
             rate.set(rc);
             log_rate_config(rc);
         }
-        let debug = crate::debug::DebugState::new(&cfg).map_err(StartError::Config)?;
+        // The DERPMap entry for this node: logged below for a self-signed IP certificate,
+        // served on `/debug/derpmap` in every TLS mode.
+        let derp_map = cfg.tls.as_ref().map(|mode| {
+            derpmap::Node::new(
+                &mode.hostname,
+                cfg.public_port.unwrap_or(addr.port()),
+                stun_addrs.first().map(|a| a.port()),
+                cfg.stun_port.is_some(),
+                node_pin.as_deref(),
+            )
+        });
+        let debug = crate::debug::DebugState::new(&cfg, derp_map).map_err(StartError::Config)?;
         let metrics = Arc::new(Metrics::default());
         let pool = Pool::with_budget(cfg.buffer_budget);
         let state = Arc::new(State {
@@ -324,14 +335,9 @@ impl Server {
         if let Some(p) = cfg.public_port.filter(|&p| p != addr.port()) {
             info!("clients dial port {p} (--public-port), forwarded here by the firewall");
         }
-        if let (Some(pin), Some(mode)) = (&node_pin, &cfg.tls) {
-            print_derp_map(
-                &mode.hostname,
-                cfg.public_port.unwrap_or(addr.port()),
-                stun_addrs.first().map(|a| a.port()),
-                cfg.stun_port.is_some(),
-                pin,
-            );
+        // Logged only with a pin (a self-signed IP certificate), as derper does.
+        if let (Some(_), Some(mode), Some(node)) = (&node_pin, &cfg.tls, state.debug.derp_map()) {
+            print_derp_map(&mode.hostname, node);
         }
 
         let ex = Arc::new(Executor::new());
@@ -547,8 +553,7 @@ impl Drop for Server {
 
 /// Logs the DERPMap node for a self-signed IP certificate (the line derper logs), then a
 /// headscale `derp.paths` file and a tailnet policy file snippet, all from one [`derpmap::Node`].
-fn print_derp_map(hostname: &str, port: u16, stun_port: Option<u16>, stun_on: bool, pin: &str) {
-    let node = derpmap::Node::self_signed(hostname, port, stun_port, stun_on, pin);
+fn print_derp_map(hostname: &str, node: &derpmap::Node) {
     info!(
         "Using self-signed certificate for IP address {hostname:?}. Configure it in DERPMap using: \
          (https://tailscale.com/s/custom-derp)"

@@ -823,3 +823,64 @@ fn debug_access_netns_child() {
     d.expect_running();
     println!("netns child: all checks passed");
 }
+
+/// `/debug/derpmap` (derpd's own page, read by the LuCI page's rpcd plugin) holds the DERPMap
+/// entry the log shows, in the same three forms, under the same access rule; plain HTTP mode
+/// has none.
+#[test]
+fn derpmap_page_matches_the_log() {
+    let dir = fresh_path("debug_derpmap", "files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let args = [
+        s("--hostname=127.0.0.1"),
+        s("--certmode=manual"),
+        format!("--certdir={}", dir.join("certs").display()),
+        format!("-c={}", dir.join("derpd.key").display()),
+        s("-a=127.0.0.1:0"),
+        s("--http-port=0"),
+        s("--stun-port=0"),
+    ];
+    let mut d = Derpd::start(&args);
+    let snippets = d.derp_map_snippets();
+    d.wait_until("the port-80 listener line", Duration::from_secs(5), |log| {
+        log.iter().any(|l| l.contains("port-80 listener on "))
+    });
+    let http = d
+        .log
+        .iter()
+        .find_map(|l| {
+            let rest = &l[l.find("port-80 listener on ")? + "port-80 listener on ".len()..];
+            rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
+        })
+        .unwrap();
+    let r = request(http, "GET", "/debug/derpmap", "");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(
+        r.head.contains("Content-Type: application/json"),
+        "{}",
+        r.head
+    );
+    let page: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let node: serde_json::Value = serde_json::from_str(&snippets.node_json).unwrap();
+    assert_eq!(page["node"], node);
+    assert_eq!(page["region"]["Nodes"][0], node);
+    assert_eq!(
+        format!("{}\n", page["policy_file"].as_str().unwrap()),
+        snippets.policy
+    );
+    assert_eq!(
+        format!("{}\n", page["headscale_yaml"].as_str().unwrap()),
+        snippets.headscale_yaml
+    );
+    let f = request(
+        http,
+        "GET",
+        "/debug/derpmap",
+        "X-Forwarded-For: 1.2.3.4\r\n",
+    );
+    assert_eq!(f.status, 403);
+
+    let plain = start_dev();
+    let r = request(plain.addr(), "GET", "/debug/derpmap", "");
+    assert_eq!(r.status, 404, "{}", r.head);
+}
