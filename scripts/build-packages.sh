@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packages the static release binaries of scripts/build-release.sh (dist/derpd-<triple>):
-# - OpenWrt .ipk files, without the SDK, in the format of OpenWrt's scripts/ipkg-build and
+# - OpenWrt .ipk files (derpd per architecture, and luci-app-derpd for all), without the SDK,
+#   in the format of OpenWrt's scripts/ipkg-build and
 #   include/package-pack.mk (control fields, conffiles, the default postinst/prerm, keep.d),
 #   with the fields of openwrt/Makefile and the files of openwrt/files/;
 # - Debian .deb files (Raspberry Pi OS, Debian, Ubuntu) with dpkg-deb, from debian/.
@@ -64,6 +65,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd) bin_dir=$(cd "$bin_dir" && pwd)
 umask 022
 
+# shellcheck source=scripts/stage-luci-app.sh
+source scripts/stage-luci-app.sh
+
 # A field of openwrt/Makefile's `define Package/derpd` (or a top-level PKG_ variable).
 mk_field() { sed -n "s/^ *$1:=//p" openwrt/Makefile | head -1; }
 ipk_release=$(mk_field PKG_RELEASE)
@@ -108,6 +112,32 @@ check_binary() { # file target
 # tar as ipkg-build runs it under fakeroot: GNU format, root-owned, sorted, one mtime.
 ipk_tar() { tar --format=gnu --numeric-owner --owner=0 --group=0 --sort=name --mtime="$mtime" "$@"; }
 
+# The postinst and prerm package-pack.mk writes into every .ipk (they run lib/functions.sh's
+# default_postinst and default_prerm, which run the package's own postinst-pkg, prerm-pkg),
+# then the archives as ipkg-build makes them: data.tar.gz, Installed-Size in the control
+# file, control.tar.gz, and the outer tar.gz.
+ipk_pack() { # root tmp package-file
+  local root=$1 tmp=$2 pkg=$3 script
+  for script in postinst:default_postinst prerm:default_prerm; do
+    {
+      echo "#!/bin/sh"
+      [[ $script == postinst:* ]] && echo '[ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0'
+      echo '[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0'
+      echo '. ${IPKG_INSTROOT}/lib/functions.sh'
+      echo "${script#*:} \$0 \$@"
+    } >"$root/CONTROL/${script%%:*}"
+    chmod 0755 "$root/CONTROL/${script%%:*}"
+  done
+  chmod 0755 "$root"
+  (cd "$root" && ipk_tar --exclude=./CONTROL -cpf - . | gzip -n - >"$tmp/data.tar.gz")
+  sed -i "s/^Installed-Size: .*/Installed-Size: $(zcat <"$tmp/data.tar.gz" | wc -c)/" \
+    "$root/CONTROL/control"
+  (cd "$root/CONTROL" && ipk_tar -cf - . | gzip -n - >"$tmp/control.tar.gz")
+  echo "2.0" >"$tmp/debian-binary"
+  (cd "$tmp" && ipk_tar -cf - ./debian-binary ./data.tar.gz ./control.tar.gz | gzip -n - >"$pkg")
+  echo "build-packages: $pkg"
+}
+
 build_ipk() { # openwrt-arch target
   local arch=$1 t=$2 root=$work/ipk-$1 tmp=$work/ipk-$1.out conf
   rm -rf "$root" "$tmp" && mkdir -p "$root" "$tmp"
@@ -151,25 +181,37 @@ build_ipk() { # openwrt-arch target
     sed -e 's,^[[:space:]]*, ,g' <<<"$description"
   } >"$root/CONTROL/control"
   chmod 0644 "$root/CONTROL/control"
-  for script in postinst:default_postinst prerm:default_prerm; do
-    {
-      echo "#!/bin/sh"
-      [[ $script == postinst:* ]] && echo '[ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0'
-      echo '[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0'
-      echo '. ${IPKG_INSTROOT}/lib/functions.sh'
-      echo "${script#*:} \$0 \$@"
-    } >"$root/CONTROL/${script%%:*}"
-    chmod 0755 "$root/CONTROL/${script%%:*}"
-  done
-  chmod 0755 "$root"
-  (cd "$root" && ipk_tar --exclude=./CONTROL -cpf - . | gzip -n - >"$tmp/data.tar.gz")
-  sed -i "s/^Installed-Size: .*/Installed-Size: $(zcat <"$tmp/data.tar.gz" | wc -c)/" \
-    "$root/CONTROL/control"
-  (cd "$root/CONTROL" && ipk_tar -cf - . | gzip -n - >"$tmp/control.tar.gz")
-  echo "2.0" >"$tmp/debian-binary"
-  local pkg="$out/derpd_${ipk_version}_${arch}.ipk"
-  (cd "$tmp" && ipk_tar -cf - ./debian-binary ./data.tar.gz ./control.tar.gz | gzip -n - >"$pkg")
-  echo "build-packages: $pkg"
+  ipk_pack "$root" "$tmp" "$out/derpd_${ipk_version}_${arch}.ipk"
+}
+
+# luci-app-derpd: architecture-independent, the files of scripts/stage-luci-app.sh, its own
+# postinst and postrm (LuCI's caches, rpcd) as package-pack.mk stores them: postinst-pkg, run
+# by default_postinst, and postrm.
+build_luci_ipk() {
+  local root=$work/ipk-luci tmp=$work/ipk-luci.out
+  rm -rf "$root" "$tmp" && mkdir -p "$root/CONTROL" "$tmp"
+  stage_luci_app "$root"
+  {
+    echo "Package: $luci_app_name"
+    echo "Version: $ipk_version"
+    echo "Depends: $luci_app_depends"
+    echo "Source: $source"
+    echo "SourceName: derpd"
+    echo "License: $license"
+    echo "LicenseFiles: $license_files"
+    echo "Section: $luci_app_section"
+    echo "SourceDateEpoch: $SOURCE_DATE_EPOCH"
+    echo "Maintainer: $maintainer"
+    echo "Architecture: $luci_app_arch"
+    echo "Installed-Size: 0"
+    printf "Description: "
+    sed -e 's,^[[:space:]]*, ,g' <<<"$luci_app_description"
+  } >"$root/CONTROL/control"
+  echo "$luci_app_postinst" >"$root/CONTROL/postinst-pkg"
+  echo "$luci_app_postrm" >"$root/CONTROL/postrm"
+  chmod 0644 "$root/CONTROL/control"
+  chmod 0755 "$root/CONTROL/postinst-pkg" "$root/CONTROL/postrm"
+  ipk_pack "$root" "$tmp" "$out/${luci_app_name}_${ipk_version}_${luci_app_arch}.ipk"
 }
 
 copyright() {
@@ -282,12 +324,14 @@ for pair in "${ipk_arches[@]}" "${deb_arches[@]}"; do
   check_binary "$bin_dir/derpd-${pair#*:}" "${pair#*:}"
 done
 for pair in "${ipk_arches[@]}"; do build_ipk "${pair%%:*}" "${pair#*:}"; done
+build_luci_ipk
 for pair in "${deb_arches[@]}"; do build_deb "${pair%%:*}" "${pair#*:}"; done
 
 echo
 echo "| package | bytes |"
 echo "|---|---:|"
-for f in "$out"/derpd_"$version"-*.ipk "$out"/derpd_"$version"-*.deb; do
+for f in "$out"/derpd_"$version"-*.ipk "$out/${luci_app_name}_$ipk_version"_*.ipk \
+  "$out"/derpd_"$version"-*.deb; do
   printf '| %s | %s |\n' "$(basename "$f")" "$(stat -c %s "$f")"
 done
 

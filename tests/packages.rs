@@ -1623,6 +1623,136 @@ fn ipk_structure() {
     }
 }
 
+/// `scripts/stage-luci-app.sh --list`: (mode, installed path) of luci-app-derpd's files.
+fn luci_app_files() -> Vec<(String, String)> {
+    run(
+        "bash",
+        &[
+            repo("scripts/stage-luci-app.sh").to_str().unwrap(),
+            "--list",
+        ],
+    )
+    .lines()
+    .map(|l| {
+        let (mode, path) = l.split_once(' ').unwrap();
+        (mode.to_string(), path.to_string())
+    })
+    .collect()
+}
+
+/// A `define Package/luci-app-derpd/NAME` body of openwrt/Makefile, as the SDK writes it
+/// (make's `$$` is `$`).
+fn makefile_define(name: &str) -> String {
+    let text = String::from_utf8(read(&repo("openwrt/Makefile"))).unwrap();
+    let start = text
+        .find(&format!("define {name}\n"))
+        .unwrap_or_else(|| panic!("no define {name}"));
+    let body = &text[start..];
+    let body = &body[body.find('\n').unwrap() + 1..body.find("\nendef").unwrap()];
+    format!("{}\n", body.replace("$$", "$"))
+}
+
+#[test]
+#[ignore = "needs the packages: scripts/build-packages.sh runs it"]
+fn luci_ipk_structure() {
+    let version = format!("{}-r{}", cargo_version(), makefile_var("PKG_RELEASE"));
+    let ipk = packages_dir().join(format!("luci-app-derpd_{version}_all.ipk"));
+    require_package(&ipk);
+    let what = "luci-app-derpd .ipk";
+    check_gzip(&read(&ipk), what);
+    let dir = fresh_path("luci-ipk", "all");
+    std::fs::create_dir_all(dir.join("control")).unwrap();
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    run(
+        "tar",
+        &["-xzf", ipk.to_str().unwrap(), "-C", dir.to_str().unwrap()],
+    );
+    let (d, c) = (dir.join("data"), dir.join("control"));
+    untar(&dir.join("data.tar.gz"), &d);
+    untar(&dir.join("control.tar.gz"), &c);
+    // Every file of stage-luci-app.sh with its mode, root-owned, and nothing else.
+    let files: Vec<(String, String)> = tar_listing(&dir.join("data.tar.gz"))
+        .into_iter()
+        .filter(|(mode, owner, _)| !mode.starts_with('d') && owner == "0/0")
+        .map(|(mode, _, name)| (mode, name[1..].to_string()))
+        .collect();
+    let want: Vec<(String, String)> = luci_app_files()
+        .into_iter()
+        .map(|(mode, path)| {
+            let m = if mode == "0755" {
+                "-rwxr-xr-x"
+            } else {
+                "-rw-r--r--"
+            };
+            (m.to_string(), path)
+        })
+        .collect();
+    assert_eq!(files, want, "{what}: data.tar.gz");
+    for (_, path) in &want {
+        let source = if let Some(rest) = path.strip_prefix("/www/") {
+            format!("openwrt/luci-app-derpd/htdocs/{rest}")
+        } else {
+            format!("openwrt/luci-app-derpd/root{path}")
+        };
+        assert_eq!(
+            read(&d.join(&path[1..])),
+            read(&repo(&source)),
+            "{what}: {path}"
+        );
+    }
+    let control = tar_listing(&dir.join("control.tar.gz"));
+    let names: Vec<&str> = control.iter().map(|e| e.2.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "./",
+            "./control",
+            "./postinst",
+            "./postinst-pkg",
+            "./postrm",
+            "./prerm"
+        ],
+        "{what}"
+    );
+    let text = String::from_utf8(read(&c.join("control"))).unwrap();
+    let fields = control_fields(&text);
+    let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "Package",
+            "Version",
+            "Depends",
+            "Source",
+            "SourceName",
+            "License",
+            "LicenseFiles",
+            "Section",
+            "SourceDateEpoch",
+            "Maintainer",
+            "Architecture",
+            "Installed-Size",
+            "Description"
+        ],
+        "{what}"
+    );
+    opkg_reads_as_written(&text, what);
+    assert_eq!(field(&fields, "Package"), "luci-app-derpd");
+    assert_eq!(field(&fields, "Version"), version);
+    assert_eq!(field(&fields, "Architecture"), "all");
+    assert_eq!(field(&fields, "Section"), "luci");
+    assert_eq!(field(&fields, "Depends"), "libc, derpd, luci-base");
+    // The package's own scripts are the Makefile's, stored as package-pack.mk stores them.
+    assert_eq!(
+        String::from_utf8(read(&c.join("postinst-pkg"))).unwrap(),
+        makefile_define("Package/luci-app-derpd/postinst")
+    );
+    assert_eq!(
+        String::from_utf8(read(&c.join("postrm"))).unwrap(),
+        makefile_define("Package/luci-app-derpd/postrm")
+    );
+}
+
 #[test]
 #[ignore = "needs the packages: scripts/build-packages.sh runs it"]
 fn deb_structure() {
