@@ -708,8 +708,8 @@ fn read_apk(file: &[u8]) -> Result<Apk, String> {
 }
 
 impl Apk {
-    /// Every path that is not a directory: (path, mode, owner, kind) with "/" first.
-    fn listing(&self) -> Vec<(String, u32, String)> {
+    /// Every directory (with a trailing "/") and file: (path, octal mode, owner).
+    fn listing(&self) -> Vec<(String, String, String)> {
         let mut out = Vec::new();
         for d in &self.paths {
             let owner = format!("{}:{}", d.acl.user, d.acl.group);
@@ -724,7 +724,11 @@ impl Apk {
                 } else {
                     format!("/{}/{}", d.name, f.name)
                 };
-                out.push((p, f.acl.mode, format!("{}:{}", f.acl.user, f.acl.group)));
+                out.push((
+                    p,
+                    format!("{:o}", f.acl.mode),
+                    format!("{}:{}", f.acl.user, f.acl.group),
+                ));
             }
         }
         out
@@ -864,7 +868,7 @@ fn apk_pack_every_kind_of_entry_reads_back() {
     assert_eq!(apk.provides.len(), 1);
     assert_eq!(apk.scripts.len(), 1);
     assert_eq!(apk.scripts["post-install"], long_script);
-    let root_owned = |p: &str, m: u32| (s(p), m, s("root:root"));
+    let root_owned = |p: &str, m: u32| (s(p), format!("{m:o}"), s("root:root"));
     assert_eq!(
         apk.listing(),
         [
@@ -1085,7 +1089,7 @@ fn apk_structure() {
         assert_eq!(apk.id.len(), 20);
 
         // Every path: modes and owners as the .ipk's data.tar.gz has them, plus apk's lists.
-        let r = |p: &str, m: u32| (s(p), m, s("root:root"));
+        let r = |p: &str, m: u32| (s(p), format!("{m:o}"), s("root:root"));
         assert_eq!(
             apk.listing(),
             [
