@@ -715,7 +715,7 @@ impl Apk {
             let owner = format!("{}:{}", d.acl.user, d.acl.group);
             out.push((
                 format!("/{}/", d.name).replace("//", "/"),
-                d.acl.mode,
+                format!("{:o}", d.acl.mode),
                 owner,
             ));
             for f in &d.files {
