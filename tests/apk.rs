@@ -3,9 +3,11 @@
 //! `doc/apk-package.5.scd`), independent of `scripts/apk-pack.py`: CI has no apk-tools.
 //!
 //! The reader checks the structure as apk-tools writes it (blocks, alignment, every value in
-//! bounds, no field outside the schema), the package's integrity (its id, `info.hashes`, is the
-//! first 20 bytes of the SHA-256 of the ADB block with the id zeroed) and every file's SHA-256
-//! against its DATA block, in the order apk reads them.
+//! bounds, no field outside the schema), the metadata's integrity (the package id,
+//! `info.hashes`, is the first 20 bytes of the SHA-256 of the ADB block with the id zeroed, as
+//! `apk mkpkg` computes it; apk itself takes it as a unique id and relies on signatures, which
+//! these unsigned packages do not have) and every file's SHA-256 against its DATA block, in the
+//! order apk reads them (apk checks those on install).
 //!
 //! - `apk_pack_*`: `scripts/apk-pack.py` on a small tree of every kind of entry, read back; and
 //!   damaged copies, which the reader must refuse (a byte of a file, of the metadata, a cut).
