@@ -14,7 +14,7 @@
 #
 #   scripts/build-packages.sh                    # dist/derpd-* → dist/*.ipk, dist/apk/*/*.apk, dist/*.deb
 #   scripts/build-packages.sh --bin-dir D --out O [--no-test]
-#   APK=/path/to/apk scripts/build-packages.sh   # also: each .apk must equal `apk mkpkg`'s bytes
+#   APK=/path/to/apk scripts/build-packages.sh   # also: each .apk must equal `fakeroot apk mkpkg`'s bytes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
