@@ -4,11 +4,18 @@
 #   in the format of OpenWrt's scripts/ipkg-build and
 #   include/package-pack.mk (control fields, conffiles, the default postinst/prerm, keep.d),
 #   with the fields of openwrt/Makefile and the files of openwrt/files/;
+# - OpenWrt 25.12 .apk files (apk-tools v3, ADB), the same files and fields, laid out as
+#   include/package-pack.mk lays them out for `apk mkpkg` (/lib/apk/packages/<pkg>.list,
+#   .conffiles, .conffiles_static, .rusers; the post-install, post-upgrade and pre-deinstall
+#   scripts), written by scripts/apk-pack.py (no apk-tools needed), one per architecture in
+#   apk/<arch>/derpd-<version>.apk;
 # - Debian .deb files (Raspberry Pi OS, Debian, Ubuntu) with dpkg-deb, from debian/.
-# Then it runs the package tests on them (tests/packages.rs: structure, and as root `dpkg -i`).
+# Then it runs the package tests on them (tests/packages.rs: structure, and as root `dpkg -i`;
+# tests/apk.rs: the .apk files read back, every field and hash).
 #
-#   scripts/build-packages.sh                    # dist/derpd-* → dist/*.ipk, dist/*.deb
+#   scripts/build-packages.sh                    # dist/derpd-* → dist/*.ipk, dist/apk/*/*.apk, dist/*.deb
 #   scripts/build-packages.sh --bin-dir D --out O [--no-test]
+#   APK=/path/to/apk scripts/build-packages.sh   # also: each .apk must equal `fakeroot apk mkpkg`'s bytes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,9 +55,9 @@ declare -A elf=(
   [x86_64-unknown-linux-musl]="ELF64 little X86-64"
 )
 
-for tool in dpkg-deb tar gzip readelf md5sum; do
+for tool in dpkg-deb tar gzip readelf md5sum sha256sum python3; do
   command -v "$tool" >/dev/null || {
-    echo "build-packages: $tool is missing (apt-get install dpkg binutils)" >&2
+    echo "build-packages: $tool is missing (apt-get install dpkg binutils python3)" >&2
     exit 1
   }
 done
@@ -78,10 +85,11 @@ maintainer=$(mk_field PKG_MAINTAINER)
 section=$(mk_field SECTION)
 userid=$(mk_field USERID)
 # DEPENDS without the @conditions and $(…) variables, '+' dropped: what the SDK writes.
-# package-pack.mk writes the package's directory under the build tree as Source; these are
-# not built in a tree, so it says where they come from. It must be at least as long as the
-# values opkg reads into Source after it ("ateEpoch: 1796197046", see build_ipk).
-source="derpd/openwrt/Makefile, by scripts/build-packages.sh"
+# package-pack.mk writes the package's directory under the build tree as the .ipk's Source and
+# the .apk's origin; these are not built in a tree, so it names the Makefile they follow. For
+# opkg it must be at least as long as the values it reads into Source after it
+# ("ateEpoch: 1796197046", see build_ipk).
+source=derpd/openwrt/Makefile
 depends=$(mk_field DEPENDS | tr ' ' '\n' | { grep '^+' || true; } | sed 's/^+//' | paste -sd, | sed 's/,/, /g')
 description=$(sed -n '/^define Package\/derpd\/description/,/^endef/p' openwrt/Makefile |
   sed '1d;$d')
@@ -214,6 +222,138 @@ build_luci_ipk() {
   ipk_pack "$root" "$tmp" "$out/${luci_app_name}_${ipk_version}_${luci_app_arch}.ipk"
 }
 
+# One OpenWrt 25.12 .apk from a staged root (the files as installed, root-owned), made as
+# include/package-pack.mk makes it: keep.d for conffiles entries that are not files, then in
+# /lib/apk/packages/ <name>.rusers (Require-User), <name>.list (every file and symlink, made
+# before the conffiles lists), <name>.conffiles (the Makefile's conffiles, verbatim) and
+# <name>.conffiles_static (each conffile that is a file, with its sha256); the post-install,
+# post-upgrade and pre-deinstall scripts (and pre-install/pre-upgrade/post-deinstall when the
+# package has preinst/postrm); then the ADB package (scripts/apk-pack.py; with APK set, also
+# `$APK mkpkg`, and the two must be equal). Generic: luci-app-derpd uses it too.
+#   build_apk name=N version=V arch=A|noarch root=DIR out=FILE description=… [depends="a b"]
+#     [provides="x"] [userid=U] [conffiles=$'/etc/a\n/etc/b/'] [postinst=F] [prerm=F]
+#     [preinst=F] [postrm=F] [license=L] [maintainer=M] [origin=O] [url=U]
+build_apk() {
+  local name='' version='' arch='' root='' pkg='' description='' depends='' provides=''
+  local userid='' conffiles='' postinst='' prerm='' preinst='' postrm='' url=''
+  local license=$license maintainer=$maintainer origin=$source kv f
+  for kv in "$@"; do
+    case "${kv%%=*}" in
+    name | version | arch | root | description | depends | provides | userid | conffiles | \
+      postinst | prerm | preinst | postrm | license | maintainer | origin | url)
+      printf -v "${kv%%=*}" '%s' "${kv#*=}" ;;
+    out) pkg=${kv#*=} ;;
+    *) echo "build_apk: unknown argument $kv" >&2 && exit 2 ;;
+    esac
+  done
+  local meta=$root/lib/apk/packages scripts=$work/apk-scripts-$name-$arch
+  rm -rf "$scripts" && mkdir -p "$scripts" "$meta"
+  for f in $conffiles; do
+    if [[ ! -f "$root$f" ]]; then
+      install -d -m 0755 "$root/lib/upgrade/keep.d"
+      echo "$f" >>"$root/lib/upgrade/keep.d/$name"
+    fi
+  done
+  [[ -z "$userid" ]] || echo "$userid" >"$meta/$name.rusers"
+  (cd "$root" && find . -type f,l -printf "/%P\n" | LC_ALL=C sort) >"$scripts/list"
+  mv "$scripts/list" "$meta/$name.list"
+  if [[ -n "$conffiles" ]]; then
+    printf '%s\n' "$conffiles" >"$meta/$name.conffiles"
+    for f in $conffiles; do
+      [[ -f "$root$f" ]] || continue
+      echo "$f $(sha256sum <"$root$f" | cut -d' ' -f1)" >>"$meta/$name.conffiles_static"
+    done
+  fi
+  # The scripts, line for line as package-pack.mk writes them.
+  {
+    echo '#!/bin/sh'
+    echo '[ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0'
+    echo '[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0'
+    echo '. ${IPKG_INSTROOT}/lib/functions.sh'
+    echo 'export root="${IPKG_INSTROOT}"'
+    echo "export pkgname=\"$name\""
+    echo 'add_group_and_user'
+    echo 'default_postinst'
+    [[ -z "$postinst" ]] || sed '/^\s*#!/d' "$postinst"
+  } >"$scripts/post-install"
+  {
+    echo '#!/bin/sh'
+    echo 'export PKG_UPGRADE=1'
+    sed '/^\s*#!/d' "$scripts/post-install"
+  } >"$scripts/post-upgrade"
+  {
+    echo '#!/bin/sh'
+    echo '[ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0'
+    echo '. ${IPKG_INSTROOT}/lib/functions.sh'
+    echo 'export root="${IPKG_INSTROOT}"'
+    echo "export pkgname=\"$name\""
+    echo 'default_prerm'
+    [[ -z "$prerm" ]] || sed '/^\s*#!/d' "$prerm"
+  } >"$scripts/pre-deinstall"
+  local args=(
+    --info "name:$name" --info "version:$version"
+    --info "description:$(tr -s ' \t\n' '   ' <<<"$description" | sed 's/^ //;s/ $//')"
+    --info "arch:$arch" --info "license:$license" --info "origin:$origin" --info "url:$url"
+    --info "maintainer:$maintainer"
+  )
+  [[ -z "$provides" ]] || args+=(--info "provides:$provides")
+  if [[ -n "$preinst" ]]; then
+    args+=(--script "pre-install:$preinst")
+    { echo '#!/bin/sh' && echo 'export PKG_UPGRADE=1' && sed '/^\s*#!/d' "$preinst"; } >"$scripts/pre-upgrade"
+  fi
+  args+=(--script "post-install:$scripts/post-install")
+  [[ -z "$preinst" ]] || args+=(--script "pre-upgrade:$scripts/pre-upgrade")
+  args+=(--script "post-upgrade:$scripts/post-upgrade" --script "pre-deinstall:$scripts/pre-deinstall")
+  if [[ -n "$postrm" ]]; then
+    sed -z 's/^\s*#!/#!/' "$postrm" >"$scripts/post-deinstall"
+    args+=(--script "post-deinstall:$scripts/post-deinstall")
+  fi
+  args+=(--info "depends:$depends" --files "$root")
+  mkdir -p "$(dirname "$pkg")"
+  python3 scripts/apk-pack.py "${args[@]}" --output "$pkg"
+  if [[ -n "${APK:-}" ]]; then
+    # Under fakeroot as the SDK runs it: every file root-owned whoever runs this.
+    fakeroot "$APK" mkpkg "${args[@]}" --output "$scripts/mkpkg.apk"
+    cmp "$pkg" "$scripts/mkpkg.apk" || {
+      echo "build-packages: $pkg differs from what $APK mkpkg writes" >&2
+      exit 1
+    }
+  fi
+  echo "build-packages: $pkg"
+}
+
+# derpd's .apk: the files of build_ipk's data.tar.gz, from the same sources.
+build_apk_derpd() { # openwrt-arch target
+  local arch=$1 t=$2 root=$work/apk-$1
+  rm -rf "$root" && mkdir -p "$root"
+  install -d -m 0755 "$root/usr/sbin" "$root/etc/init.d" "$root/etc/config" "$root/etc/capabilities"
+  install -m 0755 "$bin_dir/derpd-$t" "$root/usr/sbin/derpd"
+  install -m 0755 openwrt/files/derpd.init "$root/etc/init.d/derpd"
+  install -m 0600 openwrt/files/derpd.config "$root/etc/config/derpd"
+  install -m 0600 openwrt/files/derpd.json "$root/etc/capabilities/derpd.json"
+  chmod 0755 "$root"
+  # depends: the .ipk's Depends (none: procd-ujail is optional, see the README); provides:
+  # the virtual <name>-any that OpenWrt 25.12 gives every package.
+  build_apk name=derpd version="$ipk_version" arch="$arch" root="$root" \
+    out="$out/apk/$arch/derpd-$ipk_version.apk" description="$description" \
+    depends="${depends//, / }" provides=derpd-any userid="$userid" conffiles="$conffiles_mk"
+}
+
+# luci-app-derpd's .apk: noarch (package-pack.mk's arch for PKGARCH all), the staged files,
+# and its postinst and postrm bodies as the post-install and post-deinstall scripts.
+build_apk_luci() {
+  local root=$work/apk-luci
+  rm -rf "$root" && mkdir -p "$root"
+  stage_luci_app "$root"
+  chmod 0755 "$root"
+  echo "$luci_app_postinst" >"$work/luci-postinst"
+  echo "$luci_app_postrm" >"$work/luci-postrm"
+  build_apk name="$luci_app_name" version="$ipk_version" arch=noarch root="$root" \
+    out="$out/apk/noarch/$luci_app_name-$ipk_version.apk" \
+    description="$luci_app_description" depends="${luci_app_depends//, / }" \
+    provides="$luci_app_name-any" postinst="$work/luci-postinst" postrm="$work/luci-postrm"
+}
+
 copyright() {
   cat <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
@@ -325,18 +465,20 @@ for pair in "${ipk_arches[@]}" "${deb_arches[@]}"; do
 done
 for pair in "${ipk_arches[@]}"; do build_ipk "${pair%%:*}" "${pair#*:}"; done
 build_luci_ipk
+for pair in "${ipk_arches[@]}"; do build_apk_derpd "${pair%%:*}" "${pair#*:}"; done
+build_apk_luci
 for pair in "${deb_arches[@]}"; do build_deb "${pair%%:*}" "${pair#*:}"; done
 
 echo
 echo "| package | bytes |"
 echo "|---|---:|"
 for f in "$out"/derpd_"$version"-*.ipk "$out/${luci_app_name}_$ipk_version"_*.ipk \
-  "$out"/derpd_"$version"-*.deb; do
-  printf '| %s | %s |\n' "$(basename "$f")" "$(stat -c %s "$f")"
+  "$out"/apk/*/*-"$version"-*.apk "$out"/derpd_"$version"-*.deb; do
+  printf '| %s | %s |\n' "${f#"$out"/}" "$(stat -c %s "$f")"
 done
 
 if ((run_tests)); then
   echo
-  echo "build-packages: tests/packages.rs on $out"
-  DERPD_PACKAGES_DIR="$out" cargo test --locked --test packages -- --include-ignored
+  echo "build-packages: tests/packages.rs and tests/apk.rs on $out"
+  DERPD_PACKAGES_DIR="$out" cargo test --locked --test packages --test apk -- --include-ignored
 fi
