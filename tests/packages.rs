@@ -1122,16 +1122,21 @@ fn beside_uhttpd_child() {
         let st = d.wait_exit(support::STARTUP_DEADLINE);
         let log = d.log.join("\n");
         assert!(!st.success(), "{log}");
+        // EADDRINUSE is "Address already in use" in glibc's words, "Address in use" in musl's.
         let mut want = vec![
-            format!("cannot listen on [::]:{port}: Address already in use"),
+            format!("cannot listen on [::]:{port}: Address "),
+            s("in use (os error 98)"),
             format!("choose another port with UCI option derpd.main.{option}"),
         ];
-        // Under a cross runner the stand-in's process name is the runner's.
+        // Under a cross runner the stand-in's process name is the runner's (qemu-…).
         if std::env::var("DERPD_TEST_RUNNER")
             .unwrap_or_default()
             .is_empty()
         {
             want.push(format!("port {port} is held by uhttpd (pid {uhttpd_pid})"));
+        } else {
+            want.push(format!("port {port} is held by "));
+            want.push(format!(" (pid {uhttpd_pid})"));
         }
         for w in want {
             assert!(log.contains(&w), "no {w:?} in:\n{log}");
