@@ -3,8 +3,10 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use event_listener::listener;
@@ -330,11 +332,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
         rd.read_exact(&mut h[got..]).await?;
         let (t, len) = frame::decode_header(&h);
         state.registry.note_activity(client);
-        // --rate-config: wait before reading the frame (TCP backpressure); mesh peers exempt.
-        if !client.is_mesh {
-            if let Some(d) = bucket.delay(&state.rate, len) {
-                Timer::after(d).await;
-            }
+        // --rate-config, mesh peers exempt: every byte read is charged before it is read (TCP
+        // backpressure). The header and up to one maximum frame now: that is all of every
+        // frame derpd reads (longer ones close the connection); the rest of a longer frame
+        // of a type it skips is charged piece by piece as it is skipped.
+        let rate = (!client.is_mesh).then_some(&state.rate);
+        let prepaid = u64::from(len).min(crate::limits::MIN_RATE_BURST);
+        if let Some(limits) = rate {
+            bucket.pay(limits, HEADER_LEN as u64 + prepaid).await;
         }
         let n = len as usize;
         match FrameType::from_u8(t) {
@@ -390,7 +395,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 // The Pong echoes the first 8 bytes (as derper); the rest is read and dropped.
                 let mut data = [0u8; 8];
                 rd.read_exact(&mut data).await?;
-                discard(rd, (n - 8) as u64).await?;
+                discard(rd, (n - 8) as u64, None).await?;
                 m.got_ping.fetch_add(1, Relaxed);
                 client.enqueue_pong(data);
             }
@@ -447,7 +452,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             _ => {
                 m.unknown_frames.fetch_add(1, Relaxed);
-                discard(rd, u64::from(len)).await?;
+                let rate = rate.map(|limits| Metered {
+                    bucket: &mut bucket,
+                    limits,
+                    prepaid,
+                });
+                discard(rd, u64::from(len), rate).await?;
             }
         }
     }
@@ -548,22 +558,87 @@ fn deliver_forwarded(
     }
 }
 
-/// Skips `n` payload bytes of a frame we ignore.
-pub(crate) async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
-    let mut sink = [0u8; 64];
-    let mut reads = 0u32;
-    while n > 0 {
-        let k = n.min(sink.len() as u64) as usize;
-        rd.read_exact(&mut sink[..k]).await?;
-        n -= k as u64;
-        // A frame may declare 4 GiB: while its bytes keep coming, the reads never wait, so
-        // give the thread to the other connections now and then (as READ_BURST does).
-        reads += 1;
-        if reads.is_multiple_of(READ_BURST) {
-            smol::future::yield_now().await;
+/// The rate limit of a frame being skipped: its first `prepaid` bytes are charged already.
+pub(crate) struct Metered<'a> {
+    pub bucket: &'a mut crate::limits::Bucket,
+    pub limits: &'a crate::limits::RateLimits,
+    pub prepaid: u64,
+}
+
+/// Skips `n` payload bytes of a frame we ignore. With `rate`, every byte past the prepaid ones
+/// is charged (in pieces of one maximum frame) before it is read.
+pub(crate) async fn discard<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    n: u64,
+    rate: Option<Metered<'_>>,
+) -> io::Result<()> {
+    let Some(Metered {
+        bucket,
+        limits,
+        prepaid,
+    }) = rate
+    else {
+        return skip(rd, n).await;
+    };
+    let mut paid = prepaid.min(n);
+    let mut left = n;
+    loop {
+        skip(rd, paid).await?;
+        left -= paid;
+        if left == 0 {
+            return Ok(());
         }
+        paid = left.min(crate::limits::MIN_RATE_BURST);
+        bucket.pay(limits, paid).await;
     }
-    Ok(())
+}
+
+/// Bytes one read takes while skipping.
+const SKIP_BUF: usize = 16 << 10;
+/// Reads of a skip between two yields: about one maximum frame, as one frame read is.
+const SKIP_BURST: u32 = 4;
+
+std::thread_local! {
+    /// Where skipped bytes go: one buffer per executor thread, not per connection. Nothing
+    /// needs them after the read, so it is never held across a wait.
+    static SKIP_SINK: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SKIP_BUF].into_boxed_slice());
+}
+
+/// Reads and drops `n` bytes: one read per [`SKIP_BUF`] bytes that are there, no buffer held
+/// while waiting for more.
+async fn skip<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
+    std::future::poll_fn(|cx| {
+        // A frame may declare 4 GiB: while its bytes keep coming, the reads never wait, so
+        // give the thread to the other connections after every SKIP_BURST reads.
+        let mut reads = 0u32;
+        let mut step = |buf: &mut [u8]| {
+            while n > 0 {
+                if reads == SKIP_BURST {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                let k = n.min(buf.len() as u64) as usize;
+                match Pin::new(&mut *rd).poll_read(cx, &mut buf[..k]) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+                    }
+                    Poll::Ready(Ok(got)) => n -= got as u64,
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                }
+                reads += 1;
+            }
+            Poll::Ready(Ok(()))
+        };
+        SKIP_SINK.with(|sink| match sink.try_borrow_mut() {
+            Ok(mut buf) => step(&mut buf),
+            // Only if a reader's own poll_read skipped a frame too (none does): a small one.
+            Err(_) => step(&mut [0u8; 256]),
+        })
+    })
+    .await
 }
 
 /// One frame waiting in a writer batch.
@@ -724,4 +799,91 @@ pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
         IoSlice::advance_slices(&mut bufs, w);
     }
     wr.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::task::Context;
+
+    /// A stream of `left` bytes that counts its reads and, with `stall`, is not ready every
+    /// other time it is asked.
+    struct Source {
+        left: u64,
+        reads: u32,
+        stall: bool,
+        stalled: bool,
+    }
+
+    impl AsyncRead for Source {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.stall {
+                self.stalled = !self.stalled;
+                if self.stalled {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+            self.reads += 1;
+            let k = self.left.min(buf.len() as u64);
+            self.left -= k;
+            Poll::Ready(Ok(k as usize))
+        }
+    }
+
+    fn source(left: u64, stall: bool) -> Source {
+        Source {
+            left,
+            reads: 0,
+            stall,
+            stalled: false,
+        }
+    }
+
+    #[test]
+    fn discard_reads_in_large_pieces() {
+        // 1 MiB skipped: 64 reads of 16 KiB, not 16,384 of 64 bytes (one syscall each on TCP).
+        let mut s = source(10 << 20, false);
+        smol::block_on(discard(&mut s, 1 << 20, None)).unwrap();
+        assert_eq!(s.left, 9 << 20, "exactly the frame's bytes are taken");
+        assert!(s.reads <= 64, "{} reads for 1 MiB", s.reads);
+        // Not ready half the time: every byte still skipped once, then EOF is an error.
+        let mut s = source(3 << 20, true);
+        smol::block_on(discard(&mut s, (2 << 20) + 5, None)).unwrap();
+        assert_eq!(s.left, (1 << 20) - 5);
+        let e = smol::block_on(discard(&mut s, 2 << 20, None)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(s.left, 0);
+    }
+
+    #[test]
+    fn discard_charges_every_byte_past_the_prepaid_ones() {
+        let limits = crate::limits::RateLimits::default();
+        limits.set(crate::limits::RateConfig {
+            bytes_per_sec: 10_000_000,
+            burst_bytes: 0,
+        });
+        let mut bucket = crate::limits::Bucket::default();
+        // The reader took the header and one maximum frame off the full bucket.
+        let burst = crate::limits::MIN_RATE_BURST;
+        assert_eq!(bucket.delay(&limits, burst), None);
+        let mut s = source(u64::MAX, false);
+        let rate = Metered {
+            bucket: &mut bucket,
+            limits: &limits,
+            prepaid: burst,
+        };
+        let t0 = Instant::now();
+        smol::block_on(discard(&mut s, 10 * burst, Some(rate))).unwrap();
+        let took = t0.elapsed();
+        assert_eq!(u64::MAX - s.left, 10 * burst);
+        // Nine more pieces charged, each waited for (the bucket was empty): 59 ms at 10 MB/s.
+        assert_eq!(limits.waited.load(Relaxed), 9);
+        assert!(took >= Duration::from_millis(55), "{took:?}");
+    }
 }

@@ -1,6 +1,7 @@
 //! `/debug/`: the pages derper serves there that derpd implements (the index, `varz`, `check`),
 //! derpd's own `derpmap` (this node's DERPMap entry as JSON, for the LuCI page), and derper's
-//! access rule for them (tsweb's `AllowDebugAccess`).
+//! access rule for them (tsweb's `AllowDebugAccess`), which trusts a Tailscale peer here only
+//! on a connection to a Tailscale address of derpd's (100.64.0.0/10 is also CGNAT).
 //!
 //! `varz` is Prometheus text under derper's names: Tailscale's expvar conversion turns the
 //! `derp` metrics set's `gauge_x`/`counter_x`/`x` keys into `derp_x` with that `# TYPE` (plain
@@ -109,8 +110,11 @@ impl Access {
 
     /// derper's rule: a GET with the right `?debugkey=`; otherwise, without `X-Forwarded-For`,
     /// a loopback or Tailscale peer, `TS_ALLOW_DEBUG_IP`, or one in `TS_DEBUG_TRUSTED_CIDRS`.
-    /// IPv4 peers of a dual-stack listener (`::ffff:a.b.c.d`) are judged as IPv4.
-    fn allows(&self, req: &Request, remote: IpAddr) -> bool {
+    /// Unlike derper, a Tailscale peer only when the connection also arrived on a Tailscale
+    /// address (`local`, derpd's own end of it): 100.64.0.0/10 is also ISP carrier-grade NAT
+    /// (RFC 6598), whose other subscribers are not the owner's tailnet. IPv4 addresses on a
+    /// dual-stack listener (`::ffff:a.b.c.d`) are judged as IPv4.
+    fn allows(&self, req: &Request, remote: IpAddr, local: Option<IpAddr>) -> bool {
         if req.method == "GET" && self.key_matches(&req.target) {
             return true;
         }
@@ -118,8 +122,9 @@ impl Access {
             return false;
         }
         let ip = remote.to_canonical();
+        let on_tailscale = local.is_some_and(|l| is_tailscale_ip(l.to_canonical()));
         ip.is_loopback()
-            || is_tailscale_ip(ip)
+            || (is_tailscale_ip(ip) && on_tailscale)
             || self.allow_ip == Some(ip)
             || self
                 .trusted
@@ -209,8 +214,14 @@ fn unescape(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The response to a request under `/debug`.
-pub(crate) fn respond(state: &State, req: &Request, remote: SocketAddr) -> Vec<u8> {
+/// The response to a request under `/debug` from `remote` that arrived on `local` (derpd's
+/// address of the connection; `None` if unknown: then no Tailscale peer is let in by address).
+pub(crate) fn respond(
+    state: &State,
+    req: &Request,
+    remote: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Vec<u8> {
     let head = req.method == "HEAD";
     if req.path == "/debug" {
         // Go's ServeMux sends a subtree's root to its slashed form before any handler runs.
@@ -225,7 +236,11 @@ pub(crate) fn respond(state: &State, req: &Request, remote: SocketAddr) -> Vec<u
         let extra = format!("Content-Type: text/html; charset=utf-8\r\nLocation: {loc}\r\n");
         return http::response(307, "Temporary Redirect", &extra, body.as_bytes(), head);
     }
-    if !state.debug.access.allows(req, remote.ip()) {
+    if !state
+        .debug
+        .access
+        .allows(req, remote.ip(), local.map(|l| l.ip()))
+    {
         return error(403, "Forbidden", "debug access denied", head);
     }
     match req.path.get("/debug/".len()..).unwrap_or("") {
@@ -669,8 +684,15 @@ mod tests {
         }
     }
 
+    /// From `ip`, on a connection that arrived on a Tailscale address of derpd's.
     fn allowed(a: &Access, ip: &str) -> bool {
-        a.allows(&req("GET", "/debug/", false), ip.parse().unwrap())
+        allowed_on(a, ip, Some("100.100.1.1"))
+    }
+
+    /// From `ip`, on a connection that arrived on `local`.
+    fn allowed_on(a: &Access, ip: &str, local: Option<&str>) -> bool {
+        let local = local.map(|l| l.parse().unwrap());
+        a.allows(&req("GET", "/debug/", false), ip.parse().unwrap(), local)
     }
 
     #[test]
@@ -699,11 +721,57 @@ mod tests {
         }
     }
 
+    /// 100.64.0.0/10 is also carrier-grade NAT: a Tailscale peer is trusted only on a
+    /// connection that arrived on a Tailscale address of derpd's (a router behind CGNAT has
+    /// its WAN address in that range too; see the README).
+    #[test]
+    fn debug_access_tailscale_peers_only_on_a_tailscale_address() {
+        let a = Access::parse("", "", "").unwrap();
+        for (remote, local, ok) in [
+            // Tailscale to Tailscale, both families, mapped IPv4 as IPv4.
+            ("100.101.102.103", Some("100.64.0.1"), true),
+            (
+                "::ffff:100.101.102.103",
+                Some("::ffff:100.127.255.254"),
+                true,
+            ),
+            ("fd7a:115c:a1e0::5", Some("fd7a:115c:a1e0:ab12::1"), true),
+            ("100.101.102.103", Some("fd7a:115c:a1e0::1"), true),
+            // A CGNAT neighbour, or a Tailscale address, reaching a non-Tailscale address.
+            ("100.101.102.103", Some("192.168.1.1"), false),
+            ("100.101.102.103", Some("203.0.113.1"), false),
+            ("100.101.102.103", Some("127.0.0.1"), false),
+            ("::ffff:100.64.0.9", Some("::ffff:10.0.0.1"), false),
+            ("fd7a:115c:a1e0::5", Some("2001:db8::1"), false),
+            ("fd7a:115c:a1e0::5", Some("::1"), false),
+            // ChromeOS's VM range is not Tailscale's, on either end.
+            ("100.101.102.103", Some("100.115.92.1"), false),
+            ("100.115.92.9", Some("100.64.0.1"), false),
+            // Local address unknown: no trust by a Tailscale address.
+            ("100.101.102.103", None, false),
+            // Neither end decides anything else: loopback, others.
+            ("127.0.0.1", None, true),
+            ("::1", Some("::1"), true),
+            ("192.168.1.5", Some("100.64.0.1"), false),
+            ("203.0.113.9", Some("fd7a:115c:a1e0::1"), false),
+        ] {
+            assert_eq!(allowed_on(&a, remote, local), ok, "{remote} on {local:?}");
+        }
+        // TS_ALLOW_DEBUG_IP and TS_DEBUG_TRUSTED_CIDRS take a CGNAT address on any local one.
+        let t = Access::parse("100.70.0.9", "100.80.0.0/16", "").unwrap();
+        for remote in ["100.70.0.9", "100.80.3.4"] {
+            assert!(allowed_on(&t, remote, Some("192.168.1.1")), "{remote}");
+            assert!(allowed_on(&t, remote, None), "{remote}");
+        }
+        assert!(!allowed_on(&t, "100.70.0.10", Some("192.168.1.1")));
+    }
+
     #[test]
     fn debug_access_forwarded_is_denied() {
         let a = Access::parse("10.1.1.1", "", "").unwrap();
         for ip in ["127.0.0.1", "100.64.0.1", "10.1.1.1"] {
-            assert!(!a.allows(&req("GET", "/debug/", true), ip.parse().unwrap()));
+            let local = Some("100.100.1.1".parse().unwrap());
+            assert!(!a.allows(&req("GET", "/debug/", true), ip.parse().unwrap(), local));
         }
         let (r, _) = http::parse_head(
             b"GET /debug/varz HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
@@ -768,8 +836,9 @@ mod tests {
         std::fs::write(&path, " s3cret+x \n").unwrap();
         let a = Access::parse("", "", path.to_str().unwrap()).unwrap();
         let public: IpAddr = "203.0.113.9".parse().unwrap();
-        let ok =
-            |method: &str, target: &str, fwd: bool| a.allows(&req(method, target, fwd), public);
+        let ok = |method: &str, target: &str, fwd: bool| {
+            a.allows(&req(method, target, fwd), public, None)
+        };
         assert!(ok("GET", "/debug/varz?debugkey=s3cret%2Bx", true));
         assert!(ok(
             "GET",
@@ -788,9 +857,11 @@ mod tests {
             "GET only"
         );
         // No key file configured: the parameter means nothing.
-        assert!(
-            !Access::default().allows(&req("GET", "/debug/?debugkey=s3cret%2Bx", false), public)
-        );
+        assert!(!Access::default().allows(
+            &req("GET", "/debug/?debugkey=s3cret%2Bx", false),
+            public,
+            None
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -170,9 +170,12 @@ impl Default for Bucket {
 }
 
 impl Bucket {
-    /// How long the reader must wait before taking `frame_len` bytes (derper caps a frame's
-    /// cost at one maximum frame). `None`: go on at once.
-    pub fn delay(&mut self, limits: &RateLimits, frame_len: u32) -> Option<Duration> {
+    /// Charges `bytes` about to be read and says how long the reader must wait before reading
+    /// them. `None`: go on at once. Every byte read is charged, headers included (derper
+    /// charges a frame's length, capped at one maximum frame, once, so that a longer frame or
+    /// a flood of empty ones got through unmetered); callers charge a long frame piece by
+    /// piece, so that the wait is spread over it.
+    pub fn delay(&mut self, limits: &RateLimits, bytes: u64) -> Option<Duration> {
         let g = limits.generation.load(Relaxed);
         if g != self.generation {
             self.generation = g;
@@ -191,14 +194,20 @@ impl Bucket {
         let elapsed = now.duration_since(self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        let cost = u64::from(frame_len).min(MIN_RATE_BURST) as f64;
         // A reservation as x/time/rate makes it: tokens may go negative; the wait repays them.
-        self.tokens -= cost;
+        self.tokens -= bytes as f64;
         if self.tokens >= 0.0 {
             return None;
         }
         limits.waited.fetch_add(1, Relaxed);
         Some(Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+
+    /// Charges `bytes` and waits as [`Bucket::delay`] says (TCP backpressure).
+    pub async fn pay(&mut self, limits: &RateLimits, bytes: u64) {
+        if let Some(d) = self.delay(limits, bytes) {
+            smol::Timer::after(d).await;
+        }
     }
 }
 
@@ -260,12 +269,18 @@ mod tests {
         });
         // The full burst (65568) passes, then the next 65568 bytes owe ~0.66 s.
         assert_eq!(b.delay(&limits, 65_568), None);
-        let d = b.delay(&limits, 1 << 20).unwrap();
+        let d = b.delay(&limits, 65_568).unwrap();
         assert!(
             d > Duration::from_millis(600) && d < Duration::from_millis(700),
             "{d:?}"
         );
         assert_eq!(limits.waited.load(Relaxed), 1);
+        // Every byte is owed, not one maximum frame's worth: 1 MiB more owes ~10.5 s more.
+        let d = b.delay(&limits, 1 << 20).unwrap();
+        assert!(
+            d > Duration::from_millis(11_000) && d < Duration::from_millis(11_400),
+            "{d:?}"
+        );
         limits.set(RateConfig::default());
         assert_eq!(b.delay(&limits, 1 << 20), None, "reload turned it off");
     }

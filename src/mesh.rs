@@ -492,7 +492,7 @@ async fn watch<R: AsyncRead + Unpin>(
                 rd.read_exact(&mut rest).await?;
                 extra -= 1;
             }
-            crate::client::discard(&mut rd, extra as u64).await?;
+            crate::client::discard(&mut rd, extra as u64, None).await?;
             let key = NodePublic(k);
             if is_present {
                 debug!("mesh({host}): peer {} present", key.short());
@@ -509,7 +509,7 @@ async fn watch<R: AsyncRead + Unpin>(
             }
         } else {
             // KeepAlive, packets to this server's key, pings: nothing to do.
-            crate::client::discard(&mut rd, u64::from(len)).await?;
+            crate::client::discard(&mut rd, u64::from(len), None).await?;
         }
     }
 }

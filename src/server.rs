@@ -857,7 +857,7 @@ async fn handle_conn(
                 }
             },
             p if p == "/debug" || p.starts_with("/debug/") => {
-                crate::debug::respond(state, &req, remote)
+                crate::debug::respond(state, &req, remote, stream.local_addr())
             }
             "/generate_204" => http::no_content(req.challenge.as_deref()),
             "/robots.txt" => http::robots(head),
@@ -960,6 +960,18 @@ pub(crate) enum Stream {
     Plain(Async<TcpStream>),
     Tls(Box<futures_rustls::server::TlsStream<Async<TcpStream>>>),
     TlsClient(Box<futures_rustls::client::TlsStream<Async<TcpStream>>>),
+}
+
+impl Stream {
+    /// derpd's own address of the connection.
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        let tcp = match self {
+            Self::Plain(s) => s,
+            Self::Tls(s) => s.get_ref().0,
+            Self::TlsClient(s) => s.get_ref().0,
+        };
+        tcp.get_ref().local_addr().ok()
+    }
 }
 
 impl AsyncRead for Stream {

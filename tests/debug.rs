@@ -606,6 +606,7 @@ const NETNS_ADDRS: &[&str] = &[
     "198.51.100.1",
     "198.51.100.2",
     "100.64.0.1",
+    "100.64.0.2",
     "203.0.113.7",
     "203.0.113.8",
     "2001:db8:1::1",
@@ -613,10 +614,12 @@ const NETNS_ADDRS: &[&str] = &[
     "2001:db8:2::1",
     "2001:db8:2::2",
     "fd7a:115c:a1e0::1",
+    "fd7a:115c:a1e0::2",
 ];
 
 /// derper's rule judges the peer's address, also from addresses other than loopback, and
-/// `TS_DEBUG_TRUSTED_CIDRS` and `TS_ALLOW_DEBUG_IP` let peers in. Runs
+/// `TS_DEBUG_TRUSTED_CIDRS` and `TS_ALLOW_DEBUG_IP` let peers in; a Tailscale address only
+/// on a connection to one of derpd's Tailscale addresses (100.64.0.0/10 is also CGNAT). Runs
 /// [`debug_access_netns_child`] in a network namespace of its own (`unshare --net`, with a
 /// user namespace when not root), where derpd and the requests' sources have the addresses
 /// of [`NETNS_ADDRS`]. Without a way to make one it prints SKIPPED, or fails under CI.
@@ -708,7 +711,8 @@ fn debug_status_from(src: IpAddr, dst: SocketAddr) -> u16 {
 /// asks for `/debug/` from each source to each destination of a table. The refusals include
 /// sources outside every rule that reach an address the rule would let in (in the trusted
 /// range, loopback, Tailscale's, `TS_ALLOW_DEBUG_IP`), so judging derpd's own address of the
-/// connection instead of the peer's fails; the trusted range is reached from outside it.
+/// connection instead of the peer's fails; the trusted range is reached from outside it. A
+/// Tailscale source is let in on derpd's Tailscale addresses only.
 #[test]
 #[ignore = "run by debug_access_judges_the_remote_address, inside a network namespace"]
 fn debug_access_netns_child() {
@@ -767,12 +771,35 @@ fn debug_access_netns_child() {
             "in TS_DEBUG_TRUSTED_CIDRS (IPv6)",
         ),
         ("203.0.113.7", "198.51.100.1", 200, "TS_ALLOW_DEBUG_IP"),
-        ("100.64.0.1", "198.51.100.1", 200, "a Tailscale address"),
+        (
+            "100.64.0.1",
+            "100.64.0.2",
+            200,
+            "a Tailscale address, to one",
+        ),
+        (
+            "fd7a:115c:a1e0::1",
+            "fd7a:115c:a1e0::2",
+            200,
+            "a Tailscale IPv6 address, to one",
+        ),
+        (
+            "100.64.0.1",
+            "198.51.100.1",
+            403,
+            "a Tailscale (or CGNAT) address, to another kind",
+        ),
         (
             "fd7a:115c:a1e0::1",
             "2001:db8:2::1",
-            200,
-            "a Tailscale IPv6 address",
+            403,
+            "a Tailscale IPv6 address, to another kind",
+        ),
+        (
+            "100.64.0.1",
+            "127.0.0.1",
+            403,
+            "a Tailscale address, to loopback",
         ),
         ("198.51.100.2", "198.51.100.1", 403, "outside every rule"),
         (

@@ -207,8 +207,8 @@ fn rate_config_is_backpressure_not_drops() {
     assert_eq!(drops, 0, "rate limiting must not drop");
 }
 
-/// The packet size of the rate tests: one frame is 32 + 60 KiB bytes on the wire (after the
-/// 5-byte header, which the bucket does not count).
+/// The packet size of the rate tests: one frame is 32 + 60 KiB bytes on the wire after its
+/// 5-byte header (the bucket counts both; the bounds below count the frame only).
 const PKT: usize = 60 << 10;
 
 /// Sends `n` packets of [`PKT`] bytes from `from` to `to` (from a thread, so that the
@@ -303,5 +303,83 @@ fn rate_config_reload_reaches_existing_and_new_connections() {
         "limiting turned off, yet a connection waited"
     );
     drop(srv);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+/// Writes `bytes` and then a Ping from a thread, and returns the time until the Pong came:
+/// derpd reads a connection in order, so by then it has read (and charged) every byte.
+fn until_pong(c: &mut DerpClient, bytes: Vec<u8>) -> Duration {
+    let mut w = c.s.try_clone().unwrap();
+    let t0 = Instant::now();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&bytes).unwrap();
+        w.write_all(&[0x12, 0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8])
+            .unwrap();
+    });
+    c.s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let f = c.recv();
+    let took = t0.elapsed();
+    writer.join().unwrap();
+    assert_eq!((f.t, f.payload), (0x13, vec![1, 2, 3, 4, 5, 6, 7, 8]));
+    took
+}
+
+/// `--rate-config` meters every byte a client sends, against a derpd process: a frame of a
+/// type derpd skips, however long, and a flood of empty frames go no faster than the rate
+/// after the burst. (derper charges a frame's length once, capped at one maximum frame, so
+/// both went through at the speed of the machine: 44 MiB/s for a 200 MiB frame under a
+/// 10 KB/s limit.) Lower bounds on time only, which no machine can beat however fast (the
+/// unit tests in `src/client.rs` check that each byte is charged once).
+#[test]
+fn rate_config_meters_skipped_frames_and_headers() {
+    const RATE: u64 = 1_000_000;
+    let file = support::fresh_path("rate_skipped", "rate.json");
+    std::fs::write(
+        &file,
+        format!(r#"{{"PerClientRateLimitBytesPerSec": {RATE}}}"#),
+    )
+    .unwrap();
+    let mut d = support::Derpd::start(
+        &[
+            "--dev",
+            "-a",
+            "127.0.0.1:0",
+            "--stun-port",
+            "0",
+            "--rate-config",
+            file.to_str().unwrap(),
+        ]
+        .map(support::s),
+    );
+    let addr = d.startup(false).addr;
+    let burst = derpd::limits::MIN_RATE_BURST as f64;
+    let ping = 5.0 + 8.0;
+    // The bucket may hold up to one burst at the start of each part (it refills between them).
+    let check = |what: &str, took: Duration, charged: f64| {
+        let owed = charged - burst;
+        let min = owed / RATE as f64 * 0.95;
+        let rate = charged / took.as_secs_f64();
+        println!("{what}: {charged} bytes in {took:?} ({rate:.0} B/s; limit {RATE} B/s + burst)");
+        assert!(
+            took.as_secs_f64() >= min,
+            "{what}: {took:?} < {min:.2} s: {rate:.0} B/s, faster than the limit"
+        );
+    };
+
+    // One frame of an unknown type, 2 MiB: ~2 s at 1 MB/s after the burst.
+    let mut c = DerpClient::connect(addr);
+    let len = 2 << 20;
+    let mut frame = vec![0x7f, 0, 0, 0, 0];
+    frame[1..5].copy_from_slice(&(len as u32).to_be_bytes());
+    frame.resize(5 + len, 0xee);
+    let took = until_pong(&mut c, frame);
+    check("a 2 MiB unknown frame", took, (5 + len) as f64 + ping);
+
+    // 50,000 empty frames (KeepAlive, which a client has no reason to send): 250 KB of
+    // headers, ~0.25 s on the same connection, its bucket about empty.
+    let n = 50_000;
+    let took = until_pong(&mut c, [6, 0, 0, 0, 0].repeat(n));
+    check("50,000 empty frames", took, (5 * n) as f64 + ping);
+    drop(d);
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
 }
