@@ -581,8 +581,13 @@ static VARS: &[Var] = &[
         .help("Failed accept calls (out of file descriptors and the like)."),
     g("derpd_handshakes", |s| s.handshakes as u64)
         .help("Connections not logged in yet (TLS handshake, request head, login)."),
-    c("derpd_handshakes_full", |s| s.m.handshakes_full.load(Relaxed))
-        .help("Connections closed at accept because --max-handshakes were logging in."),
+    c("derpd_handshakes_ip_full", |s| s.m.handshakes_ip_full.load(Relaxed))
+        .help("Connections closed at accept because their address (IPv6: /64) had --max-handshakes-per-ip logging in."),
+    by(Type::Counter, "derpd_handshakes_evicted", "stage", &["silent", "talking", "upgraded"],
+        |s, i| s.m.handshakes_evicted[i].load(Relaxed))
+        .help("Connections not logged in yet, closed to make room for a new one when --max-handshakes were taken: silent (nothing sent), talking (TLS or request head under way), upgraded (in the DERP login)."),
+    c("derpd_first_byte_timeouts", |s| s.m.first_byte_timeouts.load(Relaxed))
+        .help("Connections closed because they sent nothing within --first-byte-timeout."),
     c("derpd_clients_full", |s| s.m.clients_full.load(Relaxed))
         .help("Logins refused because --max-clients were connected."),
     by(Type::Counter, "derpd_admission_rejections", "check", &["allow_keys", "tailscaled", "url"],
