@@ -249,6 +249,15 @@ impl Slots {
     pub fn in_use(&self) -> usize {
         self.used.load(Relaxed)
     }
+
+    /// Slots in use by [`Progress`] (silent, talking, upgraded); takes the lock.
+    pub fn by_progress(&self) -> [usize; 3] {
+        let mut n = [0; 3];
+        for e in self.lock().entries.iter().flatten() {
+            n[usize::from(e.progress.load(Relaxed).min(2))] += 1;
+        }
+        n
+    }
 }
 
 impl Slot {

@@ -848,19 +848,19 @@ async fn handle_conn(
     slot: Slot,
 ) -> Result<(), ConnFail> {
     set_tcp_options(state, tcp.get_ref());
-    // Clients speak first (ClientHello or request head), at once: a silent connection is
-    // closed early instead of holding its slot for the whole handshake deadline.
-    async { tcp.readable().await.map_err(ConnFail::Io) }
-        .or(async {
-            Timer::after(state.first_byte_timeout).await;
-            state.metrics.first_byte_timeouts.fetch_add(1, Relaxed);
-            Err(ConnFail::Timeout("first byte"))
-        })
-        .await?;
-    slot.progress(Progress::Talking);
     // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
     // be part of every connection's task for its whole life.
     let setup = Box::pin(async {
+        // Clients speak first (ClientHello or request head), at once: a silent connection is
+        // closed early instead of holding its slot for the whole handshake deadline.
+        async { tcp.readable().await.map_err(ConnFail::Io) }
+            .or(async {
+                Timer::after(state.first_byte_timeout).await;
+                state.metrics.first_byte_timeouts.fetch_add(1, Relaxed);
+                Err(ConnFail::Timeout("first byte"))
+            })
+            .await?;
+        slot.progress(Progress::Talking);
         let mut stream = match (&state.tls, which) {
             (Some(acc), Listener::Main) => {
                 Stream::Tls(Box::new(acc.accept(tcp).await.map_err(|e| {

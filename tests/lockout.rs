@@ -20,13 +20,13 @@ mod common;
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{http_exchange, DerpClient};
+use common::{connect_from, http_exchange, DerpClient};
 use support::{s, Derpd};
 
 /// Logins tried while an attack is on; all must succeed.
@@ -73,20 +73,6 @@ fn attack_size(want: usize) -> usize {
         println!("RLIMIT_NOFILE: {n} attack connections instead of {want}");
     }
     n
-}
-
-/// A TCP connection from `src` (a loopback address) to `dst`.
-fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    use rustix::net::{self as rn, AddressFamily, SocketFlags, SocketType};
-    let fd = rn::socket_with(
-        AddressFamily::INET,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rn::bind(&fd, &SocketAddr::new(IpAddr::V4(src), 0))?;
-    rn::connect(&fd, &dst)?;
-    Ok(TcpStream::from(fd))
 }
 
 fn start_derpd() -> (Derpd, SocketAddr) {
