@@ -231,7 +231,7 @@ pub(crate) fn respond(state: &State, req: &Request, remote: SocketAddr) -> Vec<u
     match req.path.get("/debug/".len()..).unwrap_or("") {
         "" => index(state, head),
         "varz" => {
-            let mut body = String::with_capacity(8 << 10);
+            let mut body = String::with_capacity(12 << 10);
             render(&Scrape::new(state), &mut body);
             let extra = format!("{DEBUG_HEADERS}{TEXT}");
             http::response(200, "OK", &extra, body.as_bytes(), head)
@@ -582,12 +582,12 @@ static VARS: &[Var] = &[
     g("derpd_handshakes", |s| s.handshakes as u64)
         .help("Connections not logged in yet (TLS handshake, request head, login)."),
     c("derpd_handshakes_ip_full", |s| s.m.handshakes_ip_full.load(Relaxed))
-        .help("Connections closed at accept because their address (IPv6: /64) had --max-handshakes-per-ip logging in."),
+        .help("Connections closed at accept: their address (IPv6: /64) was at --max-handshakes-per-ip."),
     by(Type::Counter, "derpd_handshakes_evicted", "stage", &["silent", "talking", "upgraded"],
         |s, i| s.m.handshakes_evicted[i].load(Relaxed))
-        .help("Connections not logged in yet, closed to make room for a new one when --max-handshakes were taken: silent (nothing sent), talking (TLS or request head under way), upgraded (in the DERP login)."),
+        .help("Connections not logged in yet, closed for a newcomer when --max-handshakes were taken, by how far they had come."),
     c("derpd_first_byte_timeouts", |s| s.m.first_byte_timeouts.load(Relaxed))
-        .help("Connections closed because they sent nothing within --first-byte-timeout."),
+        .help("Connections closed for sending nothing within --first-byte-timeout."),
     c("derpd_clients_full", |s| s.m.clients_full.load(Relaxed))
         .help("Logins refused because --max-clients were connected."),
     by(Type::Counter, "derpd_admission_rejections", "check", &["allow_keys", "tailscaled", "url"],
@@ -914,7 +914,7 @@ mod tests {
                 .count()
         );
         assert!(
-            out.len() < 8 << 10,
+            out.len() < 12 << 10,
             "the buffer's initial capacity is enough"
         );
     }

@@ -508,7 +508,11 @@ mod tests {
         assert!(!ready(&mut ea) && !ready(&mut ec));
         assert_eq!(s.in_use(), 3);
         drop(b);
-        assert_eq!(s.in_use(), 3, "an evicted slot is given back once, at eviction");
+        assert_eq!(
+            s.in_use(),
+            3,
+            "an evicted slot is given back once, at eviction"
+        );
         c.progress(Progress::Talking);
         c.progress(Progress::Silent);
         // d is silent now, c talking, a upgraded.
@@ -518,7 +522,11 @@ mod tests {
         assert!(ready(&mut ed), "d evicted");
         e.slot.progress(Progress::Upgraded);
         let f = s.take(ip("192.0.2.6")).unwrap();
-        assert_eq!(f.evicted, Some(Progress::Talking), "progress never goes back");
+        assert_eq!(
+            f.evicted,
+            Some(Progress::Talking),
+            "progress never goes back"
+        );
         assert!(ready(&mut ec));
         // a logged in: it is never evicted, and its watcher holds nothing.
         drop(a);

@@ -40,7 +40,8 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 /// True while the server has neither closed `s` nor sent anything on it.
 fn still_open(s: &TcpStream) -> bool {
     s.set_nonblocking(true).unwrap();
-    let open = matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    let open =
+        matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
     s.set_nonblocking(false).unwrap();
     open
 }
@@ -57,11 +58,15 @@ fn max_handshakes_evicts_the_least_advanced_oldest_first() {
     // The oldest pending connection is talking (half a request head), three are silent.
     let mut talking = TcpStream::connect(srv.addr()).unwrap();
     talking.write_all(b"GET /derp HTTP/1.1\r\n").unwrap();
-    wait_until("a talking handshake", || st.handshakes.by_progress() == [0, 1, 0]);
+    wait_until("a talking handshake", || {
+        st.handshakes.by_progress() == [0, 1, 0]
+    });
     let mut silent: Vec<TcpStream> = (0..3)
         .map(|_| TcpStream::connect(srv.addr()).unwrap())
         .collect();
-    wait_until("4 handshakes pending", || st.handshakes.by_progress() == [3, 1, 0]);
+    wait_until("4 handshakes pending", || {
+        st.handshakes.by_progress() == [3, 1, 0]
+    });
     // A newcomer takes the slot of the oldest silent one, not the older talking one.
     let newcomer = TcpStream::connect(srv.addr()).unwrap();
     assert!(closed_by_server(&mut silent[0]), "oldest silent evicted");
@@ -71,15 +76,24 @@ fn max_handshakes_evicts_the_least_advanced_oldest_first() {
     relays(&mut a, &mut b, "handshakes full");
     // A login gets through too, evicting the next silent one.
     let mut c = DerpClient::connect(srv.addr());
-    assert!(closed_by_server(&mut silent[1]), "next oldest silent evicted");
+    assert!(
+        closed_by_server(&mut silent[1]),
+        "next oldest silent evicted"
+    );
     relays(&mut c, &mut a, "login while handshakes are full");
     assert_eq!(m.handshakes_evicted[0].load(Relaxed), 2);
-    assert_eq!(st.handshakes.in_use(), 3, "a logged-in client holds no slot");
+    assert_eq!(
+        st.handshakes.in_use(),
+        3,
+        "a logged-in client holds no slot"
+    );
     assert!(still_open(&talking));
     // When nobody is silent, the oldest talking one goes.
     drop(silent);
     drop(newcomer);
-    wait_until("only the talking one pending", || st.handshakes.in_use() == 1);
+    wait_until("only the talking one pending", || {
+        st.handshakes.in_use() == 1
+    });
     let more: Vec<TcpStream> = (0..3)
         .map(|_| {
             let mut s = TcpStream::connect(srv.addr()).unwrap();
@@ -133,8 +147,13 @@ fn first_byte_deadline_closes_silent_connections_only() {
     wait_until("the talking one still pending", || {
         st.metrics.first_byte_timeouts.load(Relaxed) == 1 && st.handshakes.in_use() == 1
     });
-    assert!(still_open(&talking), "a connection that spoke is not held to it");
-    talking.write_all(b" /generate_204 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(
+        still_open(&talking),
+        "a connection that spoke is not held to it"
+    );
+    talking
+        .write_all(b" /generate_204 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     talking.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let _ = talking.read_to_string(&mut out);

@@ -316,17 +316,17 @@ fn silent_connections_from_one_address() {
 #[test]
 fn slowloris_from_one_address() {
     let n = attack_size(500);
-    logins_during("500 slowloris from 127.0.0.3", vec![lo(3)], n, Kind::Slowloris);
+    logins_during(
+        "500 slowloris from 127.0.0.3",
+        vec![lo(3)],
+        n,
+        Kind::Slowloris,
+    );
 }
 
 #[test]
 fn silent_connections_from_200_addresses() {
     let n = attack_size(2000);
     let sources = (1..=200).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
-    logins_during(
-        "2000 silent from 127.0.1.1-200",
-        sources,
-        n,
-        Kind::Silent,
-    );
+    logins_during("2000 silent from 127.0.1.1-200", sources, n, Kind::Silent);
 }
