@@ -64,7 +64,8 @@ say "building the churn client (tests/interop)"
 ulimit -n "$(ulimit -Hn)"
 
 "$derpd" -a 127.0.0.1:0 --certmode manual --hostname 127.0.0.1 --certdir "$work/certs" \
-  -c "$work/derpd.key" --http-port -1 --stun=false >"$work/derpd.log" 2>&1 &
+  -c "$work/derpd.key" --http-port -1 --stun=false --max-handshakes-per-ip 256 \
+  >"$work/derpd.log" 2>&1 &
 derpd_pid=$!
 for _ in $(seq 100); do
   grep -q '"CertName":"sha256-raw:' "$work/derpd.log" && grep -q 'serving on ' "$work/derpd.log" && break

@@ -24,6 +24,9 @@ pub const ROOT_KEY_PATH: &str = "/var/lib/derper/derper.key";
 pub const DEFAULT_MAX_CLIENTS: usize = 2048;
 /// Default `--max-handshakes`: connections not yet logged in, at once.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Default `--first-byte-timeout`: a client sends its TLS ClientHello or request head at once;
+/// a connection silent this long is an idle socket holding a handshake slot.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often `--certmode manual` files are checked for a renewal (SIGHUP reloads at once).
 pub const CERT_POLL: Duration = Duration::from_secs(30);
 /// tailscaled's LocalAPI socket on Linux (derper's default for `--verify-clients`).
@@ -130,14 +133,21 @@ pub struct Args {
     /// most logged-in DERP connections; more are refused at login (default 2048)
     #[argh(option, default = "DEFAULT_MAX_CLIENTS")]
     pub max_clients: usize,
-    /// most connections not yet logged in (TLS handshake, request head, login); the excess is
-    /// closed at accept (default 256)
+    /// most connections not yet logged in (TLS handshake, request head, login); when all are
+    /// taken, a new one evicts the one that has come least far, oldest first (default 256)
     #[argh(option, default = "DEFAULT_MAX_HANDSHAKES")]
     pub max_handshakes: usize,
+    /// most connections not yet logged in from one address (IPv6: one /64); more from it are
+    /// closed at accept (default 16)
+    #[argh(option, default = "crate::limits::DEFAULT_MAX_HANDSHAKES_PER_IP")]
+    pub max_handshakes_per_ip: usize,
     /// per-client receive rate limit, derper's JSON {"PerClientRateLimitBytesPerSec":N,
     /// "PerClientRateBurstBytes":M}; reloaded on SIGHUP
     #[argh(option, default = "String::new()")]
     pub rate_config: String,
+    /// deadline for a new connection's first byte, Go duration (default 3s)
+    #[argh(option, default = "String::from(\"3s\")")]
+    pub first_byte_timeout: String,
     /// deadline for the TLS handshake plus the HTTP request head, Go duration (default 10s)
     #[argh(option, default = "String::from(\"10s\")")]
     pub handshake_timeout: String,
@@ -322,6 +332,10 @@ pub struct Config {
     pub max_clients: usize,
     /// Most connections not yet logged in.
     pub max_handshakes: usize,
+    /// Most connections not yet logged in from one address (IPv6: one /64).
+    pub max_handshakes_per_ip: usize,
+    /// Deadline for a new connection's first byte.
+    pub first_byte_timeout: Duration,
     /// `--rate-config` file.
     pub rate_config: Option<PathBuf>,
     /// Deadline for the TLS handshake plus the request head.
@@ -358,6 +372,8 @@ impl Config {
             accept_limit: None,
             max_clients: DEFAULT_MAX_CLIENTS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_ip: crate::limits::DEFAULT_MAX_HANDSHAKES_PER_IP,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
             rate_config: None,
             handshake_timeout: Duration::from_secs(10),
             login_timeout: Duration::from_secs(10),
@@ -476,6 +492,8 @@ impl Config {
             accept_limit: accept_limit(a.accept_connection_limit, a.accept_connection_burst)?,
             max_clients: positive("--max-clients", a.max_clients)?,
             max_handshakes: positive("--max-handshakes", a.max_handshakes)?,
+            max_handshakes_per_ip: positive("--max-handshakes-per-ip", a.max_handshakes_per_ip)?,
+            first_byte_timeout: deadline("--first-byte-timeout", &a.first_byte_timeout)?,
             rate_config: non_empty(&a.rate_config).map(PathBuf::from),
             handshake_timeout: deadline("--handshake-timeout", &a.handshake_timeout)?,
             login_timeout: deadline("--login-timeout", &a.login_timeout)?,

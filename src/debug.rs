@@ -246,7 +246,7 @@ pub(crate) fn respond(
     match req.path.get("/debug/".len()..).unwrap_or("") {
         "" => index(state, head),
         "varz" => {
-            let mut body = String::with_capacity(8 << 10);
+            let mut body = String::with_capacity(12 << 10);
             render(&Scrape::new(state), &mut body);
             let extra = format!("{DEBUG_HEADERS}{TEXT}");
             http::response(200, "OK", &extra, body.as_bytes(), head)
@@ -596,8 +596,13 @@ static VARS: &[Var] = &[
         .help("Failed accept calls (out of file descriptors and the like)."),
     g("derpd_handshakes", |s| s.handshakes as u64)
         .help("Connections not logged in yet (TLS handshake, request head, login)."),
-    c("derpd_handshakes_full", |s| s.m.handshakes_full.load(Relaxed))
-        .help("Connections closed at accept because --max-handshakes were logging in."),
+    c("derpd_handshakes_ip_full", |s| s.m.handshakes_ip_full.load(Relaxed))
+        .help("Connections closed at accept: their address (IPv6: /64) was at --max-handshakes-per-ip."),
+    by(Type::Counter, "derpd_handshakes_evicted", "stage", &["silent", "talking", "upgraded"],
+        |s, i| s.m.handshakes_evicted[i].load(Relaxed))
+        .help("Connections not logged in yet, closed for a newcomer when --max-handshakes were taken, by how far they had come."),
+    c("derpd_first_byte_timeouts", |s| s.m.first_byte_timeouts.load(Relaxed))
+        .help("Connections closed for sending nothing within --first-byte-timeout."),
     c("derpd_clients_full", |s| s.m.clients_full.load(Relaxed))
         .help("Logins refused because --max-clients were connected."),
     by(Type::Counter, "derpd_admission_rejections", "check", &["allow_keys", "tailscaled", "url"],
@@ -980,7 +985,7 @@ mod tests {
                 .count()
         );
         assert!(
-            out.len() < 8 << 10,
+            out.len() < 12 << 10,
             "the buffer's initial capacity is enough"
         );
     }

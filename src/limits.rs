@@ -1,9 +1,15 @@
 //! Limits that keep the relay up under floods: the accept rate (`--accept-connection-limit`),
-//! the number of connections still logging in (`--max-handshakes`), and derper's per-client
-//! receive rate (`--rate-config`, backpressure rather than drops).
+//! the connections still logging in (`--max-handshakes` in all, `--max-handshakes-per-ip` from
+//! one source, the least advanced evicted for a newcomer), and derper's per-client receive
+//! rate (`--rate-config`, backpressure rather than drops).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU32, AtomicU8, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,43 +55,255 @@ impl AcceptLimiter {
     }
 }
 
-/// Counts connections that have not logged in yet, against `--max-handshakes`.
-#[derive(Debug)]
-pub struct Slots {
-    used: AtomicUsize,
-    max: usize,
+/// Default `--max-handshakes-per-ip`: connections from one address (IPv6: one /64) that may be
+/// logging in at once. A whole office behind one NAT logs in a few at a time (each login takes
+/// milliseconds); an attacker from one address holds no more than this.
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 16;
+
+/// How far a connection not yet logged in has come; the least advanced is evicted first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Progress {
+    /// Accepted, nothing received.
+    Silent = 0,
+    /// Bytes arrived: TLS handshake or request head under way.
+    Talking = 1,
+    /// The request head is complete: an answer is being written or the DERP login runs.
+    Upgraded = 2,
 }
 
-/// A taken slot; dropping it gives the slot back.
+/// Where a connection comes from, for `--max-handshakes-per-ip`: an IPv4 address (an
+/// IPv4-mapped IPv6 address counts as IPv4), or an IPv6 /64, what one subscriber gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// One IPv4 address.
+    V4(u32),
+    /// The upper 64 bits of an IPv6 address.
+    V6(u64),
+}
+
+impl From<IpAddr> for Source {
+    fn from(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(a) => Self::V4(a.to_bits()),
+            IpAddr::V6(a) => Self::V6((a.to_bits() >> 64) as u64),
+        }
+    }
+}
+
+/// The state of a pending connection.
+const PENDING: u8 = 0;
+const EVICTED: u8 = 1;
+const DONE: u8 = 2;
+
+/// One connection not logged in yet.
 #[derive(Debug)]
-pub struct Slot(Arc<Slots>);
+struct Entry {
+    /// Its place in [`Table::entries`].
+    index: usize,
+    source: Source,
+    since: Instant,
+    /// A [`Progress`], raised by the connection's task without taking the lock.
+    progress: AtomicU8,
+    /// [`PENDING`], then [`EVICTED`] (by [`Slots::take`]) or [`DONE`] (its [`Slot`] dropped).
+    state: AtomicU8,
+    /// Wakes [`Slot::evicted`] when `state` leaves [`PENDING`].
+    event: event_listener::Event,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    /// Pending connections; `None` where a slot is free.
+    entries: Vec<Option<Arc<Entry>>>,
+    /// Free indexes into `entries`.
+    free: Vec<usize>,
+    /// Pending connections per source (no entry for none).
+    per_source: HashMap<Source, usize>,
+}
+
+impl Table {
+    /// Takes `e` out of the table (the caller has set its state).
+    fn remove(&mut self, e: &Entry) {
+        self.entries[e.index] = None;
+        self.free.push(e.index);
+        if let Some(n) = self.per_source.get_mut(&e.source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&e.source);
+            }
+        }
+    }
+}
+
+/// The connections that have not logged in yet: at most `--max-handshakes` in all and
+/// `--max-handshakes-per-ip` from one source. When all are taken, a newcomer evicts the one
+/// that has come least far (the oldest among the silent ones first), so that a flood of idle
+/// connections cannot lock real clients out; from a source at its own limit, a newcomer is
+/// refused. The lock is held for a few instructions per connection (and a scan of at most
+/// `--max-handshakes` entries when every slot is taken); progress is marked without it.
+#[derive(Debug)]
+pub struct Slots {
+    table: Mutex<Table>,
+    /// Entries in the table, readable without the lock.
+    used: AtomicUsize,
+    max: usize,
+    max_per_source: usize,
+}
+
+/// A taken slot; dropping it gives the slot back (the connection logged in or ended).
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<Slots>,
+    entry: Arc<Entry>,
+}
+
+/// Why [`Slots::take`] refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its source already has `--max-handshakes-per-ip` connections logging in.
+    SourceFull,
+}
+
+/// A slot, and whether another connection was evicted to make room for it.
+#[derive(Debug)]
+pub struct Taken {
+    /// The newcomer's slot.
+    pub slot: Slot,
+    /// How far the evicted connection had come, if one was.
+    pub evicted: Option<Progress>,
+}
 
 impl Slots {
-    /// `max` slots.
-    pub fn new(max: usize) -> Arc<Self> {
+    /// `max` slots in all, `max_per_source` for one source.
+    pub fn new(max: usize, max_per_source: usize) -> Arc<Self> {
         Arc::new(Self {
+            table: Mutex::new(Table::default()),
             used: AtomicUsize::new(0),
-            max,
+            max: max.max(1),
+            max_per_source: max_per_source.max(1),
         })
     }
 
-    /// Takes a slot, or `None` when all are taken.
-    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
-        self.used
-            .fetch_update(Relaxed, Relaxed, |n| (n < self.max).then_some(n + 1))
-            .ok()
-            .map(|_| Slot(self.clone()))
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a slot for a connection from `ip`, evicting the least advanced pending connection
+    /// when every slot is taken. Refused only when `ip`'s source is at its own limit.
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Result<Taken, Refused> {
+        let source = Source::from(ip);
+        let mut t = self.lock();
+        let n = t.per_source.get(&source).copied().unwrap_or(0);
+        if n >= self.max_per_source {
+            return Err(Refused::SourceFull);
+        }
+        let mut evicted = None;
+        if self.used.load(Relaxed) >= self.max {
+            // Least progress first, then the oldest. Every entry is PENDING while in the table.
+            let victim = t
+                .entries
+                .iter()
+                .flatten()
+                .min_by_key(|e| (e.progress.load(Relaxed), e.since))
+                .cloned();
+            if let Some(v) = victim {
+                v.state.store(EVICTED, Release);
+                t.remove(&v);
+                self.used.fetch_sub(1, Relaxed);
+                v.event.notify(usize::MAX);
+                evicted = Some(match v.progress.load(Relaxed) {
+                    0 => Progress::Silent,
+                    1 => Progress::Talking,
+                    _ => Progress::Upgraded,
+                });
+            }
+        }
+        let index = match t.free.pop() {
+            Some(i) => i,
+            None => {
+                t.entries.push(None);
+                t.entries.len() - 1
+            }
+        };
+        let entry = Arc::new(Entry {
+            index,
+            source,
+            since: Instant::now(),
+            progress: AtomicU8::new(Progress::Silent as u8),
+            state: AtomicU8::new(PENDING),
+            event: event_listener::Event::new(),
+        });
+        t.entries[index] = Some(entry.clone());
+        *t.per_source.entry(source).or_insert(0) += 1;
+        self.used.fetch_add(1, Relaxed);
+        Ok(Taken {
+            slot: Slot {
+                slots: self.clone(),
+                entry,
+            },
+            evicted,
+        })
     }
 
     /// Slots in use.
     pub fn in_use(&self) -> usize {
         self.used.load(Relaxed)
     }
+
+    /// Slots in use by [`Progress`] (silent, talking, upgraded); takes the lock.
+    pub fn by_progress(&self) -> [usize; 3] {
+        let mut n = [0; 3];
+        for e in self.lock().entries.iter().flatten() {
+            n[usize::from(e.progress.load(Relaxed).min(2))] += 1;
+        }
+        n
+    }
+}
+
+impl Slot {
+    /// Records that the connection has come as far as `p` (never lowers it).
+    pub fn progress(&self, p: Progress) {
+        self.entry.progress.fetch_max(p as u8, Relaxed);
+    }
+
+    /// Completes when the connection is evicted; never while it holds the slot or after the
+    /// slot is given back (then it holds nothing: no waker, no reference to the slot).
+    pub fn evicted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let entry = self.entry.clone();
+        async move {
+            loop {
+                match entry.state.load(Acquire) {
+                    EVICTED => return,
+                    DONE => break,
+                    _ => {}
+                }
+                event_listener::listener!(entry.event => l);
+                if entry.state.load(Acquire) == PENDING {
+                    l.await;
+                }
+            }
+            drop(entry);
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.used.fetch_sub(1, Relaxed);
+        let e = &self.entry;
+        // Evicted: already out of the table.
+        if e.state.load(Relaxed) != PENDING {
+            return;
+        }
+        let mut t = self.slots.lock();
+        // Decided under the lock, as eviction is.
+        if e.state.load(Relaxed) == PENDING {
+            e.state.store(DONE, Release);
+            t.remove(e);
+            self.slots.used.fetch_sub(1, Relaxed);
+            drop(t);
+            e.event.notify(usize::MAX);
+        }
     }
 }
 
@@ -215,6 +433,8 @@ impl Bucket {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::future::Future;
+    use std::pin::Pin;
 
     #[test]
     fn accept_limiter_allows_the_burst_then_the_rate() {
@@ -228,15 +448,102 @@ mod tests {
         assert!(!none.allow(), "burst 0 allows nothing");
     }
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    type Watch = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    fn watch(s: &Slot) -> Watch {
+        Box::pin(s.evicted())
+    }
+
+    /// Polls `f` once.
+    fn ready(f: &mut Watch) -> bool {
+        let waker = std::task::Waker::noop();
+        f.as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+            .is_ready()
+    }
+
     #[test]
     fn slots_are_given_back() {
-        let s = Slots::new(2);
-        let a = s.try_take().unwrap();
-        let _b = s.try_take().unwrap();
-        assert!(s.try_take().is_none());
+        let s = Slots::new(2, 2);
+        let a = s.take(ip("192.0.2.1")).unwrap();
+        let b = s.take(ip("192.0.2.2")).unwrap();
+        assert!(a.evicted.is_none() && b.evicted.is_none());
+        assert_eq!(s.in_use(), 2);
         drop(a);
         assert_eq!(s.in_use(), 1);
-        assert!(s.try_take().is_some());
+        let c = s.take(ip("192.0.2.3")).unwrap();
+        assert!(c.evicted.is_none(), "a free slot: nobody evicted");
+        drop((b, c));
+        assert_eq!(s.in_use(), 0);
+        let t = s.lock();
+        assert!(t.per_source.is_empty() && t.entries.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn one_source_is_capped_ipv6_by_64() {
+        let s = Slots::new(100, 2);
+        let _a = s.take(ip("192.0.2.1")).unwrap();
+        let _b = s.take(ip("::ffff:192.0.2.1")).unwrap();
+        assert_eq!(
+            s.take(ip("192.0.2.1")).unwrap_err(),
+            Refused::SourceFull,
+            "an IPv4-mapped address is the same IPv4 source"
+        );
+        let _c = s.take(ip("192.0.2.2")).unwrap();
+        let _d = s.take(ip("2001:db8:0:1::1")).unwrap();
+        let _e = s.take(ip("2001:db8:0:1:ffff::2")).unwrap();
+        assert!(s.take(ip("2001:db8:0:1::3")).is_err(), "one /64");
+        let _f = s.take(ip("2001:db8:0:2::1")).unwrap();
+        assert_eq!(s.in_use(), 6);
+    }
+
+    #[test]
+    fn a_newcomer_evicts_the_least_advanced_oldest_first() {
+        let s = Slots::new(3, 3);
+        let a = s.take(ip("192.0.2.1")).unwrap().slot;
+        let b = s.take(ip("192.0.2.2")).unwrap().slot;
+        let c = s.take(ip("192.0.2.3")).unwrap().slot;
+        a.progress(Progress::Upgraded);
+        let (mut ea, mut eb, mut ec) = (watch(&a), watch(&b), watch(&c));
+        assert!(!ready(&mut ea) && !ready(&mut eb) && !ready(&mut ec));
+        // b and c are silent; b is older.
+        let d = s.take(ip("192.0.2.4")).unwrap();
+        assert_eq!(d.evicted, Some(Progress::Silent));
+        assert!(ready(&mut eb), "b evicted");
+        assert!(!ready(&mut ea) && !ready(&mut ec));
+        assert_eq!(s.in_use(), 3);
+        drop(b);
+        assert_eq!(
+            s.in_use(),
+            3,
+            "an evicted slot is given back once, at eviction"
+        );
+        c.progress(Progress::Talking);
+        c.progress(Progress::Silent);
+        // d is silent now, c talking, a upgraded.
+        let e = s.take(ip("192.0.2.5")).unwrap();
+        assert_eq!(e.evicted, Some(Progress::Silent));
+        let mut ed = watch(&d.slot);
+        assert!(ready(&mut ed), "d evicted");
+        e.slot.progress(Progress::Upgraded);
+        let f = s.take(ip("192.0.2.6")).unwrap();
+        assert_eq!(
+            f.evicted,
+            Some(Progress::Talking),
+            "progress never goes back"
+        );
+        assert!(ready(&mut ec));
+        // a logged in: it is never evicted, and its watcher holds nothing.
+        drop(a);
+        assert!(!ready(&mut ea));
+        assert!(!ready(&mut ea));
+        let g = s.take(ip("192.0.2.7")).unwrap();
+        assert_eq!(g.evicted, None, "a's slot was free");
+        assert_eq!(s.in_use(), 3);
     }
 
     #[test]

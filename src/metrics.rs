@@ -88,8 +88,14 @@ pub struct Metrics {
     /// Connections closed at accept by `--accept-connection-limit`
     /// (derper's `tls_listener` `counter_rejected_connections`).
     pub accept_rejected: AtomicU64,
-    /// Connections closed at accept because `--max-handshakes` were logging in.
-    pub handshakes_full: AtomicU64,
+    /// Connections closed at accept because their address (IPv6: /64) had
+    /// `--max-handshakes-per-ip` connections logging in.
+    pub handshakes_ip_full: AtomicU64,
+    /// Connections not logged in yet, evicted for a newcomer when all `--max-handshakes` were
+    /// taken, by how far they had come ([`crate::limits::Progress`]: silent, talking, upgraded).
+    pub handshakes_evicted: [AtomicU64; 3],
+    /// Connections closed because they sent nothing within `--first-byte-timeout`.
+    pub first_byte_timeouts: AtomicU64,
     /// Logins refused because `--max-clients` were connected.
     pub clients_full: AtomicU64,
     /// Failed accept calls (out of file descriptors and the like).

@@ -24,7 +24,7 @@ use crate::holder;
 use crate::http::{self, Home, Request};
 use crate::key::NodePrivate;
 use crate::key::NodePublic;
-use crate::limits::{AcceptLimiter, RateConfig, RateLimits, Slot, Slots};
+use crate::limits::{AcceptLimiter, Progress, RateConfig, RateLimits, Refused, Slot, Slots};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -60,13 +60,15 @@ pub struct State {
     tls: Option<futures_rustls::TlsAcceptor>,
     /// Who may log in.
     pub admission: crate::admission::Admission,
+    /// Time allowed for a new connection's first byte (`--first-byte-timeout`).
+    pub first_byte_timeout: Duration,
     /// Time allowed for the TLS handshake plus the request head (slowloris guard).
     pub handshake_timeout: Duration,
     /// Time allowed from the upgrade to a complete ClientInfo.
     pub login_timeout: Duration,
     /// Time allowed for a packet's body once its pool buffer is taken.
     pub frame_timeout: Duration,
-    /// Connections not logged in yet (`--max-handshakes`).
+    /// Connections not logged in yet (`--max-handshakes`, `--max-handshakes-per-ip`).
     pub handshakes: Arc<Slots>,
     /// `--max-clients`.
     pub max_clients: usize,
@@ -297,10 +299,11 @@ impl Server {
             tcp_user_timeout: cfg.tcp_user_timeout,
             tls: tls_acceptor,
             admission,
+            first_byte_timeout: cfg.first_byte_timeout,
             handshake_timeout: cfg.handshake_timeout,
             login_timeout: cfg.login_timeout,
             frame_timeout: cfg.frame_timeout,
-            handshakes: Slots::new(cfg.max_handshakes),
+            handshakes: Slots::new(cfg.max_handshakes, cfg.max_handshakes_per_ip),
             max_clients: cfg.max_clients,
             accept_limit: cfg.accept_limit,
             rate,
@@ -665,7 +668,11 @@ async fn accept_loop(
         Listener::Main => state.accept_limit.map(|(r, b)| AcceptLimiter::new(r, b)),
         Listener::Port80 => None,
     };
-    let mut refusals = Refusals::default();
+    let mut refusals = Refusals::new("refusing connections", "refused");
+    let mut evictions = Refusals::new(
+        "evicting connections not logged in yet for new ones",
+        "evicted",
+    );
     loop {
         let accepted = async { Some(listener.accept().await) }
             .or(async {
@@ -690,14 +697,30 @@ async fn accept_loop(
                 if which == Listener::Main {
                     m.main_accepted.fetch_add(1, Relaxed);
                 }
-                let Some(slot) = state.handshakes.try_take() else {
-                    m.handshakes_full.fetch_add(1, Relaxed);
-                    refusals.note(remote, "--max-handshakes");
-                    continue;
+                // A source at its own limit is refused; when every slot is taken, the
+                // connection that has come least far makes room for this one.
+                let taken = match state.handshakes.take(remote.ip()) {
+                    Ok(t) => t,
+                    Err(Refused::SourceFull) => {
+                        m.handshakes_ip_full.fetch_add(1, Relaxed);
+                        refusals.note(remote, "--max-handshakes-per-ip");
+                        continue;
+                    }
                 };
+                if let Some(p) = taken.evicted {
+                    m.handshakes_evicted[p as usize].fetch_add(1, Relaxed);
+                    evictions.count("--max-handshakes");
+                }
+                let slot = taken.slot;
                 let st = state.clone();
                 ex.spawn(async move {
-                    let Err(e) = handle_conn(&st, tcp, remote, which, slot).await else {
+                    // Evicted: the task ends here, which closes the connection.
+                    let evicted = slot.evicted();
+                    let conn = handle_conn(&st, tcp, remote, which, slot).or(async {
+                        evicted.await;
+                        Err(ConnFail::Evicted)
+                    });
+                    let Err(e) = conn.await else {
                         return;
                     };
                     st.metrics.failed_logins.fetch_add(1, Relaxed);
@@ -710,6 +733,10 @@ async fn accept_loop(
                     }
                 })
                 .detach();
+                // Let the new task run before the next accept: a client whose first bytes are
+                // already here is marked as talking before a burst of later connections could
+                // evict it (a ready listener would otherwise keep this loop busy).
+                smol::future::yield_now().await;
             }
             Err(e) => {
                 m.accept_errors.fetch_add(1, Relaxed);
@@ -722,25 +749,44 @@ async fn accept_loop(
     }
 }
 
-/// Logs refused connections at most every 10 s, so a flood does not flood the log.
-#[derive(Default)]
+/// Logs refused (or evicted) connections at most every 10 s, so a flood does not flood the log.
 struct Refusals {
+    /// "refusing connections".
+    doing: &'static str,
+    /// "refused".
+    done: &'static str,
     since_log: u64,
     last_log: Option<std::time::Instant>,
 }
 
 impl Refusals {
+    fn new(doing: &'static str, done: &'static str) -> Self {
+        Self {
+            doing,
+            done,
+            since_log: 0,
+            last_log: None,
+        }
+    }
+
+    /// `remote` was refused because of `limit`.
     fn note(&mut self, remote: SocketAddr, limit: &str) {
+        debug!("{remote}: {} by {limit}", self.done);
+        self.count(limit);
+    }
+
+    /// One more connection refused or evicted because of `limit`.
+    fn count(&mut self, limit: &str) {
         self.since_log += 1;
-        debug!("{remote}: refused by {limit}");
+        let done = self.done;
         let now = std::time::Instant::now();
         if self
             .last_log
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
         {
             warn!(
-                "refusing connections: {limit} reached ({} refused since the last report)",
-                self.since_log
+                "{}: {limit} reached ({} {done} since the last report)",
+                self.doing, self.since_log
             );
             self.since_log = 0;
             self.last_log = Some(now);
@@ -768,6 +814,8 @@ pub(crate) fn set_tcp_options(state: &State, tcp: &TcpStream) {
 enum ConnFail {
     Io(io::Error),
     Timeout(&'static str),
+    /// Closed to make room for a new connection (`--max-handshakes`).
+    Evicted,
     Head(http::HeadError),
     Derp(client::ConnError),
 }
@@ -777,6 +825,9 @@ impl std::fmt::Display for ConnFail {
         match self {
             Self::Io(e) => write!(f, "{e}"),
             Self::Timeout(what) => write!(f, "{what} timed out"),
+            Self::Evicted => f.write_str(
+                "evicted before its login to make room for a new connection (--max-handshakes)",
+            ),
             Self::Head(e) => write!(f, "{e}"),
             Self::Derp(e) => write!(f, "{e}"),
         }
@@ -800,6 +851,16 @@ async fn handle_conn(
     // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
     // be part of every connection's task for its whole life.
     let setup = Box::pin(async {
+        // Clients speak first (ClientHello or request head), at once: a silent connection is
+        // closed early instead of holding its slot for the whole handshake deadline.
+        async { tcp.readable().await.map_err(ConnFail::Io) }
+            .or(async {
+                Timer::after(state.first_byte_timeout).await;
+                state.metrics.first_byte_timeouts.fetch_add(1, Relaxed);
+                Err(ConnFail::Timeout("first byte"))
+            })
+            .await?;
+        slot.progress(Progress::Talking);
         let mut stream = match (&state.tls, which) {
             (Some(acc), Listener::Main) => {
                 Stream::Tls(Box::new(acc.accept(tcp).await.map_err(|e| {
@@ -825,6 +886,7 @@ async fn handle_conn(
             Err(ConnFail::Timeout("TLS handshake and request head"))
         })
         .await?;
+    slot.progress(Progress::Upgraded);
     let head = req.method == "HEAD";
     // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
     let resp = if which == Listener::Port80 && !req.target.starts_with("/debug") {

@@ -38,6 +38,8 @@ const BUDGET_MIB: u64 = 4;
 const DEFAULT_BUDGET_MIB: u64 = 16;
 /// `--max-handshakes`.
 const MAX_HANDSHAKES: usize = 64;
+/// derpd's default `--max-handshakes-per-ip`: the attacks come from one address.
+const PER_IP: usize = derpd::limits::DEFAULT_MAX_HANDSHAKES_PER_IP;
 /// `--handshake-timeout` and `--login-timeout`.
 const DEADLINE: Duration = Duration::from_secs(2);
 /// derpd's default `--tcp-write-timeout`.
@@ -914,9 +916,9 @@ fn stuck_receiver_default_budget() {
     rig.print("stuck receiver at the default budget");
 }
 
-/// Thousands of connections that never send a byte, held at once: derpd closes the excess
-/// at accept (--max-handshakes) and the rest at the handshake deadline, and the bystanders
-/// relay meanwhile.
+/// Thousands of connections from one address that never send a byte, held at once: derpd
+/// closes the excess at accept (--max-handshakes-per-ip) and the rest at the handshake
+/// deadline, and the bystanders relay meanwhile.
 fn half_open(rig: &mut Rig<TcpStream>, nofile: u64) {
     let addr = rig.addr;
     // Leave room for the bystanders, the test harness and derpd's own pipes.
@@ -972,13 +974,13 @@ fn half_open(rig: &mut Rig<TcpStream>, nofile: u64) {
         println!("somaxconn {somaxconn} < {n}: the backlog may overflow; not checked");
     }
     rig.note_fds(&mut at);
-    // While they are held: the bystanders relay, and derpd holds at most the handshake
-    // slots (plus the connections being accepted and closed right now).
+    // While they are held: the bystanders relay, and derpd holds at most one address's
+    // handshake slots (plus the connections being accepted and closed right now).
     relay_both(&mut rig.a, &mut rig.b, "while 2000 connections are held");
     rig.note_fds(&mut at);
     assert!(
-        at.fd_peak <= rig.fd_base + MAX_HANDSHAKES + 4,
-        "derpd held {} descriptors with --max-handshakes {MAX_HANDSHAKES} (baseline {})",
+        at.fd_peak <= rig.fd_base + PER_IP + 4,
+        "derpd held {} descriptors with --max-handshakes-per-ip {PER_IP} (baseline {})",
         at.fd_peak,
         rig.fd_base
     );
@@ -992,8 +994,8 @@ fn half_open(rig: &mut Rig<TcpStream>, nofile: u64) {
     }
     drop(conns);
     let elapsed = t0.elapsed();
-    rig.expect_log(&mut at, "a --max-handshakes refusal report", |l| {
-        l.contains("refusing connections: --max-handshakes reached")
+    rig.expect_log(&mut at, "a --max-handshakes-per-ip refusal report", |l| {
+        l.contains("refusing connections: --max-handshakes-per-ip reached")
     });
     let from = at.log_from;
     let deadline_lines = rig.d.log[from..]
@@ -1002,16 +1004,16 @@ fn half_open(rig: &mut Rig<TcpStream>, nofile: u64) {
         .count();
     let refusal_lines = rig.d.log[from..]
         .iter()
-        .filter(|l| l.contains("refused by --max-handshakes"))
+        .filter(|l| l.contains("refused by --max-handshakes-per-ip"))
         .count();
-    // The first 64 hold every slot until the deadline; a slot freed by it may be taken by
-    // a connection still being made (the connect loop can outlast one deadline).
+    // The first 16 hold the address's slots until the deadline; a slot freed by it may be
+    // taken by a connection still being made (the connect loop can outlast one deadline).
     let rounds = 1 + (connected_in.as_millis() / DEADLINE.as_millis()) as usize;
     assert!(
-        (MAX_HANDSHAKES..=MAX_HANDSHAKES * rounds).contains(&deadline_lines),
-        "{deadline_lines} connections closed by the deadline, want {MAX_HANDSHAKES}..={} \
+        (PER_IP..=PER_IP * rounds).contains(&deadline_lines),
+        "{deadline_lines} connections closed by the deadline, want {PER_IP}..={} \
          (connections made in {connected_in:?})",
-        MAX_HANDSHAKES * rounds
+        PER_IP * rounds
     );
     assert_eq!(
         refusal_lines + deadline_lines,
@@ -1025,7 +1027,7 @@ fn half_open(rig: &mut Rig<TcpStream>, nofile: u64) {
         connected_in.as_millis()
     );
     at.log = format!(
-        "{} + {refusal_lines} × `refused by --max-handshakes` + {deadline_lines} × `closed: … timed out`",
+        "{} + {refusal_lines} × `refused by --max-handshakes-per-ip` + {deadline_lines} × `closed: … timed out`",
         at.log
     );
     rig.finish(at);

@@ -37,33 +37,127 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
     }
 }
 
+/// True while the server has neither closed `s` nor sent anything on it.
+fn still_open(s: &TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let open =
+        matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    s.set_nonblocking(false).unwrap();
+    open
+}
+
 #[test]
-fn max_handshakes_closes_the_excess_and_frees_slots() {
+fn max_handshakes_evicts_the_least_advanced_oldest_first() {
     let mut cfg = Config::dev_loopback();
     cfg.max_handshakes = 4;
     let srv = start(cfg);
     let st = srv.state().clone();
+    let m = &st.metrics;
     let mut a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
-    // Four silent connections take every slot (logged-in clients hold none).
-    let mut idle: Vec<TcpStream> = (0..4)
+    // The oldest pending connection is talking (half a request head), three are silent.
+    let mut talking = TcpStream::connect(srv.addr()).unwrap();
+    talking.write_all(b"GET /derp HTTP/1.1\r\n").unwrap();
+    wait_until("a talking handshake", || {
+        st.handshakes.by_progress() == [0, 1, 0]
+    });
+    let mut silent: Vec<TcpStream> = (0..3)
         .map(|_| TcpStream::connect(srv.addr()).unwrap())
         .collect();
-    wait_until("4 handshakes pending", || st.handshakes.in_use() == 4);
-    let mut fifth = TcpStream::connect(srv.addr()).unwrap();
-    assert!(closed_by_server(&mut fifth), "fifth connection closed");
-    assert_eq!(st.metrics.handshakes_full.load(Relaxed), 1);
+    wait_until("4 handshakes pending", || {
+        st.handshakes.by_progress() == [3, 1, 0]
+    });
+    // A newcomer takes the slot of the oldest silent one, not the older talking one.
+    let newcomer = TcpStream::connect(srv.addr()).unwrap();
+    assert!(closed_by_server(&mut silent[0]), "oldest silent evicted");
+    assert_eq!(m.handshakes_evicted[0].load(Relaxed), 1);
+    assert!(still_open(&talking) && still_open(&silent[1]) && still_open(&newcomer));
+    assert_eq!(st.handshakes.in_use(), 4);
     relays(&mut a, &mut b, "handshakes full");
-    // One silent connection leaves: its slot serves a new login.
-    drop(idle.pop());
-    wait_until("a slot freed", || st.handshakes.in_use() == 3);
+    // A login gets through too, evicting the next silent one.
     let mut c = DerpClient::connect(srv.addr());
-    relays(&mut c, &mut a, "new login after a slot freed");
+    assert!(
+        closed_by_server(&mut silent[1]),
+        "next oldest silent evicted"
+    );
+    relays(&mut c, &mut a, "login while handshakes are full");
+    assert_eq!(m.handshakes_evicted[0].load(Relaxed), 2);
     assert_eq!(
         st.handshakes.in_use(),
         3,
         "a logged-in client holds no slot"
     );
+    assert!(still_open(&talking));
+    // When nobody is silent, the oldest talking one goes.
+    drop(silent);
+    drop(newcomer);
+    wait_until("only the talking one pending", || {
+        st.handshakes.in_use() == 1
+    });
+    let more: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(srv.addr()).unwrap();
+            s.write_all(b"G").unwrap();
+            s
+        })
+        .collect();
+    wait_until("4 talking", || st.handshakes.by_progress() == [0, 4, 0]);
+    let _d = DerpClient::connect(srv.addr());
+    assert!(closed_by_server(&mut talking), "oldest talking evicted");
+    assert_eq!(m.handshakes_evicted[1].load(Relaxed), 1);
+    assert!(more.iter().all(still_open));
+}
+
+#[test]
+fn max_handshakes_per_ip_closes_the_excess_from_one_address() {
+    let mut cfg = Config::dev_loopback();
+    cfg.max_handshakes_per_ip = 2;
+    let srv = start(cfg);
+    let st = srv.state().clone();
+    let from = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| connect_from(from, srv.addr()).unwrap())
+        .collect();
+    wait_until("2 handshakes pending", || st.handshakes.in_use() == 2);
+    let mut third = connect_from(from, srv.addr()).unwrap();
+    assert!(closed_by_server(&mut third), "third from 127.0.0.2 closed");
+    assert_eq!(st.metrics.handshakes_ip_full.load(Relaxed), 1);
+    assert!(held.iter().all(still_open));
+    // Other addresses log in.
+    let mut a = DerpClient::connect(srv.addr());
+    let mut b = DerpClient::connect(srv.addr());
+    relays(&mut a, &mut b, "one address at its limit");
+    assert_eq!(st.handshakes.in_use(), 2);
+    assert_eq!(st.metrics.handshakes_evicted[0].load(Relaxed), 0);
+}
+
+#[test]
+fn first_byte_deadline_closes_silent_connections_only() {
+    let mut cfg = Config::dev_loopback();
+    cfg.first_byte_timeout = Duration::from_millis(300);
+    let srv = start(cfg);
+    let st = srv.state().clone();
+    let t0 = Instant::now();
+    let mut silent = TcpStream::connect(srv.addr()).unwrap();
+    let mut talking = TcpStream::connect(srv.addr()).unwrap();
+    talking.write_all(b"GET").unwrap();
+    assert!(closed_by_server(&mut silent), "silent connection closed");
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert!(t0.elapsed() < IO_TIMEOUT, "by the first-byte deadline");
+    wait_until("the talking one still pending", || {
+        st.metrics.first_byte_timeouts.load(Relaxed) == 1 && st.handshakes.in_use() == 1
+    });
+    assert!(
+        still_open(&talking),
+        "a connection that spoke is not held to it"
+    );
+    talking
+        .write_all(b" /generate_204 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    talking.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let _ = talking.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 204"), "{out:?}");
 }
 
 #[test]

@@ -214,6 +214,8 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             "--threads=0",
             "--max-clients=2048",
             "--max-handshakes=256",
+            "--max-handshakes-per-ip=16",
+            "--first-byte-timeout=3s",
             "--handshake-timeout=10s",
             "--login-timeout=10s",
             "--frame-timeout=10s",

@@ -53,6 +53,21 @@ pub fn http_exchange(addr: SocketAddr, req: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A TCP connection from `src` (any address of 127.0.0.0/8: Linux routes all of it to `lo`) to
+/// `dst`, for tests of per-address limits.
+pub fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use rustix::net::{self as rn, AddressFamily, SocketFlags, SocketType};
+    let fd = rn::socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rn::bind(&fd, &SocketAddr::new(src.into(), 0))?;
+    rn::connect(&fd, &dst)?;
+    Ok(TcpStream::from(fd))
+}
+
 /// A frame as received: type and payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {

@@ -388,9 +388,15 @@ return view.extend({
 		o.datatype = 'uinteger';
 		o.placeholder = '2048';
 
-		o = s.taboption('limits', form.Value, 'max_handshakes', _('Most handshakes at once'));
+		o = s.taboption('limits', form.Value, 'max_handshakes', _('Most handshakes at once'),
+			_('When all are taken, a new connection evicts the one that has come least far.'));
 		o.datatype = 'uinteger';
 		o.placeholder = '256';
+
+		o = s.taboption('limits', form.Value, 'max_handshakes_per_ip', _('Most handshakes from one address'),
+			_('IPv6: one /64. More from it are closed at once.'));
+		o.datatype = 'uinteger';
+		o.placeholder = '16';
 
 		o = s.taboption('limits', form.Value, 'accept_connection_limit', _('New connections per second'),
 			_('Empty: unlimited.'));
@@ -404,6 +410,7 @@ return view.extend({
 		o.validate = validateAbsPath;
 
 		[
+			[ 'first_byte_timeout', _('First byte timeout'), '3s' ],
 			[ 'handshake_timeout', _('Handshake timeout'), '10s' ],
 			[ 'login_timeout', _('Login timeout'), '10s' ],
 			[ 'frame_timeout', _('Frame timeout'), '10s' ],
