@@ -864,8 +864,7 @@ mod tests {
     #[test]
     fn discard_charges_every_byte_past_the_prepaid_ones() {
         let limits = crate::limits::RateLimits::default();
-        // 1 MB/s: each piece waits 66 ms, far longer than skipping it takes even under QEMU
-        // (at 10 MB/s a slow emulated skip of 6.6 ms refilled the bucket and saved a wait).
+        // 1 MB/s: the nine pieces past the prepaid one cost 590 ms of waiting in all.
         limits.set(crate::limits::RateConfig {
             bytes_per_sec: 1_000_000,
             burst_bytes: 0,
@@ -884,8 +883,11 @@ mod tests {
         smol::block_on(discard(&mut s, 10 * burst, Some(rate))).unwrap();
         let took = t0.elapsed();
         assert_eq!(u64::MAX - s.left, 10 * burst);
-        // Nine more pieces charged, each waited for (the bucket was empty): 590 ms at 1 MB/s.
-        assert_eq!(limits.waited.load(Relaxed), 9);
+        // Nine more pieces charged (the bucket was empty): at least 590 ms at 1 MB/s, however
+        // the time is split. (How many of the charges waited depends on how long each skip
+        // took: a skip slower than a piece's 66 ms, as under QEMU on a loaded machine, refills
+        // the bucket by that piece, so the count is only bounded below.)
+        assert!(limits.waited.load(Relaxed) >= 1);
         assert!(took >= Duration::from_millis(550), "{took:?}");
     }
 }
