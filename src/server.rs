@@ -5,7 +5,10 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -154,8 +157,12 @@ struct Stop {
 
 impl Stop {
     fn set(&self) {
-        self.flag.store(true, Relaxed);
+        self.flag.store(true, Release);
         self.event.notify(usize::MAX);
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Acquire)
     }
 
     async fn wait(&self) {
@@ -686,6 +693,13 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, remote)) => {
+                // Stopping: the `or` above looks at the listener first, so a connection that
+                // arrived after the flag was set can still be accepted; it is not served, and
+                // the listener closes now.
+                if state.stopping.is_set() {
+                    debug!("{which:?} listener closed");
+                    return;
+                }
                 backoff = Duration::from_millis(5);
                 m.tcp_accepts.fetch_add(1, Relaxed);
                 // Over a limit: close at once and keep accepting (derper's listener may exit).
