@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
-use support::{ci, fresh_path, s};
+use support::{ci, fresh_path, makefile_define, makefile_var, packages_dir, s};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -973,32 +973,6 @@ fn apk_reader_refuses_damaged_packages() {
 
 // ---------------------------------------------------------------------------------------------
 // The built packages.
-
-fn packages_dir() -> PathBuf {
-    std::env::var_os("DERPD_PACKAGES_DIR").map_or_else(|| repo("dist"), PathBuf::from)
-}
-
-/// A variable of `openwrt/Makefile` (`NAME:=value`, indented or not).
-fn makefile_var(name: &str) -> String {
-    let text = std::fs::read_to_string(repo("openwrt/Makefile")).unwrap();
-    let prefix = format!("{name}:=");
-    text.lines()
-        .map(str::trim)
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("openwrt/Makefile has no {name}"))
-        .to_string()
-}
-
-/// The lines of a `define Package/<what>` … `endef` block of `openwrt/Makefile`.
-fn makefile_define(what: &str) -> Vec<String> {
-    let text = std::fs::read_to_string(repo("openwrt/Makefile")).unwrap();
-    text.lines()
-        .skip_while(|l| *l != format!("define Package/{what}"))
-        .skip(1)
-        .take_while(|l| *l != "endef")
-        .map(str::to_string)
-        .collect()
-}
 
 /// The architectures of the `.ipk` files (`scripts/build-packages.sh`' `ipk_arches`).
 const ARCHES: [&str; 8] = [

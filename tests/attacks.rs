@@ -137,17 +137,6 @@ impl Drop for Sampler {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
-fn raise_nofile() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut l = getrlimit(Resource::Nofile);
-    if l.current != l.maximum {
-        l.current = l.maximum;
-        let _ = setrlimit(Resource::Nofile, l);
-    }
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
-}
-
 // ---------------------------------------------------------------------------------------
 // Wire helpers
 
@@ -490,7 +479,7 @@ fn must_close(s: &mut TcpStream, bound: Duration, what: &str) -> String {
 
 #[test]
 fn hostile_input_plain() {
-    let nofile = raise_nofile();
+    let nofile = support::raise_nofile();
     let d = Derpd::start(&derpd_args(BUDGET_MIB, &["--dev"]));
     let mut rig = Rig::new(d, BUDGET_MIB, false, DerpClient::connect);
     let addr = rig.addr;
@@ -919,7 +908,7 @@ fn hostile_input_plain() {
 /// receiver may hold only a quarter of them, so the sender is never held up.
 #[test]
 fn stuck_receiver_default_budget() {
-    raise_nofile();
+    support::raise_nofile();
     let d = Derpd::start(&derpd_args(DEFAULT_BUDGET_MIB, &["--dev"]));
     let mut rig = Rig::new(d, DEFAULT_BUDGET_MIB, false, DerpClient::connect);
     stuck_receiver(&mut rig, Duration::from_secs(1));
@@ -1255,7 +1244,7 @@ fn tls_login(addr: SocketAddr) -> DerpClient<Tls> {
 
 #[test]
 fn hostile_input_tls() {
-    raise_nofile();
+    support::raise_nofile();
     let certdir = support::fresh_path("attacks-tls", "certs");
     let keyfile = certdir.with_file_name("derpd.key");
     let (certdir, keyfile) = (certdir.display().to_string(), keyfile.display().to_string());

@@ -52,21 +52,10 @@ fn login_bound() -> Duration {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
-fn raise_nofile() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut l = getrlimit(Resource::Nofile);
-    if l.current != l.maximum {
-        l.current = l.maximum;
-        let _ = setrlimit(Resource::Nofile, l);
-    }
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
-}
-
 /// `want` connections, or fewer if RLIMIT_NOFILE is low: the three tests of this file may run
 /// at once, each with its attack's sockets in this process.
 fn attack_size(want: usize) -> usize {
-    let room = (raise_nofile().saturating_sub(300) / 3) as usize;
+    let room = (support::raise_nofile().saturating_sub(300) / 3) as usize;
     let n = want.min(room);
     assert!(
         n >= want.min(600),
@@ -79,7 +68,7 @@ fn attack_size(want: usize) -> usize {
 }
 
 fn start_derpd() -> (Derpd, SocketAddr) {
-    raise_nofile();
+    support::raise_nofile();
     let mut d = Derpd::start(&[
         s("--dev"),
         s("-a"),

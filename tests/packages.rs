@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use argh::FromArgs;
 use derpd::config::{normalize_args, Args, Config};
-use support::{ci, fresh_path, run_bounded, s, skip, Derpd};
+use support::{
+    ci, fresh_path, makefile_define, makefile_var, packages_dir, run_bounded, s, skip, Derpd,
+};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const SHIPPED_UCI: &str = include_str!("../openwrt/files/derpd.config");
@@ -34,17 +36,6 @@ fn repo(path: &str) -> PathBuf {
 
 fn cargo_version() -> String {
     env!("CARGO_PKG_VERSION").to_string()
-}
-
-/// A variable of `openwrt/Makefile` (`NAME:=value`, indented or not).
-fn makefile_var(name: &str) -> String {
-    let text = std::fs::read_to_string(repo("openwrt/Makefile")).unwrap();
-    let prefix = format!("{name}:=");
-    text.lines()
-        .map(str::trim)
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("openwrt/Makefile has no {name}"))
-        .to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1173,10 +1164,6 @@ fn capabilities_file_grants_only_net_bind_service() {
 // ---------------------------------------------------------------------------------------------
 // The built packages.
 
-fn packages_dir() -> PathBuf {
-    std::env::var_os("DERPD_PACKAGES_DIR").map_or_else(|| repo("dist"), PathBuf::from)
-}
-
 /// What a static binary for a target must look like.
 #[derive(Clone, Copy, Debug)]
 struct Elf {
@@ -1648,16 +1635,10 @@ fn luci_app_files() -> Vec<(String, String)> {
     .collect()
 }
 
-/// A `define Package/luci-app-derpd/NAME` body of openwrt/Makefile, as the SDK writes it
-/// (make's `$$` is `$`).
-fn makefile_define(name: &str) -> String {
-    let text = String::from_utf8(read(&repo("openwrt/Makefile"))).unwrap();
-    let start = text
-        .find(&format!("define {name}\n"))
-        .unwrap_or_else(|| panic!("no define {name}"));
-    let body = &text[start..];
-    let body = &body[body.find('\n').unwrap() + 1..body.find("\nendef").unwrap()];
-    format!("{}\n", body.replace("$$", "$"))
+/// A `define Package/<what>` body of openwrt/Makefile, as the SDK writes it (make's `$$` is
+/// `$`).
+fn makefile_body(what: &str) -> String {
+    format!("{}\n", makefile_define(what).join("\n").replace("$$", "$"))
 }
 
 #[test]
@@ -1753,11 +1734,11 @@ fn luci_ipk_structure() {
     // The package's own scripts are the Makefile's, stored as package-pack.mk stores them.
     assert_eq!(
         String::from_utf8(read(&c.join("postinst-pkg"))).unwrap(),
-        makefile_define("Package/luci-app-derpd/postinst")
+        makefile_body("luci-app-derpd/postinst")
     );
     assert_eq!(
         String::from_utf8(read(&c.join("postrm"))).unwrap(),
-        makefile_define("Package/luci-app-derpd/postrm")
+        makefile_body("luci-app-derpd/postrm")
     );
 }
 
