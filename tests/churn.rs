@@ -210,17 +210,7 @@ fn churned_keys_leave_no_memory_behind() {
             };
         }
     });
-    let gauge = |name: &str| {
-        let varz = http_exchange(
-            addr,
-            b"GET /debug/varz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        );
-        let line = varz.lines().find(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' '))
-        });
-        line.and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-    };
+    let gauge = |name: &str| varz_value(addr, name);
     let connections = || gauge("derp_current_connections");
     let churned = Arc::new(AtomicU32::new(0));
     let churn_until = |target: u32| {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{connect_from, http_exchange, DerpClient};
+use common::{connect_from, varz_value, DerpClient};
 use support::{s, Derpd};
 
 /// Logins tried while an attack is on; all must succeed.
@@ -231,23 +231,6 @@ fn login(addr: SocketAddr, bound: Duration) -> Result<Duration, String> {
     Ok(took)
 }
 
-/// A counter or gauge from /debug/varz (absent when the scrape fails).
-fn varz(addr: SocketAddr, name: &str) -> Option<u64> {
-    let text = http_exchange(
-        addr,
-        b"GET /debug/varz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    let sum: Vec<u64> = text
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
-        .collect();
-    (!sum.is_empty()).then(|| sum.iter().sum())
-}
-
 /// Runs the attack, logs in [`LOGINS`] times from 127.0.0.1 while it is on, and asserts that
 /// every login completed within [`login_bound`].
 fn logins_during(name: &str, sources: Vec<Ipv4Addr>, n: usize, kind: Kind) {
@@ -285,7 +268,7 @@ fn logins_during(name: &str, sources: Vec<Ipv4Addr>, n: usize, kind: Kind) {
         "derpd_first_byte_timeouts",
     ]
     .iter()
-    .map(|c| format!("{c} {:?}", varz(addr, c)))
+    .map(|c| format!("{c} {:?}", varz_value(addr, c)))
     .collect();
     println!(
         "{name}: {ok} of {LOGINS} logins from 127.0.0.1 within {bound:?} (slowest {} ms); \

@@ -252,3 +252,20 @@ pub fn disco_packet() -> Vec<u8> {
     p.resize(derpd::frame::DISCO_MIN_LEN + 10, 7);
     p
 }
+
+/// A counter or gauge from /debug/varz, summed over its labels (absent when the scrape fails).
+pub fn varz_value(addr: SocketAddr, name: &str) -> Option<u64> {
+    let text = http_exchange(
+        addr,
+        b"GET /debug/varz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let sum: Vec<u64> = text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse().ok())
+        .collect();
+    (!sum.is_empty()).then(|| sum.iter().sum())
+}
