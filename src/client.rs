@@ -18,6 +18,7 @@ use smol::Timer;
 use crate::frame::{self, peer_flags, FrameType, PeerGoneReason, SmallFrame, HEADER_LEN};
 use crate::handshake::{self, LoginError};
 use crate::key::{NodePublic, KEY_LEN};
+use crate::lograte;
 use crate::metrics::DropReason;
 use crate::pool::PacketBuf;
 use crate::registry::{Client, Route, RouteCache};
@@ -143,7 +144,9 @@ where
     {
         Ok(i) => i,
         Err(e) => {
-            info!("derp: {}: login refused: {e}", up.remote);
+            if lograte::LOGINS.allow() {
+                info!("derp: {}: login refused: {e}", up.remote);
+            }
             return Err(e);
         }
     };
@@ -160,7 +163,9 @@ where
             verdict = Err(format!("server full (--max-clients {})", state.max_clients));
         }
         if let Err(why) = verdict {
-            info!("derp: {}: client {} rejected: {why}", up.remote, info.key);
+            if lograte::LOGINS.allow() {
+                info!("derp: {}: client {} rejected: {why}", up.remote, info.key);
+            }
             return Err(ConnError::Rejected(why));
         }
     }
@@ -227,7 +232,11 @@ where
     .await;
     match &res {
         Ok(()) => debug!("derp: {}: {} disconnected", up.remote, info.key.short()),
-        Err(e) => info!("derp client {}{}: {e}", up.remote, info.key.short()),
+        Err(e) => {
+            if lograte::CONN_ERRORS.allow() {
+                info!("derp client {}{}: {e}", up.remote, info.key.short());
+            }
+        }
     }
     res
 }

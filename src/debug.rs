@@ -610,6 +610,9 @@ static VARS: &[Var] = &[
         .help("Logins refused by --allow-keys-file, --verify-clients or --verify-client-url."),
     c("derpd_admission_fail_open_admits", |s| s.fail_open)
         .help("Logins let in because the admission controller could not be reached (fail-open)."),
+    by(Type::Counter, "derpd_log_lines_suppressed", "kind", crate::lograte::KIND_LABELS,
+        |_, i| u64::from(crate::lograte::KINDS[i].suppressed()))
+        .help("Log lines held back by the per-kind limit (5 lines per 10 s each): failed logins, connection errors, refused heads and WebSockets."),
     g("derpd_peer_gone_interests", |s| s.gone_interests as u64)
         .help("(sender, receiver) pairs of connected keys owed a PeerGone when the sender leaves."),
     g("derpd_mesh_links_up", |s| s.m.mesh_links_up.load(Relaxed) as u64)

@@ -29,6 +29,8 @@
 //!   [`metrics`]: counters named after derper's.
 //! - `holder`: who holds a port a listener cannot bind (`/proc/net/tcp*` and `/proc/*/fd`), for
 //!   the start-up error.
+//! - [`lograte`]: at most a few log lines per kind every 10 s for what strangers can cause
+//!   (failed logins, refused heads and WebSockets, connection errors), then a count.
 //! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
 //!   derpd makes: the key file and the self-signed certificate pair.
 //!
@@ -50,6 +52,7 @@ mod holder;
 pub mod http;
 pub mod key;
 pub mod limits;
+pub mod lograte;
 pub mod mesh;
 pub mod metrics;
 pub mod pool;

@@ -20,6 +20,7 @@ use smol::Timer;
 
 use crate::client::{self, ConnError, Upgrade};
 use crate::http::{self, Request};
+use crate::lograte;
 use crate::server::State;
 
 /// RFC 6455's GUID, appended to the client's key for `Sec-WebSocket-Accept`.
@@ -148,7 +149,9 @@ pub fn accept(req: &Request, remote: SocketAddr) -> Result<Accept, Vec<u8>> {
             }
         }
     };
-    info!("{remote}: websocket refused: {msg}");
+    if lograte::WEBSOCKETS.allow() {
+        info!("{remote}: websocket refused: {msg}");
+    }
     let mut resp = http::text_error(status, reason, &msg);
     if !extra.is_empty() {
         // After the status line, like the other headers.
@@ -190,7 +193,9 @@ where
     .await?;
     if !acc.derp {
         let e = "websocket: client must speak the derp subprotocol";
-        info!("{remote}: {e}");
+        if lograte::WEBSOCKETS.allow() {
+            info!("{remote}: {e}");
+        }
         return Err(ConnError::Protocol(e.into()));
     }
     drop(acc);

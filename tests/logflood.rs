@@ -1,0 +1,98 @@
+//! A flood of bad connections writes a bounded number of log lines (issue 17, point 7): the
+//! logger writes synchronously into logd/journald, so one line per failed login would let a
+//! stranger fill the pipe and block executor threads.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
+
+use common::*;
+use derpd::config::Config;
+use derpd::handshake;
+use derpd::key::NodePrivate;
+use derpd::lograte::{LINES_PER_WINDOW, WINDOW};
+
+/// Counts the lines written for each kind of event.
+struct Counter;
+
+/// (substring of the line, lines seen).
+static SEEN: [(&str, AtomicUsize); 3] = [
+    ("login refused", AtomicUsize::new(0)),
+    (": refused: ", AtomicUsize::new(0)),
+    ("websocket refused", AtomicUsize::new(0)),
+];
+
+impl log::Log for Counter {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        let line = r.args().to_string();
+        for (what, n) in &SEEN {
+            if line.contains(what) {
+                n.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: Counter = Counter;
+
+const FLOOD: usize = 100;
+
+#[test]
+fn a_flood_of_bad_connections_writes_a_few_lines_per_kind() {
+    log::set_logger(&LOGGER).unwrap();
+    log::set_max_level(log::LevelFilter::Info);
+    let srv = derpd::server::Server::start(Config::dev_loopback()).unwrap();
+    let sk = srv.state().public_key;
+    let addr = srv.addr();
+    let started = Instant::now();
+
+    let not_json = handshake::client_info_frame(&NodePrivate::generate(), &sk, b"hello");
+    for _ in 0..FLOOD {
+        // A login with a ClientInfo that is not JSON: refused, and logged before the close.
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut c = DerpClient::new_raw(s);
+        c.s.write_all(b"GET /derp HTTP/1.1\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n")
+            .unwrap();
+        c.s.write_all(&not_json).unwrap();
+        c.read_server_key().unwrap();
+        assert!(c.is_closed_by_server());
+        // A request head that is not HTTP.
+        assert!(http_exchange(addr, b"HELLO\r\n\r\n").contains("400"));
+        // A WebSocket upgrade without a key.
+        let ws = "GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: derp\r\n\r\n";
+        assert!(http_exchange(addr, ws.as_bytes()).contains("400"));
+    }
+    // Lines are written before the server closes, so every one is in by now.
+    let windows = started.elapsed().as_secs() / WINDOW.as_secs() + 1;
+    // Each window: its share, and from the second on a summary line ("… and N more").
+    let most = windows as usize * LINES_PER_WINDOW as usize;
+    let mut held = 0;
+    for (i, (what, n)) in SEEN.iter().enumerate() {
+        let n = n.load(Relaxed);
+        println!("{what:?}: {n} lines for {FLOOD} connections in {windows} window(s)");
+        assert!(
+            (1..=most).contains(&n),
+            "{what:?}: {n} lines for {FLOOD} connections (at most {most})"
+        );
+        let label = derpd::lograte::KIND_LABELS[[0, 2, 3][i]];
+        let name = format!("derpd_log_lines_suppressed{{kind=\"{label}\"}}");
+        let s = varz_value(addr, &name).unwrap_or_else(|| panic!("{name} missing"));
+        held += s;
+        assert_eq!(
+            n + s as usize,
+            FLOOD,
+            "{name}: every line is written or counted"
+        );
+    }
+    assert!(held > 0);
+    srv.shutdown(std::time::Duration::from_secs(1));
+}
