@@ -28,6 +28,7 @@ use crate::http::{self, Home, Request};
 use crate::key::NodePrivate;
 use crate::key::NodePublic;
 use crate::limits::{AcceptLimiter, Progress, RateConfig, RateLimits, Refused, Slot, Slots};
+use crate::lograte;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -438,7 +439,12 @@ impl Server {
         let task = self.ex.spawn(async move {
             while let Some(sig) = signals.next().await {
                 match sig {
-                    Ok(Signal::Hup) => reload(&state),
+                    Ok(Signal::Hup) => {
+                        // File I/O (a 16 MiB allow-keys file, certificates on slow flash)
+                        // on a blocking-pool thread, not on an executor thread.
+                        let state = state.clone();
+                        smol::unblock(move || reload(&state)).await;
+                    }
                     Ok(sig) => {
                         let name = if sig == Signal::Int {
                             "SIGINT"
@@ -535,10 +541,15 @@ fn reload(state: &State) {
 
 /// Reloads the certificate when its files change (acme.sh and similar renew in place).
 async fn watch_certs(state: Arc<State>, every: Duration) {
-    let Some(certs) = &state.certs else { return };
+    if state.certs.is_none() {
+        return;
+    }
     loop {
         Timer::after(every).await;
-        if let Some(Err(e)) = certs.reload_if_changed() {
+        // Off the executor: a stat of each file, and a read when they changed.
+        let st = state.clone();
+        let changed = smol::unblock(move || st.certs.as_ref()?.reload_if_changed()).await;
+        if let Some(Err(e)) = changed {
             warn!("certificate files changed but cannot be used, keeping the old certificate: {e}");
         }
     }
@@ -741,7 +752,10 @@ async fn accept_loop(
                     match e {
                         // DERP errors were logged with the client's key by the client code.
                         ConnFail::Derp(_) => {}
-                        ConnFail::Head(_) => info!("{remote}: refused: {e}"),
+                        ConnFail::Head(_) if lograte::HEADS.allow() => {
+                            info!("{remote}: refused: {e}")
+                        }
+                        ConnFail::Head(_) => {}
                         // Scanners and dropped TLS handshakes: common, so only at debug.
                         _ => debug!("{remote}: closed: {e}"),
                     }

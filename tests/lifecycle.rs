@@ -267,3 +267,41 @@ fn shutdown_report_counts_only_clients() {
         "did not wait out the grace"
     );
 }
+
+/// A reload reads files off the executor: with one executor thread and a rate config that
+/// blocks its reader (a FIFO with no writer yet), clients still log in and relay.
+#[test]
+fn a_reload_that_blocks_on_a_file_does_not_stop_the_relay() {
+    let dir = support::fresh_path("sighup-fifo", "d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rc = dir.join("rate.json");
+    std::fs::write(&rc, r#"{"PerClientRateLimitBytesPerSec": 1000000}"#).unwrap();
+    let (mut d, addr) = start_derpd(&[
+        s("--threads"),
+        s("1"),
+        s("--rate-config"),
+        rc.display().to_string(),
+    ]);
+    std::fs::remove_file(&rc).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&rc)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    signal(&d, Signal::HUP);
+    d.wait_until("the reload to begin", IO_TIMEOUT, |log| {
+        log.iter().any(|l| l.contains("received SIGHUP: reloading"))
+    });
+    // The reload is now blocked opening the FIFO.
+    let mut a = DerpClient::connect(addr);
+    let mut b = DerpClient::connect(addr);
+    let bk = b.public();
+    a.send(&bk, b"during a blocked reload");
+    assert_eq!(b.recv_packet().1, b"during a blocked reload");
+    // Let it finish.
+    std::fs::write(&rc, r#"{"PerClientRateLimitBytesPerSec": 3000000}"#).unwrap();
+    d.wait_until("the reloaded rate config", IO_TIMEOUT, |log| {
+        log.iter()
+            .any(|l| l.contains("rate config applied: client-rate=3000000 bytes/sec"))
+    });
+}
