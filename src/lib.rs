@@ -40,6 +40,7 @@
 //! the benchmark's load generator, built only with `--features bench`), a DERP client made of
 //! [`frame`] and [`handshake`].
 
+pub mod acme;
 pub mod admission;
 pub mod client;
 pub mod config;
