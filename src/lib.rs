@@ -34,7 +34,10 @@
 //! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
 //!   derpd makes: the key file and the self-signed certificate pair.
 //!
-//! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`]) does no I/O.
+//! - [`acme`]: the ACME protocol core (JWS, messages, CA objects, TLS-ALPN-01 certificate,
+//!   CSR, renewal rule) for CA-issued certificates; the client that uses it is not built yet.
+//!
+//! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`]) does no I/O.
 //!
 //! Outside the library: `src/main.rs` (the `derpd` binary) and `bench/load.rs` (`derpd-load`,
 //! the benchmark's load generator, built only with `--features bench`), a DERP client made of
