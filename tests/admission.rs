@@ -5,6 +5,10 @@
 //!
 //! - The checks on their own ([`Admission`], with a short timeout and no delay between looks at
 //!   the allow-keys file): the requests, every kind of answer, timeouts, fail-open, counters.
+//! - Under load: 500 logins at once against a slow controller (the cap on checks in flight,
+//!   kept-alive connections, no fail-open admission of a refused key), the refused-key cache,
+//!   the fail-open log line; the allow-keys file read off the executor, and not re-read at
+//!   every look when its modification time is in the future.
 //! - End to end, in process: a refused client sees EOF after ClientInfo (no ServerInfo) while
 //!   admitted ones relay; mesh peers are not checked; the allow-keys file is followed.
 //! - Against Tailscale's real derper (installed at the pinned version): derper and derpd, with
@@ -552,6 +556,22 @@ fn admission_controller_unreachable() {
         res,
         Err("admission controller unreachable: connection closed without a response".into())
     );
+    // Something that is not an answer, or a head cut short: refused, even failing open.
+    for (reply, why) in [
+        (&b"garbage\r\n\r\n"[..], "malformed HTTP response: "),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Le",
+            "connection closed in the response head",
+        ),
+    ] {
+        let (_, res, _, a) = admit_from("192.0.2.7:1", true, move || Reply::Send(reply.to_vec()));
+        let res = res.unwrap_err();
+        assert!(
+            res.starts_with(&format!("admission controller: bad response: {why}")),
+            "{res}"
+        );
+        assert_eq!((a.fail_open_admits(), a.rejections()), (0, 1));
+    }
 }
 
 #[test]
@@ -575,6 +595,247 @@ fn admission_controller_too_slow() {
     );
     assert_eq!((a.fail_open_admits(), a.rejections()), (0, 1));
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+// Under load: the controller must not be overloaded into failing open.
+
+/// What a [`slow_controller`] saw.
+#[derive(Default)]
+struct ControllerLog {
+    connections: AtomicUsize,
+    requests: AtomicUsize,
+    /// Requests received and not yet answered, now and at most.
+    pending: AtomicUsize,
+    max_pending: AtomicUsize,
+}
+
+/// An admission controller that keeps connections alive (HTTP/1.1) and is slow under load: it
+/// works on at most `workers` requests at a time, `delay` each (the others queue), and
+/// refuses the keys in `refused` (`nodekey:<hex>` strings).
+fn slow_controller(
+    delay: Duration,
+    workers: usize,
+    refused: std::collections::HashSet<String>,
+) -> (SocketAddr, Arc<ControllerLog>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let log = Arc::new(ControllerLog::default());
+    let free = Arc::new((std::sync::Mutex::new(workers), std::sync::Condvar::new()));
+    let refused = Arc::new(refused);
+    let seen = log.clone();
+    serve_each(tcp_accept(l), move |mut s| {
+        seen.connections.fetch_add(1, Ordering::Relaxed);
+        while let Some(req) = read_request(&mut s) {
+            seen.requests.fetch_add(1, Ordering::Relaxed);
+            let n = seen.pending.fetch_add(1, Ordering::Relaxed) + 1;
+            seen.max_pending.fetch_max(n, Ordering::Relaxed);
+            {
+                let (m, cv) = &*free;
+                let mut f = cv.wait_while(m.lock().unwrap(), |f| *f == 0).unwrap();
+                *f -= 1;
+            }
+            // The work a request takes.
+            thread::sleep(delay);
+            {
+                let (m, cv) = &*free;
+                *m.lock().unwrap() += 1;
+                cv.notify_one();
+            }
+            let body = req.body_text();
+            let allow = !refused.iter().any(|k| body.contains(k.as_str()));
+            let json = format!(r#"{{"Allow":{allow}}}"#);
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+                json.len()
+            );
+            seen.pending.fetch_sub(1, Ordering::Relaxed);
+            if s.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, log)
+}
+
+/// Runs `check` for every key at once (one task each, one thread); the results in key order.
+fn check_all(a: &Admission, keys: &[NodePublic]) -> Vec<Result<(), String>> {
+    let ex = smol::LocalExecutor::new();
+    let remote: SocketAddr = "192.0.2.7:41641".parse().unwrap();
+    let tasks: Vec<_> = keys.iter().map(|k| ex.spawn(a.check(k, remote))).collect();
+    smol::block_on(ex.run(async {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await);
+        }
+        out
+    }))
+}
+
+#[test]
+fn slow_controller_under_500_logins_admits_no_refused_key() {
+    support::raise_nofile();
+    const LOGINS: usize = 500;
+    // The controller needs 500 × 100 ms / 16 workers ≈ 3.1 s for them all: more than the 2 s a
+    // check may take. Before the fix every login opened its own connection at once, the
+    // queued ones timed out, and fail-open admitted them, refused keys too.
+    let timeout = Duration::from_secs(2);
+    let keys: Vec<NodePublic> = (0..LOGINS).map(|_| new_key()).collect();
+    let refused: std::collections::HashSet<String> =
+        keys.iter().step_by(2).map(|k| k.to_string()).collect();
+    let (addr, seen) = slow_controller(Duration::from_millis(100), 16, refused.clone());
+    let a = Admission::with_timing(
+        AdmissionConfig {
+            url: Some(format!("http://{addr}/admit")),
+            fail_open: true,
+            ..Default::default()
+        },
+        timeout,
+        Duration::ZERO,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let results = check_all(&a, &keys);
+    let took = t0.elapsed();
+    let wrongly: Vec<usize> = (0..LOGINS)
+        .filter(|&i| results[i].is_ok() && refused.contains(&keys[i].to_string()))
+        .collect();
+    let admitted = results.iter().filter(|r| r.is_ok()).count();
+    let busy = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.starts_with("admission controller busy: "))
+        })
+        .count();
+    let st = a.controller_stats();
+    println!(
+        "{LOGINS} logins in {took:?}: {admitted} admitted ({} refused keys among them), {busy} \
+         refused for want of a slot, {} fail-open; controller: {} connections, {} requests, at \
+         most {} pending; {st:?}",
+        wrongly.len(),
+        a.fail_open_admits(),
+        seen.connections.load(Ordering::Relaxed),
+        seen.requests.load(Ordering::Relaxed),
+        seen.max_pending.load(Ordering::Relaxed),
+    );
+    assert!(
+        wrongly.is_empty(),
+        "{} refused keys admitted (fail-open: {})",
+        wrongly.len(),
+        a.fail_open_admits()
+    );
+    assert_eq!(a.fail_open_admits(), 0);
+    // Some got through: the test is not passed by refusing everyone.
+    assert!(admitted > 0, "nobody admitted");
+    // Every login either was answered by the controller or waited for a slot in vain.
+    assert_eq!(
+        seen.requests.load(Ordering::Relaxed) + busy,
+        LOGINS,
+        "requests + refused for want of a slot"
+    );
+    // At most MAX_CHECKS requests at once, on at most MAX_CHECKS kept-alive connections.
+    let max_checks = derpd::admission::MAX_CHECKS;
+    assert!(
+        seen.max_pending.load(Ordering::Relaxed) <= max_checks,
+        "the controller had {} requests pending at once",
+        seen.max_pending.load(Ordering::Relaxed)
+    );
+    let conns = seen.connections.load(Ordering::Relaxed);
+    assert!(conns <= max_checks, "{conns} connections to the controller");
+    assert_eq!(st.connects, conns as u64);
+    assert_eq!((st.in_flight, st.waiting), (0, 0));
+    assert_eq!(st.wait_timeouts, busy as u64);
+}
+
+#[test]
+fn refused_keys_are_remembered_and_fail_open_still_admits_when_down() {
+    let refused = new_key();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_down = down.clone();
+    let bad = refused.to_string();
+    let (addr, rx) = fake_tcp(responder(move |r| {
+        if is_down.load(Ordering::Relaxed) {
+            // Closed without an answer: unreachable.
+            Reply::Send(Vec::new())
+        } else {
+            let allow = !r.body_text().contains(&bad);
+            http("200 OK", &format!(r#"{{"Allow":{allow}}}"#))
+        }
+    }));
+    let a = url_admission(format!("http://{addr}/"), true);
+    let not_allowed = format!("admission controller: {refused}/192.0.2.7 not allowed");
+    assert_eq!(
+        check_from(&a, &refused, "192.0.2.7:1"),
+        Err(not_allowed.clone())
+    );
+    recv(&rx);
+    // Again: refused without asking.
+    assert_eq!(
+        check_from(&a, &refused, "192.0.2.7:2"),
+        Err(not_allowed.clone())
+    );
+    assert!(rx.try_recv().is_err(), "the controller was asked again");
+    assert_eq!(a.controller_stats().cache_hits, 1);
+    // From another address the controller is asked (it is told the address).
+    assert!(check_from(&a, &refused, "192.0.2.8:1").is_err());
+    recv(&rx);
+    // Down: a refused key stays refused; others fail open.
+    down.store(true, Ordering::Relaxed);
+    assert_eq!(check_from(&a, &refused, "192.0.2.7:3"), Err(not_allowed));
+    let fresh = new_key();
+    assert_eq!(check_from(&a, &fresh, "192.0.2.7:4"), Ok(()));
+    assert_eq!(a.fail_open_admits(), 1);
+    assert_eq!(a.controller_stats().cache_hits, 2);
+}
+
+/// derpd with a controller that is down, failing open: logins are admitted and logged, at
+/// most [`FAIL_OPEN_LOG_LINES`] lines per 10 s.
+#[test]
+fn fail_open_admissions_are_logged_within_a_rate() {
+    use derpd::admission::{FAIL_OPEN_LOG_LINES, FAIL_OPEN_LOG_WINDOW};
+    const LOGINS: usize = 20;
+    let closed = closed_port();
+    let mut d = support::Derpd::start(&support::dev_loopback_args(&[
+        support::s("--verify-client-url"),
+        format!("http://{closed}/admit"),
+    ]));
+    let addr = d.startup(false).addr;
+    let t0 = Instant::now();
+    let mut first = None;
+    for _ in 0..LOGINS {
+        let key = NodePrivate::generate();
+        first.get_or_insert(key.public());
+        if let Err(e) = login(addr, key, CLIENT_JSON) {
+            d.fail(&format!("not admitted: {e}"));
+        }
+    }
+    let took = t0.elapsed();
+    // SIGHUP's log line comes after every line the logins wrote.
+    use rustix::process::{kill_process, Pid, Signal};
+    kill_process(Pid::from_child(&d.child), Signal::HUP).unwrap();
+    d.wait_until("the SIGHUP line", support::LOG_LAG_DEADLINE, |log| {
+        log.iter().any(|l| l.contains("received SIGHUP"))
+    });
+    let want = format!(
+        "fail-open admitted {}: admission controller unreachable: ",
+        first.unwrap()
+    );
+    if !d.log.iter().any(|l| l.contains(&want)) {
+        d.fail(&format!("no line {want:?}"));
+    }
+    let lines = d
+        .log
+        .iter()
+        .filter(|l| l.contains("fail-open admitted "))
+        .count();
+    // A window starts at the first fail-open admission.
+    let windows = 1 + (took.as_secs_f64() / FAIL_OPEN_LOG_WINDOW.as_secs_f64()) as usize;
+    println!("{LOGINS} fail-open logins in {took:?}: {lines} log lines");
+    if lines > FAIL_OPEN_LOG_LINES as usize * windows {
+        d.fail(&format!(
+            "{lines} fail-open lines for {LOGINS} logins in {took:?}"
+        ));
+    }
 }
 
 #[test]
@@ -768,6 +1029,94 @@ fn allow_keys_file_startup_errors() {
     let a = allow_list(&path);
     assert!(!a.is_open());
     assert!(check(&a, &new_key()).is_err());
+}
+
+/// Routers without a clock write files with modification times in the future: such a file
+/// is read once more after the racy window, not at every look.
+#[test]
+fn allow_keys_file_with_a_future_mtime_is_not_reread_at_every_look() {
+    let dir = temp_dir();
+    let path = dir.join("allow-keys");
+    let (a_key, b_key) = (new_key(), new_key());
+    let future = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let set_future = |p: &Path| {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(future)
+            .unwrap();
+    };
+    write_keys(&path, &[a_key]);
+    set_future(&path);
+    // Looks at the file at every check.
+    let a = allow_list(&path);
+    assert_eq!(a.allow_keys_reads(), 1);
+    let t0 = Instant::now();
+    let mut looks = 0;
+    while t0.elapsed() < derpd::admission::RACY_WINDOW + Duration::from_millis(500) {
+        assert_eq!(check(&a, &a_key), Ok(()));
+        looks += 1;
+        // Before the fix each look read the file again.
+        assert!(
+            a.allow_keys_reads() <= 2,
+            "{} reads in {looks} looks",
+            a.allow_keys_reads()
+        );
+    }
+    // Start-up, and once more after the racy window.
+    assert_eq!(a.allow_keys_reads(), 2, "in {looks} looks");
+    // An edit is still seen, with the same future time.
+    write_keys(&path, &[b_key]);
+    set_future(&path);
+    assert_eq!(check(&a, &b_key), Ok(()));
+    assert!(check(&a, &a_key).is_err());
+    assert_eq!(a.allow_keys_reads(), 3);
+}
+
+/// A check that reads the allow-keys file leaves its executor thread free: here the file is a
+/// FIFO whose writer comes only after the executor showed it could run something else.
+#[test]
+fn allow_keys_file_is_read_off_the_executor() {
+    let dir = temp_dir();
+    let path = dir.join("allow-keys");
+    let key = new_key();
+    write_keys(&path, &[key]);
+    let a = allow_list(&path);
+    let fifo = dir.join("fifo");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success(), "mkfifo: {st}");
+    std::fs::rename(&fifo, &path).unwrap();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let text = format!("{key}\n");
+    let writer_path = path.clone();
+    let writer = thread::spawn(move || {
+        // Bounded: before the fix the check held the test's only thread until this.
+        let _ = go_rx.recv_timeout(IO_TIMEOUT);
+        std::fs::write(&writer_path, text).unwrap();
+    });
+    let t0 = Instant::now();
+    let (first, res) = smol::block_on(async {
+        let mut pending = std::pin::pin!(a.check(&key, "127.0.0.1:1".parse().unwrap()));
+        let probe = async {
+            smol::Timer::after(Duration::from_millis(50)).await;
+            None
+        };
+        let first = smol::future::or(async { Some((&mut pending).await) }, probe).await;
+        let _ = go_tx.send(());
+        match first {
+            Some(r) => (false, r),
+            None => (true, pending.await),
+        }
+    });
+    writer.join().unwrap();
+    assert!(
+        first,
+        "the check blocked its executor thread for {:?} reading the file",
+        t0.elapsed()
+    );
+    assert_eq!(res, Ok(()));
+    assert_eq!(a.allow_keys_reads(), 2);
 }
 
 #[test]
