@@ -788,6 +788,39 @@ fn refused_keys_are_remembered_and_fail_open_still_admits_when_down() {
     assert_eq!(a.controller_stats().cache_hits, 2);
 }
 
+/// A kept-alive connection is not reused after `Connection: close`, and one the controller
+/// closed while idle is replaced without failing the check (or failing it open).
+#[test]
+fn kept_alive_connections_follow_the_controller() {
+    let allow = |close: bool| {
+        let head = if close { "Connection: close\r\n" } else { "" };
+        let body = r#"{"Allow":true}"#;
+        format!(
+            "HTTP/1.1 200 OK\r\n{head}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    // Says close but keeps the socket open: reusing it would time out.
+    let (addr, rx) = fake_tcp(responder(move |_| Reply::SendAndHang(allow(true))));
+    let a = url_admission(format!("http://{addr}/"), false);
+    for _ in 0..3 {
+        assert_eq!(check(&a, &new_key()), Ok(()));
+        recv(&rx);
+    }
+    assert_eq!(a.controller_stats().connects, 3);
+    // Closes after each answer without saying so: the next check finds the idle connection
+    // closed and sends its request on a new one.
+    let (addr, rx) = fake_tcp(responder(move |_| Reply::Send(allow(false))));
+    let a = url_admission(format!("http://{addr}/"), false);
+    for _ in 0..3 {
+        assert_eq!(check(&a, &new_key()), Ok(()));
+        recv(&rx);
+    }
+    assert!(rx.try_recv().is_err());
+    assert_eq!(a.controller_stats().connects, 3);
+}
+
 /// derpd with a controller that is down, failing open: logins are admitted and logged, at
 /// most [`FAIL_OPEN_LOG_LINES`] lines per 10 s.
 #[test]
