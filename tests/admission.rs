@@ -5,7 +5,8 @@
 //!
 //! - The checks on their own ([`Admission`], with a short timeout and no delay between looks at
 //!   the allow-keys file): the requests, every kind of answer, timeouts, fail-open, counters.
-//! - Under load: 500 logins at once against a slow controller (the cap on checks in flight,
+//! - Under load: 500 logins at once against a slow controller, to [`Admission`] and through
+//!   an in-process server (the cap on checks in flight,
 //!   kept-alive connections, no fail-open admission of a refused key), the refused-key cache,
 //!   the fail-open log line; the allow-keys file read off the executor, and not re-read at
 //!   every look when its modification time is in the future.
@@ -609,6 +610,30 @@ struct ControllerLog {
     max_pending: AtomicUsize,
 }
 
+impl std::fmt::Display for ControllerLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "controller: {} connections, {} requests, at most {} pending",
+            self.connections.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+            self.max_pending.load(Ordering::Relaxed)
+        )
+    }
+}
+
+impl ControllerLog {
+    /// At most MAX_CHECKS requests at once, on at most MAX_CHECKS kept-alive connections.
+    fn assert_capped(&self) {
+        let max_checks = derpd::admission::MAX_CHECKS;
+        assert!(
+            self.max_pending.load(Ordering::Relaxed) <= max_checks
+                && self.connections.load(Ordering::Relaxed) <= max_checks,
+            "{self}"
+        );
+    }
+}
+
 /// An admission controller that keeps connections alive (HTTP/1.1) and is slow under load: it
 /// works on at most `workers` requests at a time, `delay` each (the others queue), and
 /// refuses the keys in `refused` (`nodekey:<hex>` strings).
@@ -710,13 +735,9 @@ fn slow_controller_under_500_logins_admits_no_refused_key() {
     let st = a.controller_stats();
     println!(
         "{LOGINS} logins in {took:?}: {admitted} admitted ({} refused keys among them), {busy} \
-         refused for want of a slot, {} fail-open; controller: {} connections, {} requests, at \
-         most {} pending; {st:?}",
+         refused for want of a slot, {} fail-open; {seen}; {st:?}",
         wrongly.len(),
         a.fail_open_admits(),
-        seen.connections.load(Ordering::Relaxed),
-        seen.requests.load(Ordering::Relaxed),
-        seen.max_pending.load(Ordering::Relaxed),
     );
     assert!(
         wrongly.is_empty(),
@@ -733,18 +754,92 @@ fn slow_controller_under_500_logins_admits_no_refused_key() {
         LOGINS,
         "requests + refused for want of a slot"
     );
-    // At most MAX_CHECKS requests at once, on at most MAX_CHECKS kept-alive connections.
-    let max_checks = derpd::admission::MAX_CHECKS;
-    assert!(
-        seen.max_pending.load(Ordering::Relaxed) <= max_checks,
-        "the controller had {} requests pending at once",
-        seen.max_pending.load(Ordering::Relaxed)
-    );
-    let conns = seen.connections.load(Ordering::Relaxed);
-    assert!(conns <= max_checks, "{conns} connections to the controller");
-    assert_eq!(st.connects, conns as u64);
+    seen.assert_capped();
+    assert_eq!(st.connects, seen.connections.load(Ordering::Relaxed) as u64);
     assert_eq!((st.in_flight, st.waiting), (0, 0));
     assert_eq!(st.wait_timeouts, busy as u64);
+}
+
+/// The same through a server: 500 DERP logins at once, the server's own 5 s check timeout, a
+/// controller needing 500 × 200 ms / 16 ≈ 6.3 s for them all. Before the fix the last ones
+/// timed out and failed open, refused keys among them.
+#[test]
+fn slow_controller_under_500_derp_logins_end_to_end() {
+    support::raise_nofile();
+    const LOGINS: usize = 500;
+    let keys: Vec<NodePrivate> = (0..LOGINS).map(|_| NodePrivate::generate()).collect();
+    let refused: std::collections::HashSet<String> = keys
+        .iter()
+        .step_by(2)
+        .map(|k| k.public().to_string())
+        .collect();
+    let (ctl, seen) = slow_controller(Duration::from_millis(200), 16, refused.clone());
+    let mut cfg = Config::dev_loopback();
+    cfg.admission = AdmissionConfig {
+        url: Some(format!("http://{ctl}/admit")),
+        fail_open: true,
+        ..Default::default()
+    };
+    // Every login pending at once (all come from 127.0.0.1).
+    cfg.max_handshakes = 2 * LOGINS;
+    cfg.max_handshakes_per_ip = 2 * LOGINS;
+    let srv = common::start(cfg);
+    let addr = srv.addr();
+    let t0 = Instant::now();
+    let logins: Vec<_> = keys
+        .into_iter()
+        .map(|key| {
+            thread::spawn(move || {
+                let public = key.public();
+                let s = std::net::TcpStream::connect(addr).unwrap();
+                // Longer than a check may take (5 s waiting for a slot, 5 s asking).
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut c = DerpClient {
+                    key,
+                    server_key: NodePublic([0; 32]),
+                    s,
+                };
+                (public, c.login_upgrade(CLIENT_JSON))
+            })
+        })
+        .collect();
+    let results: Vec<(NodePublic, Result<(), String>)> =
+        logins.into_iter().map(|t| t.join().unwrap()).collect();
+    let took = t0.elapsed();
+    let admitted: Vec<&NodePublic> = results
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(k, _)| k)
+        .collect();
+    let wrongly = admitted
+        .iter()
+        .filter(|k| refused.contains(&k.to_string()))
+        .count();
+    let adm = &srv.state().admission;
+    let st = adm.controller_stats();
+    println!(
+        "{LOGINS} DERP logins in {took:?}: {} admitted ({wrongly} refused keys among them), {} \
+         fail-open; {seen}; {st:?}",
+        admitted.len(),
+        adm.fail_open_admits(),
+    );
+    assert_eq!(
+        wrongly,
+        0,
+        "refused keys admitted (fail-open: {})",
+        adm.fail_open_admits()
+    );
+    assert!(!admitted.is_empty(), "nobody admitted");
+    seen.assert_capped();
+    // Each refused login is counted: by the controller's answer or for want of a slot.
+    assert_eq!(
+        adm.rejections_by(Check::Url) as usize,
+        LOGINS - admitted.len(),
+        "{:?}",
+        results.iter().find(|(_, r)| r
+            .as_ref()
+            .is_err_and(|e| !e.starts_with("reading ServerInfo: ")))
+    );
 }
 
 #[test]
