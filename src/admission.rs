@@ -586,7 +586,7 @@ impl Controller {
 struct RefusedCache {
     /// When each was refused.
     at: HashMap<(NodePublic, IpAddr), Instant>,
-    /// Insertion order (an entry refused again is moved to the back).
+    /// The same entries, oldest first.
     order: VecDeque<((NodePublic, IpAddr), Instant)>,
 }
 
@@ -620,11 +620,8 @@ impl RefusedCache {
     }
 
     fn pop_oldest(&mut self) {
-        if let Some((k, t)) = self.order.pop_front() {
-            // An older entry of a key refused again since is only an order entry.
-            if self.at.get(&k) == Some(&t) {
-                self.at.remove(&k);
-            }
+        if let Some((k, _)) = self.order.pop_front() {
+            self.at.remove(&k);
         }
     }
 }
