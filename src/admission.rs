@@ -15,12 +15,25 @@
 //! Each check has [`TIMEOUT`] (derper's 5 s) for the whole exchange. Responses are read with a
 //! bounded head and a bounded body (`Content-Length`, chunked, or until close).
 //!
+//! The admission controller cannot be overloaded into failing open:
+//! - at most [`MAX_CHECKS`] requests are in flight to it; further logins wait for a slot (up to
+//!   the check's timeout) and are refused, never admitted, when none frees in time;
+//! - its connections are kept alive (HTTP/1.1, up to [`MAX_CHECKS`] idle ones, each resolved
+//!   and connected once, closed after [`IDLE_TIMEOUT`], on `Connection: close` or on any
+//!   malformed reply), so a flood of logins does not become a flood of connects;
+//! - a key it refused is refused again without asking for [`REFUSED_TTL`] (up to
+//!   [`REFUSED_CACHE_MAX`] keys, the oldest dropped first), even while it is unreachable;
+//! - only "unreachable" (not a byte of a response: connect, DNS, TLS, timeout, closed) fails
+//!   open (a malformed or cut response head refuses, where derper fails open), and each
+//!   fail-open admission is logged (`fail-open admitted <key>: <reason>`, at most
+//!   [`crate::lograte::LINES_PER_WINDOW`] lines per 10 s, then a count).
+//!
 //! The allow list is re-read by [`Admission::reload`] (SIGHUP) and, without a background task,
-//! when a check finds the file changed (at most one `stat` per [`RECHECK_INTERVAL`]). A file
-//! that does not parse at start-up is a start-up error; later, it is logged and the previous
-//! list is kept.
+//! when a check finds the file changed (at most one `stat` per [`RECHECK_INTERVAL`]); checks do
+//! that file I/O on smol's blocking threads, never on an executor thread. A file that does not
+//! parse at start-up is a start-up error; later, it is logged and the previous list is kept.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::future::Future;
@@ -29,6 +42,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -38,6 +52,7 @@ use portable_atomic::AtomicU64;
 use rustls::pki_types::ServerName;
 use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol::lock::Semaphore;
 use smol::{Async, Timer};
 
 use crate::key::NodePublic;
@@ -46,6 +61,16 @@ use crate::key::NodePublic;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// How often (at most) a check looks at the allow-keys file for changes.
 pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The most requests in flight to the admission controller at once (and the most idle
+/// connections kept to it). Further logins wait for a slot.
+pub const MAX_CHECKS: usize = 16;
+/// An idle connection to the admission controller is closed after this long unused.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a key the admission controller refused is refused without asking it again.
+pub const REFUSED_TTL: Duration = Duration::from_secs(15);
+/// The most refused keys remembered; the oldest goes first. With the map and the queue that
+/// is about 200 KiB at most.
+pub const REFUSED_CACHE_MAX: usize = 1024;
 /// The capability version (`tailcfg.CurrentCapabilityVersion`) of the Tailscale release derpd
 /// is tested against (v1.102.5), sent as `Tailscale-Cap` as Tailscale's LocalAPI client does.
 pub const TAILSCALE_CAP: u32 = 142;
@@ -64,10 +89,11 @@ const HEAD_MAX: usize = 16 << 10;
 const CHUNK_LINE_MAX: usize = 1 << 10;
 /// The largest allow-keys file accepted (about 200 000 keys).
 const ALLOW_FILE_MAX: u64 = 16 << 20;
-/// A file modified less than this long ago is read again at the next check, even if its
-/// stamp has not changed: file systems with coarse timestamps (jffs2: 1 s) could otherwise hide
-/// a second edit of the same length.
-const RACY_WINDOW: Duration = Duration::from_secs(2);
+/// A file read while its modification time was less than this long ago (or in the future: a
+/// router without a clock) is read once more this long after, by the monotonic clock, even if
+/// its stamp has not changed: file systems with coarse timestamps (jffs2: 1 s) could otherwise
+/// hide a second edit of the same length. After that re-read an unchanged stamp is trusted.
+pub const RACY_WINDOW: Duration = Duration::from_secs(2);
 
 /// The admission flags.
 #[derive(Debug, Clone, Default)]
@@ -111,10 +137,51 @@ impl Check {
 pub struct Admission {
     cfg: AdmissionConfig,
     timeout: Duration,
-    url: Option<Endpoint>,
+    url: Option<Controller>,
     allow: Option<AllowList>,
     rejected: [AtomicU64; 3],
     fail_open_admits: AtomicU64,
+    stats: ControllerCounters,
+}
+
+/// The admission controller client's counters (see [`Admission::controller_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ControllerStats {
+    /// Requests in flight to the controller now (at most [`MAX_CHECKS`]).
+    pub in_flight: usize,
+    /// Logins waiting for a slot now.
+    pub waiting: usize,
+    /// Logins refused from the refused-key cache, without asking.
+    pub cache_hits: u64,
+    /// Connections opened to the controller.
+    pub connects: u64,
+    /// Logins refused because no slot freed within the check's timeout.
+    pub wait_timeouts: u64,
+}
+
+#[derive(Debug, Default)]
+struct ControllerCounters {
+    in_flight: AtomicUsize,
+    waiting: AtomicUsize,
+    cache_hits: AtomicU64,
+    connects: AtomicU64,
+    wait_timeouts: AtomicU64,
+}
+
+/// Adds one to a gauge for as long as it lives (also when the check is dropped half-way).
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a AtomicUsize) -> Self {
+        g.fetch_add(1, Relaxed);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl fmt::Debug for Admission {
@@ -145,7 +212,9 @@ impl Admission {
         recheck: Duration,
     ) -> Result<Self, String> {
         let url = match &cfg.url {
-            Some(u) => Some(Endpoint::parse(u).map_err(|e| format!("--verify-client-url: {e}"))?),
+            Some(u) => Some(Controller::new(
+                Endpoint::parse(u).map_err(|e| format!("--verify-client-url: {e}"))?,
+            )),
             None => None,
         };
         let allow = match &cfg.allow_keys_file {
@@ -159,6 +228,7 @@ impl Admission {
             allow,
             rejected: Default::default(),
             fail_open_admits: AtomicU64::new(0),
+            stats: ControllerCounters::default(),
         })
     }
 
@@ -181,7 +251,7 @@ impl Admission {
 
     async fn decide(&self, key: &NodePublic, remote: SocketAddr) -> Result<(), (Check, String)> {
         if let Some(list) = &self.allow {
-            list.check(key).map_err(|e| (Check::AllowKeys, e))?;
+            list.check(key).await.map_err(|e| (Check::AllowKeys, e))?;
         }
         if let Some(socket) = &self.cfg.tailscaled_socket {
             self.whois(socket, key)
@@ -197,6 +267,8 @@ impl Admission {
     }
 
     /// Re-reads the allow list (SIGHUP). Keeps the old list when the file is unreadable.
+    /// This reads the file (up to 16 MiB) on the calling thread: call it off the executor
+    /// (`smol::unblock`).
     pub fn reload(&self) {
         if let Some(list) = &self.allow {
             list.reload();
@@ -217,6 +289,23 @@ impl Admission {
     /// (`--verify-client-url-fail-open`).
     pub fn fail_open_admits(&self) -> u64 {
         self.fail_open_admits.load(Relaxed)
+    }
+
+    /// The admission controller client's gauges and counters.
+    pub fn controller_stats(&self) -> ControllerStats {
+        let c = &self.stats;
+        ControllerStats {
+            in_flight: c.in_flight.load(Relaxed),
+            waiting: c.waiting.load(Relaxed),
+            cache_hits: c.cache_hits.load(Relaxed),
+            connects: c.connects.load(Relaxed),
+            wait_timeouts: c.wait_timeouts.load(Relaxed),
+        }
+    }
+
+    /// How many times the allow-keys file was read (start-up, reloads, changes seen).
+    pub fn allow_keys_reads(&self) -> u64 {
+        self.allow.as_ref().map_or(0, |l| l.reads.load(Relaxed))
     }
 
     /// `--verify-clients`: asks tailscaled whether it knows the node key.
@@ -269,45 +358,228 @@ impl Admission {
     /// `--verify-client-url`: asks the admission controller.
     async fn admit(
         &self,
-        ep: &Endpoint,
+        ctl: &Controller,
         key: &NodePublic,
         remote: SocketAddr,
     ) -> Result<(), String> {
         let source = source_ip(remote);
-        let deadline = Instant::now() + self.timeout;
-        // Up to the response head, a failure is "unreachable" (fail-open applies), as for
-        // derper's http.Client.Do; after it, every failure refuses.
-        let sent = async {
-            let io = within(deadline, self.timeout, ep.connect()).await?;
-            let mut conn = Conn::new(io, deadline, self.timeout);
-            conn.write_all(ep.admit_request(key, &source).as_bytes())
-                .await?;
-            let head = conn.read_head().await?;
-            Ok::<_, String>((conn, head))
+        let not_allowed = || format!("admission controller: {key}/{source} not allowed");
+        if ctl.refused_recently(key, remote.ip()) {
+            self.stats.cache_hits.fetch_add(1, Relaxed);
+            return Err(not_allowed());
         }
-        .await;
-        let (mut conn, head) = match sent {
-            Ok(x) => x,
-            Err(e) if self.cfg.fail_open => {
-                self.fail_open_admits.fetch_add(1, Relaxed);
-                warn!("admission controller unreachable; allowing client {key}: {e}");
-                return Ok(());
-            }
-            Err(e) => return Err(format!("admission controller unreachable: {e}")),
+        // A slot, within the check's timeout; none in time refuses (it is not "unreachable").
+        let permit = {
+            let _waiting = Gauge::up(&self.stats.waiting);
+            let wait = async { Ok(ctl.slots.acquire().await) };
+            within(Instant::now() + self.timeout, self.timeout, wait).await
         };
-        if head.status != 200 {
-            return Err(format!("admission controller: {}", head.status_line));
+        let Ok(_permit) = permit else {
+            self.stats.wait_timeouts.fetch_add(1, Relaxed);
+            return Err(format!(
+                "admission controller busy: no check slot free within {:?} ({MAX_CHECKS} in flight)",
+                self.timeout
+            ));
+        };
+        // Refused while this login waited.
+        if ctl.refused_recently(key, remote.ip()) {
+            self.stats.cache_hits.fetch_add(1, Relaxed);
+            return Err(not_allowed());
         }
-        let body = conn
-            .read_body(head.framing, ADMIT_BODY_MAX, ADMIT_BODY_MAX as u64)
-            .await;
-        match decode_admit(&body.data) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(format!("admission controller: {key}/{source} not allowed")),
-            Err(e) => Err(match body.end {
-                Err(read) => format!("admission controller: reading the response: {read}"),
-                Ok(_) => format!("admission controller: bad response: {e}"),
-            }),
+        let _in_flight = Gauge::up(&self.stats.in_flight);
+        let request = ctl.ep.admit_request(key, &source);
+        match self.exchange(ctl, request.as_bytes()).await {
+            Answer::Allowed => Ok(()),
+            Answer::NotAllowed => {
+                ctl.remember_refused(*key, remote.ip());
+                Err(not_allowed())
+            }
+            Answer::Refused(why) => Err(why),
+            Answer::Unreachable(e) if self.cfg.fail_open => {
+                self.fail_open_admits.fetch_add(1, Relaxed);
+                if crate::lograte::FAIL_OPEN.allow() {
+                    warn!("fail-open admitted {key}: admission controller unreachable: {e}");
+                }
+                Ok(())
+            }
+            Answer::Unreachable(e) => Err(format!("admission controller unreachable: {e}")),
+        }
+    }
+
+    /// One request and its answer, on an idle connection if there is one (retried once on a
+    /// new connection when the idle one turns out closed before any byte of an answer).
+    async fn exchange(&self, ctl: &Controller, request: &[u8]) -> Answer {
+        let deadline = Instant::now() + self.timeout;
+        let mut reused = ctl.take_idle();
+        loop {
+            let was_reused = reused.is_some();
+            let mut conn = match reused.take() {
+                Some(c) => c,
+                None => {
+                    let io = within(deadline, self.timeout, ctl.ep.connect()).await;
+                    match io {
+                        Ok(io) => {
+                            self.stats.connects.fetch_add(1, Relaxed);
+                            Conn::new(io, deadline, self.timeout)
+                        }
+                        Err(e) => return Answer::Unreachable(e),
+                    }
+                }
+            };
+            conn.start(deadline, self.timeout);
+            let head = match conn.write_all(request).await {
+                Ok(()) => conn.read_head().await,
+                Err(e) => Err(e),
+            };
+            let head = match head {
+                Ok(h) => h,
+                // A kept-alive connection the controller closed meanwhile (Go retries too).
+                Err(_) if was_reused && !conn.received && Instant::now() < deadline => continue,
+                // Nothing came back: "unreachable" (fail-open applies), as for derper's
+                // http.Client.Do.
+                Err(e) if !conn.received => return Answer::Unreachable(e),
+                // Something that is not an answer (derper would fail open): refused, so that
+                // a broken controller or a proxy in front of it does not let everyone in.
+                Err(e) => {
+                    return Answer::Refused(format!("admission controller: bad response: {e}"))
+                }
+            };
+            let body = conn
+                .read_body(head.framing, ADMIT_BODY_MAX, ADMIT_BODY_MAX as u64)
+                .await;
+            let reusable = !head.close
+                && head.framing != Framing::Close
+                && body.end == Ok(true)
+                && conn.buf.is_empty();
+            if reusable {
+                // An idle connection keeps no read buffer.
+                conn.buf = Vec::new();
+                ctl.put_idle(conn);
+            }
+            if head.status != 200 {
+                return Answer::Refused(format!("admission controller: {}", head.status_line));
+            }
+            return match decode_admit(&body.data) {
+                Ok(true) => Answer::Allowed,
+                Ok(false) => Answer::NotAllowed,
+                Err(e) => Answer::Refused(match body.end {
+                    Err(read) => format!("admission controller: reading the response: {read}"),
+                    Ok(_) => format!("admission controller: bad response: {e}"),
+                }),
+            };
+        }
+    }
+}
+
+/// What the admission controller said.
+enum Answer {
+    Allowed,
+    /// `{"Allow": false}`: remembered for [`REFUSED_TTL`].
+    NotAllowed,
+    /// Refused for another reason (not 200, a bad or cut body).
+    Refused(String),
+    /// Not a byte of a response: not connected, closed, or timed out (fail-open applies).
+    Unreachable(String),
+}
+
+/// The admission controller: its URL, the check slots, idle connections, refused keys.
+struct Controller {
+    ep: Endpoint,
+    slots: Semaphore,
+    /// Idle kept-alive connections and when each became idle, oldest first.
+    idle: Mutex<VecDeque<(Conn, Instant)>>,
+    refused: Mutex<RefusedCache>,
+}
+
+impl fmt::Debug for Controller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.ep.fmt(f)
+    }
+}
+
+impl Controller {
+    fn new(ep: Endpoint) -> Self {
+        Self {
+            ep,
+            slots: Semaphore::new(MAX_CHECKS),
+            idle: Mutex::new(VecDeque::new()),
+            refused: Mutex::new(RefusedCache::default()),
+        }
+    }
+
+    /// The most recently used idle connection; those idle too long are closed.
+    fn take_idle(&self) -> Option<Conn> {
+        let mut idle = lock(&self.idle);
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|(_, t)| now.saturating_duration_since(*t) >= IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
+        idle.pop_back().map(|(c, _)| c)
+    }
+
+    fn put_idle(&self, conn: Conn) {
+        let mut idle = lock(&self.idle);
+        if idle.len() >= MAX_CHECKS {
+            idle.pop_front();
+        }
+        idle.push_back((conn, Instant::now()));
+    }
+
+    fn refused_recently(&self, key: &NodePublic, ip: IpAddr) -> bool {
+        lock(&self.refused).contains(&(*key, ip.to_canonical()), Instant::now())
+    }
+
+    fn remember_refused(&self, key: NodePublic, ip: IpAddr) {
+        lock(&self.refused).insert((key, ip.to_canonical()), Instant::now());
+    }
+}
+
+/// (key, client IP) pairs the controller refused, for [`REFUSED_TTL`], at most
+/// [`REFUSED_CACHE_MAX`] (the oldest dropped first). The IP is part of it because the
+/// controller is told the client's address and may decide by it.
+#[derive(Default)]
+struct RefusedCache {
+    /// When each was refused.
+    at: HashMap<(NodePublic, IpAddr), Instant>,
+    /// The same entries, oldest first.
+    order: VecDeque<((NodePublic, IpAddr), Instant)>,
+}
+
+impl RefusedCache {
+    fn contains(&mut self, k: &(NodePublic, IpAddr), now: Instant) -> bool {
+        self.expire(now);
+        self.at.contains_key(k)
+    }
+
+    fn insert(&mut self, k: (NodePublic, IpAddr), now: Instant) {
+        self.expire(now);
+        if self.at.contains_key(&k) {
+            // Refused by two checks at once: remembered from the first.
+            return;
+        }
+        self.at.insert(k, now);
+        self.order.push_back((k, now));
+        while self.at.len() > REFUSED_CACHE_MAX {
+            self.pop_oldest();
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, t)| now.saturating_duration_since(*t) >= REFUSED_TTL)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((k, _)) = self.order.pop_front() {
+            self.at.remove(&k);
         }
     }
 }
@@ -481,7 +753,8 @@ impl Endpoint {
         })
     }
 
-    /// Derper's request: Go's `http.Client` POST of the JSON, with no `Content-Type`.
+    /// Derper's request: Go's `http.Client` POST of the JSON, with no `Content-Type`, on a
+    /// kept-alive connection.
     fn admit_request(&self, key: &NodePublic, source: &str) -> String {
         let body = format!(r#"{{"NodePublic":"{key}","Source":"{source}"}}"#);
         let auth = match &self.auth {
@@ -490,7 +763,7 @@ impl Endpoint {
         };
         format!(
             "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpd/{}\r\nContent-Length: {}\r\n\
-             {auth}Connection: close\r\n\r\n{body}",
+             {auth}\r\n{body}",
             self.target,
             self.authority,
             env!("CARGO_PKG_VERSION"),
@@ -601,7 +874,7 @@ async fn connect_tcp(host: &str, port: u16) -> Result<Async<TcpStream>, String> 
 }
 
 // ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client exchange: one request, one response, then close.
+// A minimal HTTP/1.1 client exchange: a request, its response; the connection may be kept.
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -638,6 +911,9 @@ struct Head {
     /// `200 OK`: the code and the reason phrase, as Go's `Response.Status`.
     status_line: String,
     framing: Framing,
+    /// The server closes the connection after this response (`Connection: close`, or
+    /// HTTP/1.0 without `Connection: keep-alive`).
+    close: bool,
 }
 
 /// A body read: up to `keep` bytes of it, and how reading ended: `Ok(true)` at its end,
@@ -654,6 +930,8 @@ struct Conn {
     buf: Vec<u8>,
     deadline: Instant,
     budget: Duration,
+    /// Bytes came in since [`Conn::start`].
+    received: bool,
 }
 
 impl Conn {
@@ -663,7 +941,15 @@ impl Conn {
             buf: Vec::new(),
             deadline,
             budget,
+            received: false,
         }
+    }
+
+    /// Starts an exchange on a (possibly reused) connection.
+    fn start(&mut self, deadline: Instant, budget: Duration) {
+        self.deadline = deadline;
+        self.budget = budget;
+        self.received = false;
     }
 
     async fn write_all(&mut self, b: &[u8]) -> Result<(), String> {
@@ -686,6 +972,7 @@ impl Conn {
         .await;
         let n = *r.as_ref().unwrap_or(&0);
         self.buf.truncate(old + n);
+        self.received |= n > 0;
         r
     }
 
@@ -827,8 +1114,14 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, String> {
     let no_body = (100..200).contains(&status) || status == 204 || status == 304;
     let mut te = Vec::new();
     let mut length: Option<u64> = None;
+    let (mut close, mut keep_alive) = (false, false);
     for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te.push(h.value);
         } else if h.name.eq_ignore_ascii_case("content-length") {
             let n = std::str::from_utf8(h.value)
@@ -861,6 +1154,7 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, String> {
         status,
         status_line,
         framing,
+        close: close || (resp.version != Some(1) && !keep_alive),
     })
 }
 
@@ -881,17 +1175,45 @@ fn parse_hex_u64(s: &[u8]) -> Option<u64> {
 struct AllowList {
     path: PathBuf,
     recheck: Duration,
-    state: Mutex<AllowState>,
+    /// The keys in force; the lock is held only to clone or replace the `Arc`.
+    keys: Mutex<Arc<HashSet<NodePublic>>>,
+    /// What the last look at the file saw; held (asynchronously) across a look, so that one
+    /// check at a time looks while the others go on with the keys in force.
+    watch: smol::lock::Mutex<Watch>,
+    /// Reads of the file, for the `derpd_allow_keys_reads` metric.
+    reads: AtomicU64,
 }
 
 #[derive(Debug)]
-struct AllowState {
-    keys: HashSet<NodePublic>,
-    /// The stamp of the file the keys came from; `None` forces a re-read at the next look.
+struct Watch {
+    /// The stamp of the file the keys came from (or of the file that failed to parse); `None`
+    /// forces a read at the next look.
     stamp: Option<Stamp>,
+    /// `Some(t)`: the stamp was too recent to trust when read; read once more at or after `t`
+    /// even if it has not changed (see [`RACY_WINDOW`]).
+    recheck_at: Option<Instant>,
     looked: Instant,
     /// The file could not be opened at the last look (logged once).
     missing: bool,
+}
+
+impl Watch {
+    /// Whether a file with stamp `now_stamp` must be read.
+    fn must_read(&self, now_stamp: Stamp, now: Instant) -> bool {
+        self.stamp != Some(now_stamp) || self.recheck_at.is_some_and(|t| now >= t)
+    }
+
+    /// Records the stamp of a file just read (or that failed to parse).
+    fn read(&mut self, stamp: Option<Stamp>, now: Instant) {
+        // The same stamp read again after the racy window: nothing can hide behind it now.
+        let confirmed =
+            stamp.is_some() && self.stamp == stamp && self.recheck_at.is_some_and(|t| now >= t);
+        self.recheck_at = match stamp {
+            Some(s) if !confirmed && !s.old_enough() => Some(now + RACY_WINDOW),
+            _ => None,
+        };
+        self.stamp = stamp;
+    }
 }
 
 /// What tells that a file changed: device, inode, length, modification and change times.
@@ -905,19 +1227,7 @@ struct Stamp {
 }
 
 impl Stamp {
-    /// `None` when the file is too recent for its stamp to be trusted (see [`RACY_WINDOW`]).
-    fn of(m: &std::fs::Metadata) -> Option<Self> {
-        let age = m
-            .modified()
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok());
-        if age.is_none_or(|a| a < RACY_WINDOW) {
-            return None;
-        }
-        Some(Self::raw(m))
-    }
-
-    fn raw(m: &std::fs::Metadata) -> Self {
+    fn of(m: &std::fs::Metadata) -> Self {
         Self {
             dev: m.dev(),
             ino: m.ino(),
@@ -925,6 +1235,49 @@ impl Stamp {
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
         }
+    }
+
+    /// Modified at least [`RACY_WINDOW`] ago by the wall clock (never, for a time in the future).
+    fn old_enough(&self) -> bool {
+        let Ok(secs) = u64::try_from(self.mtime.0) else {
+            return true;
+        };
+        let nanos = u32::try_from(self.mtime.1).unwrap_or(0);
+        let mtime = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+        SystemTime::now()
+            .duration_since(mtime)
+            .is_ok_and(|age| age >= RACY_WINDOW)
+    }
+}
+
+/// What a look at the allow-keys file found (made on a blocking thread).
+enum Looked {
+    Unchanged,
+    Missing(String),
+    Read(Read),
+}
+
+/// A read of the allow-keys file: the keys or why not, and the file's stamp.
+struct Read {
+    keys: Result<HashSet<NodePublic>, String>,
+    stamp: Option<Stamp>,
+    /// The keys differ from `current`'s (compared here, off the executor).
+    changed: bool,
+}
+
+fn read_file(path: &Path, current: &HashSet<NodePublic>) -> Read {
+    match read_keys(path) {
+        Ok((keys, stamp)) => Read {
+            changed: keys != *current,
+            keys: Ok(keys),
+            stamp,
+        },
+        Err(e) => Read {
+            changed: false,
+            keys: Err(e),
+            // Not read again until it changes (or once after an edit too recent to trust).
+            stamp: std::fs::metadata(path).ok().map(|m| Stamp::of(&m)),
+        },
     }
 }
 
@@ -937,26 +1290,34 @@ impl AllowList {
         let (keys, stamp) =
             read_keys(&path).map_err(|e| format!("allow-keys file {}: {e}", path.display()))?;
         info!("allow-keys file {}: {} keys", path.display(), keys.len());
+        let now = Instant::now();
+        let mut watch = Watch {
+            stamp: None,
+            recheck_at: None,
+            looked: now,
+            missing: false,
+        };
+        watch.read(stamp, now);
         Ok(Self {
             path,
             recheck,
-            state: Mutex::new(AllowState {
-                keys,
-                stamp,
-                looked: Instant::now(),
-                missing: false,
-            }),
+            keys: Mutex::new(Arc::new(keys)),
+            watch: smol::lock::Mutex::new(watch),
+            reads: AtomicU64::new(1),
         })
     }
 
-    fn check(&self, key: &NodePublic) -> Result<(), String> {
-        let mut st = lock(&self.state);
-        let now = Instant::now();
-        if now.saturating_duration_since(st.looked) >= self.recheck {
-            st.looked = now;
-            self.look(&mut st);
+    async fn check(&self, key: &NodePublic) -> Result<(), String> {
+        // One check looks at a time; the others use the keys in force meanwhile.
+        if let Some(mut w) = self.watch.try_lock() {
+            let now = Instant::now();
+            if now.saturating_duration_since(w.looked) >= self.recheck {
+                w.looked = now;
+                self.look(&mut w).await;
+            }
         }
-        if st.keys.contains(key) {
+        let keys = lock(&self.keys).clone();
+        if keys.contains(key) {
             Ok(())
         } else {
             Err(format!(
@@ -966,60 +1327,73 @@ impl AllowList {
         }
     }
 
-    /// Re-reads the file if its stamp changed.
-    fn look(&self, st: &mut AllowState) {
-        match std::fs::metadata(&self.path) {
-            Ok(m) => {
-                st.missing = false;
-                if st.stamp.is_some() && st.stamp == Some(Stamp::raw(&m)) {
-                    return;
-                }
+    /// Re-reads the file if its stamp changed: `stat` and read on a blocking thread.
+    async fn look(&self, w: &mut Watch) {
+        let path = self.path.clone();
+        let (stamp, recheck_at) = (w.stamp, w.recheck_at);
+        let current = lock(&self.keys).clone();
+        let looked = smol::unblock(move || {
+            let probe = Watch {
+                stamp,
+                recheck_at,
+                looked: Instant::now(),
+                missing: false,
+            };
+            match std::fs::metadata(&path) {
+                Ok(m) if !probe.must_read(Stamp::of(&m), Instant::now()) => Looked::Unchanged,
+                Ok(_) => Looked::Read(read_file(&path, &current)),
+                Err(e) => Looked::Missing(e.to_string()),
             }
-            Err(e) => {
-                if !st.missing {
-                    st.missing = true;
+        })
+        .await;
+        match looked {
+            Looked::Unchanged => w.missing = false,
+            Looked::Missing(e) => {
+                if !w.missing {
+                    w.missing = true;
                     warn!(
                         "allow-keys file {}: {e}; keeping the previous {} keys",
                         self.path.display(),
-                        st.keys.len()
+                        lock(&self.keys).len()
                     );
                 }
-                return;
+            }
+            Looked::Read(r) => {
+                w.missing = false;
+                self.apply(w, r, false);
             }
         }
-        self.read_into(st, false);
     }
 
     fn reload(&self) {
-        let mut st = lock(&self.state);
-        st.looked = Instant::now();
-        self.read_into(&mut st, true);
+        let mut w = self.watch.lock_blocking();
+        w.looked = Instant::now();
+        let current = lock(&self.keys).clone();
+        let r = read_file(&self.path, &current);
+        self.apply(&mut w, r, true);
     }
 
-    fn read_into(&self, st: &mut AllowState, always_log: bool) {
-        match read_keys(&self.path) {
-            Ok((keys, stamp)) => {
-                st.stamp = stamp;
-                if always_log || keys != st.keys {
+    fn apply(&self, w: &mut Watch, r: Read, always_log: bool) {
+        self.reads.fetch_add(1, Relaxed);
+        w.read(r.stamp, Instant::now());
+        match r.keys {
+            Ok(keys) => {
+                if always_log || r.changed {
                     info!(
                         "allow-keys file {}: {} keys",
                         self.path.display(),
                         keys.len()
                     );
                 }
-                st.keys = keys;
+                let old = std::mem::replace(&mut *lock(&self.keys), Arc::new(keys));
+                // Freed outside the lock.
+                drop(old);
             }
-            Err(e) => {
-                // Not read again until it changes (or after an edit too recent to trust).
-                st.stamp = std::fs::metadata(&self.path)
-                    .ok()
-                    .and_then(|m| Stamp::of(&m));
-                warn!(
-                    "allow-keys file {}: {e}; keeping the previous {} keys",
-                    self.path.display(),
-                    st.keys.len()
-                );
-            }
+            Err(e) => warn!(
+                "allow-keys file {}: {e}; keeping the previous {} keys",
+                self.path.display(),
+                lock(&self.keys).len()
+            ),
         }
     }
 }
@@ -1027,7 +1401,7 @@ impl AllowList {
 /// Reads and parses the file; the stamp is of the file that was read.
 fn read_keys(path: &Path) -> Result<(HashSet<NodePublic>, Option<Stamp>), String> {
     let f = File::open(path).map_err(|e| e.to_string())?;
-    let stamp = f.metadata().ok().and_then(|m| Stamp::of(&m));
+    let stamp = f.metadata().ok().map(|m| Stamp::of(&m));
     let mut text = Vec::new();
     f.take(ALLOW_FILE_MAX + 1)
         .read_to_end(&mut text)
@@ -1228,7 +1602,7 @@ mod tests {
             ep.admit_request(&k, "10.0.0.1"),
             format!(
                 "POST /x?y HTTP/1.1\r\nHost: a.b:1\r\nUser-Agent: derpd/{v}\r\n\
-                 Content-Length: {}\r\nAuthorization: Basic dTpw\r\nConnection: close\r\n\r\n\
+                 Content-Length: {}\r\nAuthorization: Basic dTpw\r\n\r\n\
                  {body}",
                 body.len(),
                 v = env!("CARGO_PKG_VERSION")
@@ -1259,6 +1633,88 @@ mod tests {
         assert!(e.starts_with("line 1: "), "{e}");
         let e = parse_keys(b"\n\xff\n").unwrap_err();
         assert!(e.starts_with("line 2: "), "{e}");
+    }
+
+    #[test]
+    fn refused_cache_expires_and_drops_the_oldest() {
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut c = RefusedCache::default();
+        let t = Instant::now();
+        c.insert((key(1), ip), t);
+        assert!(c.contains(&(key(1), ip), t + REFUSED_TTL - Duration::from_millis(1)));
+        assert!(!c.contains(&(key(1), "192.0.2.2".parse().unwrap()), t));
+        assert!(!c.contains(&(key(1), ip), t + REFUSED_TTL));
+        assert!(c.at.is_empty() && c.order.is_empty());
+        let keys: Vec<NodePublic> = (0..=REFUSED_CACHE_MAX as u32)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..4].copy_from_slice(&i.to_le_bytes());
+                NodePublic(k)
+            })
+            .collect();
+        for k in &keys {
+            c.insert((*k, ip), t);
+            c.insert((*k, ip), t);
+        }
+        assert_eq!(
+            (c.at.len(), c.order.len()),
+            (REFUSED_CACHE_MAX, REFUSED_CACHE_MAX)
+        );
+        assert!(!c.contains(&(keys[0], ip), t));
+        assert!(c.contains(&(keys[1], ip), t));
+        assert!(c.contains(&(keys[REFUSED_CACHE_MAX], ip), t));
+    }
+
+    #[test]
+    fn keep_alive_of_responses() {
+        let close = |raw: &[u8]| read(raw, 10, 10).unwrap().0.close;
+        assert!(!close(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(close(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(close(
+            b"HTTP/1.1 200 OK\r\nConnection: Upgrade, Close\r\n\r\n"
+        ));
+        assert!(close(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!close(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn racy_stamps_are_read_once_more() {
+        let now = Instant::now();
+        let stamp = |secs: i64| Stamp {
+            dev: 1,
+            ino: 2,
+            len: 3,
+            mtime: (secs, 0),
+            ctime: (secs, 0),
+        };
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let mut w = Watch {
+            stamp: None,
+            recheck_at: None,
+            looked: now,
+            missing: false,
+        };
+        // Old: trusted at once.
+        w.read(Some(stamp(wall - 60)), now);
+        assert!(!w.must_read(stamp(wall - 60), now));
+        assert!(w.must_read(stamp(wall - 59), now));
+        // In the future: read once more after the racy window, then trusted.
+        let future = stamp(wall + 3600);
+        w.read(Some(future), now);
+        assert!(!w.must_read(future, now + RACY_WINDOW - Duration::from_millis(1)));
+        assert!(w.must_read(future, now + RACY_WINDOW));
+        w.read(Some(future), now + RACY_WINDOW);
+        assert!(!w.must_read(future, now + RACY_WINDOW * 100));
+        // No stamp: read at every look.
+        w.read(None, now);
+        assert!(w.must_read(future, now));
     }
 
     #[test]

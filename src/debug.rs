@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::admission::Check;
+use crate::admission::{Check, ControllerStats};
 use crate::config::Config;
 use crate::derpmap::Node;
 use crate::http::{self, Request};
@@ -371,6 +371,9 @@ struct Scrape<'a> {
     /// Admission refusals by check (in `Check::ALL` order), and fail-open admissions.
     refused: [u64; 3],
     fail_open: u64,
+    /// The admission controller client, and reads of the allow-keys file.
+    controller: ControllerStats,
+    allow_keys_reads: u64,
 }
 
 impl<'a> Scrape<'a> {
@@ -394,6 +397,8 @@ impl<'a> Scrape<'a> {
             handshakes: state.handshakes.in_use(),
             refused: Check::ALL.map(|c| state.admission.rejections_by(c)),
             fail_open: state.admission.fail_open_admits(),
+            controller: state.admission.controller_stats(),
+            allow_keys_reads: state.admission.allow_keys_reads(),
         }
     }
 }
@@ -527,6 +532,10 @@ fn class(p: &PoolStats, i: usize) -> (usize, usize, usize, usize) {
     (cap, allocated, used, cap.saturating_sub(used))
 }
 
+// The help texts of the admission controller metrics state these numbers.
+const _: () = assert!(crate::admission::MAX_CHECKS == 16);
+const _: () = assert!(crate::admission::REFUSED_TTL.as_secs() == 15);
+
 /// What `/debug/varz` publishes, in order. derper's names first (`derp_` is its `derp` set),
 /// then derpd's own (`derpd_`).
 #[rustfmt::skip]
@@ -612,7 +621,19 @@ static VARS: &[Var] = &[
         .help("Logins let in because the admission controller could not be reached (fail-open)."),
     by(Type::Counter, "derpd_log_lines_suppressed", "kind", crate::lograte::KIND_LABELS,
         |_, i| u64::from(crate::lograte::KINDS[i].suppressed()))
-        .help("Log lines held back by the per-kind limit (5 lines per 10 s each): failed logins, connection errors, refused heads and WebSockets."),
+        .help("Log lines held back by the per-kind limit (5 lines per 10 s each): failed logins, connection errors, refused heads and WebSockets, fail-open admissions."),
+    g("derpd_admission_checks_in_flight", |s| s.controller.in_flight as u64)
+        .help("Requests in flight to the admission controller now (at most 16)."),
+    g("derpd_admission_checks_waiting", |s| s.controller.waiting as u64)
+        .help("Logins waiting for an admission controller slot now (all 16 in flight)."),
+    c("derpd_admission_check_wait_timeouts", |s| s.controller.wait_timeouts)
+        .help("Logins refused because no admission controller slot freed within the check timeout."),
+    c("derpd_admission_refused_cache_hits", |s| s.controller.cache_hits)
+        .help("Logins refused without asking: the admission controller refused the key (from that IP) in the last 15 s."),
+    c("derpd_admission_controller_connects", |s| s.controller.connects)
+        .help("Connections opened to the admission controller (they are kept alive)."),
+    c("derpd_allow_keys_reads", |s| s.allow_keys_reads)
+        .help("Reads of the --allow-keys-file (start-up, SIGHUP, changes seen)."),
     g("derpd_peer_gone_interests", |s| s.gone_interests as u64)
         .help("(sender, receiver) pairs of connected keys owed a PeerGone when the sender leaves."),
     g("derpd_mesh_links_up", |s| s.m.mesh_links_up.load(Relaxed) as u64)
@@ -925,6 +946,14 @@ mod tests {
             handshakes: 0,
             refused: [1, 2, 3],
             fail_open: 4,
+            controller: ControllerStats {
+                in_flight: 5,
+                waiting: 6,
+                cache_hits: 7,
+                connects: 8,
+                wait_timeouts: 9,
+            },
+            allow_keys_reads: 10,
         };
         let mut out = String::new();
         render(&s, &mut out);
@@ -961,6 +990,14 @@ mod tests {
             "# TYPE tls_listener_rejected_connections counter\n",
             "derpd_admission_rejections{check=\"tailscaled\"} 2\n",
             "derpd_admission_fail_open_admits 4\n",
+            "# TYPE derpd_admission_checks_in_flight gauge\n",
+            "\nderpd_admission_checks_in_flight 5\n",
+            "derpd_admission_checks_waiting 6\n",
+            "# TYPE derpd_admission_refused_cache_hits counter\n",
+            "\nderpd_admission_refused_cache_hits 7\n",
+            "derpd_admission_controller_connects 8\n",
+            "derpd_admission_check_wait_timeouts 9\n",
+            "derpd_allow_keys_reads 10\n",
             "derp_memstats_sys0 524288\n",
             "derpd_pool_buffers_in_use{class=\"small\"} 1\n",
             "derpd_pool_buffers_free{class=\"small\"} 9\n",

@@ -7,7 +7,8 @@
 //!   ([`tls`], with the meta-cert), one bounded HTTP request head ([`http`]), then a response or
 //!   the DERP upgrade. Also the STUN loop ([`stun`]).
 //! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
-//!   asked between ClientInfo and registration.
+//!   asked between ClientInfo and registration; the URL's client caps checks in flight, keeps
+//!   connections alive and remembers refused keys; the file is read on a blocking thread.
 //! - `debug`: the `/debug/` pages (Prometheus `varz`, and `derpmap` for the LuCI page) and
 //!   derper's access rule for them.
 //! - `derpmap`: the DERP map entry logged for a self-signed IP certificate: the node JSON, a

@@ -1,9 +1,9 @@
 //! Log lines that a stranger can cause, at a bounded rate.
 //!
-//! A failed login, a refused request head, a refused WebSocket or a connection that ends in an
-//! error each deserve a line, but the logger writes synchronously (stderr into procd's logd or
-//! journald): a flood of such connections would fill the pipe and block the executor thread
-//! that writes. Each kind writes at most [`LINES_PER_WINDOW`] lines every [`WINDOW`]; the
+//! A failed login, a refused request head, a refused WebSocket, a connection that ends in an
+//! error or a login admitted because the admission controller is down each deserve a line,
+//! but the logger writes synchronously (stderr into procd's logd or journald): a flood of such
+//! connections would fill the pipe and block the executor thread that writes. Each kind writes at most [`LINES_PER_WINDOW`] lines every [`WINDOW`]; the
 //! first line of the next window is preceded by "… and N more <kind> in the last 10 s".
 //! The lines held back are counted in `derpd_log_lines_suppressed{kind}`.
 
@@ -105,10 +105,13 @@ pub static HEADS: LogLimit = LogLimit::new("refused requests");
 /// WebSocket upgrades refused.
 pub static WEBSOCKETS: LogLimit = LogLimit::new("refused WebSockets");
 
+/// Logins admitted because the admission controller could not be reached.
+pub static FAIL_OPEN: LogLimit = LogLimit::new("fail-open admissions");
+
 /// Every kind, in the order of [`KIND_LABELS`].
-pub static KINDS: [&LogLimit; 4] = [&LOGINS, &CONN_ERRORS, &HEADS, &WEBSOCKETS];
+pub static KINDS: [&LogLimit; 5] = [&LOGINS, &CONN_ERRORS, &HEADS, &WEBSOCKETS, &FAIL_OPEN];
 /// The metric label of each kind in [`KINDS`].
-pub const KIND_LABELS: &[&str] = &["login", "conn_error", "head", "websocket"];
+pub const KIND_LABELS: &[&str] = &["login", "conn_error", "head", "websocket", "fail_open"];
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,11 @@
 //!
 //! - The checks on their own ([`Admission`], with a short timeout and no delay between looks at
 //!   the allow-keys file): the requests, every kind of answer, timeouts, fail-open, counters.
+//! - Under load: 500 logins at once against a slow controller, to [`Admission`] and through
+//!   an in-process server (the cap on checks in flight,
+//!   kept-alive connections, no fail-open admission of a refused key), the refused-key cache,
+//!   the fail-open log line; the allow-keys file read off the executor, and not re-read at
+//!   every look when its modification time is in the future.
 //! - End to end, in process: a refused client sees EOF after ClientInfo (no ServerInfo) while
 //!   admitted ones relay; mesh peers are not checked; the allow-keys file is followed.
 //! - Against Tailscale's real derper (installed at the pinned version): derper and derpd, with
@@ -552,6 +557,22 @@ fn admission_controller_unreachable() {
         res,
         Err("admission controller unreachable: connection closed without a response".into())
     );
+    // Something that is not an answer, or a head cut short: refused, even failing open.
+    for (reply, why) in [
+        (&b"garbage\r\n\r\n"[..], "malformed HTTP response: "),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Le",
+            "connection closed in the response head",
+        ),
+    ] {
+        let (_, res, _, a) = admit_from("192.0.2.7:1", true, move || Reply::Send(reply.to_vec()));
+        let res = res.unwrap_err();
+        assert!(
+            res.starts_with(&format!("admission controller: bad response: {why}")),
+            "{res}"
+        );
+        assert_eq!((a.fail_open_admits(), a.rejections()), (0, 1));
+    }
 }
 
 #[test]
@@ -575,6 +596,373 @@ fn admission_controller_too_slow() {
     );
     assert_eq!((a.fail_open_admits(), a.rejections()), (0, 1));
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+// Under load: the controller must not be overloaded into failing open.
+
+/// What a [`slow_controller`] saw.
+#[derive(Default)]
+struct ControllerLog {
+    connections: AtomicUsize,
+    requests: AtomicUsize,
+    /// Requests received and not yet answered, now and at most.
+    pending: AtomicUsize,
+    max_pending: AtomicUsize,
+}
+
+impl std::fmt::Display for ControllerLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "controller: {} connections, {} requests, at most {} pending",
+            self.connections.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+            self.max_pending.load(Ordering::Relaxed)
+        )
+    }
+}
+
+impl ControllerLog {
+    /// At most MAX_CHECKS requests at once, on at most MAX_CHECKS kept-alive connections.
+    fn assert_capped(&self) {
+        let max_checks = derpd::admission::MAX_CHECKS;
+        assert!(
+            self.max_pending.load(Ordering::Relaxed) <= max_checks
+                && self.connections.load(Ordering::Relaxed) <= max_checks,
+            "{self}"
+        );
+    }
+}
+
+/// An admission controller that keeps connections alive (HTTP/1.1) and is slow under load: it
+/// works on at most `workers` requests at a time, `delay` each (the others queue), and
+/// refuses the keys in `refused` (`nodekey:<hex>` strings).
+fn slow_controller(
+    delay: Duration,
+    workers: usize,
+    refused: std::collections::HashSet<String>,
+) -> (SocketAddr, Arc<ControllerLog>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let log = Arc::new(ControllerLog::default());
+    let free = Arc::new((std::sync::Mutex::new(workers), std::sync::Condvar::new()));
+    let refused = Arc::new(refused);
+    let seen = log.clone();
+    serve_each(tcp_accept(l), move |mut s| {
+        seen.connections.fetch_add(1, Ordering::Relaxed);
+        while let Some(req) = read_request(&mut s) {
+            seen.requests.fetch_add(1, Ordering::Relaxed);
+            let n = seen.pending.fetch_add(1, Ordering::Relaxed) + 1;
+            seen.max_pending.fetch_max(n, Ordering::Relaxed);
+            {
+                let (m, cv) = &*free;
+                let mut f = cv.wait_while(m.lock().unwrap(), |f| *f == 0).unwrap();
+                *f -= 1;
+            }
+            // The work a request takes.
+            thread::sleep(delay);
+            {
+                let (m, cv) = &*free;
+                *m.lock().unwrap() += 1;
+                cv.notify_one();
+            }
+            let body = req.body_text();
+            let allow = !refused.iter().any(|k| body.contains(k.as_str()));
+            let json = format!(r#"{{"Allow":{allow}}}"#);
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+                json.len()
+            );
+            seen.pending.fetch_sub(1, Ordering::Relaxed);
+            if s.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, log)
+}
+
+/// Runs `check` for every key at once (one task each, one thread); the results in key order.
+fn check_all(a: &Admission, keys: &[NodePublic]) -> Vec<Result<(), String>> {
+    let ex = smol::LocalExecutor::new();
+    let remote: SocketAddr = "192.0.2.7:41641".parse().unwrap();
+    let tasks: Vec<_> = keys.iter().map(|k| ex.spawn(a.check(k, remote))).collect();
+    smol::block_on(ex.run(async {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await);
+        }
+        out
+    }))
+}
+
+#[test]
+fn slow_controller_under_500_logins_admits_no_refused_key() {
+    support::raise_nofile();
+    const LOGINS: usize = 500;
+    // The controller needs 500 × 100 ms / 16 workers ≈ 3.1 s for them all: more than the 2 s a
+    // check may take. Before the fix every login opened its own connection at once, the
+    // queued ones timed out, and fail-open admitted them, refused keys too.
+    let timeout = Duration::from_secs(2);
+    let keys: Vec<NodePublic> = (0..LOGINS).map(|_| new_key()).collect();
+    let refused: std::collections::HashSet<String> =
+        keys.iter().step_by(2).map(|k| k.to_string()).collect();
+    let (addr, seen) = slow_controller(Duration::from_millis(100), 16, refused.clone());
+    let a = Admission::with_timing(
+        AdmissionConfig {
+            url: Some(format!("http://{addr}/admit")),
+            fail_open: true,
+            ..Default::default()
+        },
+        timeout,
+        Duration::ZERO,
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let results = check_all(&a, &keys);
+    let took = t0.elapsed();
+    let wrongly: Vec<usize> = (0..LOGINS)
+        .filter(|&i| results[i].is_ok() && refused.contains(&keys[i].to_string()))
+        .collect();
+    let admitted = results.iter().filter(|r| r.is_ok()).count();
+    let busy = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.starts_with("admission controller busy: "))
+        })
+        .count();
+    let st = a.controller_stats();
+    println!(
+        "{LOGINS} logins in {took:?}: {admitted} admitted ({} refused keys among them), {busy} \
+         refused for want of a slot, {} fail-open; {seen}; {st:?}",
+        wrongly.len(),
+        a.fail_open_admits(),
+    );
+    assert!(
+        wrongly.is_empty(),
+        "{} refused keys admitted (fail-open: {})",
+        wrongly.len(),
+        a.fail_open_admits()
+    );
+    assert_eq!(a.fail_open_admits(), 0);
+    // Some got through: the test is not passed by refusing everyone.
+    assert!(admitted > 0, "nobody admitted");
+    // Every login either was answered by the controller or waited for a slot in vain.
+    assert_eq!(
+        seen.requests.load(Ordering::Relaxed) + busy,
+        LOGINS,
+        "requests + refused for want of a slot"
+    );
+    seen.assert_capped();
+    assert_eq!(st.connects, seen.connections.load(Ordering::Relaxed) as u64);
+    assert_eq!((st.in_flight, st.waiting), (0, 0));
+    assert_eq!(st.wait_timeouts, busy as u64);
+}
+
+/// The same through a server: 500 DERP logins at once, the server's own 5 s check timeout, a
+/// controller needing 500 × 200 ms / 16 ≈ 6.3 s for them all. Before the fix the last ones
+/// timed out and failed open, refused keys among them.
+#[test]
+fn slow_controller_under_500_derp_logins_end_to_end() {
+    support::raise_nofile();
+    const LOGINS: usize = 500;
+    let keys: Vec<NodePrivate> = (0..LOGINS).map(|_| NodePrivate::generate()).collect();
+    let refused: std::collections::HashSet<String> = keys
+        .iter()
+        .step_by(2)
+        .map(|k| k.public().to_string())
+        .collect();
+    let (ctl, seen) = slow_controller(Duration::from_millis(200), 16, refused.clone());
+    let mut cfg = Config::dev_loopback();
+    cfg.admission = AdmissionConfig {
+        url: Some(format!("http://{ctl}/admit")),
+        fail_open: true,
+        ..Default::default()
+    };
+    // Every login pending at once (all come from 127.0.0.1).
+    cfg.max_handshakes = 2 * LOGINS;
+    cfg.max_handshakes_per_ip = 2 * LOGINS;
+    let srv = common::start(cfg);
+    let addr = srv.addr();
+    let t0 = Instant::now();
+    let logins: Vec<_> = keys
+        .into_iter()
+        .map(|key| {
+            thread::spawn(move || {
+                let public = key.public();
+                let s = std::net::TcpStream::connect(addr).unwrap();
+                // Longer than a check may take (5 s waiting for a slot, 5 s asking).
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut c = DerpClient {
+                    key,
+                    server_key: NodePublic([0; 32]),
+                    s,
+                };
+                (public, c.login_upgrade(CLIENT_JSON))
+            })
+        })
+        .collect();
+    let results: Vec<(NodePublic, Result<(), String>)> =
+        logins.into_iter().map(|t| t.join().unwrap()).collect();
+    let took = t0.elapsed();
+    let admitted: Vec<&NodePublic> = results
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(k, _)| k)
+        .collect();
+    let wrongly = admitted
+        .iter()
+        .filter(|k| refused.contains(&k.to_string()))
+        .count();
+    let adm = &srv.state().admission;
+    let st = adm.controller_stats();
+    println!(
+        "{LOGINS} DERP logins in {took:?}: {} admitted ({wrongly} refused keys among them), {} \
+         fail-open; {seen}; {st:?}",
+        admitted.len(),
+        adm.fail_open_admits(),
+    );
+    assert_eq!(
+        wrongly,
+        0,
+        "refused keys admitted (fail-open: {})",
+        adm.fail_open_admits()
+    );
+    assert!(!admitted.is_empty(), "nobody admitted");
+    seen.assert_capped();
+    // Each refused login is counted: by the controller's answer or for want of a slot.
+    assert_eq!(
+        adm.rejections_by(Check::Url) as usize,
+        LOGINS - admitted.len(),
+        "{:?}",
+        results.iter().find(|(_, r)| r
+            .as_ref()
+            .is_err_and(|e| !e.starts_with("reading ServerInfo: ")))
+    );
+}
+
+#[test]
+fn refused_keys_are_remembered_and_fail_open_still_admits_when_down() {
+    let refused = new_key();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_down = down.clone();
+    let bad = refused.to_string();
+    let (addr, rx) = fake_tcp(responder(move |r| {
+        if is_down.load(Ordering::Relaxed) {
+            // Closed without an answer: unreachable.
+            Reply::Send(Vec::new())
+        } else {
+            let allow = !r.body_text().contains(&bad);
+            http("200 OK", &format!(r#"{{"Allow":{allow}}}"#))
+        }
+    }));
+    let a = url_admission(format!("http://{addr}/"), true);
+    let not_allowed = format!("admission controller: {refused}/192.0.2.7 not allowed");
+    assert_eq!(
+        check_from(&a, &refused, "192.0.2.7:1"),
+        Err(not_allowed.clone())
+    );
+    recv(&rx);
+    // Again: refused without asking.
+    assert_eq!(
+        check_from(&a, &refused, "192.0.2.7:2"),
+        Err(not_allowed.clone())
+    );
+    assert!(rx.try_recv().is_err(), "the controller was asked again");
+    assert_eq!(a.controller_stats().cache_hits, 1);
+    // From another address the controller is asked (it is told the address).
+    assert!(check_from(&a, &refused, "192.0.2.8:1").is_err());
+    recv(&rx);
+    // Down: a refused key stays refused; others fail open.
+    down.store(true, Ordering::Relaxed);
+    assert_eq!(check_from(&a, &refused, "192.0.2.7:3"), Err(not_allowed));
+    let fresh = new_key();
+    assert_eq!(check_from(&a, &fresh, "192.0.2.7:4"), Ok(()));
+    assert_eq!(a.fail_open_admits(), 1);
+    assert_eq!(a.controller_stats().cache_hits, 2);
+}
+
+/// A kept-alive connection is not reused after `Connection: close`, and one the controller
+/// closed while idle is replaced without failing the check (or failing it open).
+#[test]
+fn kept_alive_connections_follow_the_controller() {
+    let allow = |close: bool| {
+        let head = if close { "Connection: close\r\n" } else { "" };
+        let body = r#"{"Allow":true}"#;
+        format!(
+            "HTTP/1.1 200 OK\r\n{head}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    // Says close but keeps the socket open: reusing it would time out.
+    let (addr, rx) = fake_tcp(responder(move |_| Reply::SendAndHang(allow(true))));
+    let a = url_admission(format!("http://{addr}/"), false);
+    for _ in 0..3 {
+        assert_eq!(check(&a, &new_key()), Ok(()));
+        recv(&rx);
+    }
+    assert_eq!(a.controller_stats().connects, 3);
+    // Closes after each answer without saying so: the next check finds the idle connection
+    // closed and sends its request on a new one.
+    let (addr, rx) = fake_tcp(responder(move |_| Reply::Send(allow(false))));
+    let a = url_admission(format!("http://{addr}/"), false);
+    for _ in 0..3 {
+        assert_eq!(check(&a, &new_key()), Ok(()));
+        recv(&rx);
+    }
+    assert!(rx.try_recv().is_err());
+    assert_eq!(a.controller_stats().connects, 3);
+}
+
+/// derpd with a controller that is down, failing open: logins are admitted and logged, at
+/// most [`derpd::lograte::LINES_PER_WINDOW`] lines per 10 s.
+#[test]
+fn fail_open_admissions_are_logged_within_a_rate() {
+    const LOGINS: usize = 20;
+    let closed = closed_port();
+    let mut d = support::Derpd::start(&support::dev_loopback_args(&[
+        support::s("--verify-client-url"),
+        format!("http://{closed}/admit"),
+    ]));
+    let addr = d.startup(false).addr;
+    let t0 = Instant::now();
+    let mut first = None;
+    for _ in 0..LOGINS {
+        let key = NodePrivate::generate();
+        first.get_or_insert(key.public());
+        if let Err(e) = login(addr, key, CLIENT_JSON) {
+            d.fail(&format!("not admitted: {e}"));
+        }
+    }
+    let took = t0.elapsed();
+    // SIGHUP's log line comes after every line the logins wrote.
+    use rustix::process::{kill_process, Pid, Signal};
+    kill_process(Pid::from_child(&d.child), Signal::HUP).unwrap();
+    d.wait_until("the SIGHUP line", support::LOG_LAG_DEADLINE, |log| {
+        log.iter().any(|l| l.contains("received SIGHUP"))
+    });
+    let want = format!(
+        "fail-open admitted {}: admission controller unreachable: ",
+        first.unwrap()
+    );
+    if !d.log.iter().any(|l| l.contains(&want)) {
+        d.fail(&format!("no line {want:?}"));
+    }
+    let lines = d
+        .log
+        .iter()
+        .filter(|l| l.contains("fail-open admitted "))
+        .count();
+    // A window starts at the first fail-open admission.
+    let windows = 1 + (took.as_secs_f64() / derpd::lograte::WINDOW.as_secs_f64()) as usize;
+    println!("{LOGINS} fail-open logins in {took:?}: {lines} log lines");
+    if lines > derpd::lograte::LINES_PER_WINDOW as usize * windows {
+        d.fail(&format!(
+            "{lines} fail-open lines for {LOGINS} logins in {took:?}"
+        ));
+    }
 }
 
 #[test]
@@ -768,6 +1156,95 @@ fn allow_keys_file_startup_errors() {
     let a = allow_list(&path);
     assert!(!a.is_open());
     assert!(check(&a, &new_key()).is_err());
+}
+
+/// Routers without a clock write files with modification times in the future: such a file
+/// is read once more after the racy window, not at every look.
+#[test]
+fn allow_keys_file_with_a_future_mtime_is_not_reread_at_every_look() {
+    let dir = temp_dir();
+    let path = dir.join("allow-keys");
+    let (a_key, b_key) = (new_key(), new_key());
+    let future = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let set_future = |p: &Path| {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(future)
+            .unwrap();
+    };
+    write_keys(&path, &[a_key]);
+    set_future(&path);
+    // Looks at the file at every check.
+    let a = allow_list(&path);
+    assert_eq!(a.allow_keys_reads(), 1);
+    let t0 = Instant::now();
+    let mut looks = 0;
+    while t0.elapsed() < derpd::admission::RACY_WINDOW + Duration::from_millis(500) {
+        assert_eq!(check(&a, &a_key), Ok(()));
+        looks += 1;
+        // Before the fix each look read the file again.
+        assert!(
+            a.allow_keys_reads() <= 2,
+            "{} reads in {looks} looks",
+            a.allow_keys_reads()
+        );
+    }
+    println!("{} reads in {looks} looks", a.allow_keys_reads());
+    // Start-up, and once more after the racy window.
+    assert_eq!(a.allow_keys_reads(), 2, "in {looks} looks");
+    // An edit is still seen, with the same future time.
+    write_keys(&path, &[b_key]);
+    set_future(&path);
+    assert_eq!(check(&a, &b_key), Ok(()));
+    assert!(check(&a, &a_key).is_err());
+    assert_eq!(a.allow_keys_reads(), 3);
+}
+
+/// A check that reads the allow-keys file leaves its executor thread free: here the file is a
+/// FIFO whose writer comes only after the executor showed it could run something else.
+#[test]
+fn allow_keys_file_is_read_off_the_executor() {
+    let dir = temp_dir();
+    let path = dir.join("allow-keys");
+    let key = new_key();
+    write_keys(&path, &[key]);
+    let a = allow_list(&path);
+    let fifo = dir.join("fifo");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success(), "mkfifo: {st}");
+    std::fs::rename(&fifo, &path).unwrap();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let text = format!("{key}\n");
+    let writer_path = path.clone();
+    let writer = thread::spawn(move || {
+        // Bounded: before the fix the check held the test's only thread until this.
+        let _ = go_rx.recv_timeout(IO_TIMEOUT);
+        std::fs::write(&writer_path, text).unwrap();
+    });
+    let t0 = Instant::now();
+    let (first, res) = smol::block_on(async {
+        let mut pending = std::pin::pin!(a.check(&key, "127.0.0.1:1".parse().unwrap()));
+        let probe = async {
+            smol::Timer::after(Duration::from_millis(50)).await;
+            None
+        };
+        let first = smol::future::or(async { Some((&mut pending).await) }, probe).await;
+        let _ = go_tx.send(());
+        match first {
+            Some(r) => (false, r),
+            None => (true, pending.await),
+        }
+    });
+    writer.join().unwrap();
+    assert!(
+        first,
+        "the check blocked its executor thread for {:?} reading the file",
+        t0.elapsed()
+    );
+    assert_eq!(res, Ok(()));
+    assert_eq!(a.allow_keys_reads(), 2);
 }
 
 #[test]

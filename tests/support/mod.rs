@@ -717,6 +717,15 @@ pub(crate) fn s(v: &str) -> String {
     v.to_string()
 }
 
+/// derpd's arguments for a plain-HTTP dev server on 127.0.0.1:0 without STUN, then `extra`.
+pub(crate) fn dev_loopback_args(extra: &[String]) -> Vec<String> {
+    let mut args = ["--dev", "-a", "127.0.0.1:0", "--stun-port", "0"]
+        .map(s)
+        .to_vec();
+    args.extend_from_slice(extra);
+    args
+}
+
 /// The `tailscale.com` version `tests/interop/go.mod` pins.
 pub(crate) fn pinned_tailscale_version() -> String {
     let gomod = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/go.mod");
