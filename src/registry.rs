@@ -75,8 +75,9 @@ pub struct Outbox {
     /// Pending Pong payload. Capacity one: further pings are ignored until it is written.
     pub pong: Option<[u8; 8]>,
     /// Large pool buffers in `disco` and `other`. Invariant: at most the pool's
-    /// [`crate::pool::Pool::large_per_receiver`]; both queues together (64 packets) could
-    /// otherwise hold every large buffer there is.
+    /// [`crate::pool::Pool::large_per_receiver`] (past it the oldest large one goes, counted
+    /// as `queue_large`); both queues together (64 packets) could otherwise hold every large
+    /// buffer there is, and a few stuck receivers all of them.
     pub large: usize,
 }
 
@@ -147,11 +148,15 @@ impl Client {
                     *large -= 1;
                 }
                 // Both only when the large packet evicted was the other queue's.
-                for p in [evicted, old].into_iter().flatten() {
+                for (p, reason) in [
+                    (evicted, DropReason::QueueLarge),
+                    (old, DropReason::QueueHead),
+                ] {
+                    let Some(p) = p else { continue };
                     let was_disco = frame::looks_like_disco(
                         p.as_slice().get(RECV_HEADER..).unwrap_or_default(),
                     );
-                    metrics.drop_packet(DropReason::QueueHead, was_disco, p.len());
+                    metrics.drop_packet(reason, was_disco, p.len());
                 }
                 None
             }
@@ -1103,7 +1108,7 @@ mod tests {
     #[test]
     fn a_receiver_holds_at_most_its_share_of_large_buffers() {
         let m = Metrics::default();
-        let pool = crate::pool::Pool::with_counts(64, 8);
+        let pool = crate::pool::Pool::with_counts(64, 2 * crate::pool::LARGE_SHARES);
         assert_eq!(pool.large_per_receiver(), 2);
         let c = Client::new(1, key(1), addr(), 1);
         let large = |tag: u8| {
@@ -1128,7 +1133,8 @@ mod tests {
             assert_eq!(o.other.pop().unwrap().as_slice()[RECV_HEADER], 4);
             o.large = 0;
         });
-        assert_eq!(m.dropped(DropReason::QueueHead), 2);
+        assert_eq!(m.dropped(DropReason::QueueLarge), 2);
+        assert_eq!(m.dropped(DropReason::QueueHead), 0);
         assert_eq!(pool.stats().large.2, 0);
     }
 
