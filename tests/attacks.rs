@@ -894,10 +894,10 @@ fn hostile_input_plain() {
         rig.finish(at);
     }
 
-    // 15 large buffers: the stuck receiver's queue (up to 32) takes them all, and the
-    // sender's reader waits for one until the write timeout closes the receiver and frees
-    // them (a finding: at this budget one stuck receiver holds up every sender of packets
-    // over 2 KiB). Bounded by two write timeouts: the batch in progress, then the next.
+    // 15 large buffers, of which the stuck receiver's queues may hold 1 (the floor of 1/16),
+    // one more in its writer's batch and one in the sender's next packet: the sender is not
+    // held up. (Before the per-receiver share, its queue of 32 took all 15 until the write
+    // timeout; the bound here stays the two write timeouts it was then.)
     stuck_receiver(&mut rig, 2 * WRITE_TIMEOUT + Duration::from_secs(1));
 
     rig.print("plain HTTP listener");
@@ -905,7 +905,7 @@ fn hostile_input_plain() {
 
 /// The same receiver at derpd's default budget: its queues (32 disco + 32 other packets, and
 /// one batch being written) would hold 64 large buffers, more than the 63 there are; a
-/// receiver may hold only a quarter of them, so the sender is never held up.
+/// receiver may hold only 1/16 of them (3), so the sender is never held up.
 #[test]
 fn stuck_receiver_default_budget() {
     support::raise_nofile();
