@@ -31,6 +31,8 @@ while (($#)); do
 done
 command="bench/compare.sh${args[*]:+ ${args[*]}}"
 warmup=1 idle_settle=1 login_conc=16
+# Frames per second of the duplicate-key fight scenario (two connections of one key).
+fight=20000
 if ((quick)); then
   reps=1 seconds=1 warmup=0.3 idle_settle=0.3 clients=200 loads=50
 fi
@@ -151,6 +153,10 @@ for ((rep = 1; rep <= reps; rep++)); do
   for s in $order; do
     run "$s" throughput "$rep" "" -- throughput --seconds "$seconds" --warmup "$warmup"
     run "$s" flood "$rep" "" -- throughput --window 0 --seconds "$seconds" --warmup "$warmup"
+    # The throughput run again while two connections of one key fight (send alternately):
+    # the pairs' CPU per packet should not move (issue 17, point 8).
+    run "$s" fight "$rep" "" -- throughput --fight "$fight" --seconds "$seconds" \
+      --warmup "$warmup"
   done
   # The latency loads are fractions of derper's saturation rate in this repetition.
   sat=$(python3 -c "

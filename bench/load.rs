@@ -7,7 +7,13 @@
 //!   `--warmup`. Each sender keeps at most `--window` packets in flight to its receiver (a
 //!   closed loop: the relay's capacity without overrunning its queues); `--window 0` floods
 //!   (open loop: what the relay delivers, and drops, when offered more than it can carry);
-//!   `--rate` paces all senders together at that many packets per second.
+//!   `--rate` paces all senders together at that many packets per second. `--fight N` adds
+//!   a duplicate-key fight: two more connections with one key that send N frames a second
+//!   between them, alternately (a NotePreferred each: any frame makes its connection the
+//!   key's active one), so that `cpu_us_per_packet` of the pairs with and without it shows
+//!   what a fight costs everyone else. The server's CPU includes the fighters' own frames:
+//!   `--fight-control` sends the same frames from one of the two connections only (no
+//!   switches), and the difference between the two runs is what the switching costs.
 //! - `latency`: the same paced background load, plus a probe: A sends 64-byte packets at
 //!   `--probe-rate` to B, B echoes each one to C; the round trip A → relay → B → relay → C is
 //!   measured on one clock (p50/p99/p999).
@@ -80,6 +86,13 @@ struct Args {
     /// packets each sender may have in flight to its receiver; 0 = no limit (flood)
     #[argh(option, default = "32")]
     window: u64,
+    /// duplicate-key fight (throughput, latency): frames per second that two connections of
+    /// one key send alternately; 0 = no fight
+    #[argh(option, default = "0.0")]
+    fight: f64,
+    /// with --fight: every frame from the same one of the two connections (the control run)
+    #[argh(switch)]
+    fight_control: bool,
     /// latency probes per second
     #[argh(option, default = "500.0")]
     probe_rate: f64,
@@ -164,6 +177,8 @@ struct Stats {
     received: Cell<u64>,
     received_bytes: Cell<u64>,
     logins: Cell<u64>,
+    /// Frames the two fighting connections sent.
+    fight_frames: Cell<u64>,
     failures: Cell<u64>,
     probes_sent: Cell<u64>,
     /// (sequence number, round trip in ns) of each probe that came back.
@@ -461,6 +476,7 @@ struct Sample {
     received_bytes: u64,
     logins: u64,
     probes_sent: u64,
+    fight_frames: u64,
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -507,6 +523,7 @@ impl Ctx {
             received_bytes: s.received_bytes.get(),
             logins: s.logins.get(),
             probes_sent: s.probes_sent.get(),
+            fight_frames: s.fight_frames.get(),
         }
     }
 
@@ -584,6 +601,18 @@ async fn traffic(
         ex.spawn(async move { c.note("sender", send(&c, s, f, per_pair, &flow).await) })
             .detach();
     }
+    if args.fight > 0.0 {
+        let k = ClientKey::generate();
+        let a = login(ctx, &k, SMALL_READ)
+            .await
+            .map_err(|e| e.to_string())?;
+        let b = login(ctx, &k, SMALL_READ)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (c, rate, switch) = (ctx.clone(), args.fight, !args.fight_control);
+        ex.spawn(async move { c.note("fighters", fight(&c, [a, b], rate, switch).await) })
+            .detach();
+    }
     if probe {
         let probe_conn = || async {
             let k = ClientKey::generate();
@@ -642,6 +671,8 @@ async fn traffic(
             "mbps": round(bytes as f64 * 8.0 / wall / 1e6, 1),
             "drop_pct": round(drop, 3),
             "cpu_us_per_packet": round(cpu_pp, 3),
+            "fight_fps": round((b.fight_frames - a.fight_frames) as f64 / wall, 0),
+            "fight_control": args.fight_control,
         }),
     );
     if probe {
@@ -769,6 +800,35 @@ async fn receive(ctx: &Ctx, mut c: Conn, flow: &Flow) -> io::Result<()> {
             flow.progress.notify(1);
         }
     }
+}
+
+/// Two connections of one key: frames alternately from one and the other at `per_sec` in
+/// all, each written on its own, so that the server sees the key's active connection change
+/// with (nearly) every frame; without `switch`, every frame from the first (no change).
+async fn fight(ctx: &Ctx, mut conns: [Conn; 2], per_sec: f64, switch: bool) -> io::Result<()> {
+    // NotePreferred(false): no reply, and no change to the home-connection gauge.
+    let mut f = [0u8; HEADER_LEN + 1];
+    let mut h = [0u8; HEADER_LEN];
+    frame::encode_header(&mut h, FrameType::NotePreferred, 1);
+    f[..HEADER_LEN].copy_from_slice(&h);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while !ctx.stop.get() {
+        let due = (start.elapsed().as_secs_f64() * per_sec) as u64;
+        if due <= sent {
+            Timer::after(Duration::from_millis(1)).await;
+            continue;
+        }
+        // At most 64 frames between two looks at the clock and the stop flag.
+        for _ in 0..(due - sent).min(64) {
+            let c = &mut conns[usize::from(switch) * (sent & 1) as usize];
+            c.queue(&f)?;
+            c.flush().await?;
+            sent += 1;
+        }
+        ctx.stats.fight_frames.set(sent);
+    }
+    Ok(())
 }
 
 /// Probe A: 64-byte packets carrying (sequence, send time in ns since `t0`) at `per_sec`.

@@ -15,6 +15,9 @@ scenario-specific fields (numbers unless noted):
               (closed loop: each sender keeps a window of packets in flight)
   flood       the same fields, open loop (senders never wait): what is
               delivered and dropped when offered more than the relay carries
+  fight       the throughput fields plus fight_fps: the same closed loop
+              while two connections of one key send alternately (a
+              duplicate-key fight); cpu_us_per_packet is the other pairs'
   latency     load_pct (25|50|75), rate_pps, probe_rate, samples, lost,
               p50_us, p99_us, p999_us, server_cpu_s, cpu_us_per_packet
   idle        clients, rss_before_kib, rss_after_kib, hwm_kib,
@@ -241,6 +244,8 @@ def table_rows(agg):
     """(label, scenario, subkey, field, better) for every table row."""
     rows = [("CPU µs per delivered packet", "throughput", "all", "cpu_us_per_packet", "lower"),
             ("delivered Mbps at saturation", "throughput", "all", "mbps", "higher"),
+            ("CPU µs per delivered packet during a duplicate-key fight", "fight", "all",
+             "cpu_us_per_packet", "lower"),
             ("delivered Mbps under flood (open loop)", "flood", "all", "mbps", "higher"),
             ("drop % under flood", "flood", "all", "drop_pct", "lower")]
     for load in subkeys(agg, "derpd", "latency", "derper"):

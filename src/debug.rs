@@ -1006,12 +1006,13 @@ mod tests {
         ] {
             assert!(out.contains(want), "missing {want:?} in\n{out}");
         }
-        // Every drop series, derper's 7 reasons and derpd's mesh_forward, by both kinds.
+        // Every drop series, derper's 7 reasons and derpd's mesh_forward and queue_large, by
+        // both kinds.
         assert_eq!(
             out.lines()
                 .filter(|l| l.starts_with("derp_packets_dropped{"))
                 .count(),
-            16
+            18
         );
         // Well-formed: each typed name has one TYPE line, before its samples; names unique.
         let mut seen = std::collections::HashSet::new();

@@ -26,11 +26,14 @@ pub enum DropReason {
     /// The mesh link to the destination's node was down or its queue full (derpd's own
     /// reason: derper forwards synchronously and ignores errors).
     MeshForward = 7,
+    /// The destination's queues already held its share of large buffers: its oldest large
+    /// packet was dropped (derpd's own reason: derper has no buffer pool).
+    QueueLarge = 8,
 }
 
 impl DropReason {
     /// All reasons, in label order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         Self::UnknownDest,
         Self::UnknownDestOnFwd,
         Self::GoneDisconnected,
@@ -39,6 +42,7 @@ impl DropReason {
         Self::WriteError,
         Self::DupClient,
         Self::MeshForward,
+        Self::QueueLarge,
     ];
 
     /// derper's label value.
@@ -52,6 +56,7 @@ impl DropReason {
             Self::WriteError => "write_error",
             Self::DupClient => "dup_client",
             Self::MeshForward => "mesh_forward",
+            Self::QueueLarge => "queue_large",
         }
     }
 }
@@ -189,7 +194,7 @@ mod tests {
             100
         );
         assert_eq!(m.dropped(DropReason::UnknownDest), 0);
-        assert_eq!(DropReason::ALL.len(), 8);
+        assert_eq!(DropReason::ALL.len(), 9);
         assert_eq!(DropReason::DupClient.label(), "dup_client");
     }
 }

@@ -7,9 +7,13 @@
 //! - small buffers get the rest: (16 MiB - 63 x 65,573 B) / 2,048 B = 6,174 buffers (a
 //!   WireGuard or disco packet each);
 //! - the per-client queues hold at most 32 disco + 32 other packets, so 6,174 small buffers
-//!   fill the queues of 96 stalled clients before any reader has to wait; of large buffers a
-//!   client's queues hold at most a quarter (15 of 63), so it takes four receivers that stop
-//!   reading, until the write timeout closes them, to make a sender of large packets wait.
+//!   fill the queues of 96 stalled clients before any reader has to wait;
+//! - of large buffers a client's queues hold at most 1/16 of the class (63 / 16 = 3; at
+//!   least 1, so tiny pools still work; past that its oldest large packet is dropped, counted
+//!   as `queue_large`). A receiver that stops reading holds its 3 plus one in the batch its
+//!   writer is stuck on, and its sender one more while it reads the next packet: 5. Eight
+//!   such receivers hold 40 of 63, and 23 stay free for every other sender of large packets.
+//!   (Before, the share was a quarter, 15 + 2: four stuck receivers took them all.)
 //! - total: 63 x 65,573 + 6,174 x 2,048 = 16,775,451 B, just under 16 MiB.
 //!
 //! Buffers are allocated on first use and then recycled, never freed: idle memory stays small
@@ -33,6 +37,11 @@ pub const LARGE_BUF: usize = HEADER_LEN + KEY_LEN + MAX_PACKET_SIZE;
 pub const DEFAULT_BUDGET_MIB: usize = 16;
 /// At least this many buffers of each class, whatever the budget.
 const MIN_PER_CLASS: usize = 4;
+/// Receivers that stop reading at once which must not stall senders to anyone else.
+pub const STUCK_RECEIVERS: usize = 8;
+/// A receiver's queues may hold 1/`LARGE_SHARES` of the large buffers: twice as many shares
+/// as [`STUCK_RECEIVERS`], because a stuck receiver holds up to two buffers beyond its share.
+pub const LARGE_SHARES: usize = 2 * STUCK_RECEIVERS;
 
 /// Size classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,11 +118,13 @@ impl Pool {
         })
     }
 
-    /// Large buffers one receiver's queues may hold: a quarter of the class, so that one
-    /// receiver that stops reading (until the write timeout closes it) cannot take every large
-    /// buffer and stall every sender of packets over 2 KiB.
+    /// Large buffers one receiver's queues may hold: 1/[`LARGE_SHARES`] of the class, at
+    /// least one. A receiver that stops reading (until the write timeout closes it, if ever)
+    /// then holds its share plus two (the batch its writer is stuck on, its sender's next
+    /// packet); at the default budget [`STUCK_RECEIVERS`] of them hold 40 of the 63 and
+    /// leave 23 to every other sender of packets over 2 KiB (see the module doc).
     pub fn large_per_receiver(&self) -> usize {
-        (self.classes[Class::Large as usize].cap / 4).max(1)
+        (self.classes[Class::Large as usize].cap / LARGE_SHARES).max(1)
     }
 
     /// Bytes the pool may hold at most.
@@ -351,8 +362,15 @@ mod tests {
         assert_eq!(s.large.0, 63);
         assert_eq!(s.small.0, 6174);
         assert!(p.budget_bytes() <= DEFAULT_BUDGET_MIB << 20);
+        // Eight stuck receivers: share + batch + sender's next packet each, 23 left.
+        assert_eq!(p.large_per_receiver(), 3);
+        assert_eq!(
+            s.large.0 - STUCK_RECEIVERS * (p.large_per_receiver() + 2),
+            23
+        );
         let tiny = Pool::with_budget(0);
         assert_eq!(tiny.stats().small.0, MIN_PER_CLASS);
+        assert_eq!(tiny.large_per_receiver(), 1, "the floor");
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Who is connected: node key → its connections, the active one, and who must hear PeerGone.
-//! The per-packet path takes only a read lock; writes happen on connect, disconnect, and when a
-//! duplicate connection of a key starts talking.
+//! The per-packet path takes only a read lock; writes happen on connect, disconnect and mesh
+//! changes.
 //!
 //! Duplicate keys (derper's `lastWriterIsActive` policy): the newest connection becomes active;
 //! older ones stay open and are read from; whichever connection of the key sends a frame becomes
-//! active. PeerGone goes out only when the last connection of a key leaves.
+//! active. PeerGone goes out only when the last connection of a key leaves. A switch of the
+//! active connection is the key's own business: it takes the read lock and the key's
+//! [`Active`] slot, and invalidates only the cached routes to that key, so two connections of
+//! one key that send alternately cost the two of them (and their senders), not everyone else.
 //!
 //! Mesh (derper's `clientsMesh`, `watchers`): keys present on other nodes of the region map to
 //! the [`Link`] that forwards to them; a local connection always wins. Watchers (mesh peers that
@@ -75,8 +78,9 @@ pub struct Outbox {
     /// Pending Pong payload. Capacity one: further pings are ignored until it is written.
     pub pong: Option<[u8; 8]>,
     /// Large pool buffers in `disco` and `other`. Invariant: at most the pool's
-    /// [`crate::pool::Pool::large_per_receiver`]; both queues together (64 packets) could
-    /// otherwise hold every large buffer there is.
+    /// [`crate::pool::Pool::large_per_receiver`] (past it the oldest large one goes, counted
+    /// as `queue_large`); both queues together (64 packets) could otherwise hold every large
+    /// buffer there is, and a few stuck receivers all of them.
     pub large: usize,
 }
 
@@ -147,11 +151,15 @@ impl Client {
                     *large -= 1;
                 }
                 // Both only when the large packet evicted was the other queue's.
-                for p in [evicted, old].into_iter().flatten() {
+                for (p, reason) in [
+                    (evicted, DropReason::QueueLarge),
+                    (old, DropReason::QueueHead),
+                ] {
+                    let Some(p) = p else { continue };
                     let was_disco = frame::looks_like_disco(
                         p.as_slice().get(RECV_HEADER..).unwrap_or_default(),
                     );
-                    metrics.drop_packet(DropReason::QueueHead, was_disco, p.len());
+                    metrics.drop_packet(reason, was_disco, p.len());
                 }
                 None
             }
@@ -242,12 +250,78 @@ struct KeySet {
     /// Every connection of the key, oldest first. Invariant: never empty while in the map.
     conns: Vec<Arc<Client>>,
     /// Where packets for the key go; `None` only transiently.
-    active: Option<Arc<Client>>,
+    active: Arc<Active>,
 }
 
-/// One reader's last route: (registry generation, destination, where it went).
+/// A key's active connection. Changed under the registry's write lock (connect, disconnect)
+/// or, when a duplicate connection speaks, under its read lock: a fight between duplicates
+/// never takes the write lock nor moves the registry's generation.
+#[derive(Debug)]
+struct Active {
+    /// The connection, and how many times it changed. Both change together, under this lock.
+    slot: Mutex<(Option<Arc<Client>>, usize)>,
+    /// Copy of the change count: a cached route to the key is valid while this has not moved.
+    /// (usize: 32-bit targets have no native 64-bit atomics; a cache that missed exactly 2^32
+    /// changes would be wrong for one packet at most, until the next registry change.)
+    changes: AtomicUsize,
+}
+
+impl Active {
+    fn new(c: &Arc<Client>) -> Arc<Self> {
+        Arc::new(Self {
+            slot: Mutex::new((Some(c.clone()), 0)),
+            changes: AtomicUsize::new(0),
+        })
+    }
+
+    fn get(&self) -> Option<Arc<Client>> {
+        lock(&self.slot).0.clone()
+    }
+
+    /// The active connection and the change count it goes with.
+    fn get_counted(&self) -> (Option<Arc<Client>>, usize) {
+        let g = lock(&self.slot);
+        (g.0.clone(), g.1)
+    }
+
+    fn is(&self, c: &Arc<Client>) -> bool {
+        lock(&self.slot)
+            .0
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, c))
+    }
+
+    /// Makes `c` the active connection (a change only if it was not).
+    fn set(&self, c: Option<Arc<Client>>) {
+        let mut g = lock(&self.slot);
+        let same = match (&g.0, &c) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        g.0 = c;
+        g.1 = g.1.wrapping_add(1);
+        // Published after the new value, under the slot lock: a reader that sees the new count
+        // and then misses looks up the new connection.
+        self.changes.store(g.1, Ordering::Release);
+    }
+}
+
+/// One reader's last route: the registry generation and destination it was looked up for,
+/// where it went, and for a local key the key's [`Active`] slot and its change count then.
 #[derive(Debug, Default)]
-pub struct RouteCache(Option<(usize, NodePublic, Route)>);
+pub struct RouteCache(Option<Cached>);
+
+#[derive(Debug)]
+struct Cached {
+    generation: usize,
+    dst: NodePublic,
+    route: Route,
+    active: Option<(Arc<Active>, usize)>,
+}
 
 /// Where a packet for a key should go.
 #[derive(Debug, Clone)]
@@ -348,7 +422,7 @@ impl Registry {
                     c.key,
                     KeySet {
                         conns: vec![c.clone()],
-                        active: Some(c.clone()),
+                        active: Active::new(c),
                     },
                 );
             }
@@ -365,7 +439,7 @@ impl Registry {
                 }
                 c.dup.store(true, Relaxed);
                 set.conns.push(c.clone());
-                set.active = Some(c.clone());
+                set.active.set(Some(c.clone()));
             }
         }
         m.current_connections.fetch_add(1, Relaxed);
@@ -410,14 +484,14 @@ impl Registry {
                     m.dup_client_conns.fetch_sub(2, Relaxed);
                     let rest = set.conns[0].clone();
                     rest.dup.store(false, Relaxed);
-                    set.active = Some(rest);
+                    set.active.set(Some(rest));
                 }
                 _ => {
                     m.dup_client_conns.fetch_sub(1, Relaxed);
-                    if set.active.as_ref().is_some_and(|a| Arc::ptr_eq(a, c)) {
+                    if set.active.is(c) {
                         // derper leaves the key without an active connection until one of the
                         // others speaks; sending to the newest remaining one loses less.
-                        set.active = set.conns.last().cloned();
+                        set.active.set(set.conns.last().cloned());
                     }
                 }
             }
@@ -491,19 +565,30 @@ impl Registry {
 
     /// [`Registry::route`] through a reader's one-entry cache: a reader usually sends to the
     /// same key again, and then costs no lock and no hash while nothing came or went.
+    /// A duplicate-key fight invalidates only the cached routes to that key.
     pub fn route_cached(&self, cache: &mut RouteCache, dst: &NodePublic) -> Route {
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some((g, k, r)) = &cache.0 {
-            if *g == generation && k == dst {
-                return r.clone();
+        if let Some(c) = &cache.0 {
+            if c.generation == generation
+                && c.dst == *dst
+                && c.active
+                    .as_ref()
+                    .is_none_or(|(a, n)| a.changes.load(Ordering::Acquire) == *n)
+            {
+                return c.route.clone();
             }
         }
-        let r = self.route(dst);
-        cache.0 = match &r {
-            Route::Local(_) | Route::Forward(_) => Some((generation, *dst, r.clone())),
+        let (route, active) = self.lookup_counted(dst, true);
+        cache.0 = match &route {
+            Route::Local(_) | Route::Forward(_) => Some(Cached {
+                generation,
+                dst: *dst,
+                route: route.clone(),
+                active,
+            }),
             _ => None,
         };
-        r
+        route
     }
 
     /// Where a packet for `dst` goes now: the local active connection, else (only when the key
@@ -518,15 +603,25 @@ impl Registry {
     }
 
     fn lookup(&self, dst: &NodePublic, with_mesh: bool) -> Route {
+        self.lookup_counted(dst, with_mesh).0
+    }
+
+    /// [`Registry::lookup`], and for a local key its [`Active`] slot and change count.
+    fn lookup_counted(
+        &self,
+        dst: &NodePublic,
+        with_mesh: bool,
+    ) -> (Route, Option<(Arc<Active>, usize)>) {
         let inner = read(&self.inner);
         match inner.clients.get(dst) {
-            Some(KeySet {
-                active: Some(a), ..
-            }) => Route::Local(a.clone()),
-            Some(_) => Route::NoActive,
+            Some(set) => {
+                let (a, n) = set.active.get_counted();
+                let route = a.map_or(Route::NoActive, Route::Local);
+                (route, Some((set.active.clone(), n)))
+            }
             None => match inner.mesh.get(dst).filter(|_| with_mesh) {
-                Some(f) => Route::Forward(f.preferred().clone()),
-                None => Route::Unknown,
+                Some(f) => (Route::Forward(f.preferred().clone()), None),
+                None => (Route::Unknown, None),
             },
         }
     }
@@ -536,7 +631,7 @@ impl Registry {
     pub fn add_watcher(&self, c: &Arc<Client>) {
         let mut inner = self.write_inner();
         for (k, set) in &inner.clients {
-            if let Some(a) = &set.active {
+            if let Some(a) = set.active.get() {
                 c.enqueue_control(SmallFrame::peer_present(k, Some(a.remote), a.present_flags));
             }
         }
@@ -637,26 +732,17 @@ impl Registry {
         read(&self.inner).mesh.len()
     }
 
-    /// A frame arrived on `c`: if it shares its key, it becomes the active connection.
+    /// A frame arrived on `c`: if it shares its key, it becomes the active connection. Only
+    /// the read lock: unregistration (write lock) cannot run meanwhile, so `c` is still one
+    /// of the key's connections when it is made active.
     pub fn note_activity(&self, c: &Arc<Client>) {
         if !c.is_dup() {
             return;
         }
-        {
-            let inner = read(&self.inner);
-            if let Some(KeySet {
-                active: Some(a), ..
-            }) = inner.clients.get(&c.key)
-            {
-                if Arc::ptr_eq(a, c) {
-                    return;
-                }
-            }
-        }
-        let mut inner = self.write_inner();
-        if let Some(set) = inner.clients.get_mut(&c.key) {
-            if set.conns.iter().any(|o| Arc::ptr_eq(o, c)) {
-                set.active = Some(c.clone());
+        let inner = read(&self.inner);
+        if let Some(set) = inner.clients.get(&c.key) {
+            if !set.active.is(c) && set.conns.iter().any(|o| Arc::ptr_eq(o, c)) {
+                set.active.set(Some(c.clone()));
             }
         }
     }
@@ -807,6 +893,51 @@ mod tests {
         );
         assert!(r.watched_sources().is_empty());
         assert_eq!(r.metrics.current_connections.load(Relaxed), 1);
+    }
+
+    /// Two connections of one key that send alternately (derper's last-writer policy) move
+    /// the key's route through every reader's cache, and nobody else's cached route is
+    /// invalidated: the registry's generation stays where it was.
+    #[test]
+    fn a_dup_fight_leaves_other_keys_routes_cached() {
+        let r = Registry::new(Arc::default());
+        let id = |route: Route| match route {
+            Route::Local(c) => Some(c.conn_id),
+            _ => None,
+        };
+        let bystander = Client::new(1, key(1), addr(), 1);
+        r.register(&bystander);
+        let fighters = [
+            Client::new(2, key(2), addr(), 1),
+            Client::new(3, key(2), addr(), 1),
+        ];
+        for f in &fighters {
+            r.register(f);
+        }
+        let (mut to_bystander, mut to_fighters) = (RouteCache::default(), RouteCache::default());
+        assert_eq!(id(r.route_cached(&mut to_bystander, &key(1))), Some(1));
+        assert_eq!(id(r.route_cached(&mut to_fighters, &key(2))), Some(3));
+        let generation = r.generation.load(Ordering::Acquire);
+        for round in 0..100 {
+            let f = &fighters[round % 2];
+            r.note_activity(f);
+            r.note_activity(f);
+            assert_eq!(
+                id(r.route_cached(&mut to_fighters, &key(2))),
+                Some(f.conn_id),
+                "round {round}: the last writer gets the packets"
+            );
+            assert_eq!(id(r.route_cached(&mut to_bystander, &key(1))), Some(1));
+        }
+        assert_eq!(
+            r.generation.load(Ordering::Acquire),
+            generation,
+            "a fight invalidated every reader's route cache"
+        );
+        // A departure still moves the fighters' route, and is a registry change.
+        r.unregister(&fighters[1]);
+        assert_eq!(id(r.route_cached(&mut to_fighters, &key(2))), Some(2));
+        assert_ne!(r.generation.load(Ordering::Acquire), generation);
     }
 
     #[test]
@@ -1103,7 +1234,7 @@ mod tests {
     #[test]
     fn a_receiver_holds_at_most_its_share_of_large_buffers() {
         let m = Metrics::default();
-        let pool = crate::pool::Pool::with_counts(64, 8);
+        let pool = crate::pool::Pool::with_counts(64, 2 * crate::pool::LARGE_SHARES);
         assert_eq!(pool.large_per_receiver(), 2);
         let c = Client::new(1, key(1), addr(), 1);
         let large = |tag: u8| {
@@ -1128,7 +1259,8 @@ mod tests {
             assert_eq!(o.other.pop().unwrap().as_slice()[RECV_HEADER], 4);
             o.large = 0;
         });
-        assert_eq!(m.dropped(DropReason::QueueHead), 2);
+        assert_eq!(m.dropped(DropReason::QueueLarge), 2);
+        assert_eq!(m.dropped(DropReason::QueueHead), 0);
         assert_eq!(pool.stats().large.2, 0);
     }
 

@@ -894,10 +894,10 @@ fn hostile_input_plain() {
         rig.finish(at);
     }
 
-    // 15 large buffers: the stuck receiver's queue (up to 32) takes them all, and the
-    // sender's reader waits for one until the write timeout closes the receiver and frees
-    // them (a finding: at this budget one stuck receiver holds up every sender of packets
-    // over 2 KiB). Bounded by two write timeouts: the batch in progress, then the next.
+    // 15 large buffers, of which the stuck receiver's queues may hold 1 (the floor of 1/16),
+    // one more in its writer's batch and one in the sender's next packet: the sender is not
+    // held up. (Before the per-receiver share, its queue of 32 took all 15 until the write
+    // timeout; the bound here stays the two write timeouts it was then.)
     stuck_receiver(&mut rig, 2 * WRITE_TIMEOUT + Duration::from_secs(1));
 
     rig.print("plain HTTP listener");
@@ -905,7 +905,7 @@ fn hostile_input_plain() {
 
 /// The same receiver at derpd's default budget: its queues (32 disco + 32 other packets, and
 /// one batch being written) would hold 64 large buffers, more than the 63 there are; a
-/// receiver may hold only a quarter of them, so the sender is never held up.
+/// receiver may hold only 1/16 of them (3), so the sender is never held up.
 #[test]
 fn stuck_receiver_default_budget() {
     support::raise_nofile();
@@ -913,6 +913,162 @@ fn stuck_receiver_default_budget() {
     let mut rig = Rig::new(d, DEFAULT_BUDGET_MIB, false, DerpClient::connect);
     stuck_receiver(&mut rig, Duration::from_secs(1));
     rig.print("stuck receiver at the default budget");
+}
+
+/// Receivers that log in and never read, each flooded by its own sender with alternately
+/// disco and plain 64 KiB packets (each kind has its own queue of 32, so one receiver's queues
+/// alone could hold 64 large buffers, more than the 63 of the default budget), while another
+/// sender sends 64 KiB packets to a receiver that reads: that pair never waits for a large
+/// buffer, with 1 stuck receiver and with 8. No write timeout, so the receivers stay stuck for
+/// the whole flood.
+#[test]
+fn stuck_receivers_do_not_stall_other_senders() {
+    support::raise_nofile();
+    let d = Derpd::start(&derpd_args(
+        DEFAULT_BUDGET_MIB,
+        &["--dev", "--tcp-write-timeout", "0"],
+    ));
+    let mut rig = Rig::new(d, DEFAULT_BUDGET_MIB, false, DerpClient::connect);
+    // Natively 100 ms (issue 17); under QEMU everything is tens of times slower.
+    let (max_gap, flood) = if support::under_qemu() {
+        (Duration::from_millis(1500), Duration::from_secs(6))
+    } else {
+        (Duration::from_millis(100), Duration::from_secs(3))
+    };
+    for n in [1, 8] {
+        stuck_receivers(&mut rig, n, flood, max_gap);
+    }
+    rig.print("stuck receivers at the default budget");
+}
+
+/// `derp_packets_dropped{reason="queue_large"}`, both kinds: packets dropped because their
+/// receiver already held its share of large buffers (0 where derpd has no such reason).
+fn queue_large_drops(addr: SocketAddr) -> u64 {
+    let varz = common::http_exchange(
+        addr,
+        b"GET /debug/varz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    varz.lines()
+        .filter(|l| l.starts_with("derp_packets_dropped{reason=\"queue_large\""))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Time between two 64 KiB packets of each flooding sender (half that for the pair measured):
+/// 500 packets a second each, far more than a stuck receiver's share of large buffers.
+const FLOOD_PACE: Duration = Duration::from_millis(2);
+
+/// A logged-in connection with a small receive buffer that never reads.
+fn stuck_client(addr: SocketAddr) -> DerpClient {
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    // Set before connecting, so the server's writes block soon.
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    sockopt::set_socket_recv_buffer_size(&fd, 4096).unwrap();
+    rustix::net::connect(&fd, &addr).unwrap();
+    let rs = TcpStream::from(fd);
+    rs.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut r = DerpClient::new_raw(rs);
+    r.login_upgrade(b"{}").unwrap();
+    r
+}
+
+/// `n` stuck receivers flooded for `flood` (see [`stuck_receivers_do_not_stall_other_senders`]);
+/// the bystanders `a` -> `b` relay 64 KiB packets meanwhile, never more than `max_gap` apart.
+fn stuck_receivers(rig: &mut Rig<TcpStream>, n: usize, flood: Duration, max_gap: Duration) {
+    let addr = rig.addr;
+    let mut at = rig.begin(&format!(
+        "{n} receiver(s) that never read, flooded with disco and plain 64 KiB packets"
+    ));
+    let dropped_before = queue_large_drops(addr);
+    let stuck: Vec<DerpClient> = (0..n).map(|_| stuck_client(addr)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods: Vec<_> = stuck
+        .iter()
+        .map(|r| {
+            let rk = r.public();
+            let mut sender = DerpClient::connect(addr);
+            let st = stop.clone();
+            thread::spawn(move || {
+                let plain = vec![0x6bu8; 64 << 10];
+                let mut disco = derpd::frame::DISCO_MAGIC.to_vec();
+                disco.resize(64 << 10, 0x6b);
+                let mut sent = 0u64;
+                while !st.load(Relaxed) {
+                    sender.send(&rk, [&disco, &plain][(sent & 1) as usize]);
+                    sent += 1;
+                    // Paced: a stuck receiver's queues fill in milliseconds all the same, and
+                    // the flood's CPU time does not crowd out the pair measured.
+                    thread::sleep(FLOOD_PACE);
+                }
+                (sender, sent)
+            })
+        })
+        .collect();
+    // The bystander pair: a sends 64 KiB packets to b, which reads them as they come.
+    let bk = rig.b.public();
+    let ak = rig.a.public();
+    let mut a = std::mem::replace(&mut rig.a, DerpClient::connect(addr));
+    let st = stop.clone();
+    let pair = thread::spawn(move || {
+        let big = vec![0x42u8; 64 << 10];
+        let mut sent = 0u64;
+        while !st.load(Relaxed) {
+            a.send(&bk, &big);
+            sent += 1;
+            thread::sleep(FLOOD_PACE / 2);
+        }
+        (a, sent)
+    });
+    // The gap counts from the start: a pair that gets nothing through has one long gap.
+    let t0 = Instant::now();
+    let mut last = t0;
+    let mut worst_gap = Duration::ZERO;
+    let mut got = 0u64;
+    rig.b
+        .s
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    while t0.elapsed() < flood {
+        let f = rig.b.read_frame();
+        worst_gap = worst_gap.max(last.elapsed());
+        match f {
+            Ok(f) if f.t == 0x05 && f.payload[..32] == ak.0 => {
+                got += 1;
+                last = Instant::now();
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("bystander b: {e}"),
+        }
+    }
+    rig.b.s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stop.store(true, Relaxed);
+    let (mut a, sent) = pair.join().unwrap();
+    // Past the pair's packets still on their way (drop-oldest keeps the newest).
+    let end = format!("end of the flood of {n}");
+    a.send(&bk, end.as_bytes());
+    expect_packet(&mut rig.b, &ak, end.as_bytes());
+    let old = std::mem::replace(&mut rig.a, a);
+    drop(old);
+    let flooded: u64 = floods.into_iter().map(|h| h.join().unwrap().1).sum();
+    let dropped = queue_large_drops(addr) - dropped_before;
+    println!(
+        "{n} stuck receiver(s): {flooded} × 64 KiB sent to them; {dropped} queue_large drops \
+         (the overrun bystander's included); bystander pair: {got} of {sent} × 64 KiB relayed \
+         in {flood:?}, longest gap {worst_gap:?} (allowed {max_gap:?})"
+    );
+    assert!(
+        worst_gap < max_gap,
+        "{n} stuck receiver(s) held up another sender of 64 KiB packets for {worst_gap:?} \
+         (allowed {max_gap:?})"
+    );
+    at.closed = format!(
+        "no (no write timeout); bystander's 64 KiB packets never >{} ms apart",
+        worst_gap.as_millis()
+    );
+    at.log = "-".into();
+    drop(stuck);
+    rig.finish(at);
 }
 
 /// Thousands of connections from one address that never send a byte, held at once: derpd
@@ -1036,17 +1192,9 @@ fn half_open(rig: &mut Rig<TcpStream>, nofile: u64) {
 /// sends small packets to a bystander: the sender keeps relaying to the bystander, the stuck
 /// receiver is closed by the write timeout, and what could not be delivered is dropped.
 fn stuck_receiver(rig: &mut Rig<TcpStream>, max_gap: Duration) {
-    use rustix::net::{sockopt, AddressFamily, SocketType};
     let addr = rig.addr;
     let mut at = rig.begin("receiver that never reads, flooded with 64 KiB packets");
-    // A small receive buffer, set before connecting, so the server's writes block soon.
-    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
-    sockopt::set_socket_recv_buffer_size(&fd, 4096).unwrap();
-    rustix::net::connect(&fd, &addr).unwrap();
-    let rs = TcpStream::from(fd);
-    rs.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut r = DerpClient::new_raw(rs);
-    r.login_upgrade(b"{}").unwrap();
+    let mut r = stuck_client(addr);
     let r_local = r.s.local_addr().unwrap();
     let rk = r.public();
 

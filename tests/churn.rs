@@ -82,14 +82,9 @@ fn churn(threads: usize, n: usize, pause: Option<Duration>) -> (Running, Vec<Nod
     (Running { srv, _v: v }, keys, seen)
 }
 
-/// True when the tests run under qemu-user (scripts/cross-test.sh): every login there costs
-/// tens of times more, so the churn runs are shorter (the host run is the measurement).
-fn under_qemu() -> bool {
-    std::env::var_os("DERPD_TEST_RUNNER").is_some()
-}
-
 fn check(threads: usize, pause: Option<Duration>) {
-    let n = if under_qemu() { 250 } else { 1000 };
+    // Under QEMU every login costs tens of times more: shorter runs (the host run measures).
+    let n = if support::under_qemu() { 250 } else { 1000 };
     let (run, keys, seen) = churn(threads, n, pause);
     let got_packets = keys
         .iter()
@@ -180,7 +175,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// loaded CI machine, +0.35 MiB on an idle one). The interest count is exact everywhere.
 #[test]
 fn churned_keys_leave_no_memory_behind() {
-    let (warm, total) = if under_qemu() {
+    let (warm, total) = if support::under_qemu() {
         (2_000, 12_000)
     } else {
         (1_000, 100_000)
@@ -259,7 +254,7 @@ fn churned_keys_leave_no_memory_behind() {
     );
     // V is the only key left: nobody is owed a PeerGone.
     assert_eq!(gauge("derpd_peer_gone_interests"), Some(0));
-    if under_qemu() {
+    if support::under_qemu() {
         println!("RSS not bounded under QEMU (qemu-user's own memory is in it)");
     } else {
         assert!(

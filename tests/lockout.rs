@@ -34,18 +34,12 @@ const LOGINS: usize = 20;
 /// One login every 200 ms.
 const LOGIN_SPACING: Duration = Duration::from_millis(200);
 
-/// True when derpd runs under qemu-user (scripts/cross-test.sh): everything is tens of times
-/// slower there.
-fn under_qemu() -> bool {
-    std::env::var_os("DERPD_TEST_RUNNER").is_some()
-}
-
 /// How long one login may take while the attack is on. Under QEMU (a debug derpd on one
 /// emulated thread, the three tests at once, on a CI machine that also builds) 15 s: there
 /// the test shows that logins get through at all (before the fix none did), not how fast;
 /// 5 s was missed by 1 of 20 logins with 200 attacking addresses on mipsel.
 fn login_bound() -> Duration {
-    if under_qemu() {
+    if support::under_qemu() {
         Duration::from_secs(15)
     } else {
         Duration::from_secs(1)
@@ -100,7 +94,7 @@ const HEAD: &[u8] = b"GET /derp HTTP/1.1\r\nHost: x\r\nX-Pad: ";
 /// mipsel derpd on one emulated thread beside a loaded CI spent its time accepting and
 /// closing, and 2 of 20 logins, 11 of 20 with 200 addresses, missed 5 s).
 fn redials_per_round() -> usize {
-    if under_qemu() {
+    if support::under_qemu() {
         5
     } else {
         50

@@ -1054,3 +1054,9 @@ pub(crate) fn packages_dir() -> PathBuf {
         PathBuf::from,
     )
 }
+
+/// True when derpd (and this test binary) run under qemu-user (scripts/cross-test.sh sets
+/// `DERPD_TEST_RUNNER`): everything is tens of times slower there.
+pub(crate) fn under_qemu() -> bool {
+    std::env::var_os("DERPD_TEST_RUNNER").is_some()
+}
