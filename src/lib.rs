@@ -9,6 +9,8 @@
 //! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
 //!   asked between ClientInfo and registration; the URL's client caps checks in flight, keeps
 //!   connections alive and remembers refused keys; the file is read on a blocking thread.
+//! - [`allowlist`]: the `--allow-keys-file` list, re-read when the file changes (off the
+//!   executor).
 //! - `debug`: the `/debug/` pages (Prometheus `varz`, and `derpmap` for the LuCI page) and
 //!   derper's access rule for them.
 //! - `derpmap`: the DERP map entry logged for a self-signed IP certificate: the node JSON, a
@@ -32,6 +34,7 @@
 //!   the start-up error.
 //! - [`lograte`]: at most a few log lines per kind every 10 s for what strangers can cause
 //!   (failed logins, refused heads and WebSockets, connection errors), then a count.
+//! - `sync`: the one poison-tolerant mutex lock.
 //! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
 //!   derpd makes: the key file and the self-signed certificate pair.
 //!
@@ -46,6 +49,7 @@
 
 pub mod acme;
 pub mod admission;
+pub mod allowlist;
 pub mod client;
 pub mod config;
 mod debug;
@@ -64,5 +68,6 @@ pub mod pool;
 pub mod registry;
 pub mod server;
 pub mod stun;
+mod sync;
 pub mod tls;
 pub mod ws;

@@ -37,6 +37,7 @@ use crate::key::{hex, parse_hex32, NodePublic, KEY_LEN};
 use crate::metrics::{DropReason, Metrics};
 use crate::pool::PacketBuf;
 use crate::server::{Shared, State, Stream};
+use crate::sync::lock;
 
 /// Wait between a broken or failed connection and the next dial (derper: 5 s).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
@@ -231,10 +232,6 @@ impl Link {
             out.push(x);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Why a mesh connection ended or could not start.

@@ -29,6 +29,7 @@ use crate::key::KEY_LEN;
 use crate::mesh::Link;
 use crate::metrics::{DropReason, Metrics};
 use crate::pool::{DropOldest, PacketBuf};
+use crate::sync::lock;
 
 /// Per-client queue depth for each of the disco and other queues (derper: 32 each).
 pub const QUEUE_DEPTH: usize = 32;
@@ -804,9 +805,6 @@ impl Registry {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     m.read().unwrap_or_else(|e| e.into_inner())
 }

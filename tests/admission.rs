@@ -1181,7 +1181,7 @@ fn allow_keys_file_with_a_future_mtime_is_not_reread_at_every_look() {
     assert_eq!(a.allow_keys_reads(), 1);
     let t0 = Instant::now();
     let mut looks = 0;
-    while t0.elapsed() < derpd::admission::RACY_WINDOW + Duration::from_millis(500) {
+    while t0.elapsed() < derpd::allowlist::RACY_WINDOW + Duration::from_millis(500) {
         assert_eq!(check(&a, &a_key), Ok(()));
         looks += 1;
         // Before the fix each look read the file again.
