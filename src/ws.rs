@@ -832,6 +832,28 @@ mod tests {
     }
 
     #[test]
+    fn payload_streams_before_its_frame_ends() {
+        // Most of a 70,000-byte non-final frame: its bytes are read as they come, nothing
+        // waits for (or holds) the rest of the frame or message.
+        let payload: Vec<u8> = (0..70_000u32).map(|i| (i * 13) as u8).collect();
+        let whole = frame(false, 0x2, &payload, MASK);
+        let (server, mut client) = pair();
+        client.write_all(&whole[..whole.len() - 1]).unwrap();
+        let got = smol::block_on(
+            async {
+                let (mut rd, _wr) = transport(server, Vec::new()).await;
+                let mut buf = vec![0u8; payload.len() - 1];
+                rd.read_exact(&mut buf).await.map(|()| buf)
+            }
+            .or(async {
+                Timer::after(IO_TIMEOUT).await;
+                Err(io::ErrorKind::TimedOut.into())
+            }),
+        );
+        assert_eq!(got.unwrap(), payload[..payload.len() - 1]);
+    }
+
+    #[test]
     fn ping_gets_pong() {
         let mut wire = frame(true, 0x9, b"p1", MASK);
         wire.extend(binary(b"x"));
