@@ -1222,6 +1222,29 @@ fn tls_conn() -> rustls::ClientConnection {
     rustls::ClientConnection::new(Arc::new(cfg), name).unwrap()
 }
 
+/// The flags for TLS on the main listener only, with a self-signed certificate for 127.0.0.1
+/// made in a fresh directory named after `test`.
+fn tls_args(test: &str) -> Vec<String> {
+    let certdir = support::fresh_path(test, "certs");
+    let keyfile = certdir.with_file_name("derpd.key");
+    let (certdir, keyfile) = (certdir.display().to_string(), keyfile.display().to_string());
+    [
+        "--certmode",
+        "manual",
+        "--hostname",
+        "127.0.0.1",
+        "--certdir",
+        &certdir,
+        "-c",
+        &keyfile,
+        "--http-port",
+        "-1",
+    ]
+    .iter()
+    .map(|x| s(x))
+    .collect()
+}
+
 fn tls_connect(addr: SocketAddr) -> Tls {
     tls_over(tcp(addr))
 }
@@ -1243,24 +1266,9 @@ fn tls_login(addr: SocketAddr) -> DerpClient<Tls> {
 #[test]
 fn hostile_input_tls() {
     support::raise_nofile();
-    let certdir = support::fresh_path("attacks-tls", "certs");
-    let keyfile = certdir.with_file_name("derpd.key");
-    let (certdir, keyfile) = (certdir.display().to_string(), keyfile.display().to_string());
-    let d = Derpd::start(&derpd_args(
-        BUDGET_MIB,
-        &[
-            "--certmode",
-            "manual",
-            "--hostname",
-            "127.0.0.1",
-            "--certdir",
-            &certdir,
-            "-c",
-            &keyfile,
-            "--http-port",
-            "-1",
-        ],
-    ));
+    let tls = tls_args("attacks-tls");
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let d = Derpd::start(&derpd_args(BUDGET_MIB, &tls));
     let mut rig = Rig::new(d, BUDGET_MIB, true, tls_login);
     let addr = rig.addr;
 
@@ -1444,20 +1452,8 @@ enum Worst {
 }
 
 fn ws_frame(fin: bool, payload: &[u8], declared: usize) -> Vec<u8> {
-    let mut f = vec![if fin { 0x82 } else { 0x02 }];
-    match declared {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
     // An all-zero masking key: the payload goes as it is.
-    f.extend_from_slice(&[0; 4]);
+    let mut f = common::ws_client_header(fin, declared, [0; 4]);
     f.extend_from_slice(payload);
     f
 }
@@ -1581,26 +1577,13 @@ fn settled_rss(pid: u32, what: &str) -> u64 {
 /// kept while measured), warmed up (TLS, login, relay, WebSocket, half-login once each).
 /// Returns it, its address and its idle RSS.
 fn bounds_derpd(run: &str) -> (Derpd, SocketAddr, u64) {
-    let certdir = support::fresh_path(&format!("attacks-bounds-{run}"), "certs");
-    let keyfile = certdir.with_file_name("derpd.key");
-    let (certdir, keyfile) = (certdir.display().to_string(), keyfile.display().to_string());
     let (budget, clients) = (BOUND_BUDGET_MIB.to_string(), BOUND_CLIENTS.to_string());
     let pending = (2 * BOUND_CLIENTS).to_string();
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "-a",
         "127.0.0.1:0",
         "--stun-port",
         "0",
-        "--certmode",
-        "manual",
-        "--hostname",
-        "127.0.0.1",
-        "--certdir",
-        &certdir,
-        "-c",
-        &keyfile,
-        "--http-port",
-        "-1",
         "--buffer-budget-mib",
         &budget,
         "--max-clients",
@@ -1622,6 +1605,7 @@ fn bounds_derpd(run: &str) -> (Derpd, SocketAddr, u64) {
     .iter()
     .map(|x| s(x))
     .collect();
+    args.extend(tls_args(&format!("attacks-bounds-{run}")));
     let mut d = Derpd::start(&args);
     let addr = d.startup(true).addr;
     {
