@@ -125,15 +125,14 @@ where
         let (t, len) = frame::decode_header(&h);
         handshake::check_client_info_header(t, len).map_err(ConnError::Login)?;
         let n = len as usize;
-        // derper takes up to 256 KiB, but the login reads into one pool buffer: refuse what
-        // does not fit (Tailscale's ClientInfo is ~100 bytes) instead of slicing past its end.
-        if n > crate::pool::LARGE_BUF {
-            return Err(ConnError::Login(LoginError::BadLength(len)));
+        // derper takes up to 256 KiB; real ClientInfos are under 200 bytes. Read into a small
+        // buffer of the login's own, not a pool buffer that half-logins could pin.
+        if n > handshake::CLIENT_INFO_ACCEPT_MAX {
+            return Err(ConnError::Login(LoginError::TooLong(len)));
         }
-        let mut buf = state.pool.get(n).await;
-        rd.read_exact(&mut buf.raw_mut()[..n]).await?;
-        buf.set_len(n);
-        handshake::open_client_info(&state.private_key, buf.as_slice()).map_err(ConnError::Login)
+        let mut buf = [0u8; handshake::CLIENT_INFO_ACCEPT_MAX];
+        rd.read_exact(&mut buf[..n]).await?;
+        handshake::open_client_info(&state.private_key, &buf[..n]).map_err(ConnError::Login)
     });
     let (info, session) = match login
         .or(async {

@@ -32,6 +32,12 @@ impl Default for NodePublic {
     }
 }
 
+/// Largest ClientInfo frame payload derpd reads (derper takes up to 256 KiB). Tailscale's
+/// largest is about 200 bytes: key (32) + nonce (24) + box tag (16) + JSON of ~125 bytes
+/// (`{"meshKey":"<64 hex>","version":2,"CanAckPings":true,"IsProber":true}`); 1 KiB leaves
+/// room for new fields. It is read into a buffer of this size held only during the login.
+pub const CLIENT_INFO_ACCEPT_MAX: usize = 1024;
+
 /// Why a login was refused. No frame is sent for any of these: the connection is closed.
 #[derive(Debug, PartialEq, Eq)]
 pub enum LoginError {
@@ -39,6 +45,8 @@ pub enum LoginError {
     BadFrameType(u8),
     /// ClientInfo shorter than key + nonce, or over 256 KiB.
     BadLength(u32),
+    /// ClientInfo within derper's limit but over [`CLIENT_INFO_ACCEPT_MAX`].
+    TooLong(u32),
     /// The client key is all zeros.
     ZeroKey,
     /// The box did not open with the claimed client key.
@@ -52,6 +60,11 @@ impl fmt::Display for LoginError {
         match self {
             Self::BadFrameType(t) => write!(f, "bad frame type {t:#04x}, want ClientInfo"),
             Self::BadLength(n) => write!(f, "ClientInfo length {n} out of range"),
+            Self::TooLong(n) => write!(
+                f,
+                "ClientInfo of {n} bytes is over derpd's {CLIENT_INFO_ACCEPT_MAX} \
+                 (real clients send under 200)"
+            ),
             Self::ZeroKey => f.write_str("all-zero client key"),
             Self::BoxOpen => f.write_str("ClientInfo box did not open"),
             Self::Json(e) => write!(f, "ClientInfo JSON: {e}"),

@@ -21,7 +21,8 @@
 //!   RecvPacket and queues it on the destination, and a writer that drains queues into one
 //!   vectored write and one flush.
 //! - [`ws`]: DERP over WebSocket on `/derp` (browsers): the RFC 6455 accept, then binary
-//!   messages as the byte stream that [`client`] serves.
+//!   messages as the byte stream that [`client`] serves (payloads stream through: no frame
+//!   or message is buffered).
 //! - [`limits`]: the accept rate, connections still logging in, and the per-client receive
 //!   rate (`--rate-config`).
 //! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping, and the

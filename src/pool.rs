@@ -18,6 +18,28 @@
 //!
 //! Buffers are allocated on first use and then recycled, never freed: idle memory stays small
 //! and steady-state traffic does no heap allocation per packet.
+//!
+//! Outside the pool, one connection can make derpd hold at most W = [`CONN_WORST_BYTES`]
+//! (52 KiB), whatever it does (unfinished WebSocket messages, a slow TLS reader, a half login,
+//! a stalled frame), so the whole relay stays under idle + budget + `--max-clients` x W
+//! (about 16 + 104 MiB at the defaults; tests/attacks.rs measures it). For a TLS connection,
+//! the worst case:
+//! - an idle TLS client: 12,493 B (measured, 1000 clients; rustls's 4,096 B record buffer,
+//!   the connection's task, the TLS stream and keys, client and registry entries);
+//! - rustls's decrypted input: one record, 16,384 B, held while the reader waits (for a pool
+//!   buffer, or the rate limit); rustls reads no more until it is consumed;
+//! - rustls's input buffer grown to one whole record: 18,437 B, 14,341 B more than counted;
+//! - rustls's outgoing records: [`crate::tls::SEND_BUFFER_LIMIT`], 4,096 B (+22 B of one
+//!   record's framing), whatever the reader leaves unread;
+//! - during the login only: the ClientInfo, at most
+//!   [`crate::handshake::CLIENT_INFO_ACCEPT_MAX`] = 1,024 B (not a pool buffer);
+//! - over a WebSocket: the transport's state, under 1,024 B; payloads stream through into
+//!   pool buffers, so an unfinished fragment or message holds nothing more;
+//! - a stalled frame holds a pool buffer (counted in the budget) for `--frame-timeout`;
+//! - sum 49,384 B, plus the allocator's rounding and headers (~3 KiB measured): 52 KiB.
+//!
+//! The two rustls input buffers are most of it: a TLS record is decrypted only whole, and the
+//! client picks its size (up to 16 KiB). A plain-TCP connection's W is about 16 KiB smaller.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -35,6 +57,8 @@ pub const SMALL_BUF: usize = 2048;
 pub const LARGE_BUF: usize = HEADER_LEN + KEY_LEN + MAX_PACKET_SIZE;
 /// Default budget, MiB.
 pub const DEFAULT_BUDGET_MIB: usize = 16;
+/// W: the most one connection makes derpd hold outside the pool (the module doc adds it up).
+pub const CONN_WORST_BYTES: usize = 52 << 10;
 /// At least this many buffers of each class, whatever the budget.
 const MIN_PER_CLASS: usize = 4;
 /// Receivers that stop reading at once which must not stall senders to anyone else.

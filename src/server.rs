@@ -891,9 +891,13 @@ async fn handle_conn(
         slot.progress(Progress::Talking);
         let mut stream = match (&state.tls, which) {
             (Some(acc), Listener::Main) => {
-                Stream::Tls(Box::new(acc.accept(tcp).await.map_err(|e| {
-                    ConnFail::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
-                })?))
+                // rustls queues up to 64 KiB of records for a slow reader by default.
+                let limit = |c: &mut rustls::ServerConnection| {
+                    c.set_buffer_limit(Some(tls::SEND_BUFFER_LIMIT));
+                };
+                Stream::Tls(Box::new(acc.accept_with(tcp, limit).await.map_err(
+                    |e| ConnFail::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}"))),
+                )?))
             }
             _ => Stream::Plain(tcp),
         };

@@ -24,6 +24,10 @@ use x509_parser::extensions::GeneralName;
 
 /// The DERP protocol version, which derper uses as the meta-cert's serial number.
 const PROTOCOL_VERSION: u8 = 2;
+/// Most bytes of TLS records rustls queues for one client that reads slowly (its default is
+/// 64 KiB per connection, outside the packet pool). A write past it waits for the socket, as
+/// on plain TCP; a 64 KiB packet still goes, in records of at most this size.
+pub const SEND_BUFFER_LIMIT: usize = 4 << 10;
 /// derper's meta-cert is valid from now − 30 days to now + 30 days.
 const META_VALIDITY: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// We regenerate the meta-cert this long before it expires (derper never does).

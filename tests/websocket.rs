@@ -96,19 +96,7 @@ impl Read for WsClient {
 impl Write for WsClient {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mask = [0xa1, 0x02, 0xc3, 0x74];
-        let mut f = vec![0x82];
-        match buf.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
+        let mut f = ws_client_header(true, buf.len(), mask);
         f.extend(buf.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         self.s.write_all(&f)?;
         Ok(buf.len())

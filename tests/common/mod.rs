@@ -269,3 +269,22 @@ pub fn varz_value(addr: SocketAddr, name: &str) -> Option<u64> {
         .collect();
     (!sum.is_empty()).then(|| sum.iter().sum())
 }
+
+/// A client's binary WebSocket frame header (RFC 6455 §5.2): FIN as given, the length
+/// declared in its shortest encoding, then the masking key; the masked payload is the caller's.
+pub fn ws_client_header(fin: bool, len: usize, mask: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![if fin { 0x82 } else { 0x02 }];
+    match len {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f
+}
