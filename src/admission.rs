@@ -35,7 +35,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -50,6 +50,7 @@ use smol::lock::Semaphore;
 use smol::{Async, Timer};
 
 use crate::allowlist::{AllowList, RECHECK_INTERVAL};
+pub use crate::config::AdmissionConfig;
 use crate::key::NodePublic;
 use crate::sync::lock;
 
@@ -81,19 +82,6 @@ const ERROR_BODY_KEEP: usize = 1 << 10;
 const HEAD_MAX: usize = 16 << 10;
 /// The longest chunk-size line accepted.
 const CHUNK_LINE_MAX: usize = 1 << 10;
-
-/// The admission flags.
-#[derive(Debug, Clone, Default)]
-pub struct AdmissionConfig {
-    /// `--verify-clients`: tailscaled's LocalAPI socket to ask.
-    pub tailscaled_socket: Option<PathBuf>,
-    /// `--verify-client-url`.
-    pub url: Option<String>,
-    /// `--verify-client-url-fail-open`.
-    pub fail_open: bool,
-    /// `--allow-keys-file`.
-    pub allow_keys_file: Option<PathBuf>,
-}
 
 /// One of the admission checks, for counting rejections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -725,7 +713,7 @@ impl Endpoint {
                 ServerName::try_from(host.to_string())
                     .map_err(|_| format!("invalid TLS host name {host:?}"))?;
             }
-            Some(crate::mesh::ca_client_config()?)
+            Some(crate::trust::ca_client_config()?)
         } else {
             None
         };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use argh::FromArgs;
 
 use crate::http::Home;
-use crate::key::NodePrivate;
+use crate::key::{parse_hex32, NodePrivate};
 
 /// derper's default hostname.
 pub const DEFAULT_HOSTNAME: &str = "derp.tailscale.com";
@@ -323,9 +323,9 @@ pub struct Config {
     /// The region's mesh key.
     pub mesh_key: Option<[u8; 32]>,
     /// Mesh peers to dial.
-    pub mesh_with: Vec<crate::mesh::MeshPeer>,
+    pub mesh_with: Vec<MeshPeer>,
     /// Who may log in (mesh peers are always admitted).
-    pub admission: crate::admission::AdmissionConfig,
+    pub admission: AdmissionConfig,
     /// Accept rate limit: (connections per second, burst); `None` = unlimited.
     pub accept_limit: Option<(f64, u64)>,
     /// Most logged-in DERP connections.
@@ -368,7 +368,7 @@ impl Config {
             threads: 2,
             mesh_key: None,
             mesh_with: Vec::new(),
-            admission: crate::admission::AdmissionConfig::default(),
+            admission: AdmissionConfig::default(),
             accept_limit: None,
             max_clients: DEFAULT_MAX_CLIENTS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
@@ -460,7 +460,7 @@ impl Config {
             ));
         }
         let mesh_key = load_mesh_key(a)?;
-        let mesh_with = crate::mesh::MeshPeer::parse_list(&a.mesh_with)?;
+        let mesh_with = MeshPeer::parse_list(&a.mesh_with)?;
         if !mesh_with.is_empty() && mesh_key.is_none() {
             return Err("--mesh-with requires --mesh-psk-file".into());
         }
@@ -481,7 +481,7 @@ impl Config {
             threads,
             mesh_key,
             mesh_with,
-            admission: crate::admission::AdmissionConfig {
+            admission: AdmissionConfig {
                 tailscaled_socket: a.verify_clients.then(|| {
                     PathBuf::from(non_empty(&a.socket).unwrap_or(DEFAULT_TAILSCALED_SOCKET))
                 }),
@@ -571,8 +571,7 @@ fn load_mesh_key(a: &Args) -> Result<Option<[u8; 32]>, String> {
 /// derper's `ParseDERPMesh`: 64 hex digits, surrounding whitespace ignored. All zeros is refused
 /// (derper would accept it and then never recognise a peer).
 pub fn parse_mesh_key(text: &str) -> Result<[u8; 32], String> {
-    let k = crate::key::parse_hex32(text.trim())
-        .ok_or_else(|| "must be 64 hexadecimal digits".to_string())?;
+    let k = parse_hex32(text.trim()).ok_or_else(|| "must be 64 hexadecimal digits".to_string())?;
     if k == [0; 32] {
         return Err("must not be all zeros".into());
     }
@@ -603,6 +602,112 @@ fn default_certdir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from("/var/cache"));
     cache.join("tailscale/derper-certs")
+}
+
+/// The admission flags.
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionConfig {
+    /// `--verify-clients`: tailscaled's LocalAPI socket to ask.
+    pub tailscaled_socket: Option<PathBuf>,
+    /// `--verify-client-url`.
+    pub url: Option<String>,
+    /// `--verify-client-url-fail-open`.
+    pub fail_open: bool,
+    /// `--allow-keys-file`.
+    pub allow_keys_file: Option<PathBuf>,
+}
+
+/// One `--mesh-with` entry: `host[/dialhost][/sha256-raw:<64 hex>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshPeer {
+    /// As given: the URL host (`https://<host>/derp`), with its port if any.
+    pub host: String,
+    /// TLS server name / IP: `host` without port or brackets.
+    pub name: String,
+    /// Where to connect: `dialhost` (default `name`).
+    pub dial_host: String,
+    /// Port from `host`, default 443.
+    pub port: u16,
+    /// Pinned SHA-256 of the peer's leaf certificate.
+    pub pin: Option<[u8; 32]>,
+}
+
+impl MeshPeer {
+    /// Parses the comma-separated `--mesh-with` value.
+    pub fn parse_list(s: &str) -> Result<Vec<Self>, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(Self::parse)
+            .collect()
+    }
+
+    /// Parses one entry.
+    pub fn parse(entry: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("invalid --mesh-with entry {entry:?}: {why}");
+        let mut pin = None;
+        let mut parts = Vec::new();
+        for p in entry.split('/') {
+            if let Some(h) = p.strip_prefix("sha256-raw:") {
+                if pin.is_some() {
+                    return Err(bad("more than one sha256-raw pin"));
+                }
+                pin = Some(parse_hex32(h).ok_or_else(|| bad("the pin must be 64 hex digits"))?);
+            } else {
+                parts.push(p);
+            }
+        }
+        let (host, dial) = match parts.as_slice() {
+            [h] => (*h, None),
+            [h, d] => (*h, Some(*d)),
+            _ => return Err(bad("want host[/dialhost][/sha256-raw:<hex>]")),
+        };
+        let (name, port) = split_host_port(host).ok_or_else(|| bad("bad host or port"))?;
+        let dial_host = match dial {
+            None => name.clone(),
+            Some(d) => {
+                let d = d.trim_start_matches('[').trim_end_matches(']');
+                if d.is_empty() || (d.contains(':') && d.parse::<IpAddr>().is_err()) {
+                    return Err(bad("the dial host takes no port (the host's port is used)"));
+                }
+                d.to_string()
+            }
+        };
+        Ok(Self {
+            host: host.to_string(),
+            name,
+            dial_host,
+            port,
+            pin,
+        })
+    }
+}
+
+/// `name`, `name:port`, `1.2.3.4:port`, `[v6]`, `[v6]:port` → (name, port or 443).
+fn split_host_port(h: &str) -> Option<(String, u16)> {
+    let (name, port) = if let Some(rest) = h.strip_prefix('[') {
+        let (ip, tail) = rest.split_once(']')?;
+        ip.parse::<Ipv6Addr>().ok()?;
+        match tail {
+            "" => (ip, None),
+            t => (ip, Some(t.strip_prefix(':')?)),
+        }
+    } else {
+        match h.split_once(':') {
+            None => (h, None),
+            Some((n, p)) if !p.contains(':') => (n, Some(p)),
+            // A bare IPv6 address is not a URL host (Go wants brackets).
+            Some(_) => return None,
+        }
+    };
+    if name.is_empty() || name.contains(|c: char| c.is_whitespace()) {
+        return None;
+    }
+    let port = match port {
+        None => 443,
+        Some(p) => p.parse().ok().filter(|&p| p != 0)?,
+    };
+    Some((name.to_string(), port))
 }
 
 #[cfg(test)]
@@ -765,5 +870,48 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         assert!(parse_mesh_key(&"00".repeat(32)).is_err());
         assert_eq!(parse_listen("[::1]:5").unwrap(), "[::1]:5".parse().unwrap());
+    }
+
+    #[test]
+    fn peer_entries() {
+        let p = MeshPeer::parse("derp2.lan").unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.dial_host.as_str(), p.port, p.pin),
+            ("derp2.lan", "derp2.lan", 443, None)
+        );
+        let p = MeshPeer::parse("derp2.lan:8443/192.168.1.2").unwrap();
+        assert_eq!(
+            (
+                p.host.as_str(),
+                p.name.as_str(),
+                p.dial_host.as_str(),
+                p.port
+            ),
+            ("derp2.lan:8443", "derp2.lan", "192.168.1.2", 8443)
+        );
+        let hex64 = "ab".repeat(32);
+        let p = MeshPeer::parse(&format!("192.168.1.2:443/sha256-raw:{hex64}")).unwrap();
+        assert_eq!(p.pin, Some([0xab; 32]));
+        assert_eq!(p.dial_host, "192.168.1.2");
+        let p = MeshPeer::parse(&format!("[fd00::2]:8443/[fd00::3]/sha256-raw:{hex64}")).unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.dial_host.as_str(), p.port),
+            ("fd00::2", "fd00::3", 8443)
+        );
+        for bad in [
+            "",
+            "a/b/c",
+            "fd00::2",
+            "h:0",
+            "h:99999",
+            "h/sha256-raw:12",
+            "h/d:1",
+            "[nope]:1",
+        ] {
+            assert!(MeshPeer::parse(bad).is_err(), "{bad:?}");
+        }
+        let list = MeshPeer::parse_list("a, b:444 ,").unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1].port, 444);
     }
 }

@@ -2,7 +2,8 @@
 //! server, sized for routers.
 //!
 //! # Layout (follow a packet)
-//! - [`config`]: derper's command line → a validated [`config::Config`].
+//! - [`config`]: derper's command line → a validated [`config::Config`] (plain data, also
+//!   the `--mesh-with` entries and the admission flags).
 //! - [`server`]: binds the listeners, runs the executor threads; per TCP connection: TLS
 //!   ([`tls`], with the meta-cert), one bounded HTTP request head ([`http`]), then a response or
 //!   the DERP upgrade. Also the STUN loop ([`stun`]).
@@ -26,19 +27,22 @@
 //! - [`limits`]: the accept rate, connections still logging in, and the per-client receive
 //!   rate (`--rate-config`).
 //! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping, and the
-//!   mesh: keys on other nodes → the [`mesh`] link that forwards to them, and the watchers.
-//! - [`mesh`]: the outbound side of the regional mesh: one link per `--mesh-with` peer (dial,
-//!   login with the mesh key, WatchConns → forwarders, ForwardPacket writer, redial).
+//!   mesh: keys on other nodes → the [`link`] that forwards to them, and the watchers.
+//! - [`link`]: one mesh link's queue of packets for keys on that peer.
+//! - [`mesh`]: the outbound side of the regional mesh: runs each [`link`] (dial, login with
+//!   the mesh key, WatchConns → forwarders, ForwardPacket writer, redial).
+//! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller): a
+//!   pinned leaf certificate or the CA bundle.
 //! - [`frame`]: the wire format; [`key`]: node keys and derper's key file;
 //!   [`metrics`]: counters named after derper's.
 //! - `holder`: who holds a port a listener cannot bind (`/proc/net/tcp*` and `/proc/*/fd`), for
 //!   the start-up error.
 //! - [`lograte`]: at most a few log lines per kind every 10 s for what strangers can cause
-//!   (failed logins, refused heads and WebSockets, connection errors), then a count.
+//!   (failed logins, refused heads and WebSockets, connection errors, fail-open admissions),
+//!   then a count.
 //! - `sync`: the one poison-tolerant mutex lock.
 //! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
 //!   derpd makes: the key file and the self-signed certificate pair.
-//!
 //! - [`acme`]: the ACME protocol core (JWS, messages, CA objects, TLS-ALPN-01 certificate,
 //!   CSR, renewal rule) for CA-issued certificates; the client that uses it is not built yet.
 //!
@@ -62,6 +66,7 @@ mod holder;
 pub mod http;
 pub mod key;
 pub mod limits;
+pub mod link;
 pub mod lograte;
 pub mod mesh;
 pub mod metrics;
@@ -71,4 +76,5 @@ pub mod server;
 pub mod stun;
 mod sync;
 pub mod tls;
+pub mod trust;
 pub mod ws;

@@ -26,7 +26,7 @@ use event_listener::Event;
 use crate::frame::{self, PeerGoneReason, SmallFrame, HEADER_LEN};
 use crate::key::NodePublic;
 use crate::key::KEY_LEN;
-use crate::mesh::Link;
+use crate::link::Link;
 use crate::metrics::{DropReason, Metrics};
 use crate::pool::{DropOldest, PacketBuf};
 use crate::sync::lock;
@@ -959,7 +959,7 @@ mod tests {
     }
 
     fn link(name: &str) -> Arc<Link> {
-        Link::new(crate::mesh::MeshPeer::parse(name).unwrap())
+        Link::new(name.into())
     }
 
     /// What `mesh[k]` holds: None (no entry: derper's nil or absent), or the links, preferred
@@ -967,15 +967,15 @@ mod tests {
     fn fwd(r: &Registry, k: u8) -> Option<Vec<String>> {
         let inner = read(&r.inner);
         inner.mesh.get(&key(k)).map(|f| match f {
-            Forwarder::One(l) => vec![l.peer.host.clone()],
+            Forwarder::One(l) => vec![l.name.clone()],
             Forwarder::Many { preferred, all } => {
-                let mut v = vec![preferred.peer.host.clone()];
+                let mut v = vec![preferred.name.clone()];
                 let mut rest: Vec<_> = all
                     .iter()
                     .filter(|(l, _)| !Arc::ptr_eq(l, preferred))
                     .collect();
                 rest.sort_by_key(|(_, n)| *n);
-                v.extend(rest.iter().map(|(l, _)| l.peer.host.clone()));
+                v.extend(rest.iter().map(|(l, _)| l.name.clone()));
                 v
             }
         })

@@ -366,12 +366,9 @@ impl Server {
             ex.spawn(stun_loop(state.clone(), s)).detach();
         }
         for (peer, tls) in mesh_links {
-            ex.spawn(crate::mesh::run_link(
-                state.clone(),
-                crate::mesh::Link::new(peer),
-                tls,
-            ))
-            .detach();
+            let link = crate::link::Link::new(peer.host.clone());
+            ex.spawn(crate::mesh::run_link(state.clone(), link, peer, tls))
+                .detach();
         }
         let mut threads = Vec::new();
         for i in 0..cfg.threads.max(1) {

@@ -914,7 +914,7 @@ fn derpd_accepts(option: &str, value: &str) -> bool {
             .parse::<i32>()
             .is_ok_and(|p| p == -1 || u16::try_from(p).is_ok()),
         "handshake_timeout" => parse_go_duration(value).is_ok(),
-        "mesh_with" => derpd::mesh::MeshPeer::parse(value).is_ok(),
+        "mesh_with" => derpd::config::MeshPeer::parse(value).is_ok(),
         _ => unreachable!("{option}"),
     }
 }

@@ -1,0 +1,146 @@
+//! Whom derpd trusts when it is the TLS client (mesh links, the admission controller): a
+//! pinned leaf certificate (`sha256-raw:<hex>`, what a self-signed IP certificate needs), or
+//! the CA bundle (`SSL_CERT_FILE`, else the first of Go's Linux paths), as Go's derper does.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// A TLS client configuration that accepts exactly the leaf certificate whose SHA-256 is
+/// `pin` (Tailscale's `sha256-raw:` CertName), or, without a pin, chains to the CA bundle.
+pub fn pinned_or_ca_config(pin: Option<[u8; 32]>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier: Arc<dyn ServerCertVerifier> = match pin {
+        Some(pin) => Arc::new(PinVerifier {
+            pin,
+            algs: provider.signature_verification_algorithms,
+        }),
+        None => ca_verifier(&provider)?,
+    };
+    tls_client(provider, verifier)
+}
+
+/// A TLS client configuration that trusts the CA bundle (`SSL_CERT_FILE`, else the first of
+/// Go's Linux paths), as Go's `http.DefaultClient` does: derper's admission-controller URL.
+pub fn ca_client_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = ca_verifier(&provider)?;
+    tls_client(provider, verifier)
+}
+
+fn ca_verifier(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, String> {
+    let (path, roots) = ca_roots()?;
+    let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
+    Ok(v)
+}
+
+fn tls_client(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// Where Go (and so derper) looks for CA certificates on Linux, after `SSL_CERT_FILE`.
+const CA_FILES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+fn ca_roots() -> Result<(PathBuf, rustls::RootCertStore), String> {
+    let path = match std::env::var_os("SSL_CERT_FILE") {
+        Some(p) => PathBuf::from(p),
+        None => CA_FILES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                "no CA bundle found (set SSL_CERT_FILE or install ca-bundle)".to_string()
+            })?,
+    };
+    let certs = CertificateDer::pem_file_iter(&path)
+        .map_err(|e| format!("CA bundle {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!(
+            "CA bundle {}: no usable certificate",
+            path.display()
+        ));
+    }
+    Ok((path, roots))
+}
+
+/// Accepts exactly the pinned leaf certificate (name and dates are not checked, as Tailscale's
+/// `sha256-raw:` CertName); handshake signatures are still verified.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: [u8; 32],
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if Sha256::digest(end_entity.as_ref()).as_slice() == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "certificate does not match the sha256-raw pin".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
