@@ -207,8 +207,10 @@ where
 }
 
 /// The server side of an accepted WebSocket (the 101 already sent) as a DERP byte stream.
-/// `leftover` holds the bytes the client sent after its request head.
-async fn transport<S>(stream: S, leftover: Vec<u8>) -> (WsRead<S>, WsWrite<S>)
+/// `leftover` holds the bytes the client sent after its request head. Public only for the
+/// `websocket` fuzz target; not a stable API.
+#[doc(hidden)]
+pub async fn transport<S>(stream: S, leftover: Vec<u8>) -> (WsRead<S>, WsWrite<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -230,9 +232,18 @@ where
 }
 
 /// The binary messages of a WebSocket as one byte stream.
-struct WsRead<S> {
+#[doc(hidden)]
+pub struct WsRead<S> {
     rx: WebSocketReceiver<S>,
     cur: Bytes,
+}
+
+impl<S> std::fmt::Debug for WsRead<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsRead")
+            .field("buffered", &self.cur.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsRead<S> {
@@ -276,7 +287,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsRead<S> {
 
 /// Writes as binary messages: one per write call, a vectored write (the DERP writer's batch)
 /// as one message.
-struct WsWrite<S>(ByteWriter<WebSocketSender<S>>);
+#[doc(hidden)]
+pub struct WsWrite<S>(ByteWriter<WebSocketSender<S>>);
+
+impl<S> std::fmt::Debug for WsWrite<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WsWrite")
+    }
+}
 
 /// Largest message a vectored write gathers.
 const MAX_GATHER: usize = 64 << 10;
