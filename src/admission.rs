@@ -1133,6 +1133,26 @@ fn head_of(resp: &httparse::Response<'_, '_>) -> Result<Head, String> {
     })
 }
 
+/// Reads the admission controller's answer from `io` as a check does once its request is
+/// sent: the response head (1xx skipped), then for a 200 the body's first 4 KiB decoded as
+/// `DERPAdmitClientResponse`. `Ok(allow)`, or why the answer refuses. Public only for the
+/// `admission_response` fuzz target; not a stable API.
+#[doc(hidden)]
+pub async fn parse_admit_response<S>(io: S) -> Result<bool, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = Conn::new(Box::new(io), Instant::now() + TIMEOUT, TIMEOUT);
+    let head = conn.read_head().await?;
+    if head.status != 200 {
+        return Err(head.status_line);
+    }
+    let body = conn
+        .read_body(head.framing, ADMIT_BODY_MAX, ADMIT_BODY_MAX as u64)
+        .await;
+    decode_admit(&body.data).map_err(|e| body.end.err().unwrap_or(e))
+}
+
 fn parse_hex_u64(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 16 {
         return None;

@@ -853,6 +853,61 @@ mod tests {
         }
     }
 
+    /// A whole session over in-memory streams, as the `session` fuzz target runs it: the login,
+    /// a Ping, a packet to itself, then EOF ends the connection and nothing stays behind.
+    #[test]
+    fn in_memory_session_ends_at_eof_and_leaves_nothing() {
+        use crate::key::NodePrivate;
+        let mut cfg = crate::config::Config::dev_loopback();
+        cfg.buffer_budget = 1 << 20;
+        let server = NodePrivate::from_bytes([0x11; KEY_LEN]);
+        let state = State::in_process(&cfg, server.clone()).unwrap();
+        let client = NodePrivate::from_bytes([0x22; KEY_LEN]);
+        let me = client.public();
+        let frame = |t: FrameType, payload: &[u8]| {
+            let mut h = [0u8; HEADER_LEN];
+            frame::encode_header(&mut h, t, payload.len() as u32);
+            [&h[..], payload].concat()
+        };
+        let input = [
+            handshake::client_info_frame(&client, &server.public(), br#"{"version":2}"#),
+            frame(FrameType::Ping, b"pingpong"),
+            frame(FrameType::SendPacket, &[&me.0[..], b"hello"].concat()),
+        ]
+        .concat();
+        let mut out = Vec::new();
+        let up = Upgrade {
+            remote: "192.0.2.1:41641".parse().unwrap(),
+            fast_start: true,
+            not_ideal: false,
+            websocket: false,
+            slot: None,
+        };
+        // Not ready once after the input, so that the writer runs before the EOF ends it all.
+        let rd = smol::io::Cursor::new(input).chain(source(0, true));
+        smol::block_on(serve(state.clone(), rd, &mut out, up)).unwrap();
+        // ServerKey, ServerInfo, then the Pong and the packet (in either order).
+        let mut types = Vec::new();
+        let mut b = &out[..];
+        while let Some((h, rest)) = b.split_first_chunk::<HEADER_LEN>() {
+            let (t, len) = frame::decode_header(h);
+            types.push(t);
+            b = &rest[len as usize..];
+        }
+        types[2..].sort_unstable();
+        let want = [
+            FrameType::ServerKey,
+            FrameType::ServerInfo,
+            FrameType::RecvPacket,
+            FrameType::Pong,
+        ];
+        assert_eq!(types, want.map(|t| t as u8));
+        assert_eq!(state.metrics.current_connections.load(Relaxed), 0);
+        assert_eq!(state.registry.key_count(), 0);
+        let p = state.pool.stats();
+        assert_eq!((p.small.2, p.large.2), (0, 0), "{p:?}");
+    }
+
     #[test]
     fn discard_reads_in_large_pieces() {
         // 1 MiB skipped: 64 reads of 16 KiB, not 16,384 of 64 bytes (one syscall each on TCP).

@@ -48,6 +48,11 @@
 //!
 //! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`]) does no I/O.
 //!
+//! For the fuzz targets that read the network (`fuzz/`), three `#[doc(hidden)]` items, not a
+//! stable API: `server::State::in_process` (a server's state without listeners or threads, to
+//! run [`client::serve`] over an in-memory stream), `ws::transport` and
+//! `admission::parse_admit_response`.
+//!
 //! Outside the library: `src/main.rs` (the `derpd` binary) and `bench/load.rs` (`derpd-load`,
 //! the benchmark's load generator, built only with `--features bench`), a DERP client made of
 //! [`frame`] and [`handshake`].

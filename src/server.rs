@@ -90,6 +90,63 @@ pub struct State {
 }
 
 impl State {
+    /// The state of a server for `cfg`, without its listeners and threads: admission, the
+    /// `--rate-config` file and the `/debug/` access rule are read here.
+    fn new(
+        cfg: &Config,
+        private_key: NodePrivate,
+        tls: Option<futures_rustls::TlsAcceptor>,
+        certs: Option<tls::CertReloader>,
+        derp_map: Option<derpmap::Node>,
+    ) -> Result<Self, StartError> {
+        let admission =
+            crate::admission::Admission::new(cfg.admission.clone()).map_err(StartError::Config)?;
+        let rate = RateLimits::default();
+        if let Some(p) = &cfg.rate_config {
+            let rc = RateConfig::load(p).map_err(StartError::Config)?;
+            rate.set(rc);
+            log_rate_config(rc);
+        }
+        let debug = crate::debug::DebugState::new(cfg, derp_map).map_err(StartError::Config)?;
+        let metrics = Arc::new(Metrics::default());
+        Ok(Self {
+            public_key: private_key.public(),
+            private_key,
+            registry: Registry::new(metrics.clone()),
+            metrics,
+            pool: Pool::with_budget(cfg.buffer_budget),
+            write_timeout: cfg.write_timeout,
+            next_conn_id: AtomicU64::new(1),
+            mesh_key: cfg.mesh_key,
+            derp_enabled: cfg.derp,
+            home: cfg.home.clone(),
+            tcp_keepalive: cfg.tcp_keepalive,
+            tcp_user_timeout: cfg.tcp_user_timeout,
+            tls,
+            admission,
+            first_byte_timeout: cfg.first_byte_timeout,
+            handshake_timeout: cfg.handshake_timeout,
+            login_timeout: cfg.login_timeout,
+            frame_timeout: cfg.frame_timeout,
+            handshakes: Slots::new(cfg.max_handshakes, cfg.max_handshakes_per_ip),
+            max_clients: cfg.max_clients,
+            accept_limit: cfg.accept_limit,
+            rate,
+            rate_config: cfg.rate_config.clone(),
+            stopping: Stop::default(),
+            certs,
+            debug,
+        })
+    }
+
+    /// A server's state with no listener, thread or TLS, for driving [`client::serve`] over an
+    /// in-memory stream (the `session` fuzz target). `cfg.tls`, the listeners, STUN and
+    /// `--mesh-with` are ignored; `cfg.key` is not: the key is `private_key`. Not a stable API.
+    #[doc(hidden)]
+    pub fn in_process(cfg: &Config, private_key: NodePrivate) -> Result<Arc<Self>, StartError> {
+        Ok(Arc::new(Self::new(cfg, private_key, None, None, None)?))
+    }
+
     /// The main listener uses TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
@@ -270,14 +327,6 @@ impl Server {
                 .map_err(|e| StartError::Mesh(format!("mesh peer {}: {e}", peer.host)))?;
             mesh_links.push((peer.clone(), tls));
         }
-        let admission =
-            crate::admission::Admission::new(cfg.admission.clone()).map_err(StartError::Config)?;
-        let rate = RateLimits::default();
-        if let Some(p) = &cfg.rate_config {
-            let rc = RateConfig::load(p).map_err(StartError::Config)?;
-            rate.set(rc);
-            log_rate_config(rc);
-        }
         // The DERPMap entry for this node: logged below for a self-signed IP certificate,
         // served on `/debug/derpmap` in every TLS mode.
         let derp_map = cfg.tls.as_ref().map(|mode| {
@@ -289,37 +338,13 @@ impl Server {
                 node_pin.as_deref(),
             )
         });
-        let debug = crate::debug::DebugState::new(&cfg, derp_map).map_err(StartError::Config)?;
-        let metrics = Arc::new(Metrics::default());
-        let pool = Pool::with_budget(cfg.buffer_budget);
-        let state = Arc::new(State {
+        let state = Arc::new(State::new(
+            &cfg,
             private_key,
-            public_key,
-            registry: Registry::new(metrics.clone()),
-            metrics,
-            pool,
-            write_timeout: cfg.write_timeout,
-            next_conn_id: AtomicU64::new(1),
-            mesh_key: cfg.mesh_key,
-            derp_enabled: cfg.derp,
-            home: cfg.home.clone(),
-            tcp_keepalive: cfg.tcp_keepalive,
-            tcp_user_timeout: cfg.tcp_user_timeout,
-            tls: tls_acceptor,
-            admission,
-            first_byte_timeout: cfg.first_byte_timeout,
-            handshake_timeout: cfg.handshake_timeout,
-            login_timeout: cfg.login_timeout,
-            frame_timeout: cfg.frame_timeout,
-            handshakes: Slots::new(cfg.max_handshakes, cfg.max_handshakes_per_ip),
-            max_clients: cfg.max_clients,
-            accept_limit: cfg.accept_limit,
-            rate,
-            rate_config: cfg.rate_config.clone(),
-            stopping: Stop::default(),
-            certs: cert_reloader,
-            debug,
-        });
+            tls_acceptor,
+            cert_reloader,
+            derp_map,
+        )?);
 
         info!(
             "derpd {} server key {}",

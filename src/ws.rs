@@ -3,6 +3,7 @@
 //! as a byte stream over binary messages (frame and message boundaries independent of DERP's),
 //! handed to [`client::serve`].
 
+use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -214,8 +215,10 @@ where
 /// Payload bytes stream through: a frame's payload is unmasked straight into the reader's
 /// buffer (a pool buffer for packets), and a written message goes to the socket from the
 /// writer's buffers. What a connection holds of its own is fixed and small ([`Conn`],
-/// [`WsRead`]: under 1 KiB), whatever the client sends or leaves unfinished.
-async fn transport<S>(stream: S, leftover: Vec<u8>) -> (WsRead<S>, WsWrite<S>)
+/// [`WsRead`]: under 1 KiB), whatever the client sends or leaves unfinished. Public only
+/// for the `websocket` fuzz target; not a stable API.
+#[doc(hidden)]
+pub async fn transport<S>(stream: S, leftover: Vec<u8>) -> (WsRead<S>, WsWrite<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -335,7 +338,8 @@ struct Frame {
 }
 
 /// The binary messages of a WebSocket as one byte stream.
-struct WsRead<S> {
+#[doc(hidden)]
+pub struct WsRead<S> {
     conn: Arc<Mutex<Conn<S>>>,
     /// What the HTTP layer read past the request head; released once consumed.
     leftover: Vec<u8>,
@@ -541,7 +545,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsRead<S> {
 
 /// Writes as binary messages: one per write call, a vectored write (the DERP writer's batch)
 /// as one message of at most [`MAX_GATHER`] bytes, each straight from the caller's buffers.
-struct WsWrite<S> {
+#[doc(hidden)]
+pub struct WsWrite<S> {
     conn: Arc<Mutex<Conn<S>>>,
 }
 
@@ -618,6 +623,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsWrite<S> {
         let mut c = lock(&self.conn);
         ready!(c.poll_ctl(cx))?;
         Pin::new(&mut c.stream).poll_close(cx)
+    }
+}
+
+impl<S> fmt::Debug for WsRead<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsRead")
+            .field("in_message", &self.in_message)
+            .field("closing", &self.closing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> fmt::Debug for WsWrite<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsWrite").finish_non_exhaustive()
     }
 }
 
