@@ -41,7 +41,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::warn;
 use portable_atomic::AtomicU64;
 use rustls::pki_types::ServerName;
 use smol::future::FutureExt;
@@ -372,9 +371,11 @@ impl Admission {
             Answer::Refused(why) => Err(why),
             Answer::Unreachable(e) if self.cfg.fail_open => {
                 self.fail_open_admits.fetch_add(1, Relaxed);
-                if crate::lograte::FAIL_OPEN.allow() {
-                    warn!("fail-open admitted {key}: admission controller unreachable: {e}");
-                }
+                crate::lograte::limited!(
+                    warn,
+                    crate::lograte::FAIL_OPEN,
+                    "fail-open admitted {key}: admission controller unreachable: {e}"
+                );
                 Ok(())
             }
             Answer::Unreachable(e) => Err(format!("admission controller unreachable: {e}")),

@@ -18,11 +18,11 @@ use smol::Timer;
 use crate::frame::{self, peer_flags, FrameType, PeerGoneReason, SmallFrame, HEADER_LEN};
 use crate::handshake::{self, LoginError};
 use crate::key::{NodePublic, KEY_LEN};
-use crate::lograte;
+use crate::lograte::{limited, CONN_ERRORS, LOGINS};
 use crate::metrics::DropReason;
 use crate::pool::PacketBuf;
 use crate::registry::{Client, Route, RouteCache};
-use crate::server::State;
+use crate::relay::Relay;
 
 /// KeepAlive period; each connection adds a jitter in [0, 5 s) drawn once (as derper).
 pub const KEEPALIVE: Duration = Duration::from_secs(60);
@@ -97,7 +97,7 @@ pub struct Upgrade {
 /// Runs a DERP connection to the end. `rd` must yield, first, any bytes the client pipelined
 /// after its request head; `wr` is the same stream's write side.
 pub async fn serve<R, W>(
-    state: Arc<State>,
+    state: Arc<Relay>,
     mut rd: R,
     mut wr: W,
     mut up: Upgrade,
@@ -143,9 +143,7 @@ where
     {
         Ok(i) => i,
         Err(e) => {
-            if lograte::LOGINS.allow() {
-                info!("derp: {}: login refused: {e}", up.remote);
-            }
+            limited!(info, LOGINS, "derp: {}: login refused: {e}", up.remote);
             return Err(e);
         }
     };
@@ -162,9 +160,13 @@ where
             verdict = Err(format!("server full (--max-clients {})", state.max_clients));
         }
         if let Err(why) = verdict {
-            if lograte::LOGINS.allow() {
-                info!("derp: {}: client {} rejected: {why}", up.remote, info.key);
-            }
+            limited!(
+                info,
+                LOGINS,
+                "derp: {}: client {} rejected: {why}",
+                up.remote,
+                info.key
+            );
             return Err(ConnError::Rejected(why));
         }
     }
@@ -232,9 +234,13 @@ where
     match &res {
         Ok(()) => debug!("derp: {}: {} disconnected", up.remote, info.key.short()),
         Err(e) => {
-            if lograte::CONN_ERRORS.allow() {
-                info!("derp client {}{}: {e}", up.remote, info.key.short());
-            }
+            limited!(
+                info,
+                CONN_ERRORS,
+                "derp client {}{}: {e}",
+                up.remote,
+                info.key.short()
+            );
         }
     }
     res
@@ -242,7 +248,7 @@ where
 
 /// Unregisters the client on every exit path.
 struct Unregister<'a> {
-    state: &'a State,
+    state: &'a Relay,
     client: &'a Arc<Client>,
     not_ideal: bool,
 }
@@ -306,7 +312,7 @@ impl NotHereLimiter {
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
-    state: &State,
+    state: &Relay,
     client: &Arc<Client>,
     rd: &mut R,
 ) -> Result<(), ConnError> {
@@ -474,7 +480,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// Reads a `len`-byte packet into a pooled buffer laid out as a ready RecvPacket frame from
 /// `src`. Waits for a buffer when the pool is empty: TCP backpressure, not allocation.
 async fn read_packet<R: AsyncRead + Unpin>(
-    state: &State,
+    state: &Relay,
     rd: &mut R,
     src: &NodePublic,
     len: usize,
@@ -507,7 +513,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
 
 /// Routes one packet (already framed as RecvPacket) to `dst`.
 fn relay(
-    state: &State,
+    state: &Relay,
     src: &Arc<Client>,
     dst: &NodePublic,
     buf: PacketBuf,
@@ -539,7 +545,7 @@ fn relay(
 
 /// Delivers a packet a mesh peer forwarded: local connections only, never forwarded again.
 fn deliver_forwarded(
-    state: &State,
+    state: &Relay,
     from: &Arc<Client>,
     dst: &NodePublic,
     buf: PacketBuf,
@@ -699,7 +705,7 @@ fn fill_batch(client: &Client, batch: &mut Vec<Out>) {
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
-    state: &State,
+    state: &Relay,
     client: &Arc<Client>,
     wr: &mut W,
     write_timeout: Option<Duration>,
@@ -861,7 +867,7 @@ mod tests {
         let mut cfg = crate::config::Config::dev_loopback();
         cfg.buffer_budget = 1 << 20;
         let server = NodePrivate::from_bytes([0x11; KEY_LEN]);
-        let state = State::in_process(&cfg, server.clone()).unwrap();
+        let state = Arc::new(Relay::new(&cfg, server.clone()).unwrap());
         let client = NodePrivate::from_bytes([0x22; KEY_LEN]);
         let me = client.public();
         let frame = |t: FrameType, payload: &[u8]| {

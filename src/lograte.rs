@@ -5,7 +5,9 @@
 //! but the logger writes synchronously (stderr into procd's logd or journald): a flood of such
 //! connections would fill the pipe and block the executor thread that writes. Each kind writes at most [`LINES_PER_WINDOW`] lines every [`WINDOW`]; the
 //! first line of the next window is preceded by "… and N more <kind> in the last 10 s".
-//! The lines held back are counted in `derpd_log_lines_suppressed{kind}`.
+//! The lines held back are counted in `derpd_log_lines_suppressed{kind}` and written at debug
+//! level instead (`--log-level debug` shows every one, for troubleshooting). Write them with
+//! [`limited!`](crate::lograte::limited).
 
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -95,6 +97,19 @@ impl LogLimit {
         self.suppressed.load(Relaxed)
     }
 }
+
+/// `limited!(info, LOGINS, "…", args)`: the line at its level when `LOGINS` allows one more,
+/// else at debug level.
+macro_rules! limited {
+    ($level:ident, $limit:expr, $($arg:tt)+) => {
+        if $limit.allow() {
+            log::$level!($($arg)+)
+        } else {
+            log::debug!($($arg)+)
+        }
+    };
+}
+pub(crate) use limited;
 
 /// Failed and refused logins (ClientInfo errors, admission, `--max-clients`).
 pub static LOGINS: LogLimit = LogLimit::new("failed logins");

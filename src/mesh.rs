@@ -30,7 +30,8 @@ use crate::frame::{self, FrameType, HEADER_LEN, MAGIC};
 use crate::handshake::SessionBox;
 use crate::key::{hex, NodePublic, KEY_LEN};
 use crate::link::{Link, MAX_BATCH};
-use crate::server::{Shared, State, Stream};
+use crate::net::{LockedStream, Stream, TcpOptions};
+use crate::relay::Relay;
 
 /// Wait between a broken or failed connection and the next dial (derper: 5 s).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
@@ -75,7 +76,8 @@ impl From<io::Error> for LinkError {
 
 /// Runs one link for the life of the server: connect, watch, forward, and redial.
 pub async fn run_link(
-    state: Arc<State>,
+    state: Arc<Relay>,
+    tcp_options: TcpOptions,
     link: Arc<Link>,
     peer: MeshPeer,
     tls: Arc<rustls::ClientConfig>,
@@ -84,7 +86,7 @@ pub async fn run_link(
     let m = &state.metrics;
     info!("mesh({host}): will dial {}:{}", peer.dial_host, peer.port);
     loop {
-        let conn = connect(&state, &peer, &tls)
+        let conn = connect(&state, tcp_options, &peer, &tls)
             .or(async {
                 Timer::after(CONNECT_TIMEOUT).await;
                 Err(LinkError::Timeout("connect"))
@@ -124,14 +126,15 @@ pub async fn run_link(
     }
 }
 
-type Reader = smol::io::Chain<Cursor<Vec<u8>>, Shared>;
+type Reader = smol::io::Chain<Cursor<Vec<u8>>, LockedStream>;
 
 /// Dials, upgrades and logs in as a mesh client, then subscribes with WatchConns.
 async fn connect(
-    state: &State,
+    state: &Relay,
+    tcp_options: TcpOptions,
     peer: &MeshPeer,
     tls: &Arc<rustls::ClientConfig>,
-) -> Result<(Reader, Shared, NodePublic), LinkError> {
+) -> Result<(Reader, LockedStream, NodePublic), LinkError> {
     let (dial, port) = (peer.dial_host.clone(), peer.port);
     let addrs: Vec<SocketAddr> = smol::unblock(move || (dial.as_str(), port).to_socket_addrs())
         .await?
@@ -148,7 +151,7 @@ async fn connect(
         }
     }
     let tcp = tcp.ok_or(last)?;
-    crate::server::set_tcp_options(state, tcp.get_ref());
+    tcp_options.apply(tcp.get_ref());
     let name = match peer.name.parse::<IpAddr>() {
         Ok(ip) => ServerName::IpAddress(ip.into()),
         Err(_) => ServerName::try_from(peer.name.clone())
@@ -158,7 +161,7 @@ async fn connect(
         .connect(name, tcp)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("TLS: {e}")))?;
-    let shared = Shared::new(Stream::TlsClient(Box::new(tls)));
+    let shared = LockedStream::new(Stream::TlsClient(Box::new(tls)));
     let mut wr = shared.clone();
     let req = format!(
         "GET /derp HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpd/{}\r\nConnection: Upgrade\r\n\
@@ -267,7 +270,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 /// Reads the peer's PeerPresent/PeerGone stream into forwarders. `present` collects the keys
 /// added, for the caller to remove when the connection ends.
 async fn watch<R: AsyncRead + Unpin>(
-    state: &State,
+    state: &Relay,
     link: &Arc<Link>,
     mut rd: R,
     present: &mut HashSet<NodePublic>,

@@ -10,16 +10,16 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use log::info;
 use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use smol::Timer;
 
 use crate::client::{self, ConnError, Upgrade};
 use crate::http::{self, Request};
-use crate::lograte;
-use crate::server::State;
+use crate::lograte::{limited, WEBSOCKETS};
+use crate::relay::Relay;
 
 /// RFC 6455's GUID, appended to the client's key for `Sec-WebSocket-Accept`.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -147,9 +147,7 @@ pub fn accept(req: &Request, remote: SocketAddr) -> Result<Accept, Vec<u8>> {
             }
         }
     };
-    if lograte::WEBSOCKETS.allow() {
-        info!("{remote}: websocket refused: {msg}");
-    }
+    limited!(info, WEBSOCKETS, "{remote}: websocket refused: {msg}");
     let mut resp = http::text_error(status, reason, &msg);
     if !extra.is_empty() {
         // After the status line, like the other headers.
@@ -163,7 +161,8 @@ pub fn accept(req: &Request, remote: SocketAddr) -> Result<Accept, Vec<u8>> {
 
 /// Sends the 101 and runs DERP over the WebSocket to the end of the connection.
 pub async fn serve<S>(
-    state: &Arc<State>,
+    relay: &Arc<Relay>,
+    handshake_timeout: Duration,
     mut stream: S,
     leftover: Vec<u8>,
     acc: Accept,
@@ -185,19 +184,17 @@ where
         stream.flush().await
     }
     .or(async {
-        Timer::after(state.handshake_timeout).await;
+        Timer::after(handshake_timeout).await;
         Err(io::ErrorKind::TimedOut.into())
     })
     .await?;
     if !acc.derp {
         let e = "websocket: client must speak the derp subprotocol";
-        if lograte::WEBSOCKETS.allow() {
-            info!("{remote}: {e}");
-        }
+        limited!(info, WEBSOCKETS, "{remote}: {e}");
         return Err(ConnError::Protocol(e.into()));
     }
     drop(acc);
-    state.metrics.websocket_accepts.fetch_add(1, Relaxed);
+    relay.metrics.websocket_accepts.fetch_add(1, Relaxed);
     let (rd, wr) = transport(stream, leftover).await;
     let up = Upgrade {
         remote,
@@ -206,7 +203,7 @@ where
         websocket: true,
         slot: Some(slot),
     };
-    client::serve(state.clone(), rd, wr, up).await
+    client::serve(relay.clone(), rd, wr, up).await
 }
 
 /// The server side of an accepted WebSocket (the 101 already sent) as a DERP byte stream.

@@ -815,7 +815,7 @@ fn slow_controller_under_500_derp_logins_end_to_end() {
         .iter()
         .filter(|k| refused.contains(&k.to_string()))
         .count();
-    let adm = &srv.state().admission;
+    let adm = &srv.relay().admission;
     let st = adm.controller_stats();
     println!(
         "{LOGINS} DERP logins in {took:?}: {} admitted ({wrongly} refused keys among them), {} \
@@ -1357,7 +1357,7 @@ fn refused_client_sees_eof_admitted_clients_relay() {
             format!(r#"{{"NodePublic":"{k}","Source":"127.0.0.1"}}"#)
         );
     }
-    let adm = &srv.state().admission;
+    let adm = &srv.relay().admission;
     assert_eq!((adm.rejections_by(Check::Url), adm.rejections()), (1, 1));
 }
 
@@ -1396,7 +1396,7 @@ fn mesh_peers_are_not_checked() {
     expect_refused(srv.addr(), listed.clone());
     assert!(recv(&rx).body_text().contains(&listed.public().to_string()));
     assert!(rx.try_recv().is_err());
-    let adm = &srv.state().admission;
+    let adm = &srv.relay().admission;
     assert_eq!(Check::ALL.map(|c| adm.rejections_by(c)), [2, 0, 1]);
 }
 
@@ -1430,7 +1430,7 @@ fn allow_keys_file_applies_to_new_logins() {
     expect_refused(srv.addr(), a_key);
     // A broken file on reload (SIGHUP): the list stays.
     std::fs::write(&path, "nodekey:broken\n").unwrap();
-    srv.state().admission.reload();
+    srv.relay().admission.reload();
     login(srv.addr(), b_key, CLIENT_JSON).unwrap();
     drop(a);
 }

@@ -22,7 +22,7 @@ fn bystanders_still_relay(a: &mut DerpClient, b: &mut DerpClient, tag: &str) {
 #[test]
 fn frame_limits_close_the_connection() {
     let srv = start_dev();
-    let m = srv.state().metrics.clone();
+    let m = srv.relay().metrics.clone();
     let mut a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
     let dst = b.public().0;
@@ -56,7 +56,7 @@ fn unknown_frames_are_skipped() {
     c.write_frame(0x01, &[0; 40]).unwrap(); // a server-to-client type sent by a client
     c.write_frame(0x12, &[5; 8]).unwrap();
     assert_eq!(c.recv().payload, [5; 8]);
-    assert_eq!(srv.state().metrics.unknown_frames.load(Relaxed), 2);
+    assert_eq!(srv.relay().metrics.unknown_frames.load(Relaxed), 2);
 }
 
 /// Sends the upgrade request and the given first frame; returns whether a ServerInfo came back.
@@ -77,7 +77,7 @@ fn try_login(srv: &derpd::server::Server, first_frame: &[u8]) -> bool {
 #[test]
 fn broken_logins_are_refused() {
     let srv = start_dev();
-    let sk = srv.state().public_key;
+    let sk = srv.relay().public_key;
     let mut a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
     let client = NodePrivate::generate();
@@ -111,7 +111,7 @@ fn broken_logins_are_refused() {
         assert!(!try_login(&srv, &f), "{what} must not log in");
         bystanders_still_relay(&mut a, &mut b, what);
     }
-    assert_eq!(srv.state().registry.key_count(), 2);
+    assert_eq!(srv.relay().registry.key_count(), 2);
 }
 
 #[test]
@@ -136,7 +136,7 @@ fn stun_answers_tailscale_requests_only() {
         &want[..wn],
         "exactly one XOR-MAPPED-ADDRESS with our address"
     );
-    let m = &srv.state().metrics;
+    let m = &srv.relay().metrics;
     wait_until("stun counters", || {
         m.stun_success.load(Relaxed) == 1 && m.stun_not_stun.load(Relaxed) == 2
     });

@@ -107,7 +107,7 @@ fn check(threads: usize, pause: Option<Duration>) {
 
 /// Both ends gone: nothing is kept for the senders.
 fn assert_nothing_kept(srv: &derpd::server::Server) {
-    let reg = &srv.state().registry;
+    let reg = &srv.relay().registry;
     let deadline = Instant::now() + IO_TIMEOUT;
     while reg.key_count() != 1 {
         assert!(

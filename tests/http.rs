@@ -51,7 +51,7 @@ fn upgrade_response_is_byte_exact() {
     let head = read_http_head(&mut s).unwrap();
     let want = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: 2\r\nDerp-Public-Key: {}\r\n\r\n",
-        srv.state().public_key.untyped_hex()
+        srv.relay().public_key.untyped_hex()
     );
     assert_eq!(head, want);
 }

@@ -52,7 +52,7 @@ fn max_handshakes_evicts_the_least_advanced_oldest_first() {
     cfg.max_handshakes = 4;
     let srv = start(cfg);
     let st = srv.state().clone();
-    let m = &st.metrics;
+    let m = &st.relay.metrics;
     let mut a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
     // The oldest pending connection is talking (half a request head), three are silent.
@@ -121,14 +121,14 @@ fn max_handshakes_per_ip_closes_the_excess_from_one_address() {
     wait_until("2 handshakes pending", || st.handshakes.in_use() == 2);
     let mut third = connect_from(from, srv.addr()).unwrap();
     assert!(closed_by_server(&mut third), "third from 127.0.0.2 closed");
-    assert_eq!(st.metrics.handshakes_ip_full.load(Relaxed), 1);
+    assert_eq!(st.relay.metrics.handshakes_ip_full.load(Relaxed), 1);
     assert!(held.iter().all(still_open));
     // Other addresses log in.
     let mut a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
     relays(&mut a, &mut b, "one address at its limit");
     assert_eq!(st.handshakes.in_use(), 2);
-    assert_eq!(st.metrics.handshakes_evicted[0].load(Relaxed), 0);
+    assert_eq!(st.relay.metrics.handshakes_evicted[0].load(Relaxed), 0);
 }
 
 #[test]
@@ -145,7 +145,7 @@ fn first_byte_deadline_closes_silent_connections_only() {
     assert!(t0.elapsed() >= Duration::from_millis(300));
     assert!(t0.elapsed() < IO_TIMEOUT, "by the first-byte deadline");
     wait_until("the talking one still pending", || {
-        st.metrics.first_byte_timeouts.load(Relaxed) == 1 && st.handshakes.in_use() == 1
+        st.relay.metrics.first_byte_timeouts.load(Relaxed) == 1 && st.handshakes.in_use() == 1
     });
     assert!(
         still_open(&talking),
@@ -194,7 +194,7 @@ fn accept_rate_limit_closes_the_excess_and_keeps_accepting() {
     // One connection, then one every 50 ms.
     cfg.accept_limit = Some((20.0, 1));
     let srv = start(cfg);
-    let m = srv.state().metrics.clone();
+    let m = srv.relay().metrics.clone();
     let mut a = DerpClient::connect(srv.addr());
     // Connections as fast as we can: the bucket is empty, so some are closed at once.
     let mut refused = 0;
@@ -230,7 +230,7 @@ fn max_clients_refuses_logins_but_not_mesh_peers() {
     cfg.max_clients = 2;
     cfg.mesh_key = Some([7; 32]);
     let srv = start(cfg);
-    let m = srv.state().metrics.clone();
+    let m = srv.relay().metrics.clone();
     let mut a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
     let s = TcpStream::connect(srv.addr()).unwrap();
@@ -263,7 +263,7 @@ fn rate_config_is_backpressure_not_drops() {
     let srv = start_dev();
     let st = srv.state().clone();
     // 1 MB/s with the minimum burst (one 64 KiB frame).
-    st.rate.set(RateConfig {
+    st.relay.rate.set(RateConfig {
         bytes_per_sec: 1_000_000,
         burst_bytes: 0,
     });
@@ -293,10 +293,10 @@ fn rate_config_is_backpressure_not_drops() {
         elapsed >= min,
         "{elapsed:?} < {min:?}: the limit was not applied"
     );
-    assert!(st.rate.waited.load(Relaxed) > 0);
+    assert!(st.relay.rate.waited.load(Relaxed) > 0);
     let drops: u64 = derpd::metrics::DropReason::ALL
         .iter()
-        .map(|r| st.metrics.dropped(*r))
+        .map(|r| st.relay.metrics.dropped(*r))
         .sum();
     assert_eq!(drops, 0, "rate limiting must not drop");
 }
@@ -344,7 +344,7 @@ fn rate_config_reload_reaches_existing_and_new_connections() {
     cfg.rate_config = Some(file.clone());
     let srv = start(cfg);
     let st = srv.state().clone();
-    assert_eq!(st.rate.get().bytes_per_sec, FAST);
+    assert_eq!(st.relay.rate.get().bytes_per_sec, FAST);
     let a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
     // `a` takes the first config with its first frame.
@@ -355,7 +355,7 @@ fn rate_config_reload_reaches_existing_and_new_connections() {
     write(&format!(r#"{{"PerClientRateLimitBytesPerSec": {SLOW}}}"#));
     srv.reload();
     assert_eq!(
-        st.rate.get().bytes_per_sec,
+        st.relay.rate.get().bytes_per_sec,
         SLOW,
         "the reload read the file"
     );
@@ -378,21 +378,21 @@ fn rate_config_reload_reaches_existing_and_new_connections() {
     write("{}");
     srv.reload();
     assert_eq!(
-        st.rate.get(),
+        st.relay.rate.get(),
         RateConfig::default(),
         "the reload read the file"
     );
-    let waited = st.rate.waited.load(Relaxed);
+    let waited = st.relay.rate.waited.load(Relaxed);
     let (_a, _) = send_timed(a, &mut b, 8);
     assert_eq!(
-        st.rate.waited.load(Relaxed),
+        st.relay.rate.waited.load(Relaxed),
         waited,
         "the connection already up still waits"
     );
     let (_c, _) = send_timed(c, &mut b, 8);
     let (_d, _) = send_timed(DerpClient::connect(srv.addr()), &mut b, 8);
     assert_eq!(
-        st.rate.waited.load(Relaxed),
+        st.relay.rate.waited.load(Relaxed),
         waited,
         "limiting turned off, yet a connection waited"
     );

@@ -49,7 +49,7 @@ fn a_flood_of_bad_connections_writes_a_few_lines_per_kind() {
     log::set_logger(&LOGGER).unwrap();
     log::set_max_level(log::LevelFilter::Info);
     let srv = derpd::server::Server::start(Config::dev_loopback()).unwrap();
-    let sk = srv.state().public_key;
+    let sk = srv.relay().public_key;
     let addr = srv.addr();
     let started = Instant::now();
 

@@ -15,7 +15,7 @@ use derpd::metrics::DropReason;
 #[test]
 fn send_recv_among_three_clients() {
     let srv = start_dev();
-    let m = srv.state().metrics.clone();
+    let m = srv.relay().metrics.clone();
     let mut c: Vec<_> = (0..3).map(|_| DerpClient::connect(srv.addr())).collect();
     wait_until("3 connections", || m.current_connections.load(Relaxed) == 3);
     let keys: Vec<NodePublic> = c.iter().map(|x| x.public()).collect();
@@ -97,7 +97,7 @@ fn fast_start_keeps_pipelined_login() {
     let mut s = std::net::TcpStream::connect(srv.addr()).unwrap();
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let key = NodePrivate::generate();
-    let server_key = srv.state().public_key;
+    let server_key = srv.relay().public_key;
     let mut req = b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n".to_vec();
     req.extend(derpd::handshake::client_info_frame(
         &key,
@@ -114,7 +114,7 @@ fn fast_start_keeps_pipelined_login() {
     c.read_server_key().unwrap();
     assert_eq!(c.server_key, server_key);
     c.expect_server_info().unwrap();
-    assert_eq!(srv.state().metrics.fast_start_logins.load(Relaxed), 1);
+    assert_eq!(srv.relay().metrics.fast_start_logins.load(Relaxed), 1);
     let me = c.public();
     c.send(&me, b"loop");
     assert_eq!(c.recv_packet().1, b"loop");
@@ -141,7 +141,7 @@ fn ping_gets_pong() {
 #[test]
 fn receiver_that_stops_reading_does_not_stall_others() {
     let srv = start_dev();
-    let m = srv.state().metrics.clone();
+    let m = srv.relay().metrics.clone();
     let mut sender = DerpClient::connect(srv.addr());
     let frozen = DerpClient::connect(srv.addr());
     let mut live = DerpClient::connect(srv.addr());
@@ -170,7 +170,7 @@ fn receiver_that_stops_reading_does_not_stall_others() {
 #[test]
 fn duplicate_keys_newest_then_last_writer() {
     let srv = start_dev();
-    let m = srv.state().metrics.clone();
+    let m = srv.relay().metrics.clone();
     let key = NodePrivate::generate();
     let json = br#"{"version":2}"#;
     let mut old = DerpClient::connect_with(srv.addr(), key.clone(), json);
@@ -224,7 +224,7 @@ fn pool_budget_is_never_exceeded() {
     // the receiver keeps reading, and the pool never grows.
     let got = reader.join().unwrap();
     assert_eq!(got, sent);
-    let st = srv.state().pool.stats();
+    let st = srv.relay().pool.stats();
     assert!(st.small.1 <= 4 && st.large.1 <= 4, "{st:?}");
 }
 
@@ -237,7 +237,7 @@ fn mesh_key_privileges() {
     let mut cfg = derpd::config::Config::dev_loopback();
     cfg.mesh_key = Some(mesh_key);
     let srv = start(cfg);
-    let m = srv.state().metrics.clone();
+    let m = srv.relay().metrics.clone();
     let addr = srv.addr();
     let mesh_json = |k: &[u8; 32]| {
         format!(r#"{{"version":2,"meshKey":"{}"}}"#, derpd::key::hex(k)).into_bytes()

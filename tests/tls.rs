@@ -144,7 +144,7 @@ fn ip_certificate_chain_pin_and_fast_start() {
         assert_eq!(cn(&chain[0]), "127.0.0.1");
         assert_eq!(
             cn(&chain[1]),
-            format!("derpkey{}", srv.state().public_key.untyped_hex())
+            format!("derpkey{}", srv.relay().public_key.untyped_hex())
         );
         drop(s);
     }
@@ -152,7 +152,7 @@ fn ip_certificate_chain_pin_and_fast_start() {
     // Fast start over TLS 1.3, as a Tailscale client does after seeing the meta-cert.
     let (mut s, _) = connect(srv.addr(), false);
     let mut c = DerpClient::new_raw(&mut s);
-    c.server_key = srv.state().public_key;
+    c.server_key = srv.relay().public_key;
     let mut req = b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n".to_vec();
     let server_key = c.server_key;
     req.extend(derpd::handshake::client_info_frame(
@@ -176,7 +176,7 @@ fn ip_certificate_chain_pin_and_fast_start() {
 fn tls_close_without_close_notify_is_a_clean_disconnect() {
     use std::sync::atomic::Ordering::Relaxed;
     let (srv, dir) = tls_server("tls-eof", true);
-    let m = &srv.state().metrics;
+    let m = &srv.relay().metrics;
     let login = || {
         let (mut s, _) = connect(srv.addr(), false);
         let mut c = DerpClient::new_raw(&mut s);
@@ -344,7 +344,7 @@ fn websocket_login_over_tls() {
     assert_eq!(&got[5..37], &me.public().0);
     assert_eq!(&got[37..], b"tls");
     assert_eq!(
-        srv.state()
+        srv.relay()
             .metrics
             .websocket_accepts
             .load(std::sync::atomic::Ordering::Relaxed),

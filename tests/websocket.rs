@@ -123,7 +123,7 @@ fn websocket_101_then_a_derp_session_in_binary_messages() {
     assert_eq!(op, 0x82, "a final binary frame");
     assert_eq!(&first[..5], &[0x01, 0, 0, 0, 40]);
     assert_eq!(&first[5..13], &derpd::frame::MAGIC);
-    assert_eq!(&first[13..], &srv.state().public_key.0);
+    assert_eq!(&first[13..], &srv.relay().public_key.0);
     ws.pending = first;
 
     let mut c = DerpClient::new_raw(ws);
@@ -150,7 +150,7 @@ fn websocket_101_then_a_derp_session_in_binary_messages() {
     c.s.write_all(&two).unwrap();
     assert_eq!(c.recv_packet().1, b"one");
     assert_eq!(c.recv_packet().1, b"two");
-    assert_eq!(srv.state().metrics.websocket_accepts.load(Relaxed), 1);
+    assert_eq!(srv.relay().metrics.websocket_accepts.load(Relaxed), 1);
 }
 
 #[test]
@@ -182,7 +182,7 @@ fn websocket_text_frame_closes_the_connection() {
     let mut c = DerpClient::new_raw(ws.s);
     assert!(c.is_closed_by_server());
     wait_until("the failed login is counted", || {
-        srv.state().metrics.failed_logins.load(Relaxed) == 1
+        srv.relay().metrics.failed_logins.load(Relaxed) == 1
     });
 }
 
@@ -209,7 +209,7 @@ fn websocket_bad_key_or_version_is_400() {
     let req = ws_request(&no_conn).replace("Connection: Upgrade\r\n", "");
     let r = http_exchange(srv.addr(), req.as_bytes());
     assert!(r.starts_with("HTTP/1.1 426 Upgrade Required\r\n"), "{r}");
-    assert_eq!(srv.state().metrics.websocket_accepts.load(Relaxed), 0);
+    assert_eq!(srv.relay().metrics.websocket_accepts.load(Relaxed), 0);
 }
 
 #[test]
@@ -229,12 +229,12 @@ fn websocket_without_derp_subprotocol_is_raw_derp() {
         format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\
              Derp-Version: 2\r\nDerp-Public-Key: {}\r\n\r\n",
-            srv.state().public_key.untyped_hex()
+            srv.relay().public_key.untyped_hex()
         )
     );
     let mut c = DerpClient::new_raw(s);
     c.read_server_key().unwrap();
-    assert_eq!(srv.state().metrics.websocket_accepts.load(Relaxed), 0);
+    assert_eq!(srv.relay().metrics.websocket_accepts.load(Relaxed), 0);
 }
 
 #[test]
@@ -260,5 +260,5 @@ fn websocket_other_spelling_of_derp_is_closed_with_1008() {
     assert_eq!(op, 0x88);
     assert_eq!(&payload[..2], &1008u16.to_be_bytes());
     assert_eq!(&payload[2..], b"client must speak the derp subprotocol");
-    assert_eq!(srv.state().metrics.websocket_accepts.load(Relaxed), 0);
+    assert_eq!(srv.relay().metrics.websocket_accepts.load(Relaxed), 0);
 }

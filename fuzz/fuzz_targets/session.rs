@@ -1,5 +1,5 @@
 //! A whole DERP connection: `client::serve` on a server state built in-process
-//! (`State::in_process`), over an in-memory stream that delivers the fuzzer's bytes and then
+//! (`Relay::new`), over an in-memory stream that delivers the fuzzer's bytes and then
 //! EOF. The first byte picks the mode:
 //! - bits 0-1: 0: the rest is everything the client sends (the ClientInfo frame included);
 //!   1: a valid ClientInfo from a fixed client key comes first, then the rest (frames after the
@@ -26,7 +26,7 @@ use derpd::config::Config;
 use derpd::frame::FrameType;
 use derpd::handshake::client_info_frame;
 use derpd::key::NodePrivate;
-use derpd::server::State;
+use derpd::relay::Relay;
 use libfuzzer_sys::fuzz_target;
 
 const SERVER_KEY: [u8; 32] = [0x11; 32];
@@ -34,7 +34,7 @@ const CLIENT_KEY: [u8; 32] = [0x22; 32];
 const MESH_KEY: [u8; 32] = [0x33; 32];
 
 struct Fixture {
-    state: Arc<State>,
+    state: Arc<Relay>,
     /// ClientInfo frames: regular, mesh, empty JSON.
     logins: [Vec<u8>; 3],
 }
@@ -47,7 +47,7 @@ fn fixture() -> &'static Fixture {
         // A small pool (MIN_PER_CLASS of each class), so that readers wait for buffers too.
         cfg.buffer_budget = 1 << 20;
         let server = NodePrivate::from_bytes(SERVER_KEY);
-        let state = State::in_process(&cfg, server.clone()).expect("in-process state");
+        let state = Arc::new(Relay::new(&cfg, server.clone()).expect("in-process relay"));
         let client = NodePrivate::from_bytes(CLIENT_KEY);
         let mesh_hex: String = MESH_KEY.iter().map(|b| format!("{b:02x}")).collect();
         let mesh_json = format!(r#"{{"version":2,"meshKey":"{mesh_hex}"}}"#);

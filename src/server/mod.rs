@@ -4,20 +4,19 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::pin::Pin;
 use std::sync::atomic::{
     AtomicBool,
     Ordering::{Acquire, Relaxed, Release},
 };
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use portable_atomic::AtomicU64;
 use smol::future::FutureExt;
-use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Cursor};
+use smol::io::{AsyncReadExt, AsyncWriteExt, Cursor};
 use smol::{Async, Executor, Timer};
+
+mod debug;
 
 use crate::client::{self, Upgrade};
 use crate::config::{Config, KeySource};
@@ -26,72 +25,48 @@ use crate::frame::SmallFrame;
 use crate::holder;
 use crate::http::{self, Home, Request};
 use crate::key::NodePrivate;
-use crate::key::NodePublic;
-use crate::limits::{AcceptLimiter, Progress, RateConfig, RateLimits, Refused, Slot, Slots};
-use crate::lograte;
-use crate::metrics::Metrics;
-use crate::pool::Pool;
-use crate::registry::Registry;
+use crate::limits::{AcceptLimiter, Progress, RateConfig, Refused, Slot, Slots};
+use crate::lograte::{limited, HEADS};
+use crate::net::{LockedStream, Stream, TcpOptions};
+use crate::relay::{log_rate_config, Relay};
 use crate::stun;
 use crate::tls;
 
-/// Shared server state, one per running server.
+/// The front door's state, one per running server: the listeners' settings, TLS, the
+/// connections still logging in, the stop flag, the certificate reloader and the debug pages;
+/// and the [`Relay`] that DERP sessions share.
 pub struct State {
-    /// The server's DERP identity.
-    pub private_key: NodePrivate,
-    /// Its public half.
-    pub public_key: NodePublic,
-    /// Connected clients.
-    pub registry: Registry,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// Packet buffers.
-    pub pool: Arc<Pool>,
-    /// Per-batch write deadline (`--tcp-write-timeout`); `None` = no deadline.
-    pub write_timeout: Option<Duration>,
-    /// Next connection number.
-    pub next_conn_id: AtomicU64,
-    /// The region's mesh key: clients presenting it get mesh privileges.
-    pub mesh_key: Option<[u8; 32]>,
+    /// What every DERP session shares.
+    pub relay: Arc<Relay>,
     /// `--derp`: serve `/derp` at all.
     derp_enabled: bool,
     /// `--home`.
     home: Home,
     /// TCP options for accepted connections.
-    tcp_keepalive: Option<Duration>,
-    tcp_user_timeout: Option<Duration>,
+    tcp: TcpOptions,
     /// TLS for the main listener, if it uses TLS.
     tls: Option<futures_rustls::TlsAcceptor>,
-    /// Who may log in.
-    pub admission: crate::admission::Admission,
     /// Time allowed for a new connection's first byte (`--first-byte-timeout`).
     pub first_byte_timeout: Duration,
     /// Time allowed for the TLS handshake plus the request head (slowloris guard).
     pub handshake_timeout: Duration,
-    /// Time allowed from the upgrade to a complete ClientInfo.
-    pub login_timeout: Duration,
-    /// Time allowed for a packet's body once its pool buffer is taken.
-    pub frame_timeout: Duration,
     /// Connections not logged in yet (`--max-handshakes`, `--max-handshakes-per-ip`).
     pub handshakes: Arc<Slots>,
-    /// `--max-clients`.
-    pub max_clients: usize,
     /// `--accept-connection-limit` and `-burst`.
     accept_limit: Option<(f64, u64)>,
-    /// `--rate-config`: the per-client receive limit.
-    pub rate: RateLimits,
+    /// The `--rate-config` file, re-read on SIGHUP.
     pub(crate) rate_config: Option<std::path::PathBuf>,
     /// Set on SIGTERM/SIGINT: the listeners stop accepting.
     stopping: Stop,
     /// Swaps in renewed `--certmode manual` files.
     certs: Option<tls::CertReloader>,
     /// `/debug/` access rule and start-time facts.
-    pub(crate) debug: crate::debug::DebugState,
+    pub(crate) debug: debug::DebugState,
 }
 
 impl State {
-    /// The state of a server for `cfg`, without its listeners and threads: admission, the
-    /// `--rate-config` file and the `/debug/` access rule are read here.
+    /// The state of a server for `cfg`, without its listeners and threads: the relay
+    /// ([`Relay::new`]) and the `/debug/` access rule are made here.
     fn new(
         cfg: &Config,
         private_key: NodePrivate,
@@ -99,52 +74,26 @@ impl State {
         certs: Option<tls::CertReloader>,
         derp_map: Option<derpmap::Node>,
     ) -> Result<Self, StartError> {
-        let admission =
-            crate::admission::Admission::new(cfg.admission.clone()).map_err(StartError::Config)?;
-        let rate = RateLimits::default();
-        if let Some(p) = &cfg.rate_config {
-            let rc = RateConfig::load(p).map_err(StartError::Config)?;
-            rate.set(rc);
-            log_rate_config(rc);
-        }
-        let debug = crate::debug::DebugState::new(cfg, derp_map).map_err(StartError::Config)?;
-        let metrics = Arc::new(Metrics::default());
+        let relay = Relay::new(cfg, private_key).map_err(StartError::Config)?;
+        let debug = debug::DebugState::new(cfg, derp_map).map_err(StartError::Config)?;
         Ok(Self {
-            public_key: private_key.public(),
-            private_key,
-            registry: Registry::new(metrics.clone()),
-            metrics,
-            pool: Pool::with_budget(cfg.buffer_budget),
-            write_timeout: cfg.write_timeout,
-            next_conn_id: AtomicU64::new(1),
-            mesh_key: cfg.mesh_key,
+            relay: Arc::new(relay),
             derp_enabled: cfg.derp,
             home: cfg.home.clone(),
-            tcp_keepalive: cfg.tcp_keepalive,
-            tcp_user_timeout: cfg.tcp_user_timeout,
+            tcp: TcpOptions {
+                keepalive: cfg.tcp_keepalive,
+                user_timeout: cfg.tcp_user_timeout,
+            },
             tls,
-            admission,
             first_byte_timeout: cfg.first_byte_timeout,
             handshake_timeout: cfg.handshake_timeout,
-            login_timeout: cfg.login_timeout,
-            frame_timeout: cfg.frame_timeout,
             handshakes: Slots::new(cfg.max_handshakes, cfg.max_handshakes_per_ip),
-            max_clients: cfg.max_clients,
             accept_limit: cfg.accept_limit,
-            rate,
             rate_config: cfg.rate_config.clone(),
             stopping: Stop::default(),
             certs,
             debug,
         })
-    }
-
-    /// A server's state with no listener, thread or TLS, for driving [`client::serve`] over an
-    /// in-memory stream (the `session` fuzz target). `cfg.tls`, the listeners, STUN and
-    /// `--mesh-with` are ignored; `cfg.key` is not: the key is `private_key`. Not a stable API.
-    #[doc(hidden)]
-    pub fn in_process(cfg: &Config, private_key: NodePrivate) -> Result<Arc<Self>, StartError> {
-        Ok(Arc::new(Self::new(cfg, private_key, None, None, None)?))
     }
 
     /// The main listener uses TLS.
@@ -156,7 +105,7 @@ impl State {
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
-            .field("public_key", &self.public_key)
+            .field("public_key", &self.relay.public_key)
             .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
@@ -349,7 +298,7 @@ impl Server {
         info!(
             "derpd {} server key {}",
             env!("CARGO_PKG_VERSION"),
-            state.public_key
+            state.relay.public_key
         );
         let mode = if state.tls.is_some() {
             "TLS"
@@ -365,8 +314,8 @@ impl Server {
         }
         info!(
             "packet buffer budget {} KiB ({:?})",
-            state.pool.budget_bytes() >> 10,
-            state.pool.stats()
+            state.relay.pool.budget_bytes() >> 10,
+            state.relay.pool.stats()
         );
         if let Some(p) = cfg.public_port.filter(|&p| p != addr.port()) {
             info!("clients dial port {p} (--public-port), forwarded here by the firewall");
@@ -392,8 +341,14 @@ impl Server {
         }
         for (peer, tls) in mesh_links {
             let link = crate::link::Link::new(peer.host.clone());
-            ex.spawn(crate::mesh::run_link(state.clone(), link, peer, tls))
-                .detach();
+            ex.spawn(crate::mesh::run_link(
+                state.relay.clone(),
+                state.tcp,
+                link,
+                peer,
+                tls,
+            ))
+            .detach();
         }
         let mut threads = Vec::new();
         for i in 0..cfg.threads.max(1) {
@@ -430,9 +385,14 @@ impl Server {
         &self.stun_addrs
     }
 
-    /// Shared state (metrics, registry, pool), for tests and the debug pages.
+    /// The front door's state (handshake slots, timeouts), for tests.
     pub fn state(&self) -> &Arc<State> {
         &self.state
+    }
+
+    /// What DERP sessions share (key, metrics, registry, pool, admission), for tests.
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.state.relay
     }
 
     /// Re-reads every file that can change under a running server, as SIGHUP does in
@@ -494,12 +454,12 @@ impl Server {
     pub fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let state = &self.state;
         state.stopping.set();
-        let notified = state.registry.restart_all(|| {
+        let notified = state.relay.registry.restart_all(|| {
             let spread = RECONNECT_SPREAD.as_millis() as u32;
             SmallFrame::restarting(fastrand::u32(0..spread), RESTART_TRY_FOR.as_millis() as u32)
         });
         let deadline = std::time::Instant::now() + grace;
-        let m = &state.metrics;
+        let m = &state.relay.metrics;
         while m.current_connections.load(Relaxed) > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -510,7 +470,7 @@ impl Server {
 
     fn stop_threads(&mut self) {
         self.stop.set();
-        self.state.registry.close_all();
+        self.state.relay.registry.close_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -544,7 +504,7 @@ pub struct ShutdownReport {
 /// SIGHUP: re-read every file that can change under a running server.
 fn reload(state: &State) {
     info!("received SIGHUP: reloading");
-    state.admission.reload();
+    state.relay.admission.reload();
     if let Some(certs) = &state.certs {
         if let Err(e) = certs.reload() {
             warn!("certificate reload failed, keeping the old certificate: {e}");
@@ -553,7 +513,7 @@ fn reload(state: &State) {
     if let Some(p) = &state.rate_config {
         match RateConfig::load(p) {
             Ok(rc) => {
-                state.rate.set(rc);
+                state.relay.rate.set(rc);
                 log_rate_config(rc);
             }
             Err(e) => warn!("rate config reload failed, keeping the old one: {e}"),
@@ -577,17 +537,10 @@ async fn watch_certs(state: Arc<State>, every: Duration) {
     }
 }
 
-fn log_rate_config(rc: RateConfig) {
-    info!(
-        "rate config applied: client-rate={} bytes/sec, client-burst={} bytes",
-        rc.bytes_per_sec, rc.burst_bytes
-    );
-}
-
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.set();
-        self.state.registry.close_all();
+        self.state.relay.registry.close_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -703,7 +656,7 @@ async fn accept_loop(
     which: Listener,
 ) {
     let mut backoff = Duration::from_millis(5);
-    let m = &state.metrics;
+    let m = &state.relay.metrics;
     let mut limiter = match which {
         Listener::Main => state.accept_limit.map(|(r, b)| AcceptLimiter::new(r, b)),
         Listener::Port80 => None,
@@ -770,14 +723,11 @@ async fn accept_loop(
                     let Err(e) = conn.await else {
                         return;
                     };
-                    st.metrics.failed_logins.fetch_add(1, Relaxed);
+                    st.relay.metrics.failed_logins.fetch_add(1, Relaxed);
                     match e {
                         // DERP errors were logged with the client's key by the client code.
                         ConnFail::Derp(_) => {}
-                        ConnFail::Head(_) if lograte::HEADS.allow() => {
-                            info!("{remote}: refused: {e}")
-                        }
-                        ConnFail::Head(_) => {}
+                        ConnFail::Head(_) => limited!(info, HEADS, "{remote}: refused: {e}"),
                         // Scanners and dropped TLS handshakes: common, so only at debug.
                         _ => debug!("{remote}: closed: {e}"),
                     }
@@ -844,21 +794,6 @@ impl Refusals {
     }
 }
 
-pub(crate) fn set_tcp_options(state: &State, tcp: &TcpStream) {
-    use rustix::net::sockopt;
-    // Go sets TCP_NODELAY on every connection; we batch writes ourselves.
-    let _ = sockopt::set_tcp_nodelay(tcp, true);
-    if let Some(d) = state.tcp_keepalive {
-        let _ = sockopt::set_socket_keepalive(tcp, true);
-        let _ = sockopt::set_tcp_keepidle(tcp, d);
-        let _ = sockopt::set_tcp_keepintvl(tcp, d);
-    }
-    if let Some(d) = state.tcp_user_timeout {
-        let ms = u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
-        let _ = sockopt::set_tcp_user_timeout(tcp, ms);
-    }
-}
-
 /// A connection failed before or instead of a DERP session.
 #[derive(Debug)]
 enum ConnFail {
@@ -897,7 +832,7 @@ async fn handle_conn(
     which: Listener,
     slot: Slot,
 ) -> Result<(), ConnFail> {
-    set_tcp_options(state, tcp.get_ref());
+    state.tcp.apply(tcp.get_ref());
     // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
     // be part of every connection's task for its whole life.
     let setup = Box::pin(async {
@@ -906,7 +841,11 @@ async fn handle_conn(
         async { tcp.readable().await.map_err(ConnFail::Io) }
             .or(async {
                 Timer::after(state.first_byte_timeout).await;
-                state.metrics.first_byte_timeouts.fetch_add(1, Relaxed);
+                state
+                    .relay
+                    .metrics
+                    .first_byte_timeouts
+                    .fetch_add(1, Relaxed);
                 Err(ConnFail::Timeout("first byte"))
             })
             .await?;
@@ -956,7 +895,15 @@ async fn handle_conn(
                     match crate::ws::accept(&req, remote) {
                         Ok(acc) => {
                             drop(req);
-                            let ws = crate::ws::serve(state, stream, leftover, acc, remote, slot);
+                            let ws = crate::ws::serve(
+                                &state.relay,
+                                state.handshake_timeout,
+                                stream,
+                                leftover,
+                                acc,
+                                remote,
+                                slot,
+                            );
                             return ws.await.map_err(ConnFail::Derp);
                         }
                         Err(refusal) => refusal,
@@ -973,7 +920,7 @@ async fn handle_conn(
                 }
             },
             p if p == "/debug" || p.starts_with("/debug/") => {
-                crate::debug::respond(state, &req, remote, stream.local_addr())
+                debug::respond(state, &req, remote, stream.local_addr())
             }
             "/generate_204" => http::no_content(req.challenge.as_deref()),
             "/robots.txt" => http::robots(head),
@@ -1002,7 +949,7 @@ async fn serve_derp(
     remote: SocketAddr,
     slot: Slot,
 ) -> Result<(), ConnFail> {
-    let shared = Shared::new(stream);
+    let shared = LockedStream::new(stream);
     let rd = Cursor::new(leftover).chain(shared.clone());
     let up = Upgrade {
         remote,
@@ -1013,7 +960,7 @@ async fn serve_derp(
     };
     // The request's strings are not needed for the connection's life.
     drop(req);
-    client::serve(state.clone(), rd, shared, up)
+    client::serve(state.relay.clone(), rd, shared, up)
         .await
         .map_err(ConnFail::Derp)
 }
@@ -1038,7 +985,7 @@ async fn read_head(stream: &mut Stream) -> Result<(Request, Vec<u8>), ConnFail> 
 }
 
 async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
-    let m = &state.metrics;
+    let m = &state.relay.metrics;
     let mut buf = [0u8; 2048];
     let mut out = [0u8; stun::MAX_RESPONSE_LEN];
     loop {
@@ -1067,132 +1014,5 @@ async fn stun_loop(state: Arc<State>, sock: Async<UdpSocket>) {
                 debug!("STUN write to {from}: {e}");
             }
         }
-    }
-}
-
-/// A connection, plain or TLS (accepted, or dialled to a mesh peer), behind one type so the
-/// DERP code is compiled once.
-pub(crate) enum Stream {
-    Plain(Async<TcpStream>),
-    Tls(Box<futures_rustls::server::TlsStream<Async<TcpStream>>>),
-    TlsClient(Box<futures_rustls::client::TlsStream<Async<TcpStream>>>),
-}
-
-impl Stream {
-    /// derpd's own address of the connection.
-    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
-        let tcp = match self {
-            Self::Plain(s) => s,
-            Self::Tls(s) => s.get_ref().0,
-            Self::TlsClient(s) => s.get_ref().0,
-        };
-        tcp.get_ref().local_addr().ok()
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_close(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_close(cx),
-        }
-    }
-}
-
-/// The stream shared by a connection's reader and writer. Each poll holds the lock only for
-/// its own duration. (futures-lite's `split` would lose vectored writes.)
-#[derive(Clone)]
-pub(crate) struct Shared(Arc<Mutex<Stream>>);
-
-impl Shared {
-    pub(crate) fn new(s: Stream) -> Self {
-        Self(Arc::new(Mutex::new(s)))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Stream> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl AsyncRead for Shared {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.lock()).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Shared {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.lock()).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.lock()).poll_write_vectored(cx, bufs)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.lock()).poll_flush(cx)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.lock()).poll_close(cx)
     }
 }

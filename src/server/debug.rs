@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use super::State;
 use crate::admission::{Check, ControllerStats};
 use crate::config::Config;
 use crate::derpmap::Node;
@@ -22,7 +23,6 @@ use crate::http::{self, Request};
 use crate::limits::RateConfig;
 use crate::metrics::{DropReason, Metrics};
 use crate::pool::PoolStats;
-use crate::server::State;
 
 /// Browser headers of derper's debug sub-pages: its usual ones, with inline styles allowed.
 const DEBUG_HEADERS: &str = "Strict-Transport-Security: max-age=63072000; includeSubDomains\r\n\
@@ -294,7 +294,7 @@ fn index(state: &State, head: bool) -> Vec<u8> {
     }
     kv(
         "Mesh key",
-        if state.mesh_key.is_some() {
+        if state.relay.mesh_key.is_some() {
             "true"
         } else {
             "false"
@@ -380,25 +380,25 @@ impl<'a> Scrape<'a> {
     fn new(state: &'a State) -> Self {
         let d = &state.debug;
         Self {
-            m: &state.metrics,
-            pool: state.pool.stats(),
-            budget: state.pool.budget_bytes(),
-            clients: state.registry.varz_counts(),
-            gone_interests: state.registry.peer_gone_interests(),
+            m: &state.relay.metrics,
+            pool: state.relay.pool.stats(),
+            budget: state.relay.pool.budget_bytes(),
+            clients: state.relay.registry.varz_counts(),
+            gone_interests: state.relay.registry.peer_gone_interests(),
             // Counts the directory's own descriptor too, as derper does.
             fds: std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count),
             rss: rss_bytes(),
             rss0: d.rss0,
             uptime: (d.started.elapsed() + Duration::from_millis(500)).as_secs(),
             start_unix: d.start_unix,
-            rate: state.rate_config.is_some().then(|| state.rate.get()),
-            rate_waited: state.rate.waited.load(Relaxed) as u64,
+            rate: state.rate_config.is_some().then(|| state.relay.rate.get()),
+            rate_waited: state.relay.rate.waited.load(Relaxed) as u64,
             tls: state.is_tls(),
             handshakes: state.handshakes.in_use(),
-            refused: Check::ALL.map(|c| state.admission.rejections_by(c)),
-            fail_open: state.admission.fail_open_admits(),
-            controller: state.admission.controller_stats(),
-            allow_keys_reads: state.admission.allow_keys_reads(),
+            refused: Check::ALL.map(|c| state.relay.admission.rejections_by(c)),
+            fail_open: state.relay.admission.fail_open_admits(),
+            controller: state.relay.admission.controller_stats(),
+            allow_keys_reads: state.relay.admission.allow_keys_reads(),
         }
     }
 }
