@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Fuzzes the protocol core and what reads the network: builds every target in fuzz/ (libFuzzer, AddressSanitizer, debug
-# assertions) and runs each for SECONDS_PER_TARGET (default 20: CI's smoke run). Exits non-zero
-# if a target does not build, or finds a crash, a leak, a timeout or a failed assertion; the
-# failing input is saved under <target dir>/artifacts/<target>/ and its log is printed.
+# Fuzzes the protocol core and what reads the network: builds every target in fuzz/
+# (libFuzzer, AddressSanitizer, debug assertions) and runs each for SECONDS_PER_TARGET (default
+# 20: CI's smoke run, about 2 minutes for the 7 targets). Exits non-zero if a target does not
+# build, or finds a crash, a leak, a timeout or a failed assertion; the failing input is saved
+# under <target dir>/artifacts/<target>/ and its log is printed.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]
 #
