@@ -4,16 +4,19 @@
 //! # Layout (follow a packet)
 //! - [`config`]: derper's command line → a validated [`config::Config`] (plain data, also
 //!   the `--mesh-with` entries and the admission flags).
-//! - [`server`]: binds the listeners, runs the executor threads; per TCP connection: TLS
-//!   ([`tls`], with the meta-cert), one bounded HTTP request head ([`http`]), then a response or
-//!   the DERP upgrade. Also the STUN loop ([`stun`]).
+//! - [`server`]: the front door. Binds the listeners, runs the executor threads; per TCP
+//!   connection: TLS ([`tls`], with the meta-cert), one bounded HTTP request head ([`http`]),
+//!   then a response or the DERP upgrade. Also the STUN loop ([`stun`]), signals, and (in
+//!   `server/debug.rs`) the `/debug/` pages.
+//! - [`relay`]: what every DERP session shares (key, registry, pool, metrics, admission,
+//!   session limits); [`net`]: the stream types and TCP options below the DERP code.
 //! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
 //!   asked between ClientInfo and registration; the URL's client caps checks in flight, keeps
 //!   connections alive and remembers refused keys; the file is read on a blocking thread.
 //! - [`allowlist`]: the `--allow-keys-file` list, re-read when the file changes (off the
 //!   executor).
-//! - `debug`: the `/debug/` pages (Prometheus `varz`, and `derpmap` for the LuCI page) and
-//!   derper's access rule for them.
+//! - `server::debug`: the `/debug/` pages (Prometheus `varz`, and `derpmap` for the LuCI page)
+//!   and derper's access rule for them.
 //! - `derpmap`: the DERP map entry logged for a self-signed IP certificate: the node JSON, a
 //!   tailnet policy file snippet and a headscale `derp.paths` YAML file, from one description
 //!   (also served as JSON on `/debug/derpmap`).
@@ -48,10 +51,15 @@
 //!
 //! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`]) does no I/O.
 //!
-//! For the fuzz targets that read the network (`fuzz/`), three `#[doc(hidden)]` items, not a
-//! stable API: `server::State::in_process` (a server's state without listeners or threads, to
-//! run [`client::serve`] over an in-memory stream), `ws::transport` and
-//! `admission::parse_admit_response`.
+//! For the fuzz targets that read the network (`fuzz/`), two `#[doc(hidden)]` items, not a
+//! stable API: `ws::transport` and `admission::parse_admit_response`; the `session` target runs
+//! [`client::serve`] on a [`relay::Relay`] over an in-memory stream.
+//!
+//! Arrows point down: the protocol core ← relay state ([`registry`], [`link`], [`pool`],
+//! [`metrics`], [`limits`]) ← [`config`] ← network plumbing ([`admission`], [`allowlist`],
+//! [`tls`], [`trust`], [`net`]) ← DERP sessions ([`mesh`], [`ws`], [`client`], [`relay`]) ←
+//! [`server`]; nothing imports the server. `tests/layering.rs` derives the graph from the
+//! sources and fails on a cycle or an upward edge.
 //!
 //! Outside the library: `src/main.rs` (the `derpd` binary) and `bench/load.rs` (`derpd-load`,
 //! the benchmark's load generator, built only with `--features bench`), a DERP client made of
