@@ -342,8 +342,12 @@ fn rate_config_reload_reaches_existing_and_new_connections() {
     write(&format!(r#"{{"PerClientRateLimitBytesPerSec": {FAST}}}"#));
     let mut cfg = Config::dev_loopback();
     cfg.rate_config = Some(file.clone());
+    // Bursts of 8 packets of 60 KiB to one receiver: a budget whose large buffers let one
+    // receiver queue them all (the default's share is 3, and the rest would be dropped).
+    cfg.buffer_budget = 64 << 20;
     let srv = start(cfg);
     let st = srv.state().clone();
+    assert!(st.relay.pool.large_per_receiver() >= 8);
     assert_eq!(st.relay.rate.get().bytes_per_sec, FAST);
     let a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
