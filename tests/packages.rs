@@ -203,7 +203,7 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             "--log-level=info",
             "--buffer-budget-mib=16",
             "--threads=0",
-            "--max-clients=2048",
+            "--max-clients=512",
             "--max-handshakes=256",
             "--max-handshakes-per-ip=16",
             "--first-byte-timeout=3s",
@@ -223,8 +223,9 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
         .to_vec();
         assert_eq!(run.argv, want, "{}", run.shell);
         // The other values the shipped config spells out are derpd's defaults: the same Config
-        // as a command line with only what the init script must give and the ports (beside
-        // uhttpd's 80 and 443, dialled at 443 through the firewall's redirect).
+        // as a command line with only what the init script must give, the ports (beside
+        // uhttpd's 80 and 443, dialled at 443 through the firewall's redirect) and the one
+        // router-sized limit (--max-clients 512: 42 MiB at worst, README "Memory: a budget").
         let minimal = [
             "/usr/sbin/derpd",
             "--config=/etc/derpd/derper.key",
@@ -234,6 +235,7 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             "--addr=:3443",
             "--http-port=3080",
             "--public-port=443",
+            "--max-clients=512",
         ]
         .map(s);
         assert_eq!(
