@@ -240,6 +240,7 @@ where
         ctl_payload: [0; 125],
         ctl_have: 0,
         closing: false,
+        failed: false,
     };
     (rd, WsWrite { conn })
 }
@@ -350,6 +351,8 @@ pub struct WsRead<S> {
     ctl_have: usize,
     /// A close arrived: send the reply, then end the stream.
     closing: bool,
+    /// A read failed: the stream is in an unknown state, and every later read fails too.
+    failed: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
@@ -426,6 +429,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
                 "frame of {len} bytes is too long (most {MAX_FRAME})"
             )));
         }
+        if h[0] & 0x08 != 0 && len > 125 {
+            return Err(invalid("control frame longer than 125 bytes"));
+        }
         let mut mask = [0u8; 4];
         mask.copy_from_slice(&h[at..at + 4]);
         Ok(Frame {
@@ -452,6 +458,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsRead<S> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
+        if me.failed {
+            return Poll::Ready(Err(invalid("the WebSocket stream already failed")));
+        }
+        let r = me.read_frames(cx, buf);
+        if let Poll::Ready(Err(_)) = r {
+            me.failed = true;
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
+    /// [`AsyncRead::poll_read`] until the first error.
+    fn read_frames(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let me = self;
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -729,6 +750,25 @@ mod tests {
                 e
             }
         }
+    }
+
+    /// After a refused frame the stream stays failed: a second read neither goes on parsing
+    /// the refused header (a Ping that claimed 65,278 bytes panicked slicing its 125-byte
+    /// buffer; found by the websocket fuzz target) nor returns data.
+    #[test]
+    fn reads_after_an_error_fail_too() {
+        let mut wire = vec![0x89, 0x80 | 126, 0xfe, 0xfe, 1, 2, 3, 4];
+        wire.extend([0u8; 64]);
+        let (server, mut client) = pair();
+        client.write_all(&wire).unwrap();
+        smol::block_on(async {
+            let (mut rd, _wr) = transport(server, Vec::new()).await;
+            let mut buf = [0u8; 16];
+            for i in 0..3 {
+                let e = rd.read(&mut buf).await.unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "read {i}: {e}");
+            }
+        });
     }
 
     /// RFC 6455 §1.3's example (the value is also what Python's hashlib/base64 give).
