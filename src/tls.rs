@@ -28,6 +28,12 @@ const PROTOCOL_VERSION: u8 = 2;
 /// 64 KiB per connection, outside the packet pool). A write past it waits for the socket, as
 /// on plain TCP; a 64 KiB packet still goes, in records of at most this size.
 pub const SEND_BUFFER_LIMIT: usize = 4 << 10;
+
+/// Applies [`SEND_BUFFER_LIMIT`] to an accepted connection (rustls queues up to 64 KiB of
+/// records for a slow reader by default).
+pub fn limit_send_buffer(c: &mut rustls::ServerConnection) {
+    c.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
+}
 /// derper's meta-cert is valid from now − 30 days to now + 30 days.
 const META_VALIDITY: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 /// We regenerate the meta-cert this long before it expires (derper never does).
@@ -1483,6 +1489,18 @@ mod tests {
         name: &str,
         sni: bool,
     ) -> Result<Vec<CertificateDer<'static>>, String> {
+        let (client, _) = connected(server, tls12, name, sni)?;
+        let certs = client.peer_certificates().unwrap();
+        Ok(certs.iter().map(|c| c.clone().into_owned()).collect())
+    }
+
+    /// Both ends of an in-memory handshake, once it has finished.
+    fn connected(
+        server: Arc<rustls::ServerConfig>,
+        tls12: bool,
+        name: &str,
+        sni: bool,
+    ) -> Result<(ClientConnection, ServerConnection), String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12 {
             &[&rustls::version::TLS12]
@@ -1526,8 +1544,7 @@ mod tests {
                     rustls::ProtocolVersion::TLSv1_3
                 };
                 assert_eq!(client.protocol_version(), Some(want));
-                let certs = client.peer_certificates().unwrap();
-                return Ok(certs.iter().map(|c| c.clone().into_owned()).collect());
+                return Ok((client, server));
             }
         }
         Err("handshake did not finish".to_owned())
@@ -1562,6 +1579,39 @@ mod tests {
         let plain = server_config(&cert, "derp.example.com", SERVER_KEY, false).unwrap();
         let certs = handshake(plain, false, "derp.example.com", true).unwrap();
         assert_eq!(certs, cert.chain);
+    }
+
+    /// A slow reader's connection queues at most [`SEND_BUFFER_LIMIT`] of records: a 64 KiB
+    /// packet is taken in pieces as the socket drains, not all at once (rustls's default).
+    #[test]
+    fn send_buffer_is_limited() {
+        use std::io::Write as _;
+        let tmp = TempDir::new();
+        let cert = load_or_create("127.0.0.1", &tmp.0).unwrap();
+        let cfg = server_config(&cert, "127.0.0.1", SERVER_KEY, true).unwrap();
+        let packet = vec![0x5a; 64 << 10];
+        for (limited, most) in [(false, packet.len()), (true, SEND_BUFFER_LIMIT)] {
+            let (_client, mut server) =
+                connected(Arc::clone(&cfg), false, "127.0.0.1", true).unwrap();
+            if limited {
+                limit_send_buffer(&mut server);
+            }
+            // Nothing is written to a socket: everything taken stays queued in rustls.
+            let mut taken = 0;
+            while taken < packet.len() {
+                match server.writer().write(&packet[taken..]).unwrap() {
+                    0 => break,
+                    n => taken += n,
+                }
+            }
+            assert!(
+                taken <= most,
+                "limited {limited}: {taken} bytes queued, most {most}"
+            );
+            if !limited {
+                assert_eq!(taken, packet.len());
+            }
+        }
     }
 
     #[test]

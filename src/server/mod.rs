@@ -851,15 +851,13 @@ async fn handle_conn(
             .await?;
         slot.progress(Progress::Talking);
         let mut stream = match (&state.tls, which) {
-            (Some(acc), Listener::Main) => {
-                // rustls queues up to 64 KiB of records for a slow reader by default.
-                let limit = |c: &mut rustls::ServerConnection| {
-                    c.set_buffer_limit(Some(tls::SEND_BUFFER_LIMIT));
-                };
-                Stream::Tls(Box::new(acc.accept_with(tcp, limit).await.map_err(
-                    |e| ConnFail::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}"))),
-                )?))
-            }
+            (Some(acc), Listener::Main) => Stream::Tls(Box::new(
+                acc.accept_with(tcp, tls::limit_send_buffer)
+                    .await
+                    .map_err(|e| {
+                        ConnFail::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
+                    })?,
+            )),
             _ => Stream::Plain(tcp),
         };
         match read_head(&mut stream).await {
