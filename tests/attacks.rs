@@ -409,7 +409,15 @@ impl<S: Read + Write> Rig<S> {
         self.d.expect_running();
         relay_both(&mut self.a, &mut self.b, &at.name);
         self.note_fds(&mut at);
-        let deadline = Instant::now() + IO_TIMEOUT;
+        // Under QEMU, derpd (one thread) may still be reading a flood's backlog from the
+        // senders' sockets before it sees the attackers' closes: aarch64 took over 5 s after
+        // the stuck-receivers flood.
+        let wait = if support::under_qemu() {
+            IO_TIMEOUT * 6
+        } else {
+            IO_TIMEOUT
+        };
+        let deadline = Instant::now() + wait;
         let mut fds = fd_count(self.pid);
         while fds != self.fd_base {
             if Instant::now() >= deadline {
