@@ -420,29 +420,13 @@ impl Admission {
                     return Answer::Refused(format!("admission controller: bad response: {e}"))
                 }
             };
-            let body = conn
-                .read_body(head.framing, ADMIT_BODY_MAX, ADMIT_BODY_MAX as u64)
-                .await;
-            let reusable = !head.close
-                && head.framing != Framing::Close
-                && body.end == Ok(true)
-                && conn.buf.is_empty();
+            let (answer, reusable) = read_answer(&mut conn, &head).await;
             if reusable {
                 // An idle connection keeps no read buffer.
                 conn.buf = Vec::new();
                 ctl.put_idle(conn);
             }
-            if head.status != 200 {
-                return Answer::Refused(format!("admission controller: {}", head.status_line));
-            }
-            return match decode_admit(&body.data) {
-                Ok(true) => Answer::Allowed,
-                Ok(false) => Answer::NotAllowed,
-                Err(e) => Answer::Refused(match body.end {
-                    Err(read) => format!("admission controller: reading the response: {read}"),
-                    Ok(_) => format!("admission controller: bad response: {e}"),
-                }),
-            };
+            return answer;
         }
     }
 }
@@ -1145,13 +1129,37 @@ where
 {
     let mut conn = Conn::new(Box::new(io), Instant::now() + TIMEOUT, TIMEOUT);
     let head = conn.read_head().await?;
-    if head.status != 200 {
-        return Err(head.status_line);
+    match read_answer(&mut conn, &head).await.0 {
+        Answer::Allowed => Ok(true),
+        Answer::NotAllowed => Ok(false),
+        Answer::Refused(e) | Answer::Unreachable(e) => Err(e),
     }
+}
+
+/// Reads the body of the controller's answer to `head` and judges it: only a 200 whose body
+/// (first 4 KiB) decodes as `{"Allow": …}` decides. Also whether the connection can be kept
+/// for the next check (the answer ended where its framing said, nothing more was sent).
+async fn read_answer(conn: &mut Conn, head: &Head) -> (Answer, bool) {
     let body = conn
         .read_body(head.framing, ADMIT_BODY_MAX, ADMIT_BODY_MAX as u64)
         .await;
-    decode_admit(&body.data).map_err(|e| body.end.err().unwrap_or(e))
+    let reusable = !head.close
+        && head.framing != Framing::Close
+        && body.end == Ok(true)
+        && conn.buf.is_empty();
+    if head.status != 200 {
+        let answer = Answer::Refused(format!("admission controller: {}", head.status_line));
+        return (answer, reusable);
+    }
+    let answer = match decode_admit(&body.data) {
+        Ok(true) => Answer::Allowed,
+        Ok(false) => Answer::NotAllowed,
+        Err(e) => Answer::Refused(match body.end {
+            Err(read) => format!("admission controller: reading the response: {read}"),
+            Ok(_) => format!("admission controller: bad response: {e}"),
+        }),
+    };
+    (answer, reusable)
 }
 
 fn parse_hex_u64(s: &[u8]) -> Option<u64> {

@@ -259,43 +259,41 @@ struct KeySet {
 /// never takes the write lock nor moves the registry's generation.
 #[derive(Debug)]
 struct Active {
-    /// The connection, and how many times it changed. Both change together, under this lock.
-    slot: Mutex<(Option<Arc<Client>>, usize)>,
-    /// Copy of the change count: a cached route to the key is valid while this has not moved.
-    /// (usize: 32-bit targets have no native 64-bit atomics; a cache that missed exactly 2^32
-    /// changes would be wrong for one packet at most, until the next registry change.)
+    /// The connection.
+    slot: Mutex<Option<Arc<Client>>>,
+    /// How many times it changed; written only under `slot`'s lock. A cached route to the key
+    /// is valid while this has not moved. (usize: 32-bit targets have no native 64-bit
+    /// atomics; a cache that missed exactly 2^32 changes would be wrong for one packet at most,
+    /// until the next registry change.)
     changes: AtomicUsize,
 }
 
 impl Active {
     fn new(c: &Arc<Client>) -> Arc<Self> {
         Arc::new(Self {
-            slot: Mutex::new((Some(c.clone()), 0)),
+            slot: Mutex::new(Some(c.clone())),
             changes: AtomicUsize::new(0),
         })
     }
 
     fn get(&self) -> Option<Arc<Client>> {
-        lock(&self.slot).0.clone()
+        lock(&self.slot).clone()
     }
 
     /// The active connection and the change count it goes with.
     fn get_counted(&self) -> (Option<Arc<Client>>, usize) {
         let g = lock(&self.slot);
-        (g.0.clone(), g.1)
+        (g.clone(), self.changes.load(Relaxed))
     }
 
     fn is(&self, c: &Arc<Client>) -> bool {
-        lock(&self.slot)
-            .0
-            .as_ref()
-            .is_some_and(|a| Arc::ptr_eq(a, c))
+        lock(&self.slot).as_ref().is_some_and(|a| Arc::ptr_eq(a, c))
     }
 
     /// Makes `c` the active connection (a change only if it was not).
     fn set(&self, c: Option<Arc<Client>>) {
         let mut g = lock(&self.slot);
-        let same = match (&g.0, &c) {
+        let same = match (&*g, &c) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (None, None) => true,
             _ => false,
@@ -303,11 +301,11 @@ impl Active {
         if same {
             return;
         }
-        g.0 = c;
-        g.1 = g.1.wrapping_add(1);
+        *g = c;
         // Published after the new value, under the slot lock: a reader that sees the new count
         // and then misses looks up the new connection.
-        self.changes.store(g.1, Ordering::Release);
+        let n = self.changes.load(Relaxed).wrapping_add(1);
+        self.changes.store(n, Ordering::Release);
     }
 }
 

@@ -231,8 +231,10 @@ where
     }));
     let rd = WsRead {
         conn: conn.clone(),
-        leftover,
-        left_pos: 0,
+        leftover: Leftover {
+            bytes: leftover,
+            pos: 0,
+        },
         hdr: [0; 14],
         hdr_have: 0,
         frame: None,
@@ -339,9 +341,7 @@ struct Frame {
 #[doc(hidden)]
 pub struct WsRead<S> {
     conn: Arc<Mutex<Conn<S>>>,
-    /// What the HTTP layer read past the request head; released once consumed.
-    leftover: Vec<u8>,
-    left_pos: usize,
+    leftover: Leftover,
     hdr: [u8; 14],
     hdr_have: usize,
     frame: Option<Frame>,
@@ -355,27 +355,37 @@ pub struct WsRead<S> {
     failed: bool,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
-    /// Reads raw bytes: first the leftover from the request head, then the socket.
-    fn raw_read(
+/// What the HTTP layer read past the request head; released once consumed.
+struct Leftover {
+    bytes: Vec<u8>,
+    pos: usize,
+}
+
+impl Leftover {
+    /// Reads raw bytes: first these, then the socket.
+    fn read<S: AsyncRead + Unpin>(
         &mut self,
         conn: &mut Conn<S>,
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        if self.left_pos < self.leftover.len() {
-            let n = buf.len().min(self.leftover.len() - self.left_pos);
-            buf[..n].copy_from_slice(&self.leftover[self.left_pos..self.left_pos + n]);
-            self.left_pos += n;
-            if self.left_pos == self.leftover.len() {
-                self.leftover = Vec::new();
-                self.left_pos = 0;
+        if self.pos < self.bytes.len() {
+            let n = buf.len().min(self.bytes.len() - self.pos);
+            buf[..n].copy_from_slice(&self.bytes[self.pos..self.pos + n]);
+            self.pos += n;
+            if self.pos == self.bytes.len() {
+                *self = Self {
+                    bytes: Vec::new(),
+                    pos: 0,
+                };
             }
             return Poll::Ready(Ok(n));
         }
         Pin::new(&mut conn.stream).poll_read(cx, buf)
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
     /// Header bytes needed so far (2 until the length byte is known).
     fn header_len(&self) -> usize {
         if self.hdr_have < 2 {
@@ -492,10 +502,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
             }
             let Some(mut f) = me.frame else {
                 let need = me.header_len();
-                let mut hdr = me.hdr;
-                let n = ready!(me.raw_read(&mut c, cx, &mut hdr[me.hdr_have..need]))?;
-                me.hdr[me.hdr_have..me.hdr_have + n]
-                    .copy_from_slice(&hdr[me.hdr_have..me.hdr_have + n]);
+                let n = ready!(me.leftover.read(&mut c, cx, &mut me.hdr[me.hdr_have..need]))?;
                 if n == 0 {
                     if me.hdr_have == 0 && !me.in_message {
                         return Poll::Ready(Ok(0));
@@ -522,7 +529,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
                 }
                 me.in_message = true;
                 let k = (f.len - f.done).min(buf.len() as u64) as usize;
-                let n = ready!(me.raw_read(&mut c, cx, &mut buf[..k]))?;
+                let n = ready!(me.leftover.read(&mut c, cx, &mut buf[..k]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                 }
@@ -534,10 +541,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
             // A control frame: its payload (at most 125 bytes) is read whole.
             let len = f.len as usize;
             if me.ctl_have < len {
-                let mut p = me.ctl_payload;
-                let n = ready!(me.raw_read(&mut c, cx, &mut p[me.ctl_have..len]))?;
-                me.ctl_payload[me.ctl_have..me.ctl_have + n]
-                    .copy_from_slice(&p[me.ctl_have..me.ctl_have + n]);
+                let buf = &mut me.ctl_payload[me.ctl_have..len];
+                let n = ready!(me.leftover.read(&mut c, cx, buf))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                 }

@@ -18,11 +18,11 @@ use derpd::lograte::{LINES_PER_WINDOW, WINDOW};
 /// Counts the lines written for each kind of event.
 struct Counter;
 
-/// (substring of the line, lines seen).
-static SEEN: [(&str, AtomicUsize); 3] = [
-    ("login refused", AtomicUsize::new(0)),
-    (": refused: ", AtomicUsize::new(0)),
-    ("websocket refused", AtomicUsize::new(0)),
+/// (substring of the line, its kind's metric label, lines seen).
+static SEEN: [(&str, &str, AtomicUsize); 3] = [
+    ("login refused", "login", AtomicUsize::new(0)),
+    (": refused: ", "head", AtomicUsize::new(0)),
+    ("websocket refused", "websocket", AtomicUsize::new(0)),
 ];
 
 impl log::Log for Counter {
@@ -31,7 +31,7 @@ impl log::Log for Counter {
     }
     fn log(&self, r: &log::Record<'_>) {
         let line = r.args().to_string();
-        for (what, n) in &SEEN {
+        for (what, _, n) in &SEEN {
             if line.contains(what) {
                 n.fetch_add(1, Relaxed);
             }
@@ -76,14 +76,14 @@ fn a_flood_of_bad_connections_writes_a_few_lines_per_kind() {
     // Each window: its share, and from the second on a summary line ("… and N more").
     let most = windows as usize * LINES_PER_WINDOW as usize;
     let mut held = 0;
-    for (i, (what, n)) in SEEN.iter().enumerate() {
+    for (what, label, n) in &SEEN {
         let n = n.load(Relaxed);
         println!("{what:?}: {n} lines for {FLOOD} connections in {windows} window(s)");
         assert!(
             (1..=most).contains(&n),
             "{what:?}: {n} lines for {FLOOD} connections (at most {most})"
         );
-        let label = derpd::lograte::KIND_LABELS[[0, 2, 3][i]];
+        assert!(derpd::lograte::KIND_LABELS.contains(label));
         let name = format!("derpd_log_lines_suppressed{{kind=\"{label}\"}}");
         let s = varz_value(addr, &name).unwrap_or_else(|| panic!("{name} missing"));
         held += s;
