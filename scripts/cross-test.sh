@@ -15,6 +15,11 @@ target=$1; shift
 source scripts/cross-env.sh
 cross_setup "$target"
 PATH="$(scripts/ensure-go.sh):$PATH" # for the interop tests
+# Each test binary runs under a watchdog (a time limit, a report and one rerun if it hangs).
+if [[ -n "$QEMU" ]]; then
+  up=$(echo "$target" | tr 'a-z-' 'A-Z_')
+  export "CARGO_TARGET_${up}_RUNNER=$PWD/scripts/qemu-watchdog.sh $QEMU"
+fi
 
 # Property tests run 256 cases each on the host; under QEMU 32 each, with the same code paths
 # (they are about endianness and word size here, which 32 cases exercise), to keep CI short.
@@ -33,6 +38,10 @@ read -r passed failed ignored suites < <(awk '/^test result:/ {
   if ($(i+1) ~ /^ignored/) g += $i } n++ } END { print p+0, f+0, g+0, n+0 }' "$log")
 echo "cross-test: $target: $passed passed, $failed failed, $ignored ignored in $suites test binaries;" \
   "$(($(date +%s) - start)) s; exit $rc"
+hangs=$(grep -c "^HANG: .* still running" "$log" || true)
+if ((hangs > 0)); then
+  echo "cross-test: $hangs test binary runs HUNG and were killed, then run once more (see HANG above)"
+fi
 if grep -q "^SKIPPED" "$log"; then
   echo "cross-test: some tests were SKIPPED (see above)"
 fi
