@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # cargo's test runner in scripts/cross-test.sh: `qemu-watchdog.sh QEMU TEST_BINARY ARGS...` runs
-# one test binary under qemu-user with a time limit (CROSS_TEST_BINARY_LIMIT seconds, 900 by
-# default; the slowest binary takes about 200 s under QEMU on 2 cores).
+# one test binary under qemu-user with a time limit (CROSS_TEST_BINARY_LIMIT seconds, 600 by
+# default; the slowest binary, tests/attacks.rs on mips, takes about 200 s under QEMU on 2 cores).
 #
-# Why: a test binary once stopped for good under qemu-mips in CI (every wait in the tests has a
-# deadline, so the likely culprit is qemu-user itself: forking from a multi-threaded guest can
-# deadlock the child before its exec). Without a limit such a hang eats the whole CI budget and
+# Why: a test binary once stopped for good under qemu-mips in CI (tests/lifecycle.rs, in a test
+# that passes in 2 s; every wait in it has a deadline, so the suspect is qemu-user itself, e.g. a
+# fork from a multi-threaded guest that never reaches its exec; the report below will tell). Without a limit such a hang eats the whole CI budget and
 # says nothing. With it, the hang is reported (HANG, with every stuck process's threads and the
 # system call each is in), the process group is killed, and the binary runs once more; a second
 # hang, or a failure in the rerun, fails. scripts/cross-test.sh counts the HANG lines in its
 # summary, so a rerun is never silent.
 set -uo pipefail
 [[ $# -ge 2 ]] || { echo "usage: $0 QEMU TEST_BINARY [ARGS...]" >&2; exit 2; }
-limit=${CROSS_TEST_BINARY_LIMIT:-900}
+limit=${CROSS_TEST_BINARY_LIMIT:-600}
 
 # The processes of process group $1: pid, parent, state, age, kernel wait channel, command;
 # then, per thread, the system call it is blocked in (number and arguments, /proc/*/syscall).
