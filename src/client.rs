@@ -136,7 +136,7 @@ where
     });
     let (info, session) = match login
         .or(async {
-            Timer::after(state.login_timeout).await;
+            Timer::after(state.timeouts.login).await;
             Err(ConnError::Protocol("login timed out".into()))
         })
         .await
@@ -155,9 +155,12 @@ where
     if !is_mesh {
         let mut verdict = state.admission.check(&info.key, up.remote).await;
         let m = &state.metrics;
-        if verdict.is_ok() && m.current_connections.load(Relaxed) >= state.max_clients {
+        if verdict.is_ok() && m.current_connections.load(Relaxed) >= state.limits.max_clients {
             m.clients_full.fetch_add(1, Relaxed);
-            verdict = Err(format!("server full (--max-clients {})", state.max_clients));
+            verdict = Err(format!(
+                "server full (--max-clients {})",
+                state.limits.max_clients
+            ));
         }
         if let Err(why) = verdict {
             limited!(
@@ -189,9 +192,9 @@ where
     let client = Client::with_mesh(conn_id, info.key, up.remote, flags, is_mesh);
     // Mesh peers get derper's privileged write timeout.
     let write_timeout = if is_mesh {
-        state.write_timeout.map(|_| MESH_WRITE_TIMEOUT)
+        state.timeouts.write.map(|_| MESH_WRITE_TIMEOUT)
     } else {
-        state.write_timeout
+        state.timeouts.write
     };
     let m = &state.metrics;
     if up.fast_start {
@@ -496,10 +499,10 @@ async fn read_packet<R: AsyncRead + Unpin>(
             .map_err(ConnError::from)
     }
     .or(async {
-        Timer::after(state.frame_timeout).await;
+        Timer::after(state.timeouts.frame).await;
         Err(ConnError::Protocol(format!(
             "frame body of {len} bytes not received within {:?} (--frame-timeout)",
-            state.frame_timeout
+            state.timeouts.frame
         )))
     })
     .await?;
@@ -865,7 +868,7 @@ mod tests {
     fn in_memory_session_ends_at_eof_and_leaves_nothing() {
         use crate::key::NodePrivate;
         let mut cfg = crate::config::Config::dev_loopback();
-        cfg.buffer_budget = 1 << 20;
+        cfg.limits.buffer_budget = 1 << 20;
         let server = NodePrivate::from_bytes([0x11; KEY_LEN]);
         let state = Arc::new(Relay::new(&cfg, server.clone()).unwrap());
         let client = NodePrivate::from_bytes([0x22; KEY_LEN]);

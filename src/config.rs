@@ -289,6 +289,41 @@ pub struct TlsMode {
     pub certdir: PathBuf,
 }
 
+/// Deadlines and TCP socket options, as configured (`--*-timeout`, `--tcp-*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `--first-byte-timeout`: a new connection's first byte.
+    pub first_byte: Duration,
+    /// `--handshake-timeout`: the TLS handshake plus the request head (slowloris guard).
+    pub handshake: Duration,
+    /// `--login-timeout`: from the upgrade to a complete ClientInfo.
+    pub login: Duration,
+    /// `--frame-timeout`: a packet's body once its pool buffer is taken.
+    pub frame: Duration,
+    /// `--tcp-write-timeout`: per write batch; `None` = no deadline.
+    pub write: Option<Duration>,
+    /// `--tcp-keepalive-time`: TCP keepalive idle time; `None` = off.
+    pub tcp_keepalive: Option<Duration>,
+    /// `--tcp-user-timeout`: TCP_USER_TIMEOUT; `None` = the kernel's.
+    pub tcp_user: Option<Duration>,
+}
+
+/// Sizes and counts, as configured (`--max-*`, `--buffer-budget-mib`, `--accept-connection-*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// `--max-clients`: most logged-in DERP connections.
+    pub max_clients: usize,
+    /// `--max-handshakes`: most connections not yet logged in.
+    pub max_handshakes: usize,
+    /// `--max-handshakes-per-ip`: most of those from one address (IPv6: one /64).
+    pub max_handshakes_per_ip: usize,
+    /// `--buffer-budget-mib`, in bytes: the packet pool's budget.
+    pub buffer_budget: usize,
+    /// `--accept-connection-limit` and `-burst`: (connections per second, burst); `None` =
+    /// unlimited.
+    pub accept: Option<(f64, u64)>,
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -308,16 +343,12 @@ pub struct Config {
     pub home: Home,
     /// The server key.
     pub key: KeySource,
-    /// Per-batch write deadline.
-    pub write_timeout: Option<Duration>,
-    /// TCP keepalive idle time.
-    pub tcp_keepalive: Option<Duration>,
-    /// TCP_USER_TIMEOUT.
-    pub tcp_user_timeout: Option<Duration>,
     /// Append the meta-cert.
     pub meta_cert: bool,
-    /// Packet buffer budget, bytes.
-    pub buffer_budget: usize,
+    /// Deadlines and TCP socket options.
+    pub timeouts: Timeouts,
+    /// Sizes and counts: clients, connections logging in, the packet buffer budget, accepts.
+    pub limits: Limits,
     /// Executor threads.
     pub threads: usize,
     /// The region's mesh key.
@@ -326,24 +357,8 @@ pub struct Config {
     pub mesh_with: Vec<MeshPeer>,
     /// Who may log in (mesh peers are always admitted).
     pub admission: AdmissionConfig,
-    /// Accept rate limit: (connections per second, burst); `None` = unlimited.
-    pub accept_limit: Option<(f64, u64)>,
-    /// Most logged-in DERP connections.
-    pub max_clients: usize,
-    /// Most connections not yet logged in.
-    pub max_handshakes: usize,
-    /// Most connections not yet logged in from one address (IPv6: one /64).
-    pub max_handshakes_per_ip: usize,
-    /// Deadline for a new connection's first byte.
-    pub first_byte_timeout: Duration,
     /// `--rate-config` file.
     pub rate_config: Option<PathBuf>,
-    /// Deadline for the TLS handshake plus the request head.
-    pub handshake_timeout: Duration,
-    /// Deadline from the upgrade to a complete ClientInfo.
-    pub login_timeout: Duration,
-    /// Deadline for a packet's body once its buffer is taken.
-    pub frame_timeout: Duration,
     /// How often the certificate files are checked for changes.
     pub cert_poll: Duration,
 }
@@ -360,24 +375,28 @@ impl Config {
             derp: true,
             home: Home::Default,
             key: KeySource::Ephemeral,
-            write_timeout: Some(Duration::from_secs(2)),
-            tcp_keepalive: Some(Duration::from_secs(600)),
-            tcp_user_timeout: Some(Duration::from_secs(15)),
+            timeouts: Timeouts {
+                first_byte: DEFAULT_FIRST_BYTE_TIMEOUT,
+                handshake: Duration::from_secs(10),
+                login: Duration::from_secs(10),
+                frame: Duration::from_secs(10),
+                write: Some(Duration::from_secs(2)),
+                tcp_keepalive: Some(Duration::from_secs(600)),
+                tcp_user: Some(Duration::from_secs(15)),
+            },
             meta_cert: true,
-            buffer_budget: crate::pool::DEFAULT_BUDGET_MIB << 20,
+            limits: Limits {
+                max_clients: DEFAULT_MAX_CLIENTS,
+                max_handshakes: DEFAULT_MAX_HANDSHAKES,
+                max_handshakes_per_ip: crate::limits::DEFAULT_MAX_HANDSHAKES_PER_IP,
+                buffer_budget: crate::pool::DEFAULT_BUDGET_MIB << 20,
+                accept: None,
+            },
             threads: 2,
             mesh_key: None,
             mesh_with: Vec::new(),
             admission: AdmissionConfig::default(),
-            accept_limit: None,
-            max_clients: DEFAULT_MAX_CLIENTS,
-            max_handshakes: DEFAULT_MAX_HANDSHAKES,
-            max_handshakes_per_ip: crate::limits::DEFAULT_MAX_HANDSHAKES_PER_IP,
-            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
             rate_config: None,
-            handshake_timeout: Duration::from_secs(10),
-            login_timeout: Duration::from_secs(10),
-            frame_timeout: Duration::from_secs(10),
             cert_poll: CERT_POLL,
         }
     }
@@ -473,11 +492,26 @@ impl Config {
             derp: a.derp,
             home: Home::parse(&a.home)?,
             key,
-            write_timeout: nonzero(parse_go_duration(&a.tcp_write_timeout)?),
-            tcp_keepalive: nonzero(parse_go_duration(&a.tcp_keepalive_time)?),
-            tcp_user_timeout: nonzero(parse_go_duration(&a.tcp_user_timeout)?),
+            timeouts: Timeouts {
+                first_byte: deadline("--first-byte-timeout", &a.first_byte_timeout)?,
+                handshake: deadline("--handshake-timeout", &a.handshake_timeout)?,
+                login: deadline("--login-timeout", &a.login_timeout)?,
+                frame: deadline("--frame-timeout", &a.frame_timeout)?,
+                write: nonzero(parse_go_duration(&a.tcp_write_timeout)?),
+                tcp_keepalive: nonzero(parse_go_duration(&a.tcp_keepalive_time)?),
+                tcp_user: nonzero(parse_go_duration(&a.tcp_user_timeout)?),
+            },
             meta_cert: a.meta_cert,
-            buffer_budget: a.buffer_budget_mib << 20,
+            limits: Limits {
+                max_clients: positive("--max-clients", a.max_clients)?,
+                max_handshakes: positive("--max-handshakes", a.max_handshakes)?,
+                max_handshakes_per_ip: positive(
+                    "--max-handshakes-per-ip",
+                    a.max_handshakes_per_ip,
+                )?,
+                buffer_budget: a.buffer_budget_mib << 20,
+                accept: accept_limit(a.accept_connection_limit, a.accept_connection_burst)?,
+            },
             threads,
             mesh_key,
             mesh_with,
@@ -489,15 +523,7 @@ impl Config {
                 fail_open: a.verify_client_url_fail_open,
                 allow_keys_file: non_empty(&a.allow_keys_file).map(PathBuf::from),
             },
-            accept_limit: accept_limit(a.accept_connection_limit, a.accept_connection_burst)?,
-            max_clients: positive("--max-clients", a.max_clients)?,
-            max_handshakes: positive("--max-handshakes", a.max_handshakes)?,
-            max_handshakes_per_ip: positive("--max-handshakes-per-ip", a.max_handshakes_per_ip)?,
-            first_byte_timeout: deadline("--first-byte-timeout", &a.first_byte_timeout)?,
             rate_config: non_empty(&a.rate_config).map(PathBuf::from),
-            handshake_timeout: deadline("--handshake-timeout", &a.handshake_timeout)?,
-            login_timeout: deadline("--login-timeout", &a.login_timeout)?,
-            frame_timeout: deadline("--frame-timeout", &a.frame_timeout)?,
             cert_poll: CERT_POLL,
         })
     }
@@ -802,7 +828,8 @@ mod tests {
         assert_eq!(
             cfg(&["--dev", "--tcp-write-timeout=0"])
                 .unwrap()
-                .write_timeout,
+                .timeouts
+                .write,
             None
         );
         assert_eq!(cfg(&["--dev", "--stun=false"]).unwrap().stun_port, None);
@@ -810,6 +837,7 @@ mod tests {
         assert_eq!(
             cfg(&["--dev", "--buffer-budget-mib", "2047"])
                 .unwrap()
+                .limits
                 .buffer_budget,
             2047 << 20
         );
@@ -819,7 +847,7 @@ mod tests {
             let e = big.unwrap_err();
             assert!(e.contains("must be 1 to 2047"), "{e}");
         } else {
-            assert_eq!(big.unwrap().buffer_budget, 4096 << 20);
+            assert_eq!(big.unwrap().limits.buffer_budget, 4096 << 20);
         }
         assert!(cfg(&["--dev", "--buffer-budget-mib", "0"]).is_err());
         assert_eq!(parse_listen(":443").unwrap().port(), 443);

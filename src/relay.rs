@@ -4,13 +4,12 @@
 //! front door (listeners, TLS, request heads, the debug pages) is [`crate::server`]'s.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use log::info;
 use portable_atomic::AtomicU64;
 
 use crate::admission::Admission;
-use crate::config::Config;
+use crate::config::{Config, Limits, Timeouts};
 use crate::key::{NodePrivate, NodePublic};
 use crate::limits::{RateConfig, RateLimits};
 use crate::metrics::Metrics;
@@ -29,20 +28,17 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     /// Packet buffers.
     pub pool: Arc<Pool>,
-    /// Per-batch write deadline (`--tcp-write-timeout`); `None` = no deadline.
-    pub write_timeout: Option<Duration>,
+    /// Deadlines, as configured (the front door's too: it reads them here).
+    pub timeouts: Timeouts,
+    /// Sizes and counts, as configured (`--max-clients` is the sessions'; the rest the front
+    /// door's, read here).
+    pub limits: Limits,
     /// Next connection number.
     pub next_conn_id: AtomicU64,
     /// The region's mesh key: clients presenting it get mesh privileges.
     pub mesh_key: Option<[u8; 32]>,
     /// Who may log in.
     pub admission: Admission,
-    /// Time allowed from the upgrade to a complete ClientInfo.
-    pub login_timeout: Duration,
-    /// Time allowed for a packet's body once its pool buffer is taken.
-    pub frame_timeout: Duration,
-    /// `--max-clients`.
-    pub max_clients: usize,
     /// `--rate-config`: the per-client receive limit.
     pub rate: RateLimits,
 }
@@ -65,14 +61,12 @@ impl Relay {
             private_key,
             registry: Registry::new(metrics.clone()),
             metrics,
-            pool: Pool::with_budget(cfg.buffer_budget),
-            write_timeout: cfg.write_timeout,
+            pool: Pool::with_budget(cfg.limits.buffer_budget),
+            timeouts: cfg.timeouts,
+            limits: cfg.limits,
             next_conn_id: AtomicU64::new(1),
             mesh_key: cfg.mesh_key,
             admission,
-            login_timeout: cfg.login_timeout,
-            frame_timeout: cfg.frame_timeout,
-            max_clients: cfg.max_clients,
             rate,
         })
     }

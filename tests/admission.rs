@@ -781,8 +781,8 @@ fn slow_controller_under_500_derp_logins_end_to_end() {
         ..Default::default()
     };
     // Every login pending at once (all come from 127.0.0.1).
-    cfg.max_handshakes = 2 * LOGINS;
-    cfg.max_handshakes_per_ip = 2 * LOGINS;
+    cfg.limits.max_handshakes = 2 * LOGINS;
+    cfg.limits.max_handshakes_per_ip = 2 * LOGINS;
     let srv = common::start(cfg);
     let addr = srv.addr();
     let t0 = Instant::now();

@@ -49,7 +49,7 @@ fn still_open(s: &TcpStream) -> bool {
 #[test]
 fn max_handshakes_evicts_the_least_advanced_oldest_first() {
     let mut cfg = Config::dev_loopback();
-    cfg.max_handshakes = 4;
+    cfg.limits.max_handshakes = 4;
     let srv = start(cfg);
     let st = srv.state().clone();
     let m = &st.relay.metrics;
@@ -111,7 +111,7 @@ fn max_handshakes_evicts_the_least_advanced_oldest_first() {
 #[test]
 fn max_handshakes_per_ip_closes_the_excess_from_one_address() {
     let mut cfg = Config::dev_loopback();
-    cfg.max_handshakes_per_ip = 2;
+    cfg.limits.max_handshakes_per_ip = 2;
     let srv = start(cfg);
     let st = srv.state().clone();
     let from = std::net::Ipv4Addr::new(127, 0, 0, 2);
@@ -134,7 +134,7 @@ fn max_handshakes_per_ip_closes_the_excess_from_one_address() {
 #[test]
 fn first_byte_deadline_closes_silent_connections_only() {
     let mut cfg = Config::dev_loopback();
-    cfg.first_byte_timeout = Duration::from_millis(300);
+    cfg.timeouts.first_byte = Duration::from_millis(300);
     let srv = start(cfg);
     let st = srv.state().clone();
     let t0 = Instant::now();
@@ -163,8 +163,8 @@ fn first_byte_deadline_closes_silent_connections_only() {
 #[test]
 fn handshake_and_login_deadlines_close_slow_clients() {
     let mut cfg = Config::dev_loopback();
-    cfg.handshake_timeout = Duration::from_millis(300);
-    cfg.login_timeout = Duration::from_millis(300);
+    cfg.timeouts.handshake = Duration::from_millis(300);
+    cfg.timeouts.login = Duration::from_millis(300);
     let srv = start(cfg);
     let st = srv.state().clone();
     let mut a = DerpClient::connect(srv.addr());
@@ -192,7 +192,7 @@ fn handshake_and_login_deadlines_close_slow_clients() {
 fn accept_rate_limit_closes_the_excess_and_keeps_accepting() {
     let mut cfg = Config::dev_loopback();
     // One connection, then one every 50 ms.
-    cfg.accept_limit = Some((20.0, 1));
+    cfg.limits.accept = Some((20.0, 1));
     let srv = start(cfg);
     let m = srv.relay().metrics.clone();
     let mut a = DerpClient::connect(srv.addr());
@@ -227,7 +227,7 @@ fn accept_rate_limit_closes_the_excess_and_keeps_accepting() {
 #[test]
 fn max_clients_refuses_logins_but_not_mesh_peers() {
     let mut cfg = Config::dev_loopback();
-    cfg.max_clients = 2;
+    cfg.limits.max_clients = 2;
     cfg.mesh_key = Some([7; 32]);
     let srv = start(cfg);
     let m = srv.relay().metrics.clone();
@@ -344,7 +344,7 @@ fn rate_config_reload_reaches_existing_and_new_connections() {
     cfg.rate_config = Some(file.clone());
     // Bursts of 8 packets of 60 KiB to one receiver: a budget whose large buffers let one
     // receiver queue them all (the default's share is 3, and the rest would be dropped).
-    cfg.buffer_budget = 64 << 20;
+    cfg.limits.buffer_budget = 64 << 20;
     let srv = start(cfg);
     let st = srv.state().clone();
     assert!(st.relay.pool.large_per_receiver() >= 8);

@@ -202,7 +202,7 @@ fn duplicate_keys_newest_then_last_writer() {
 #[test]
 fn pool_budget_is_never_exceeded() {
     let mut cfg = derpd::config::Config::dev_loopback();
-    cfg.buffer_budget = 0; // the minimum: 4 small + 4 large buffers
+    cfg.limits.buffer_budget = 0; // the minimum: 4 small + 4 large buffers
     let srv = start(cfg);
     let mut a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());

@@ -45,7 +45,7 @@ fn fixture() -> &'static Fixture {
         let mut cfg = Config::dev_loopback();
         cfg.mesh_key = Some(MESH_KEY);
         // A small pool (MIN_PER_CLASS of each class), so that readers wait for buffers too.
-        cfg.buffer_budget = 1 << 20;
+        cfg.limits.buffer_budget = 1 << 20;
         let server = NodePrivate::from_bytes(SERVER_KEY);
         let state = Arc::new(Relay::new(&cfg, server.clone()).expect("in-process relay"));
         let client = NodePrivate::from_bytes(CLIENT_KEY);

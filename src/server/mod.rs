@@ -46,14 +46,8 @@ pub struct State {
     tcp: TcpOptions,
     /// TLS for the main listener, if it uses TLS.
     tls: Option<futures_rustls::TlsAcceptor>,
-    /// Time allowed for a new connection's first byte (`--first-byte-timeout`).
-    pub first_byte_timeout: Duration,
-    /// Time allowed for the TLS handshake plus the request head (slowloris guard).
-    pub handshake_timeout: Duration,
     /// Connections not logged in yet (`--max-handshakes`, `--max-handshakes-per-ip`).
     pub handshakes: Arc<Slots>,
-    /// `--accept-connection-limit` and `-burst`.
-    accept_limit: Option<(f64, u64)>,
     /// The `--rate-config` file, re-read on SIGHUP.
     pub(crate) rate_config: Option<std::path::PathBuf>,
     /// Set on SIGTERM/SIGINT: the listeners stop accepting.
@@ -81,14 +75,11 @@ impl State {
             derp_enabled: cfg.derp,
             home: cfg.home.clone(),
             tcp: TcpOptions {
-                keepalive: cfg.tcp_keepalive,
-                user_timeout: cfg.tcp_user_timeout,
+                keepalive: cfg.timeouts.tcp_keepalive,
+                user_timeout: cfg.timeouts.tcp_user,
             },
             tls,
-            first_byte_timeout: cfg.first_byte_timeout,
-            handshake_timeout: cfg.handshake_timeout,
-            handshakes: Slots::new(cfg.max_handshakes, cfg.max_handshakes_per_ip),
-            accept_limit: cfg.accept_limit,
+            handshakes: Slots::new(cfg.limits.max_handshakes, cfg.limits.max_handshakes_per_ip),
             rate_config: cfg.rate_config.clone(),
             stopping: Stop::default(),
             certs,
@@ -658,7 +649,11 @@ async fn accept_loop(
     let mut backoff = Duration::from_millis(5);
     let m = &state.relay.metrics;
     let mut limiter = match which {
-        Listener::Main => state.accept_limit.map(|(r, b)| AcceptLimiter::new(r, b)),
+        Listener::Main => state
+            .relay
+            .limits
+            .accept
+            .map(|(r, b)| AcceptLimiter::new(r, b)),
         Listener::Port80 => None,
     };
     let mut refusals = Refusals::new("refusing connections", "refused");
@@ -840,7 +835,7 @@ async fn handle_conn(
         // closed early instead of holding its slot for the whole handshake deadline.
         async { tcp.readable().await.map_err(ConnFail::Io) }
             .or(async {
-                Timer::after(state.first_byte_timeout).await;
+                Timer::after(state.relay.timeouts.first_byte).await;
                 state
                     .relay
                     .metrics
@@ -873,7 +868,7 @@ async fn handle_conn(
     });
     let (mut stream, req, leftover) = setup
         .or(async {
-            Timer::after(state.handshake_timeout).await;
+            Timer::after(state.relay.timeouts.handshake).await;
             Err(ConnFail::Timeout("TLS handshake and request head"))
         })
         .await?;
@@ -895,7 +890,7 @@ async fn handle_conn(
                             drop(req);
                             let ws = crate::ws::serve(
                                 &state.relay,
-                                state.handshake_timeout,
+                                state.relay.timeouts.handshake,
                                 stream,
                                 leftover,
                                 acc,
@@ -932,7 +927,7 @@ async fn handle_conn(
     };
     write
         .or(async {
-            Timer::after(state.handshake_timeout).await;
+            Timer::after(state.relay.timeouts.handshake).await;
             Err(io::ErrorKind::TimedOut.into())
         })
         .await?;
