@@ -18,6 +18,7 @@ use smol::Timer;
 use crate::frame::{self, peer_flags, FrameType, PeerGoneReason, SmallFrame, HEADER_LEN};
 use crate::handshake::{self, LoginError};
 use crate::key::{NodePublic, KEY_LEN};
+use crate::limits::TokenBucket;
 use crate::lograte::{limited, CONN_ERRORS, LOGINS};
 use crate::metrics::DropReason;
 use crate::pool::PacketBuf;
@@ -293,37 +294,13 @@ async fn write_deadline<T>(
     }
 }
 
-/// A token bucket for NotHere replies (1 per second, burst 3).
-struct NotHereLimiter {
-    tokens: f64,
-    at: Instant,
-}
-
-impl NotHereLimiter {
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64();
-        self.at = now;
-        self.tokens = (self.tokens + refill).min(NOT_HERE_BURST);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 async fn read_loop<R: AsyncRead + Unpin>(
     state: &Relay,
     client: &Arc<Client>,
     rd: &mut R,
 ) -> Result<(), ConnError> {
     let m = &state.metrics;
-    let mut not_here = NotHereLimiter {
-        tokens: NOT_HERE_BURST,
-        at: Instant::now(),
-    };
+    let mut not_here = TokenBucket::new(1.0, NOT_HERE_BURST);
     let connected_at = Instant::now();
     let mut burst = 0u32;
     let mut routes = RouteCache::default();
@@ -520,7 +497,7 @@ fn relay(
     src: &Arc<Client>,
     dst: &NodePublic,
     buf: PacketBuf,
-    not_here: &mut NotHereLimiter,
+    not_here: &mut TokenBucket,
     routes: &mut RouteCache,
 ) {
     let m = &state.metrics;
@@ -552,7 +529,7 @@ fn deliver_forwarded(
     from: &Arc<Client>,
     dst: &NodePublic,
     buf: PacketBuf,
-    not_here: &mut NotHereLimiter,
+    not_here: &mut TokenBucket,
 ) {
     let m = &state.metrics;
     m.packets_forwarded_in.fetch_add(1, Relaxed);

@@ -18,20 +18,19 @@ use serde::Deserialize;
 /// derper's `minRateLimitTokenBucketSize`: one maximum-size frame (64 KiB + 32).
 pub const MIN_RATE_BURST: u64 = (64 << 10) + 32;
 
-/// A token bucket for accepted connections: `rate` per second, at most `burst` saved up.
-#[derive(Debug)]
-pub struct AcceptLimiter {
+/// A token bucket: `rate` tokens per second, at most `burst` saved up. The one bucket behind
+/// the accept limit, the per-client receive rate and the NotHere replies.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
     at: Instant,
 }
 
-impl AcceptLimiter {
-    /// A full bucket.
-    pub fn new(rate: f64, burst: u64) -> Self {
-        // Go's x/time/rate: a burst of 0 allows nothing; u64::MAX is "unlimited burst".
-        let burst = burst as f64;
+impl TokenBucket {
+    /// A full bucket. As in Go's x/time/rate, a burst of 0 allows nothing.
+    pub fn new(rate: f64, burst: f64) -> Self {
         Self {
             rate,
             burst,
@@ -40,18 +39,47 @@ impl AcceptLimiter {
         }
     }
 
-    /// Takes a token for a new connection; false: close it.
-    pub fn allow(&mut self) -> bool {
+    /// Adds what the time since the last call earned, up to the burst.
+    fn refill(&mut self) {
         let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        let earned = now.duration_since(self.at).as_secs_f64() * self.rate;
         self.at = now;
-        self.tokens = (self.tokens + refill).min(self.burst);
+        self.tokens = (self.tokens + earned).min(self.burst);
+    }
+
+    /// Takes one token if there is one.
+    pub fn allow(&mut self) -> bool {
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    /// Takes `n` tokens, going into debt if need be (a reservation, as x/time/rate makes it),
+    /// and says how long the debt takes to repay; `None`: no debt.
+    pub fn reserve(&mut self, n: f64) -> Option<Duration> {
+        self.refill();
+        self.tokens -= n;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
+/// The accept limit (`--accept-connection-limit` and `-burst`): a token per new connection.
+#[derive(Debug)]
+pub struct AcceptLimiter(TokenBucket);
+
+impl AcceptLimiter {
+    /// A full bucket (a burst of u64::MAX is "unlimited burst", as in Go).
+    pub fn new(rate: f64, burst: u64) -> Self {
+        Self(TokenBucket::new(rate, burst as f64))
+    }
+
+    /// Takes a token for a new connection; false: close it.
+    pub fn allow(&mut self) -> bool {
+        self.0.allow()
     }
 }
 
@@ -365,24 +393,18 @@ impl RateLimits {
     }
 }
 
-/// One connection's token bucket.
+/// One connection's receive-rate bucket: the [`RateLimits`] in force, applied.
 #[derive(Debug)]
 pub struct Bucket {
     generation: u32,
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    at: Instant,
+    bucket: TokenBucket,
 }
 
 impl Default for Bucket {
     fn default() -> Self {
         Self {
             generation: 0,
-            rate: 0.0,
-            burst: 0.0,
-            tokens: 0.0,
-            at: Instant::now(),
+            bucket: TokenBucket::new(0.0, 0.0),
         }
     }
 }
@@ -398,27 +420,18 @@ impl Bucket {
         if g != self.generation {
             self.generation = g;
             let rc = limits.get();
-            self.rate = rc.bytes_per_sec as f64;
-            self.burst = rc.burst_bytes as f64;
             // A new config starts with a full bucket, as in derper, whose setRateLimit gives
             // every connection a new x/time/rate limiter (and those start full).
-            self.tokens = self.burst;
-            self.at = Instant::now();
+            self.bucket = TokenBucket::new(rc.bytes_per_sec as f64, rc.burst_bytes as f64);
         }
-        if self.rate <= 0.0 {
+        if self.bucket.rate <= 0.0 {
             return None;
         }
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.at).as_secs_f64();
-        self.at = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        // A reservation as x/time/rate makes it: tokens may go negative; the wait repays them.
-        self.tokens -= bytes as f64;
-        if self.tokens >= 0.0 {
-            return None;
+        let wait = self.bucket.reserve(bytes as f64);
+        if wait.is_some() {
+            limits.waited.fetch_add(1, Relaxed);
         }
-        limits.waited.fetch_add(1, Relaxed);
-        Some(Duration::from_secs_f64(-self.tokens / self.rate))
+        wait
     }
 
     /// Charges `bytes` and waits as [`Bucket::delay`] says (TCP backpressure).
@@ -441,7 +454,7 @@ mod tests {
         let mut l = AcceptLimiter::new(1.0, 3);
         assert!(l.allow() && l.allow() && l.allow());
         assert!(!l.allow(), "burst used up");
-        l.at -= Duration::from_millis(1100);
+        l.0.at -= Duration::from_millis(1100);
         assert!(l.allow(), "one token back after a second");
         assert!(!l.allow());
         let mut none = AcceptLimiter::new(10.0, 0);
