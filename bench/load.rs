@@ -38,8 +38,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
-use derpd::frame::{self, FrameType, HEADER_LEN, MAGIC};
-use derpd::handshake::SessionBox;
+use derpd::frame::{self, FrameType, HEADER_LEN};
+use derpd::handshake::{self, SessionBox};
 use derpd::key::{NodePrivate, NodePublic, KEY_LEN};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
@@ -407,10 +407,7 @@ async fn login(ctx: &Ctx, key: &ClientKey, read_size: usize) -> io::Result<Conn>
         key: key.public,
     };
     // rustls holds the request until the handshake is done.
-    c.queue(
-        b"GET /derp HTTP/1.1\r\nHost: derp\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\
-          User-Agent: derpd-load\r\n\r\n",
-    )?;
+    c.queue(handshake::upgrade_request("derp", "derpd-load").as_bytes())?;
     c.flush().await?;
     loop {
         let avail = &c.buf[c.start..];
@@ -428,24 +425,13 @@ async fn login(ctx: &Ctx, key: &ClientKey, read_size: usize) -> io::Result<Conn>
         c.fill().await?;
     }
     let (t, r) = c.next_frame().await?;
-    let p = &c.buf[r];
-    if t != FrameType::ServerKey as u8 || p.len() != MAGIC.len() + KEY_LEN || p[..8] != MAGIC {
-        return Err(bad(format!("want ServerKey, got frame type {t:#04x}")));
-    }
-    let mut server = [0u8; KEY_LEN];
-    server.copy_from_slice(&p[8..]);
-    let server = NodePublic(server);
+    let server = handshake::parse_server_key(t, &c.buf[r]).map_err(bad)?;
     let bx = key.session(&server);
     let ci = bx.client_info_frame(&key.public, br#"{"version":2,"CanAckPings":true}"#);
     c.queue(&ci)?;
     c.flush().await?;
     let (t, r) = c.next_frame().await?;
-    if t != FrameType::ServerInfo as u8 {
-        return Err(bad(format!("want ServerInfo, got frame type {t:#04x}")));
-    }
-    if bx.open_server_info(&c.buf[r]).is_none() {
-        return Err(bad("ServerInfo does not open"));
-    }
+    handshake::read_server_info(&bx, t, &c.buf[r]).map_err(bad)?;
     Ok(c)
 }
 

@@ -223,6 +223,71 @@ pub fn server_info_frame(bx: &SessionBox) -> Vec<u8> {
     out
 }
 
+/// Why a client did not accept the server's side of a login. The client side of the login is
+/// here once, for every DERP client in the project: mesh links ([`crate::mesh`]), the tests'
+/// client and the benchmark's load generator.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerLoginError {
+    /// The first frame was not a ServerKey frame (its type and length).
+    NotServerKey(u8, usize),
+    /// The ServerKey frame did not start with the DERP magic.
+    BadMagic,
+    /// The frame after ClientInfo was not ServerInfo (its type).
+    NotServerInfo(u8),
+    /// The ServerInfo box did not open with the server's key.
+    BoxOpen,
+}
+
+impl fmt::Display for ServerLoginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotServerKey(t, n) => {
+                write!(f, "want ServerKey, got frame {t:#04x} of {n} bytes")
+            }
+            Self::BadMagic => f.write_str("bad ServerKey magic"),
+            Self::NotServerInfo(t) => write!(f, "want ServerInfo, got frame {t:#04x}"),
+            Self::BoxOpen => f.write_str("ServerInfo did not open"),
+        }
+    }
+}
+
+impl std::error::Error for ServerLoginError {}
+
+/// The HTTP request a DERP client opens with (the classic upgrade, not fast-start).
+pub fn upgrade_request(host: &str, user_agent: &str) -> String {
+    format!(
+        "GET /derp HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {user_agent}\r\n\
+         Connection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
+    )
+}
+
+/// The server's key from the first frame after the upgrade (type and payload). As Go's
+/// client, a longer payload is accepted and its rest ignored.
+pub fn parse_server_key(frame_type: u8, payload: &[u8]) -> Result<NodePublic, ServerLoginError> {
+    if frame_type != FrameType::ServerKey as u8 || payload.len() < MAGIC.len() + KEY_LEN {
+        return Err(ServerLoginError::NotServerKey(frame_type, payload.len()));
+    }
+    if payload[..MAGIC.len()] != MAGIC {
+        return Err(ServerLoginError::BadMagic);
+    }
+    let mut k = [0u8; KEY_LEN];
+    k.copy_from_slice(&payload[MAGIC.len()..MAGIC.len() + KEY_LEN]);
+    Ok(NodePublic(k))
+}
+
+/// The ServerInfo frame's JSON, opened with the login's box.
+pub fn read_server_info(
+    bx: &SessionBox,
+    frame_type: u8,
+    payload: &[u8],
+) -> Result<Vec<u8>, ServerLoginError> {
+    if frame_type != FrameType::ServerInfo as u8 {
+        return Err(ServerLoginError::NotServerInfo(frame_type));
+    }
+    bx.open_server_info(payload)
+        .ok_or(ServerLoginError::BoxOpen)
+}
+
 /// Client side of the login in one call: the ClientInfo frame.
 pub fn client_info_frame(client: &NodePrivate, server: &NodePublic, json: &[u8]) -> Vec<u8> {
     SessionBox::new(client, server).client_info_frame(&client.public(), json)
@@ -240,6 +305,58 @@ pub fn open_server_info(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_side_of_a_login() {
+        let server = NodePrivate::generate();
+        let client = NodePrivate::generate();
+        let sk = server_key_frame(&server.public());
+        assert_eq!(
+            parse_server_key(sk[0], &sk[HEADER_LEN..]),
+            Ok(server.public())
+        );
+        let mut longer = sk[HEADER_LEN..].to_vec();
+        longer.push(0);
+        assert_eq!(parse_server_key(sk[0], &longer), Ok(server.public()));
+        assert_eq!(
+            parse_server_key(sk[0], &sk[HEADER_LEN..sk.len() - 1]),
+            Err(ServerLoginError::NotServerKey(sk[0], 39))
+        );
+        assert_eq!(
+            parse_server_key(FrameType::ServerInfo as u8, &sk[HEADER_LEN..]),
+            Err(ServerLoginError::NotServerKey(
+                FrameType::ServerInfo as u8,
+                40
+            ))
+        );
+        let mut bad = sk[HEADER_LEN..].to_vec();
+        bad[0] ^= 1;
+        assert_eq!(
+            parse_server_key(sk[0], &bad),
+            Err(ServerLoginError::BadMagic)
+        );
+        // ServerInfo as the server seals it opens with the client's box; not with another's.
+        let si = server_info_frame(&SessionBox::new(&server, &client.public()));
+        let bx = SessionBox::new(&client, &server.public());
+        assert_eq!(
+            read_server_info(&bx, si[0], &si[HEADER_LEN..]).unwrap(),
+            br#"{"version":2}"#
+        );
+        let other = SessionBox::new(&NodePrivate::generate(), &server.public());
+        assert_eq!(
+            read_server_info(&other, si[0], &si[HEADER_LEN..]),
+            Err(ServerLoginError::BoxOpen)
+        );
+        assert_eq!(
+            read_server_info(&bx, 0x04, &si[HEADER_LEN..]),
+            Err(ServerLoginError::NotServerInfo(0x04))
+        );
+        assert_eq!(
+            upgrade_request("h", "ua"),
+            "GET /derp HTTP/1.1\r\nHost: h\r\nUser-Agent: ua\r\nConnection: Upgrade\r\n\
+             Upgrade: DERP\r\n\r\n"
+        );
+    }
 
     #[test]
     fn client_info_json_is_case_insensitive() {

@@ -126,9 +126,7 @@ impl<S: Read + Write> DerpClient<S> {
     /// Classic login: request, 101, ServerKey, ClientInfo, ServerInfo.
     pub fn login_upgrade(&mut self, json: &[u8]) -> Result<(), String> {
         self.s
-            .write_all(
-                b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n",
-            )
+            .write_all(handshake::upgrade_request("x", "derpd-tests").as_bytes())
             .map_err(|e| e.to_string())?;
         let head = read_http_head(&mut self.s)?;
         if !head.starts_with("HTTP/1.1 101 Switching Protocols\r\n") {
@@ -142,10 +140,8 @@ impl<S: Read + Write> DerpClient<S> {
 
     pub fn read_server_key(&mut self) -> Result<(), String> {
         let f = self.read_frame().map_err(|e| e.to_string())?;
-        if f.t != 0x01 || f.payload.len() != 40 || f.payload[..8] != derpd::frame::MAGIC {
-            return Err(format!("bad ServerKey {f:?}"));
-        }
-        self.server_key = NodePublic(f.payload[8..40].try_into().unwrap());
+        self.server_key =
+            handshake::parse_server_key(f.t, &f.payload).map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -153,11 +149,8 @@ impl<S: Read + Write> DerpClient<S> {
         let f = self
             .read_frame()
             .map_err(|e| format!("reading ServerInfo: {e}"))?;
-        if f.t != 0x03 {
-            return Err(format!("want ServerInfo, got {f:?}"));
-        }
-        let json = handshake::open_server_info(&self.key, &self.server_key, &f.payload)
-            .ok_or("ServerInfo did not open")?;
+        let bx = handshake::SessionBox::new(&self.key, &self.server_key);
+        let json = handshake::read_server_info(&bx, f.t, &f.payload).map_err(|e| e.to_string())?;
         if json != br#"{"version":2}"# {
             return Err(format!(
                 "ServerInfo JSON {:?}",
