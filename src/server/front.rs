@@ -1,0 +1,208 @@
+//! One accepted connection up to the DERP hand-off: optional TLS, one bounded HTTP request
+//! head, then a response, or the upgrade to DERP (plain or inside a WebSocket).
+
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use log::debug;
+use smol::future::FutureExt;
+use smol::io::{AsyncReadExt, AsyncWriteExt, Cursor};
+use smol::{Async, Timer};
+
+use super::listen::Listener;
+use super::State;
+use crate::client::{self, Upgrade};
+use crate::http::{self, Request};
+use crate::limits::{Progress, Slot};
+use crate::net::{LockedStream, Stream};
+use crate::tls;
+
+/// A connection failed before or instead of a DERP session.
+#[derive(Debug)]
+pub(super) enum ConnFail {
+    Io(io::Error),
+    Timeout(&'static str),
+    /// Closed to make room for a new connection (`--max-handshakes`).
+    Evicted,
+    Head(http::HeadError),
+    Derp(client::ConnError),
+}
+
+impl std::fmt::Display for ConnFail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Timeout(what) => write!(f, "{what} timed out"),
+            Self::Evicted => f.write_str(
+                "evicted before its login to make room for a new connection (--max-handshakes)",
+            ),
+            Self::Head(e) => write!(f, "{e}"),
+            Self::Derp(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<io::Error> for ConnFail {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+pub(super) async fn handle_conn(
+    state: &Arc<State>,
+    tcp: Async<TcpStream>,
+    remote: SocketAddr,
+    which: Listener,
+    slot: Slot,
+) -> Result<(), ConnFail> {
+    state.tcp.apply(tcp.get_ref());
+    // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
+    // be part of every connection's task for its whole life.
+    let setup = Box::pin(async {
+        // Clients speak first (ClientHello or request head), at once: a silent connection is
+        // closed early instead of holding its slot for the whole handshake deadline.
+        async { tcp.readable().await.map_err(ConnFail::Io) }
+            .or(async {
+                Timer::after(state.relay.timeouts.first_byte).await;
+                state
+                    .relay
+                    .metrics
+                    .first_byte_timeouts
+                    .fetch_add(1, Relaxed);
+                Err(ConnFail::Timeout("first byte"))
+            })
+            .await?;
+        slot.progress(Progress::Talking);
+        let mut stream = match (&state.tls, which) {
+            (Some(acc), Listener::Main) => Stream::Tls(Box::new(
+                acc.accept_with(tcp, tls::limit_send_buffer)
+                    .await
+                    .map_err(|e| {
+                        ConnFail::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
+                    })?,
+            )),
+            _ => Stream::Plain(tcp),
+        };
+        match read_head(&mut stream).await {
+            Ok((req, leftover)) => Ok((stream, req, leftover)),
+            Err(ConnFail::Head(e)) => {
+                // Tell an HTTP client what was wrong, as Go's server does, then close. The
+                // write runs under the same head deadline.
+                let _ = stream.write_all(&http::head_error(&e)).await;
+                Err(ConnFail::Head(e))
+            }
+            Err(e) => Err(e),
+        }
+    });
+    let (mut stream, req, leftover) = setup
+        .or(async {
+            Timer::after(state.relay.timeouts.handshake).await;
+            Err(ConnFail::Timeout("TLS handshake and request head"))
+        })
+        .await?;
+    slot.progress(Progress::Upgraded);
+    let head = req.method == "HEAD";
+    // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
+    let resp = if which == Listener::Port80 && !req.target.starts_with("/debug") {
+        http::port80(&req)
+    } else {
+        match req.path.as_str() {
+            "/derp/probe" | "/derp/latency-check" => http::probe(&req.method),
+            "/derp" if !state.derp_enabled => {
+                http::text_error(404, "Not Found", "derp server disabled")
+            }
+            "/derp" => match req.upgrade.as_str() {
+                "websocket" if req.ws_protocol.contains("derp") => {
+                    match crate::ws::accept(&req, remote) {
+                        Ok(acc) => {
+                            drop(req);
+                            let ws = crate::ws::serve(
+                                &state.relay,
+                                state.relay.timeouts.handshake,
+                                stream,
+                                leftover,
+                                acc,
+                                remote,
+                                slot,
+                            );
+                            return ws.await.map_err(ConnFail::Derp);
+                        }
+                        Err(refusal) => refusal,
+                    }
+                }
+                "derp" | "websocket" => {
+                    return serve_derp(state, stream, leftover, req, remote, slot).await;
+                }
+                other => {
+                    if !other.is_empty() {
+                        debug!("{remote}: weird upgrade {other:?}");
+                    }
+                    http::text_error(426, "Upgrade Required", "DERP requires connection upgrade")
+                }
+            },
+            p if p == "/debug" || p.starts_with("/debug/") => {
+                super::debug::respond(state, &req, remote, stream.local_addr())
+            }
+            "/generate_204" => http::no_content(req.challenge.as_deref()),
+            "/robots.txt" => http::robots(head),
+            _ => http::home(&state.home, state.derp_enabled, head),
+        }
+    };
+    let write = async {
+        stream.write_all(&resp).await?;
+        stream.flush().await?;
+        stream.close().await
+    };
+    write
+        .or(async {
+            Timer::after(state.relay.timeouts.handshake).await;
+            Err(io::ErrorKind::TimedOut.into())
+        })
+        .await?;
+    Ok(())
+}
+
+async fn serve_derp(
+    state: &Arc<State>,
+    stream: Stream,
+    leftover: Vec<u8>,
+    req: Request,
+    remote: SocketAddr,
+    slot: Slot,
+) -> Result<(), ConnFail> {
+    let shared = LockedStream::new(stream);
+    let rd = Cursor::new(leftover).chain(shared.clone());
+    let up = Upgrade {
+        remote,
+        fast_start: req.fast_start,
+        not_ideal: req.not_ideal,
+        websocket: false,
+        slot: Some(slot),
+    };
+    // The request's strings are not needed for the connection's life.
+    drop(req);
+    client::serve(state.relay.clone(), rd, shared, up)
+        .await
+        .map_err(ConnFail::Derp)
+}
+
+/// Reads one request head. Returns it and the bytes that followed it (fast-start login).
+async fn read_head(stream: &mut Stream) -> Result<(Request, Vec<u8>), ConnFail> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let start = buf.len();
+        let room = (http::MAX_HEAD_LEN + 1 - start).min(4096);
+        buf.resize(start + room, 0);
+        let n = stream.read(&mut buf[start..]).await?;
+        buf.truncate(start + n);
+        if n == 0 {
+            return Err(ConnFail::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if let Some((req, used)) = http::parse_head(&buf).map_err(ConnFail::Head)? {
+            // Copy the rest out so the head buffer is freed for the connection's lifetime.
+            return Ok((req, buf[used..].to_vec()));
+        }
+    }
+}
