@@ -34,6 +34,9 @@
 //! - [`link`]: one mesh link's queue of packets for keys on that peer.
 //! - [`mesh`]: the outbound side of the regional mesh: runs each [`link`] (dial, login with
 //!   the mesh key, WatchConns → forwarders, ForwardPacket writer, redial).
+//! - [`tls`] (`src/tls/`, a file per concept): the server's certificates: the
+//!   `--certmode manual` files and their checks, the self-signed IP certificate, derper's
+//!   meta-cert, and the rustls resolver (derper's SNI rule) with its reloader.
 //! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller): a
 //!   pinned leaf certificate or the CA bundle.
 //! - [`frame`]: the wire format; [`key`]: node keys and derper's key file;

@@ -30,7 +30,7 @@ const LAYERS: &[&[&str]] = &[
     &["registry", "link", "metrics", "pool", "limits"],
     // Settings as plain data.
     &["config"],
-    // Network plumbing: streams, TLS, the admission client.
+    // Network plumbing: streams, TLS (`src/tls/`), the admission client.
     &["admission", "allowlist", "tls", "trust", "net"],
     // DERP sessions and transports, and the relay state they share.
     &["mesh", "ws", "client", "relay"],

@@ -1,0 +1,327 @@
+//! derper's self-signed certificate for an IP `--hostname` (`createSelfSignedIPCert`): a P-256
+//! key and certificate, written as Go writes them (SEC1 `EC PRIVATE KEY` and `CERTIFICATE` PEM)
+//! into a private directory, crash-safely.
+
+use std::fs;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    CertificateParams, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::pki_types::PrivateKeyDer;
+
+use super::error::io_err;
+use super::template::{common_name, no_ca_only_basic_constraints, set_validity};
+use super::{ServerCert, TlsError};
+
+/// "expires in 1 year; a bit over that is rejected by macOS etc" (derper).
+const IP_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// DER of the ECPrivateKey `parameters` field for P-256: `[0] { OID 1.2.840.10045.3.1.7 }`.
+const SEC1_P256_PARAMS: &[u8] = &[
+    0xa0, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+];
+
+/// derper's `createSelfSignedIPCert`, then writes the files.
+pub(super) fn create_self_signed_ip_cert(
+    ip: IpAddr,
+    hostname: &str,
+    certdir: &Path,
+    crt_path: &Path,
+    key_path: &Path,
+) -> Result<ServerCert, TlsError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let cert = ip_cert_params(ip, hostname, &random_serial()?).self_signed(&key)?;
+    let (key_pem, key_der) = key_file(&key);
+    let cert_pem = pem_encode("CERTIFICATE", cert.der());
+    write_pair(certdir, crt_path, &cert_pem, key_path, &key_pem)?;
+    Ok(ServerCert {
+        chain: vec![cert.der().clone()],
+        key: key_der,
+        generated: true,
+        hostname_is_ip: true,
+        replaced: None,
+    })
+}
+
+/// Go's `rand.Int(rand.Reader, 2^128)`, i.e. a random non-negative 128-bit serial.
+fn random_serial() -> Result<[u8; 16], TlsError> {
+    let mut serial = [0u8; 16];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut serial)
+        .map_err(|e| TlsError::Rustls {
+            context: "cannot generate a random serial number".to_owned(),
+            source: e.into(),
+        })?;
+    if serial.iter().all(|b| *b == 0) {
+        serial[15] = 1; // RFC 5280 wants a positive serial.
+    }
+    Ok(serial)
+}
+
+/// derper's template: CN and IP SAN the address, valid for a year from now, a server key.
+fn ip_cert_params(ip: IpAddr, hostname: &str, serial: &[u8]) -> CertificateParams {
+    let now = SystemTime::now();
+    let mut params = CertificateParams::default();
+    params.serial_number = Some(SerialNumber::from_slice(serial));
+    params.distinguished_name = common_name(hostname);
+    params.subject_alt_names = vec![SanType::IpAddress(ip)];
+    set_validity(
+        &mut params,
+        now,
+        now.checked_add(IP_CERT_VALIDITY).unwrap_or(now),
+    );
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    no_ca_only_basic_constraints(&mut params);
+    params
+}
+
+/// The key file's PEM and the key as rustls takes it.
+///
+/// Go writes SEC1 "EC PRIVATE KEY"; rcgen only gives PKCS#8, so we convert. Should the
+/// conversion ever fail we write the PKCS#8 "PRIVATE KEY", which loads just as well.
+fn key_file(key: &KeyPair) -> (String, PrivateKeyDer<'static>) {
+    let pkcs8 = key.serialize_der();
+    match p256_pkcs8_to_sec1(&pkcs8) {
+        Some(sec1) => (
+            pem_encode("EC PRIVATE KEY", &sec1),
+            PrivateKeyDer::Sec1(sec1.into()),
+        ),
+        None => (
+            pem_encode("PRIVATE KEY", &pkcs8),
+            PrivateKeyDer::Pkcs8(pkcs8.into()),
+        ),
+    }
+}
+
+/// Writes the pair into `certdir` (made private if it is new).
+fn write_pair(
+    certdir: &Path,
+    crt_path: &Path,
+    cert_pem: &str,
+    key_path: &Path,
+    key_pem: &str,
+) -> Result<(), TlsError> {
+    create_private_dir(certdir)?;
+    // The pair counts as complete once the certificate exists, so the certificate is removed
+    // first and written last: a crash at any point leaves at worst a key without a certificate
+    // (replaced at the next start), never a certificate beside a key that is not its own. Each
+    // write is crash-safe (temporary file, fsync, rename, directory fsync), and the key is
+    // 0600 from its first byte.
+    crate::fsutil::remove_file_durably(crt_path)
+        .map_err(io_err("remove the old certificate file", crt_path))?;
+    crate::fsutil::write_file_atomic(key_path, key_pem.as_bytes(), 0o600)
+        .map_err(io_err("write the key file", key_path))?;
+    crate::fsutil::write_file_atomic(crt_path, cert_pem.as_bytes(), 0o644)
+        .map_err(io_err("write the certificate file", crt_path))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
+    let existed = dir.is_dir();
+    crate::fsutil::create_dir_all_durably(dir, 0o700)
+        .map_err(io_err("create the certificate directory", dir))?;
+    if !existed {
+        // Exactly 0700 whatever the umask: only derpd's user may list or replace the key.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("set permissions on", dir))?;
+    }
+    Ok(())
+}
+
+/// Reads one DER TLV with the expected tag (short or one/two-byte long length); returns
+/// (contents, rest).
+fn der_take(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&[t, first], rest) = input.split_first_chunk::<2>()?;
+    let (len, rest) = match first {
+        0..=0x7f => (usize::from(first), rest),
+        0x81 => (usize::from(*rest.first()?), rest.get(1..)?),
+        0x82 => (
+            usize::from(u16::from_be_bytes(*rest.first_chunk()?)),
+            rest.get(2..)?,
+        ),
+        _ => return None,
+    };
+    (t == tag && rest.len() >= len).then(|| rest.split_at(len))
+}
+
+/// PKCS#8 (RFC 5208) → SEC1 `ECPrivateKey` (RFC 5915) with the P-256 curve parameters, as Go's
+/// `x509.MarshalECPrivateKey` writes it. ring's PKCS#8 embeds an ECPrivateKey without the
+/// parameters, so we rebuild it; all lengths are fixed for P-256.
+fn p256_pkcs8_to_sec1(pkcs8: &[u8]) -> Option<Vec<u8>> {
+    let (body, _) = der_take(pkcs8, 0x30)?;
+    let (_version, rest) = der_take(body, 0x02)?;
+    let (_algorithm, rest) = der_take(rest, 0x30)?;
+    let (ec_key, _) = der_take(rest, 0x04)?;
+    let (ec_body, _) = der_take(ec_key, 0x30)?;
+    let (_ec_version, rest) = der_take(ec_body, 0x02)?;
+    let (secret, rest) = der_take(rest, 0x04)?;
+    let rest = der_take(rest, 0xa0).map_or(rest, |(_, r)| r);
+    let (public_key, _) = der_take(rest, 0xa1)?; // BIT STRING, 0x03 0x42 0x00 <65 bytes>
+    if secret.len() != 32 || public_key.len() != 68 {
+        return None;
+    }
+    let mut out = vec![0x30, 0x77, 0x02, 0x01, 0x01, 0x04, 0x20];
+    out.extend_from_slice(secret);
+    out.extend_from_slice(SEC1_P256_PARAMS);
+    out.extend_from_slice(&[0xa1, 0x44]);
+    out.extend_from_slice(public_key);
+    Some(out)
+}
+
+/// PEM with 64-column base64 lines and `\n` line ends, as Go's `pem.Encode` writes it.
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    let lf = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), lf)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::tls::load_or_create;
+    use crate::tls::testutil::{cn, mode, parse, unix, TempDir};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    use sha2::{Digest, Sha256};
+    use std::net::Ipv6Addr;
+    use x509_parser::extensions::GeneralName;
+
+    #[test]
+    fn pem_encoding_round_trips() {
+        for len in [0, 1, 2, 3, 47, 48, 49, 100] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let pem = pem_encode("CERTIFICATE", &data);
+            assert!(pem.lines().all(|l| l.len() <= 64));
+            if len > 0 {
+                let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+                assert_eq!(back.as_ref(), &data[..]);
+            }
+        }
+    }
+
+    /// Byte for byte what Go's `pem.Encode` (and derpd's hand-written encoder before the `pem`
+    /// crate) writes: `\n` line ends, 64 columns, padding, nothing for no data.
+    #[test]
+    fn pem_encoding_is_gos() {
+        let data: Vec<u8> = (0..49).map(|i| (i * 37 + 11) as u8).collect();
+        assert_eq!(
+            pem_encode("EC PRIVATE KEY", &data),
+            "-----BEGIN EC PRIVATE KEY-----\n\
+             CzBVep/E6Q4zWH2ix+wRNluApcrvFDleg6jN8hc8YYar0PUaP2SJrtP4HUJnjLHW\n\
+             +w==\n\
+             -----END EC PRIVATE KEY-----\n"
+        );
+        assert_eq!(
+            pem_encode("CERTIFICATE", &[]),
+            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"
+        );
+    }
+
+    #[test]
+    fn generated_ip_cert_is_like_derpers_and_reused() {
+        let tmp = TempDir::new();
+        let certdir = tmp.0.join("sub").join("certs");
+        let before = SystemTime::now();
+        let cert = load_or_create("192.0.2.7", &certdir).unwrap();
+        assert!(cert.generated);
+        assert!(cert.hostname_is_ip);
+        assert_eq!(cert.chain.len(), 1);
+        assert!(matches!(cert.key, PrivateKeyDer::Sec1(_)));
+
+        let x = parse(&cert.chain[0]);
+        assert_eq!(cn(&x), "192.0.2.7");
+        assert_eq!(x.subject().as_raw(), x.issuer().as_raw());
+        assert_eq!(
+            x.signature_algorithm.algorithm.to_id_string(),
+            "1.2.840.10045.4.3.2"
+        );
+        match x.public_key().parsed().unwrap() {
+            x509_parser::public_key::PublicKey::EC(ec) => assert_eq!(ec.key_size(), 256),
+            other => panic!("not EC: {other:?}"),
+        }
+        assert!(x.raw_serial().len() >= 15 && x.raw_serial().len() <= 17);
+        let san = x.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::IPAddress(&[192, 0, 2, 7])]
+        );
+        let ku = x.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && ku.key_encipherment());
+        assert_eq!(ku.flags, 0b101);
+        let eku = x.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth && eku.other.is_empty());
+        let bc = x.basic_constraints().unwrap().unwrap().value;
+        assert!(!bc.ca);
+        assert_eq!(x.extensions().len(), 4, "SAN, KU, EKU, BC; no SKI/AKI");
+        let v = x.validity();
+        assert!((v.not_before.timestamp() - unix(before)).abs() <= 2);
+        assert!((v.not_after.timestamp() - unix(before) - 365 * 24 * 3600).abs() <= 2);
+
+        let crt = certdir.join("192.0.2.7.crt");
+        let key = certdir.join("192.0.2.7.key");
+        assert_eq!(mode(&certdir), 0o700);
+        assert_eq!(mode(&tmp.0.join("sub")), 0o700);
+        assert_eq!(mode(&key), 0o600);
+        assert!(mode(&crt) & 0o077 <= 0o044);
+        assert!(fs::read_to_string(&key)
+            .unwrap()
+            .starts_with("-----BEGIN EC PRIVATE KEY-----\n"));
+        assert!(fs::read_to_string(&crt)
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----\n"));
+
+        let again = load_or_create("192.0.2.7", &certdir).unwrap();
+        assert!(!again.generated);
+        assert!(again.hostname_is_ip);
+        assert_eq!(again.leaf_sha256_hex(), cert.leaf_sha256_hex());
+        assert_eq!(again.chain, cert.chain);
+        assert_eq!(again.key.secret_der(), cert.key.secret_der());
+        let hex = cert.leaf_sha256_hex();
+        assert_eq!(hex.len(), 64);
+        assert_eq!(hex, crate::key::hex(&Sha256::digest(&cert.chain[0])));
+        assert!(hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    }
+
+    #[test]
+    fn generated_ipv6_cert() {
+        let tmp = TempDir::new();
+        let cert = load_or_create("2001:db8::1", &tmp.0).unwrap();
+        assert!(cert.generated);
+        assert!(tmp.0.join("2001db81.crt").exists());
+        let x = parse(&cert.chain[0]);
+        assert_eq!(cn(&x), "2001:db8::1");
+        let ip: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let san = x.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            vec![GeneralName::IPAddress(&ip.octets())]
+        );
+        // An existing directory keeps its permissions.
+        assert_eq!(
+            mode(&tmp.0),
+            fs::metadata(&tmp.0).unwrap().permissions().mode() & 0o777
+        );
+    }
+
+    #[test]
+    fn sec1_conversion_matches_go_layout() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let sec1 = p256_pkcs8_to_sec1(key.serialized_der()).unwrap();
+        assert_eq!(sec1.len(), 121);
+        assert_eq!(&sec1[..7], &[0x30, 0x77, 0x02, 0x01, 0x01, 0x04, 0x20]);
+        assert_eq!(&sec1[39..51], SEC1_P256_PARAMS);
+        assert_eq!(&sec1[51..56], &[0xa1, 0x44, 0x03, 0x42, 0x00]);
+        assert_eq!(&sec1[56..], key.public_key_raw());
+        assert!(p256_pkcs8_to_sec1(b"\x30\x03\x02\x01").is_none());
+    }
+}
