@@ -8,6 +8,7 @@ use std::time::Duration;
 use argh::FromArgs;
 
 use crate::http::Home;
+use crate::httpc::split_host_port;
 use crate::key::{parse_hex32, NodePrivate};
 
 /// derper's default hostname.
@@ -688,7 +689,7 @@ impl MeshPeer {
             [h, d] => (*h, Some(*d)),
             _ => return Err(bad("want host[/dialhost][/sha256-raw:<hex>]")),
         };
-        let (name, port) = split_host_port(host).ok_or_else(|| bad("bad host or port"))?;
+        let (name, port) = mesh_host_port(host).ok_or_else(|| bad("bad host or port"))?;
         let dial_host = match dial {
             None => name.clone(),
             Some(d) => {
@@ -709,23 +710,14 @@ impl MeshPeer {
     }
 }
 
-/// `name`, `name:port`, `1.2.3.4:port`, `[v6]`, `[v6]:port` → (name, port or 443).
-fn split_host_port(h: &str) -> Option<(String, u16)> {
-    let (name, port) = if let Some(rest) = h.strip_prefix('[') {
-        let (ip, tail) = rest.split_once(']')?;
-        ip.parse::<Ipv6Addr>().ok()?;
-        match tail {
-            "" => (ip, None),
-            t => (ip, Some(t.strip_prefix(':')?)),
-        }
-    } else {
-        match h.split_once(':') {
-            None => (h, None),
-            Some((n, p)) if !p.contains(':') => (n, Some(p)),
-            // A bare IPv6 address is not a URL host (Go wants brackets).
-            Some(_) => return None,
-        }
-    };
+/// `name`, `name:port`, `1.2.3.4:port`, `[v6]`, `[v6]:port` → (name, port or 443): the
+/// split is [`split_host_port`]'s; the name must not be empty or hold white space, a bracketed
+/// one must be an IPv6 address, and a port must be 1 to 65535.
+fn mesh_host_port(h: &str) -> Option<(String, u16)> {
+    let (name, port) = split_host_port(h).ok()?;
+    if h.starts_with('[') {
+        name.parse::<Ipv6Addr>().ok()?;
+    }
     if name.is_empty() || name.contains(|c: char| c.is_whitespace()) {
         return None;
     }

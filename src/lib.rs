@@ -13,6 +13,10 @@
 //! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
 //!   asked between ClientInfo and registration; the URL's client caps checks in flight, keeps
 //!   connections alive and remembers refused keys; the file is read on a blocking thread.
+//! - [`httpc`]: a small HTTP/1.1 client: URLs (and the one host/port splitter), resolve and
+//!   connect (TCP, TLS with the caller's trust) within a deadline, requests, bounded response
+//!   heads (httparse) and bodies (length, chunked, until close), keep-alive; the admission
+//!   checks use it, mesh reads its upgrade response head with it.
 //! - [`allowlist`]: the `--allow-keys-file` list, re-read when the file changes (off the
 //!   executor).
 //! - `server::debug`: the `/debug/` pages (Prometheus `varz`, and `derpmap` for the LuCI page)
@@ -58,8 +62,9 @@
 //! stable API: `ws::transport` and `admission::parse_admit_response`; the `session` target runs
 //! [`client::serve`] on a [`relay::Relay`] over an in-memory stream.
 //!
-//! Arrows point down: the protocol core ← relay state ([`registry`], [`link`], [`pool`],
-//! [`metrics`], [`limits`]) ← [`config`] ← network plumbing ([`admission`], [`allowlist`],
+//! Arrows point down: the protocol core and small utilities ([`httpc`] among them) ← relay
+//! state ([`registry`], [`link`], [`pool`], [`metrics`], [`limits`]) ← [`config`] ← network
+//! plumbing ([`admission`], [`allowlist`],
 //! [`tls`], [`trust`], [`net`]) ← DERP sessions ([`mesh`], [`ws`], [`client`], [`relay`]) ←
 //! [`server`]; nothing imports the server. `tests/layering.rs` derives the graph from the
 //! sources and fails on a cycle or an upward edge.
@@ -80,6 +85,7 @@ mod fsutil;
 pub mod handshake;
 mod holder;
 pub mod http;
+pub mod httpc;
 pub mod key;
 pub mod limits;
 pub mod link;

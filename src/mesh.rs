@@ -28,6 +28,7 @@ use smol::{Async, Timer};
 use crate::config::MeshPeer;
 use crate::frame::{self, FrameType, HEADER_LEN, MAGIC};
 use crate::handshake::SessionBox;
+use crate::httpc;
 use crate::key::{hex, NodePublic, KEY_LEN};
 use crate::link::{Link, MAX_BATCH};
 use crate::net::{LockedStream, Stream, TcpOptions};
@@ -219,7 +220,8 @@ async fn connect(
     Ok((rd, wr, server_key))
 }
 
-/// Reads the HTTP response head; wants `101`. Returns the bytes after it.
+/// Reads the HTTP response head ([`httpc::parse_head`]); wants `101`. Returns the bytes after
+/// it.
 async fn read_response_head<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Vec<u8>, LinkError> {
     const MAX: usize = 8 << 10;
     let mut buf = Vec::with_capacity(512);
@@ -232,16 +234,14 @@ async fn read_response_head<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Vec<u8>,
             ));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let status = buf.split(|&b| b == b' ').nth(1).unwrap_or_default();
-            if status != b"101" {
-                let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+        if let Some((head, end)) = httpc::parse_head(&buf).map_err(LinkError::Protocol)? {
+            if head.status != 101 {
                 return Err(LinkError::Protocol(format!(
                     "upgrade refused: {:?}",
-                    String::from_utf8_lossy(line)
+                    head.status_line
                 )));
             }
-            return Ok(buf.split_off(end + 4));
+            return Ok(buf.split_off(end));
         }
         if buf.len() > MAX {
             return Err(LinkError::Protocol("HTTP response head too long".into()));

@@ -25,12 +25,14 @@ const LAYERS: &[&[&str]] = &[
         "lograte",
         "derpmap",
         "sync",
+        // The HTTP/1.1 client (no DERP I/O; below `config`, which splits host and port with it).
+        "httpc",
     ],
     // Relay state: buffers, limits, counters, who is connected.
     &["registry", "link", "metrics", "pool", "limits"],
     // Settings as plain data.
     &["config"],
-    // Network plumbing: streams, TLS (`src/tls/`), the admission client.
+    // Network plumbing: streams, TLS (`src/tls/`), the admission checks.
     &["admission", "allowlist", "tls", "trust", "net"],
     // DERP sessions and transports, and the relay state they share.
     &["mesh", "ws", "client", "relay"],
