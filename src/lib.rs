@@ -4,10 +4,11 @@
 //! # Layout (follow a packet)
 //! - [`config`]: derper's command line → a validated [`config::Config`] (plain data, also
 //!   the `--mesh-with` entries and the admission flags).
-//! - [`server`]: the front door. Binds the listeners, runs the executor threads; per TCP
-//!   connection: TLS ([`tls`], with the meta-cert), one bounded HTTP request head ([`http`]),
-//!   then a response or the DERP upgrade. Also the STUN loop ([`stun`]), signals, and (in
-//!   `server/debug.rs`) the `/debug/` pages.
+//! - [`server`]: the process and its front door. `server/mod.rs` starts and stops it (signals,
+//!   reloads); `server/listen.rs` binds the listeners and runs the accept and STUN ([`stun`])
+//!   loops; `server/front.rs` takes one connection through TLS ([`tls`], with the meta-cert)
+//!   and one bounded HTTP request head ([`http`]) to a response or the DERP upgrade;
+//!   `server/debug/` serves the `/debug/` pages (the access rule, the `varz` table).
 //! - [`relay`]: what every DERP session shares (key, registry, pool, metrics, admission,
 //!   session limits); [`net`]: the stream types and TCP options below the DERP code.
 //! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
