@@ -15,7 +15,7 @@ use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::Timer;
 
-use crate::frame::{self, peer_flags, FrameType, PeerGoneReason, SmallFrame, HEADER_LEN};
+use crate::frame::{self, peer_flags, Body, FrameType, PeerGoneReason, SmallFrame, HEADER_LEN};
 use crate::handshake::{self, LoginError};
 use crate::key::{NodePublic, KEY_LEN};
 use crate::limits::TokenBucket;
@@ -294,16 +294,29 @@ async fn write_deadline<T>(
     }
 }
 
+/// What a session's reader keeps between frames.
+struct ReadState {
+    not_here: TokenBucket,
+    routes: RouteCache,
+    connected_at: Instant,
+}
+
+/// Reads the client's frames until it closes: each header is charged to the rate limit, judged
+/// by [`frame::check_len`], then its packet relayed, its control payload acted on, or skipped.
 async fn read_loop<R: AsyncRead + Unpin>(
     state: &Relay,
     client: &Arc<Client>,
     rd: &mut R,
 ) -> Result<(), ConnError> {
-    let m = &state.metrics;
-    let mut not_here = TokenBucket::new(1.0, NOT_HERE_BURST);
-    let connected_at = Instant::now();
+    let mut rs = ReadState {
+        not_here: TokenBucket::new(1.0, NOT_HERE_BURST),
+        routes: RouteCache::default(),
+        connected_at: Instant::now(),
+    };
+    let reader = frame::Reader::Session {
+        mesh: client.is_mesh,
+    };
     let mut burst = 0u32;
-    let mut routes = RouteCache::default();
     let mut bucket = crate::limits::Bucket::default();
     loop {
         burst += 1;
@@ -311,19 +324,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             burst = 0;
             smol::future::yield_now().await;
         }
-        let mut h = [0u8; HEADER_LEN];
-        // A close between frames is a normal end; one inside a header is not. Over TLS,
-        // Tailscale's client closes the socket without a close_notify, which rustls reports as
-        // UnexpectedEof: at a frame boundary that is the same clean close as on plain TCP.
-        let got = match rd.read(&mut h).await {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e.into()),
-        };
-        if got == 0 {
+        let Some(h) = read_header(rd).await? else {
             return Ok(());
-        }
-        rd.read_exact(&mut h[got..]).await?;
+        };
         let (t, len) = frame::decode_header(&h);
         state.registry.note_activity(client);
         // --rate-config, mesh peers exempt: every byte read is charged before it is read (TCP
@@ -335,125 +338,122 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if let Some(limits) = rate {
             bucket.pay(limits, HEADER_LEN as u64 + prepaid).await;
         }
-        let n = len as usize;
-        match FrameType::from_u8(t) {
-            Some(FrameType::SendPacket) => {
-                if n < KEY_LEN {
-                    return Err(ConnError::Protocol(format!("short SendPacket: {n} bytes")));
-                }
-                let pkt_len = n - KEY_LEN;
-                if pkt_len > frame::MAX_PACKET_SIZE {
-                    return Err(ConnError::Protocol(format!(
-                        "SendPacket too large: {pkt_len}"
-                    )));
-                }
-                let mut dst = [0u8; KEY_LEN];
-                rd.read_exact(&mut dst).await?;
-                let buf = read_packet(state, rd, &client.key, pkt_len).await?;
-                relay(
-                    state,
-                    client,
-                    &NodePublic(dst),
-                    buf,
-                    &mut not_here,
-                    &mut routes,
-                );
-            }
-            Some(FrameType::NotePreferred) => {
-                if n != 1 {
-                    return Err(ConnError::Protocol(format!("NotePreferred length {n}")));
-                }
-                let mut b = [0u8; 1];
-                rd.read_exact(&mut b).await?;
-                let pref = b[0] != 0;
-                if client.preferred.swap(pref, Relaxed) != pref {
-                    if pref {
-                        m.home_connections.fetch_add(1, Relaxed);
-                    } else {
-                        m.home_connections.fetch_sub(1, Relaxed);
-                    }
-                    if connected_at.elapsed() > Duration::from_secs(5) {
-                        let c = if pref {
-                            &m.home_moves_in
-                        } else {
-                            &m.home_moves_out
-                        };
-                        c.fetch_add(1, Relaxed);
-                    }
-                }
-            }
-            Some(FrameType::Ping) => {
-                if !(8..=frame::PING_MAX).contains(&n) {
-                    return Err(ConnError::Protocol(format!("Ping length {n}")));
-                }
-                // The Pong echoes the first 8 bytes (as derper); the rest is read and dropped.
-                let mut data = [0u8; 8];
-                rd.read_exact(&mut data).await?;
-                discard(rd, (n - 8) as u64, None).await?;
-                m.got_ping.fetch_add(1, Relaxed);
-                client.enqueue_pong(data);
-            }
-            Some(FrameType::WatchConns | FrameType::ClosePeer | FrameType::ForwardPacket)
-                if !client.is_mesh =>
-            {
-                return Err(ConnError::Protocol(format!(
-                    "insufficient permissions for frame type {t:#04x} (mesh key required)"
-                )));
-            }
-            Some(FrameType::WatchConns) => {
-                if n != 0 {
-                    return Err(ConnError::Protocol(format!("WatchConns length {n}")));
-                }
-                // A node that lists itself in --mesh-with reaches itself: nothing to watch.
-                if client.key != state.public_key {
-                    state.registry.add_watcher(client);
-                }
-            }
-            Some(FrameType::ClosePeer) => {
-                if n != KEY_LEN {
-                    return Err(ConnError::Protocol(format!("ClosePeer length {n}")));
-                }
-                let mut k = [0u8; KEY_LEN];
-                rd.read_exact(&mut k).await?;
-                let target = NodePublic(k);
-                match state.registry.close_key(&target) {
-                    0 => info!("derp: mesh {}: ClosePeer: no peer {target}", client.remote),
-                    n => info!(
-                        "derp: mesh {}: ClosePeer: closing peer {target} ({n} connections)",
-                        client.remote
-                    ),
-                }
-            }
-            Some(FrameType::ForwardPacket) => {
-                if n < 2 * KEY_LEN {
-                    return Err(ConnError::Protocol(format!(
-                        "short ForwardPacket: {n} bytes"
-                    )));
-                }
-                let pkt_len = n - 2 * KEY_LEN;
-                if pkt_len > frame::MAX_PACKET_SIZE {
-                    return Err(ConnError::Protocol(format!(
-                        "ForwardPacket too large: {pkt_len}"
-                    )));
-                }
+        let body =
+            frame::check_len(reader, t, len).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        match body {
+            Body::Packet {
+                t: FrameType::ForwardPacket,
+                len,
+                ..
+            } => {
                 let mut keys = [0u8; 2 * KEY_LEN];
                 rd.read_exact(&mut keys).await?;
                 let (src, dst) = keys.split_at(KEY_LEN);
                 let src = NodePublic(src.try_into().unwrap_or_default());
                 let dst = NodePublic(dst.try_into().unwrap_or_default());
-                let buf = read_packet(state, rd, &src, pkt_len).await?;
-                deliver_forwarded(state, client, &dst, buf, &mut not_here);
+                let buf = read_packet(state, rd, &src, len).await?;
+                deliver_forwarded(state, client, &dst, buf, &mut rs.not_here);
             }
-            _ => {
-                m.unknown_frames.fetch_add(1, Relaxed);
+            // SendPacket.
+            Body::Packet { len, .. } => {
+                let mut dst = [0u8; KEY_LEN];
+                rd.read_exact(&mut dst).await?;
+                let buf = read_packet(state, rd, &client.key, len).await?;
+                relay(state, client, &NodePublic(dst), buf, &mut rs);
+            }
+            Body::Control { t, len, skip } => {
+                let mut b = [0u8; frame::CONTROL_MAX];
+                rd.read_exact(&mut b[..len]).await?;
+                // A Ping's bytes past the 8 it echoes (as derper); within the prepaid ones.
+                discard(rd, u64::from(skip), None).await?;
+                control(state, client, &rs, t, &b);
+            }
+            Body::Skip(n) => {
+                state.metrics.unknown_frames.fetch_add(1, Relaxed);
                 let rate = rate.map(|limits| Metered {
                     bucket: &mut bucket,
                     limits,
                     prepaid,
                 });
-                discard(rd, u64::from(len), rate).await?;
+                discard(rd, u64::from(n), rate).await?;
             }
         }
+    }
+}
+
+/// Reads a frame header; `None` at a clean close before it.
+async fn read_header<R: AsyncRead + Unpin>(
+    rd: &mut R,
+) -> Result<Option<[u8; HEADER_LEN]>, ConnError> {
+    let mut h = [0u8; HEADER_LEN];
+    // A close between frames is a normal end; one inside a header is not. Over TLS,
+    // Tailscale's client closes the socket without a close_notify, which rustls reports as
+    // UnexpectedEof: at a frame boundary that is the same clean close as on plain TCP.
+    let got = match rd.read(&mut h).await {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+        Err(e) => return Err(e.into()),
+    };
+    if got == 0 {
+        return Ok(None);
+    }
+    rd.read_exact(&mut h[got..]).await?;
+    Ok(Some(h))
+}
+
+/// Acts on a control frame a session read: `b` starts with the bytes [`frame::check_len`]
+/// kept of its payload.
+fn control(
+    state: &Relay,
+    client: &Arc<Client>,
+    rs: &ReadState,
+    t: FrameType,
+    b: &[u8; frame::CONTROL_MAX],
+) {
+    let m = &state.metrics;
+    match t {
+        FrameType::NotePreferred => {
+            let pref = b[0] != 0;
+            if client.preferred.swap(pref, Relaxed) != pref {
+                if pref {
+                    m.home_connections.fetch_add(1, Relaxed);
+                } else {
+                    m.home_connections.fetch_sub(1, Relaxed);
+                }
+                if rs.connected_at.elapsed() > Duration::from_secs(5) {
+                    let c = if pref {
+                        &m.home_moves_in
+                    } else {
+                        &m.home_moves_out
+                    };
+                    c.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        FrameType::Ping => {
+            let mut data = [0u8; 8];
+            data.copy_from_slice(&b[..8]);
+            m.got_ping.fetch_add(1, Relaxed);
+            client.enqueue_pong(data);
+        }
+        // A node that lists itself in --mesh-with reaches itself: nothing to watch.
+        FrameType::WatchConns if client.key != state.public_key => {
+            state.registry.add_watcher(client);
+        }
+        FrameType::ClosePeer => {
+            let mut k = [0u8; KEY_LEN];
+            k.copy_from_slice(&b[..KEY_LEN]);
+            let target = NodePublic(k);
+            match state.registry.close_key(&target) {
+                0 => info!("derp: mesh {}: ClosePeer: no peer {target}", client.remote),
+                n => info!(
+                    "derp: mesh {}: ClosePeer: closing peer {target} ({n} connections)",
+                    client.remote
+                ),
+            }
+        }
+        // Its own WatchConns; check_len gives a session no other control frame.
+        _ => {}
     }
 }
 
@@ -465,56 +465,40 @@ async fn read_packet<R: AsyncRead + Unpin>(
     src: &NodePublic,
     len: usize,
 ) -> Result<PacketBuf, ConnError> {
-    let total = HEADER_LEN + KEY_LEN + len;
-    let mut buf = state.pool.get(total).await;
-    let raw = buf.raw_mut();
+    let mut buf = state.pool.get(frame::RECV_PREFIX + len).await;
+    let space = buf.packet_space(len);
     // The buffer is the pool's: a client that stalls mid-frame must give it back in bounded
     // time, or a few such clients would hold every large buffer (--frame-timeout).
-    async {
-        rd.read_exact(&mut raw[HEADER_LEN + KEY_LEN..total])
-            .await
-            .map_err(ConnError::from)
-    }
-    .or(async {
-        Timer::after(state.timeouts.frame).await;
-        Err(ConnError::Protocol(format!(
-            "frame body of {len} bytes not received within {:?} (--frame-timeout)",
-            state.timeouts.frame
-        )))
-    })
-    .await?;
-    let mut h = [0u8; HEADER_LEN];
-    frame::encode_header(&mut h, FrameType::RecvPacket, (KEY_LEN + len) as u32);
-    raw[..HEADER_LEN].copy_from_slice(&h);
-    raw[HEADER_LEN..HEADER_LEN + KEY_LEN].copy_from_slice(&src.0);
-    buf.set_len(total);
+    async { rd.read_exact(space).await.map_err(ConnError::from) }
+        .or(async {
+            Timer::after(state.timeouts.frame).await;
+            Err(ConnError::Protocol(format!(
+                "frame body of {len} bytes not received within {:?} (--frame-timeout)",
+                state.timeouts.frame
+            )))
+        })
+        .await?;
+    buf.frame_recv_packet(src, len);
     Ok(buf)
 }
 
 /// Routes one packet (already framed as RecvPacket) to `dst`.
-fn relay(
-    state: &Relay,
-    src: &Arc<Client>,
-    dst: &NodePublic,
-    buf: PacketBuf,
-    not_here: &mut TokenBucket,
-    routes: &mut RouteCache,
-) {
+fn relay(state: &Relay, src: &Arc<Client>, dst: &NodePublic, buf: PacketBuf, rs: &mut ReadState) {
     let m = &state.metrics;
-    let pkt = &buf.as_slice()[HEADER_LEN + KEY_LEN..];
+    let pkt = buf.payload();
     let disco = frame::looks_like_disco(pkt);
     let pkt_len = pkt.len();
     m.packets_received.fetch_add(1, Relaxed);
     m.bytes_received.fetch_add(pkt_len as u64, Relaxed);
     m.packets_received_kind[usize::from(!disco)].fetch_add(1, Relaxed);
-    match state.registry.route_cached(routes, dst) {
+    match state.registry.route_cached(&mut rs.routes, dst) {
         Route::Local(c) => c.enqueue_packet(buf, disco, m),
         Route::Forward(link) => link.forward(*dst, buf, disco, m),
         Route::NoActive => m.drop_packet(DropReason::DupClient, disco, pkt_len),
         Route::Unknown => {
             m.drop_packet(DropReason::UnknownDest, disco, pkt_len);
             if disco
-                && not_here.allow()
+                && rs.not_here.allow()
                 && src.enqueue_control(SmallFrame::peer_gone(dst, PeerGoneReason::NotHere))
             {
                 m.peer_gone_not_here_frames.fetch_add(1, Relaxed);
@@ -533,7 +517,7 @@ fn deliver_forwarded(
 ) {
     let m = &state.metrics;
     m.packets_forwarded_in.fetch_add(1, Relaxed);
-    let pkt = &buf.as_slice()[HEADER_LEN + KEY_LEN..];
+    let pkt = buf.payload();
     let disco = frame::looks_like_disco(pkt);
     let pkt_len = pkt.len();
     match state.registry.route_local(dst) {
@@ -730,7 +714,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if let Err(e) = res {
             for o in batch.drain(..) {
                 if let Out::Packet(p) = o {
-                    let disco = frame::looks_like_disco(&p.as_slice()[HEADER_LEN + KEY_LEN..]);
+                    let disco = frame::looks_like_disco(p.payload());
                     m.drop_packet(DropReason::WriteError, disco, p.len());
                 }
             }
@@ -743,11 +727,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             match o {
                 Out::Packet(p) => {
                     m.packets_sent.fetch_add(1, Relaxed);
-                    m.bytes_sent
-                        .fetch_add((p.len() - HEADER_LEN - KEY_LEN) as u64, Relaxed);
-                    let mut src = [0u8; KEY_LEN];
-                    src.copy_from_slice(&p.as_slice()[HEADER_LEN..HEADER_LEN + KEY_LEN]);
-                    let src = NodePublic(src);
+                    m.bytes_sent.fetch_add(p.payload().len() as u64, Relaxed);
+                    let src = p.src();
                     if last_src != Some(src) {
                         // A source already gone gets its PeerGone now: no repeat cache then.
                         let registered = state.registry.add_gone_watcher(src, client);

@@ -128,6 +128,202 @@ pub fn looks_like_disco(pkt: &[u8]) -> bool {
     pkt.len() >= DISCO_MIN_LEN && pkt.starts_with(&DISCO_MAGIC)
 }
 
+/// Bytes of a RecvPacket frame before its packet: the header and the source key. A pool buffer
+/// holds a received packet framed so, ready to write ([`crate::pool::PacketBuf::payload`]).
+pub const RECV_PREFIX: usize = HEADER_LEN + KEY_LEN;
+/// Largest payload of any frame a mesh link takes from its peer (Go's DERP client: 1 MiB).
+pub const LINK_FRAME_MAX: u32 = 1 << 20;
+/// Most bytes of a control frame's payload a reader keeps (a PeerGone's key and reason); the
+/// rest of the payload is skipped.
+pub const CONTROL_MAX: usize = KEY_LEN + 1;
+
+/// Who reads a frame: the length rules of [`check_len`] depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// derpd serving a client's session: the frames a client sends. `mesh`: the client logged
+    /// in with the mesh key, so it may send WatchConns, ClosePeer and ForwardPacket.
+    Session {
+        /// The client presented the mesh key.
+        mesh: bool,
+    },
+    /// A mesh link, derpd as a client of its peer: the frames the peer's server sends.
+    MeshLink,
+}
+
+/// What a reader does with a frame's payload, decided from its header alone. The parts of
+/// every answer add up to the header's length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// SendPacket (`keys` = the destination key) or ForwardPacket (`keys` = source and
+    /// destination keys): read the keys, then a packet of `len` bytes, at most
+    /// [`MAX_PACKET_SIZE`], into a pool buffer.
+    Packet {
+        /// SendPacket or ForwardPacket.
+        t: FrameType,
+        /// Key bytes before the packet: [`KEY_LEN`] or twice that.
+        keys: usize,
+        /// The packet's length.
+        len: usize,
+    },
+    /// A control frame: read its first `len` bytes (at most [`CONTROL_MAX`]), skip `skip` more.
+    Control {
+        /// The control frame's type.
+        t: FrameType,
+        /// Bytes read and used.
+        len: usize,
+        /// Bytes after them, read and dropped.
+        skip: u32,
+    },
+    /// A frame this reader ignores (of a type unknown or not meant for it): skip all of it.
+    Skip(u32),
+}
+
+/// A frame header a reader refuses; the connection ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// A SendPacket or ForwardPacket shorter than its keys.
+    Short {
+        /// The frame's type.
+        t: FrameType,
+        /// The payload length in the header.
+        len: u32,
+    },
+    /// A packet over [`MAX_PACKET_SIZE`].
+    PacketTooLarge {
+        /// The frame's type.
+        t: FrameType,
+        /// The packet's length (the payload less its keys).
+        packet: u32,
+    },
+    /// A control frame of a length its type does not allow.
+    BadLength {
+        /// The frame's type.
+        t: FrameType,
+        /// The payload length in the header.
+        len: u32,
+    },
+    /// A mesh frame type (WatchConns, ClosePeer, ForwardPacket) from a client without the
+    /// mesh key.
+    NeedsMeshKey(u8),
+    /// A frame over [`LINK_FRAME_MAX`] from a mesh peer.
+    TooLarge {
+        /// The type byte.
+        t: u8,
+        /// The payload length in the header.
+        len: u32,
+    },
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Short { t, len } => write!(f, "short {t:?}: {len} bytes"),
+            Self::PacketTooLarge { t, packet } => write!(f, "{t:?} too large: {packet}"),
+            Self::BadLength { t, len } => write!(f, "{t:?} length {len}"),
+            Self::NeedsMeshKey(t) => write!(
+                f,
+                "insufficient permissions for frame type {t:#04x} (mesh key required)"
+            ),
+            Self::TooLarge { t, len } => write!(f, "frame {t:#04x} of {len} bytes is too large"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// The length rules: what `reader` does with a frame of type `t` and payload length `len`.
+///
+/// A session: SendPacket is a destination key and a packet of at most [`MAX_PACKET_SIZE`];
+/// NotePreferred is 1 byte; Ping 8 to [`PING_MAX`] bytes (the first 8 kept); with the mesh key
+/// only, WatchConns is empty, ClosePeer a key, ForwardPacket two keys and a packet; any other
+/// type, of any length, is skipped. A mesh link: no frame over [`LINK_FRAME_MAX`]; PeerPresent
+/// and PeerGone of at least a key keep the key (and PeerGone's reason byte when there is
+/// one); everything else is skipped.
+pub fn check_len(reader: Reader, t: u8, len: u32) -> Result<Body, FrameError> {
+    match reader {
+        Reader::Session { mesh } => session_body(mesh, t, len),
+        Reader::MeshLink => link_body(t, len),
+    }
+}
+
+fn session_body(mesh: bool, t: u8, len: u32) -> Result<Body, FrameError> {
+    use FrameType as F;
+    let Some(ft) = FrameType::from_u8(t) else {
+        return Ok(Body::Skip(len));
+    };
+    match ft {
+        F::SendPacket => packet(ft, KEY_LEN, len),
+        F::NotePreferred => control(ft, len, 1..=1, 1),
+        F::Ping => control(ft, len, 8..=PING_MAX as u32, 8),
+        F::WatchConns | F::ClosePeer | F::ForwardPacket if !mesh => {
+            Err(FrameError::NeedsMeshKey(t))
+        }
+        F::WatchConns => control(ft, len, 0..=0, 0),
+        F::ClosePeer => control(ft, len, KEY_LEN as u32..=KEY_LEN as u32, KEY_LEN),
+        F::ForwardPacket => packet(ft, 2 * KEY_LEN, len),
+        _ => Ok(Body::Skip(len)),
+    }
+}
+
+fn link_body(t: u8, len: u32) -> Result<Body, FrameError> {
+    if len > LINK_FRAME_MAX {
+        return Err(FrameError::TooLarge { t, len });
+    }
+    let key = KEY_LEN as u32;
+    Ok(match FrameType::from_u8(t) {
+        Some(ft @ FrameType::PeerPresent) if len >= key => Body::Control {
+            t: ft,
+            len: KEY_LEN,
+            skip: len - key,
+        },
+        // The reason byte came later: a PeerGone without one means Disconnected.
+        Some(ft @ FrameType::PeerGone) if len >= key => {
+            let keep = if len > key { key + 1 } else { key };
+            Body::Control {
+                t: ft,
+                len: keep as usize,
+                skip: len - keep,
+            }
+        }
+        _ => Body::Skip(len),
+    })
+}
+
+/// A packet frame: `keys` key bytes, then at most [`MAX_PACKET_SIZE`].
+fn packet(t: FrameType, keys: usize, len: u32) -> Result<Body, FrameError> {
+    let Some(packet) = (len as usize).checked_sub(keys) else {
+        return Err(FrameError::Short { t, len });
+    };
+    if packet > MAX_PACKET_SIZE {
+        return Err(FrameError::PacketTooLarge {
+            t,
+            packet: packet as u32,
+        });
+    }
+    Ok(Body::Packet {
+        t,
+        keys,
+        len: packet,
+    })
+}
+
+/// A control frame whose length must be in `allowed`; its first `keep` bytes are used.
+fn control(
+    t: FrameType,
+    len: u32,
+    allowed: std::ops::RangeInclusive<u32>,
+    keep: usize,
+) -> Result<Body, FrameError> {
+    if !allowed.contains(&len) {
+        return Err(FrameError::BadLength { t, len });
+    }
+    Ok(Body::Control {
+        t,
+        len: keep,
+        skip: len - keep as u32,
+    })
+}
+
 /// A small control frame built in place: no allocation, at most a PeerPresent (56 bytes).
 #[derive(Clone, Copy)]
 pub struct SmallFrame {
@@ -252,6 +448,213 @@ mod tests {
         assert_eq!(b[37], 0x01);
         let r = SmallFrame::restarting(1, 2);
         assert_eq!(r.as_bytes(), [0x15, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 2]);
+    }
+
+    /// Every frame type a session reads, at and around each boundary length.
+    #[test]
+    fn session_length_rules() {
+        use FrameType as F;
+        let user = Reader::Session { mesh: false };
+        let mesh = Reader::Session { mesh: true };
+        let max = MAX_PACKET_SIZE as u32;
+        let key = KEY_LEN as u32;
+        for r in [user, mesh] {
+            let send = |len| check_len(r, F::SendPacket as u8, len);
+            let short = |len| {
+                Err(FrameError::Short {
+                    t: F::SendPacket,
+                    len,
+                })
+            };
+            assert_eq!(send(0), short(0));
+            assert_eq!(send(key - 1), short(key - 1));
+            let pkt = |len| {
+                Ok(Body::Packet {
+                    t: F::SendPacket,
+                    keys: KEY_LEN,
+                    len,
+                })
+            };
+            assert_eq!(send(key), pkt(0));
+            assert_eq!(send(key + max), pkt(MAX_PACKET_SIZE));
+            let big = |packet| {
+                Err(FrameError::PacketTooLarge {
+                    t: F::SendPacket,
+                    packet,
+                })
+            };
+            assert_eq!(send(key + max + 1), big(max + 1));
+            assert_eq!(send(u32::MAX), big(u32::MAX - key));
+
+            let pref = |len| check_len(r, F::NotePreferred as u8, len);
+            let ctl = |t, len, skip| Ok(Body::Control { t, len, skip });
+            let bad = |t, len| Err(FrameError::BadLength { t, len });
+            assert_eq!(pref(1), ctl(F::NotePreferred, 1, 0));
+            for n in [0, 2, u32::MAX] {
+                assert_eq!(pref(n), bad(F::NotePreferred, n));
+            }
+
+            let ping = |len| check_len(r, F::Ping as u8, len);
+            assert_eq!(ping(8), ctl(F::Ping, 8, 0));
+            assert_eq!(ping(PING_MAX as u32), ctl(F::Ping, 8, PING_MAX as u32 - 8));
+            for n in [0, 7, PING_MAX as u32 + 1, u32::MAX] {
+                assert_eq!(ping(n), bad(F::Ping, n));
+            }
+
+            // Types a client does not send, and unknown ones: skipped, whatever their length.
+            for t in [
+                0x00, 0x01, 0x02, 0x03, 0x05, 0x06, 0x08, 0x09, 0x0b, 0x0f, 0x13, 0x14,
+            ]
+            .into_iter()
+            .chain([0x15, 0x16, 0x7f, 0xff])
+            {
+                for n in [0, 1, max + 100, u32::MAX] {
+                    assert_eq!(check_len(r, t, n), Ok(Body::Skip(n)), "{t:#04x} {n}");
+                }
+            }
+        }
+
+        // The mesh frames: refused without the mesh key, at any length.
+        for t in [F::WatchConns, F::ClosePeer, F::ForwardPacket] {
+            for n in [0, key, 2 * key + 1, u32::MAX] {
+                assert_eq!(
+                    check_len(user, t as u8, n),
+                    Err(FrameError::NeedsMeshKey(t as u8))
+                );
+            }
+        }
+        let watch = |len| check_len(mesh, F::WatchConns as u8, len);
+        assert_eq!(
+            watch(0),
+            Ok(Body::Control {
+                t: F::WatchConns,
+                len: 0,
+                skip: 0
+            })
+        );
+        for n in [1, u32::MAX] {
+            assert_eq!(
+                watch(n),
+                Err(FrameError::BadLength {
+                    t: F::WatchConns,
+                    len: n
+                })
+            );
+        }
+        let close = |len| check_len(mesh, F::ClosePeer as u8, len);
+        assert_eq!(
+            close(key),
+            Ok(Body::Control {
+                t: F::ClosePeer,
+                len: KEY_LEN,
+                skip: 0
+            })
+        );
+        for n in [0, key - 1, key + 1, u32::MAX] {
+            assert_eq!(
+                close(n),
+                Err(FrameError::BadLength {
+                    t: F::ClosePeer,
+                    len: n
+                })
+            );
+        }
+        let fwd = |len| check_len(mesh, F::ForwardPacket as u8, len);
+        for n in [0, key, 2 * key - 1] {
+            assert_eq!(
+                fwd(n),
+                Err(FrameError::Short {
+                    t: F::ForwardPacket,
+                    len: n
+                })
+            );
+        }
+        let pkt = |len| {
+            Ok(Body::Packet {
+                t: F::ForwardPacket,
+                keys: 2 * KEY_LEN,
+                len,
+            })
+        };
+        assert_eq!(fwd(2 * key), pkt(0));
+        assert_eq!(fwd(2 * key + max), pkt(MAX_PACKET_SIZE));
+        assert_eq!(
+            fwd(2 * key + max + 1),
+            Err(FrameError::PacketTooLarge {
+                t: F::ForwardPacket,
+                packet: max + 1
+            })
+        );
+    }
+
+    /// Every frame type a mesh link reads, at and around each boundary length.
+    #[test]
+    fn mesh_link_length_rules() {
+        use FrameType as F;
+        let r = Reader::MeshLink;
+        let key = KEY_LEN as u32;
+        for t in 0..=255u8 {
+            assert_eq!(
+                check_len(r, t, LINK_FRAME_MAX + 1),
+                Err(FrameError::TooLarge {
+                    t,
+                    len: LINK_FRAME_MAX + 1
+                })
+            );
+            assert!(check_len(r, t, u32::MAX).is_err());
+            let ours = [F::PeerPresent as u8, F::PeerGone as u8].contains(&t);
+            for n in [0, 1, key - 1, key, key + 1, LINK_FRAME_MAX] {
+                if !ours || n < key {
+                    assert_eq!(check_len(r, t, n), Ok(Body::Skip(n)), "{t:#04x} {n}");
+                }
+            }
+        }
+        let present = |len| check_len(r, F::PeerPresent as u8, len);
+        let ctl = |t, len, skip| Ok(Body::Control { t, len, skip });
+        assert_eq!(present(key), ctl(F::PeerPresent, KEY_LEN, 0));
+        assert_eq!(
+            present(PEER_PRESENT_LEN as u32),
+            ctl(F::PeerPresent, KEY_LEN, PEER_PRESENT_LEN as u32 - key)
+        );
+        assert_eq!(
+            present(LINK_FRAME_MAX),
+            ctl(F::PeerPresent, KEY_LEN, LINK_FRAME_MAX - key)
+        );
+        let gone = |len| check_len(r, F::PeerGone as u8, len);
+        assert_eq!(gone(key), ctl(F::PeerGone, KEY_LEN, 0));
+        assert_eq!(gone(key + 1), ctl(F::PeerGone, KEY_LEN + 1, 0));
+        assert_eq!(gone(key + 2), ctl(F::PeerGone, KEY_LEN + 1, 1));
+        assert_eq!(
+            gone(LINK_FRAME_MAX),
+            ctl(F::PeerGone, CONTROL_MAX, LINK_FRAME_MAX - key - 1)
+        );
+    }
+
+    /// The error texts connections are closed with (logs and tests/attacks.rs read them).
+    #[test]
+    fn frame_error_texts() {
+        let text = |r, t, len| check_len(r, t, len).unwrap_err().to_string();
+        let user = Reader::Session { mesh: false };
+        let mesh = Reader::Session { mesh: true };
+        assert_eq!(text(user, 0x04, 31), "short SendPacket: 31 bytes");
+        assert_eq!(
+            text(user, 0x04, u32::MAX),
+            "SendPacket too large: 4294967263"
+        );
+        assert_eq!(text(mesh, 0x0a, 63), "short ForwardPacket: 63 bytes");
+        assert_eq!(text(mesh, 0x0a, 65_601), "ForwardPacket too large: 65537");
+        assert_eq!(text(user, 0x07, 2), "NotePreferred length 2");
+        assert_eq!(text(user, 0x12, 7), "Ping length 7");
+        assert_eq!(text(mesh, 0x10, 1), "WatchConns length 1");
+        assert_eq!(text(mesh, 0x11, 31), "ClosePeer length 31");
+        assert_eq!(
+            text(user, 0x11, 32),
+            "insufficient permissions for frame type 0x11 (mesh key required)"
+        );
+        assert_eq!(
+            text(Reader::MeshLink, 0x09, 1_048_577),
+            "frame 0x09 of 1048577 bytes is too large"
+        );
     }
 
     #[test]

@@ -44,7 +44,8 @@
 //!   meta-cert, and the rustls resolver (derper's SNI rule) with its reloader.
 //! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller): a
 //!   pinned leaf certificate or the CA bundle.
-//! - [`frame`]: the wire format; [`key`]: node keys and derper's key file;
+//! - [`frame`]: the wire format, and the per-frame length rules ([`frame::check_len`]) that
+//!   a session's reader and a mesh link follow; [`key`]: node keys and derper's key file;
 //!   [`metrics`]: counters named after derper's.
 //! - `holder`: who holds a port a listener cannot bind (`/proc/net/tcp*` and `/proc/*/fd`), for
 //!   the start-up error.

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use event_listener::Event;
 
-use crate::frame::{self, HEADER_LEN};
-use crate::key::{NodePublic, KEY_LEN};
+use crate::frame;
+use crate::key::NodePublic;
 use crate::metrics::{DropReason, Metrics};
 use crate::pool::PacketBuf;
 use crate::sync::lock;
@@ -70,11 +70,7 @@ impl Link {
                 m.packets_forwarded_out.fetch_add(1, Relaxed);
                 self.wake.notify(1);
             }
-            Some(p) => m.drop_packet(
-                DropReason::MeshForward,
-                disco,
-                p.len() - HEADER_LEN - KEY_LEN,
-            ),
+            Some(p) => m.drop_packet(DropReason::MeshForward, disco, p.payload().len()),
         }
     }
 
@@ -90,7 +86,7 @@ impl Link {
             }
         };
         for (_, p) in dropped {
-            let data = &p.as_slice()[HEADER_LEN + KEY_LEN..];
+            let data = p.payload();
             m.drop_packet(
                 DropReason::MeshForward,
                 frame::looks_like_disco(data),
@@ -120,8 +116,8 @@ mod tests {
         let pool = crate::pool::Pool::with_counts(FORWARD_QUEUE_DEPTH + 8, 1);
         let link = Link::new("peer".into());
         let pkt = || {
-            let mut p = pool.try_get(HEADER_LEN + KEY_LEN + 10).unwrap();
-            p.set_len(HEADER_LEN + KEY_LEN + 10);
+            let mut p = pool.try_get(frame::RECV_PREFIX + 10).unwrap();
+            p.frame_recv_packet(&NodePublic([2; 32]), 10);
             p
         };
         link.forward(NodePublic([1; 32]), pkt(), false, &m);

@@ -43,8 +43,6 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// No frame for this long means the peer is gone: it sends a KeepAlive every 60 s (Go's
 /// client uses the same 120 s read deadline).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
-/// Largest frame accepted from a peer (Go's client: 1 MiB).
-const MAX_FRAME: u32 = 1 << 20;
 /// ForwardPacket header: frame header, source key, destination key.
 const FWD_PREFIX: usize = HEADER_LEN + 2 * KEY_LEN;
 
@@ -204,7 +202,7 @@ async fn connect(
     wr.write_all(&bx.client_info_frame(&state.public_key, json.as_bytes()))
         .await?;
     wr.flush().await?;
-    let (t, payload) = read_frame(&mut rd, MAX_FRAME).await?;
+    let (t, payload) = read_frame(&mut rd, frame::LINK_FRAME_MAX).await?;
     if t != FrameType::ServerInfo as u8 {
         return Err(LinkError::Protocol(format!(
             "want ServerInfo, got frame {t:#04x}"
@@ -290,40 +288,32 @@ async fn watch<R: AsyncRead + Unpin>(
             Err(e) => return Err(e),
         }
         let (t, len) = frame::decode_header(&h);
-        if len > MAX_FRAME {
-            return Err(LinkError::Protocol(format!(
-                "frame {t:#04x} of {len} bytes is too large"
-            )));
-        }
-        let is_present = t == FrameType::PeerPresent as u8;
-        let is_gone = t == FrameType::PeerGone as u8;
-        if (is_present || is_gone) && len as usize >= KEY_LEN {
-            let mut k = [0u8; KEY_LEN];
-            rd.read_exact(&mut k).await?;
-            let mut rest = [0u8; 1];
-            let mut extra = len as usize - KEY_LEN;
-            if is_gone && extra > 0 {
-                rd.read_exact(&mut rest).await?;
-                extra -= 1;
-            }
-            crate::client::discard(&mut rd, extra as u64, None).await?;
-            let key = NodePublic(k);
-            if is_present {
-                debug!("mesh({host}): peer {} present", key.short());
-                state.registry.add_forwarder(key, link);
-                present.insert(key);
-            } else {
-                if rest[0] == frame::PeerGoneReason::NotHere as u8 {
-                    debug!("mesh({host}): peer {} not connected there", key.short());
-                } else {
-                    debug!("mesh({host}): peer {} gone", key.short());
-                }
-                state.registry.remove_forwarder(&key, link);
-                present.remove(&key);
-            }
-        } else {
+        let body = frame::check_len(frame::Reader::MeshLink, t, len)
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let frame::Body::Control { t, len: keep, skip } = body else {
             // KeepAlive, packets to this server's key, pings: nothing to do.
             crate::client::discard(&mut rd, u64::from(len), None).await?;
+            continue;
+        };
+        let mut b = [0u8; frame::CONTROL_MAX];
+        rd.read_exact(&mut b[..keep]).await?;
+        crate::client::discard(&mut rd, u64::from(skip), None).await?;
+        let mut k = [0u8; KEY_LEN];
+        k.copy_from_slice(&b[..KEY_LEN]);
+        let key = NodePublic(k);
+        if t == FrameType::PeerPresent {
+            debug!("mesh({host}): peer {} present", key.short());
+            state.registry.add_forwarder(key, link);
+            present.insert(key);
+        } else {
+            // PeerGone; its reason byte, when it has one, follows the key (else 0).
+            if b[KEY_LEN] == frame::PeerGoneReason::NotHere as u8 {
+                debug!("mesh({host}): peer {} not connected there", key.short());
+            } else {
+                debug!("mesh({host}): peer {} gone", key.short());
+            }
+            state.registry.remove_forwarder(&key, link);
+            present.remove(&key);
         }
     }
 }
@@ -347,8 +337,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(link: &Link, mut wr: W) -> Result<(),
         }
         prefixes.clear();
         for (dst, p) in &batch {
-            let raw = p.as_slice();
-            let data_len = raw.len() - HEADER_LEN - KEY_LEN;
+            let data_len = p.payload().len();
             let mut pre = [0u8; FWD_PREFIX];
             let mut h = [0u8; HEADER_LEN];
             frame::encode_header(
@@ -356,16 +345,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(link: &Link, mut wr: W) -> Result<(),
                 FrameType::ForwardPacket,
                 (2 * KEY_LEN + data_len) as u32,
             );
-            pre[..HEADER_LEN].copy_from_slice(&h);
-            pre[HEADER_LEN..HEADER_LEN + KEY_LEN]
-                .copy_from_slice(&raw[HEADER_LEN..HEADER_LEN + KEY_LEN]);
-            pre[HEADER_LEN + KEY_LEN..].copy_from_slice(&dst.0);
+            let (src_at, dst_at) = (HEADER_LEN, HEADER_LEN + KEY_LEN);
+            pre[..src_at].copy_from_slice(&h);
+            pre[src_at..dst_at].copy_from_slice(&p.src().0);
+            pre[dst_at..].copy_from_slice(&dst.0);
             prefixes.push(pre);
         }
         let mut slices = Vec::with_capacity(2 * batch.len());
         for (pre, (_, p)) in prefixes.iter().zip(&batch) {
             slices.push(IoSlice::new(pre));
-            slices.push(IoSlice::new(&p.as_slice()[HEADER_LEN + KEY_LEN..]));
+            slices.push(IoSlice::new(p.payload()));
         }
         let write = crate::client::write_all_vectored(&mut wr, &mut slices);
         async { write.await.map_err(LinkError::Io) }

@@ -48,13 +48,13 @@ use std::sync::{Arc, Mutex};
 
 use event_listener::{listener, Event, IntoNotification};
 
-use crate::frame::{HEADER_LEN, MAX_PACKET_SIZE};
-use crate::key::KEY_LEN;
+use crate::frame::{self, FrameType, HEADER_LEN, MAX_PACKET_SIZE, RECV_PREFIX};
+use crate::key::{NodePublic, KEY_LEN};
 
 /// Bytes in a small buffer: a RecvPacket frame (header + source key) of up to 2,011 packet bytes.
 pub const SMALL_BUF: usize = 2048;
 /// Bytes in a large buffer: a RecvPacket frame carrying a maximum-size packet.
-pub const LARGE_BUF: usize = HEADER_LEN + KEY_LEN + MAX_PACKET_SIZE;
+pub const LARGE_BUF: usize = RECV_PREFIX + MAX_PACKET_SIZE;
 /// Default budget, MiB.
 pub const DEFAULT_BUDGET_MIB: usize = 16;
 /// W: the most one connection makes derpd hold outside the pool (the module doc adds it up).
@@ -307,6 +307,42 @@ impl PacketBuf {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Where a received packet of `len` bytes goes (clamped to the capacity): after the room
+    /// for its RecvPacket header and source key. Then [`Self::frame_recv_packet`].
+    pub fn packet_space(&mut self, len: usize) -> &mut [u8] {
+        let raw = self.raw_mut();
+        let end = (RECV_PREFIX + len).min(raw.len());
+        raw.get_mut(RECV_PREFIX..end).unwrap_or_default()
+    }
+
+    /// Frames the `len` packet bytes written to [`Self::packet_space`] as a RecvPacket from
+    /// `src`: the buffer then holds the whole frame, ready to write.
+    pub fn frame_recv_packet(&mut self, src: &NodePublic, len: usize) {
+        let len = len.min(self.capacity().saturating_sub(RECV_PREFIX));
+        let total = RECV_PREFIX + len;
+        let mut h = [0u8; HEADER_LEN];
+        frame::encode_header(&mut h, FrameType::RecvPacket, (KEY_LEN + len) as u32);
+        if let Some(prefix) = self.raw_mut().get_mut(..RECV_PREFIX) {
+            prefix[..HEADER_LEN].copy_from_slice(&h);
+            prefix[HEADER_LEN..].copy_from_slice(&src.0);
+        }
+        self.set_len(total);
+    }
+
+    /// The source key of the RecvPacket frame in the buffer.
+    pub fn src(&self) -> NodePublic {
+        let mut k = [0u8; KEY_LEN];
+        if let Some(s) = self.as_slice().get(HEADER_LEN..RECV_PREFIX) {
+            k.copy_from_slice(s);
+        }
+        NodePublic(k)
+    }
+
+    /// The packet of the RecvPacket frame in the buffer: what follows its header and source key.
+    pub fn payload(&self) -> &[u8] {
+        self.as_slice().get(RECV_PREFIX..).unwrap_or_default()
+    }
 }
 
 impl Drop for PacketBuf {
@@ -467,6 +503,26 @@ mod tests {
         assert_eq!(p.stats().waiting, (1, 0));
         drop(fut);
         assert_eq!(p.stats().waiting, (0, 0));
+    }
+
+    #[test]
+    fn recv_packet_view() {
+        let p = Pool::with_counts(1, 1);
+        let mut b = p.try_get(RECV_PREFIX + 3).unwrap();
+        assert!(b.payload().is_empty() && b.src() == NodePublic([0; KEY_LEN]));
+        b.packet_space(3).copy_from_slice(b"abc");
+        b.frame_recv_packet(&NodePublic([9; KEY_LEN]), 3);
+        assert_eq!(b.as_slice()[..HEADER_LEN], [0x05, 0, 0, 0, 35]);
+        assert_eq!(
+            (b.src(), b.payload()),
+            (NodePublic([9; KEY_LEN]), &b"abc"[..])
+        );
+        assert_eq!(b.len(), RECV_PREFIX + 3);
+        // The largest packet fills a large buffer; nothing is written past it.
+        let mut l = p.try_get(LARGE_BUF).unwrap();
+        assert_eq!(l.packet_space(MAX_PACKET_SIZE + 1).len(), MAX_PACKET_SIZE);
+        l.frame_recv_packet(&NodePublic([1; KEY_LEN]), MAX_PACKET_SIZE);
+        assert_eq!((l.len(), l.payload().len()), (LARGE_BUF, MAX_PACKET_SIZE));
     }
 
     #[test]

@@ -23,9 +23,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use event_listener::Event;
 
-use crate::frame::{self, PeerGoneReason, SmallFrame, HEADER_LEN};
+use crate::frame::{self, PeerGoneReason, SmallFrame};
 use crate::key::NodePublic;
-use crate::key::KEY_LEN;
 use crate::link::Link;
 use crate::metrics::{DropReason, Metrics};
 use crate::pool::{DropOldest, PacketBuf};
@@ -33,8 +32,6 @@ use crate::sync::lock;
 
 /// Per-client queue depth for each of the disco and other queues (derper: 32 each).
 pub const QUEUE_DEPTH: usize = 32;
-/// Bytes before the packet in a queued RecvPacket frame: header and source key.
-const RECV_HEADER: usize = HEADER_LEN + KEY_LEN;
 
 /// One logged-in connection, shared by its reader, its writer and the registry.
 #[derive(Debug)]
@@ -157,9 +154,7 @@ impl Client {
                     (old, DropReason::QueueHead),
                 ] {
                     let Some(p) = p else { continue };
-                    let was_disco = frame::looks_like_disco(
-                        p.as_slice().get(RECV_HEADER..).unwrap_or_default(),
-                    );
+                    let was_disco = frame::looks_like_disco(p.payload());
                     metrics.drop_packet(reason, was_disco, p.len());
                 }
                 None
@@ -1235,7 +1230,7 @@ mod tests {
         let c = Client::new(1, key(1), addr(), 1);
         let large = |tag: u8| {
             let mut p = pool.try_get(crate::pool::SMALL_BUF + 1).unwrap();
-            p.raw_mut()[RECV_HEADER] = tag;
+            p.packet_space(1)[0] = tag;
             p.set_len(crate::pool::SMALL_BUF + 1);
             p
         };
@@ -1250,9 +1245,9 @@ mod tests {
             assert_eq!(o.disco.len(), 1);
             assert_eq!(o.other.len(), 2, "the small packet stays");
             // The two newest large packets are what is left.
-            assert_eq!(o.disco.pop().unwrap().as_slice()[RECV_HEADER], 3);
+            assert_eq!(o.disco.pop().unwrap().payload()[0], 3);
             assert!(!o.other.pop().unwrap().is_large());
-            assert_eq!(o.other.pop().unwrap().as_slice()[RECV_HEADER], 4);
+            assert_eq!(o.other.pop().unwrap().payload()[0], 4);
             o.large = 0;
         });
         assert_eq!(m.dropped(DropReason::QueueLarge), 2);
