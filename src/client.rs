@@ -3,10 +3,8 @@
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use event_listener::listener;
@@ -21,6 +19,7 @@ use crate::key::{NodePublic, KEY_LEN};
 use crate::limits::TokenBucket;
 use crate::lograte::{limited, CONN_ERRORS, LOGINS};
 use crate::metrics::DropReason;
+use crate::net::{discard, write_all_vectored, Metered};
 use crate::pool::PacketBuf;
 use crate::registry::{Client, Route, RouteCache};
 use crate::relay::Relay;
@@ -536,89 +535,6 @@ fn deliver_forwarded(
     }
 }
 
-/// The rate limit of a frame being skipped: its first `prepaid` bytes are charged already.
-pub(crate) struct Metered<'a> {
-    pub bucket: &'a mut crate::limits::Bucket,
-    pub limits: &'a crate::limits::RateLimits,
-    pub prepaid: u64,
-}
-
-/// Skips `n` payload bytes of a frame we ignore. With `rate`, every byte past the prepaid ones
-/// is charged (in pieces of one maximum frame) before it is read.
-pub(crate) async fn discard<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    n: u64,
-    rate: Option<Metered<'_>>,
-) -> io::Result<()> {
-    let Some(Metered {
-        bucket,
-        limits,
-        prepaid,
-    }) = rate
-    else {
-        return skip(rd, n).await;
-    };
-    let mut paid = prepaid.min(n);
-    let mut left = n;
-    loop {
-        skip(rd, paid).await?;
-        left -= paid;
-        if left == 0 {
-            return Ok(());
-        }
-        paid = left.min(crate::limits::MIN_RATE_BURST);
-        bucket.pay(limits, paid).await;
-    }
-}
-
-/// Bytes one read takes while skipping.
-const SKIP_BUF: usize = 16 << 10;
-/// Reads of a skip between two yields: about one maximum frame, as one frame read is.
-const SKIP_BURST: u32 = 4;
-
-std::thread_local! {
-    /// Where skipped bytes go: one buffer per executor thread, not per connection. Nothing
-    /// needs them after the read, so it is never held across a wait.
-    static SKIP_SINK: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; SKIP_BUF].into_boxed_slice());
-}
-
-/// Reads and drops `n` bytes: one read per [`SKIP_BUF`] bytes that are there, no buffer held
-/// while waiting for more.
-async fn skip<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
-    std::future::poll_fn(|cx| {
-        // A frame may declare 4 GiB: while its bytes keep coming, the reads never wait, so
-        // give the thread to the other connections after every SKIP_BURST reads.
-        let mut reads = 0u32;
-        let mut step = |buf: &mut [u8]| {
-            while n > 0 {
-                if reads == SKIP_BURST {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                let k = n.min(buf.len() as u64) as usize;
-                match Pin::new(&mut *rd).poll_read(cx, &mut buf[..k]) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
-                    }
-                    Poll::Ready(Ok(got)) => n -= got as u64,
-                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                }
-                reads += 1;
-            }
-            Poll::Ready(Ok(()))
-        };
-        SKIP_SINK.with(|sink| match sink.try_borrow_mut() {
-            Ok(mut buf) => step(&mut buf),
-            // Only if a reader's own poll_read skipped a frame too (none does): a small one.
-            Err(_) => step(&mut [0u8; 256]),
-        })
-    })
-    .await
-}
-
 /// One frame waiting in a writer batch.
 enum Out {
     Packet(PacketBuf),
@@ -761,64 +677,10 @@ async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Out]) -> io::Re
     write_all_vectored(wr, &mut slices[..n]).await
 }
 
-/// Writes every slice with vectored writes, then flushes once.
-pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    mut bufs: &mut [IoSlice<'_>],
-) -> io::Result<()> {
-    while !bufs.is_empty() {
-        let w = wr.write_vectored(bufs).await?;
-        if w == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut bufs, w);
-    }
-    wr.flush().await
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::task::Context;
-
-    /// A stream of `left` bytes that counts its reads and, with `stall`, is not ready every
-    /// other time it is asked.
-    struct Source {
-        left: u64,
-        reads: u32,
-        stall: bool,
-        stalled: bool,
-    }
-
-    impl AsyncRead for Source {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut [u8],
-        ) -> Poll<io::Result<usize>> {
-            if self.stall {
-                self.stalled = !self.stalled;
-                if self.stalled {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-            }
-            self.reads += 1;
-            let k = self.left.min(buf.len() as u64);
-            self.left -= k;
-            Poll::Ready(Ok(k as usize))
-        }
-    }
-
-    fn source(left: u64, stall: bool) -> Source {
-        Source {
-            left,
-            reads: 0,
-            stall,
-            stalled: false,
-        }
-    }
 
     /// A whole session over in-memory streams, as the `session` fuzz target runs it: the login,
     /// a Ping, a packet to itself, then EOF ends the connection and nothing stays behind.
@@ -851,7 +713,7 @@ mod tests {
             slot: None,
         };
         // Not ready once after the input, so that the writer runs before the EOF ends it all.
-        let rd = smol::io::Cursor::new(input).chain(source(0, true));
+        let rd = smol::io::Cursor::new(input).chain(crate::net::tests::source(0, true));
         smol::block_on(serve(state.clone(), rd, &mut out, up)).unwrap();
         // ServerKey, ServerInfo, then the Pong and the packet (in either order).
         let mut types = Vec::new();
@@ -873,51 +735,5 @@ mod tests {
         assert_eq!(state.registry.key_count(), 0);
         let p = state.pool.stats();
         assert_eq!((p.small.2, p.large.2), (0, 0), "{p:?}");
-    }
-
-    #[test]
-    fn discard_reads_in_large_pieces() {
-        // 1 MiB skipped: 64 reads of 16 KiB, not 16,384 of 64 bytes (one syscall each on TCP).
-        let mut s = source(10 << 20, false);
-        smol::block_on(discard(&mut s, 1 << 20, None)).unwrap();
-        assert_eq!(s.left, 9 << 20, "exactly the frame's bytes are taken");
-        assert!(s.reads <= 64, "{} reads for 1 MiB", s.reads);
-        // Not ready half the time: every byte still skipped once, then EOF is an error.
-        let mut s = source(3 << 20, true);
-        smol::block_on(discard(&mut s, (2 << 20) + 5, None)).unwrap();
-        assert_eq!(s.left, (1 << 20) - 5);
-        let e = smol::block_on(discard(&mut s, 2 << 20, None)).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
-        assert_eq!(s.left, 0);
-    }
-
-    #[test]
-    fn discard_charges_every_byte_past_the_prepaid_ones() {
-        let limits = crate::limits::RateLimits::default();
-        // 1 MB/s: the nine pieces past the prepaid one cost 590 ms of waiting in all.
-        limits.set(crate::limits::RateConfig {
-            bytes_per_sec: 1_000_000,
-            burst_bytes: 0,
-        });
-        let mut bucket = crate::limits::Bucket::default();
-        // The reader took the header and one maximum frame off the full bucket.
-        let burst = crate::limits::MIN_RATE_BURST;
-        assert_eq!(bucket.delay(&limits, burst), None);
-        let mut s = source(u64::MAX, false);
-        let rate = Metered {
-            bucket: &mut bucket,
-            limits: &limits,
-            prepaid: burst,
-        };
-        let t0 = Instant::now();
-        smol::block_on(discard(&mut s, 10 * burst, Some(rate))).unwrap();
-        let took = t0.elapsed();
-        assert_eq!(u64::MAX - s.left, 10 * burst);
-        // Nine more pieces charged (the bucket was empty): at least 590 ms at 1 MB/s, however
-        // the time is split. (How many of the charges waited depends on how long each skip
-        // took: a skip slower than a piece's 66 ms, as under QEMU on a loaded machine, refills
-        // the bucket by that piece, so the count is only bounded below.)
-        assert!(limits.waited.load(Relaxed) >= 1);
-        assert!(took >= Duration::from_millis(550), "{took:?}");
     }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, IoSlice};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +23,11 @@ use log::{debug, info, warn};
 use rustls::pki_types::ServerName;
 use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Cursor};
-use smol::{Async, Timer};
+use smol::Timer;
 
 use crate::config::MeshPeer;
-use crate::frame::{self, FrameType, HEADER_LEN, MAGIC};
-use crate::handshake::SessionBox;
+use crate::frame::{self, FrameType, HEADER_LEN};
+use crate::handshake::{self, SessionBox};
 use crate::httpc;
 use crate::key::{hex, NodePublic, KEY_LEN};
 use crate::link::{Link, MAX_BATCH};
@@ -127,6 +127,10 @@ pub async fn run_link(
 
 type Reader = smol::io::Chain<Cursor<Vec<u8>>, LockedStream>;
 
+fn login_error(e: handshake::ServerLoginError) -> LinkError {
+    LinkError::Protocol(e.to_string())
+}
+
 /// Dials, upgrades and logs in as a mesh client, then subscribes with WatchConns.
 async fn connect(
     state: &Relay,
@@ -134,22 +138,9 @@ async fn connect(
     peer: &MeshPeer,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<(Reader, LockedStream, NodePublic), LinkError> {
-    let (dial, port) = (peer.dial_host.clone(), peer.port);
-    let addrs: Vec<SocketAddr> = smol::unblock(move || (dial.as_str(), port).to_socket_addrs())
-        .await?
-        .collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    let mut tcp = None;
-    for a in addrs {
-        match Async::<TcpStream>::connect(a).await {
-            Ok(t) => {
-                tcp = Some(t);
-                break;
-            }
-            Err(e) => last = e,
-        }
-    }
-    let tcp = tcp.ok_or(last)?;
+    let tcp = httpc::connect_tcp(&peer.dial_host, peer.port)
+        .await
+        .map_err(LinkError::Protocol)?;
     tcp_options.apply(tcp.get_ref());
     let name = match peer.name.parse::<IpAddr>() {
         Ok(ip) => ServerName::IpAddress(ip.into()),
@@ -162,12 +153,7 @@ async fn connect(
         .map_err(|e| io::Error::new(e.kind(), format!("TLS: {e}")))?;
     let shared = LockedStream::new(Stream::TlsClient(Box::new(tls)));
     let mut wr = shared.clone();
-    let req = format!(
-        "GET /derp HTTP/1.1\r\nHost: {}\r\nUser-Agent: derpd/{}\r\nConnection: Upgrade\r\n\
-         Upgrade: DERP\r\n\r\n",
-        peer.host,
-        env!("CARGO_PKG_VERSION")
-    );
+    let req = handshake::upgrade_request(&peer.host, concat!("derpd/", env!("CARGO_PKG_VERSION")));
     wr.write_all(req.as_bytes()).await?;
     wr.flush().await?;
     let mut rd0 = shared.clone();
@@ -175,18 +161,7 @@ async fn connect(
     let mut rd = Cursor::new(leftover).chain(rd0);
 
     let (t, payload) = read_frame(&mut rd, 1024).await?;
-    if t != FrameType::ServerKey as u8 || payload.len() < MAGIC.len() + KEY_LEN {
-        return Err(LinkError::Protocol(format!(
-            "want ServerKey, got frame {t:#04x} of {} bytes",
-            payload.len()
-        )));
-    }
-    if payload[..MAGIC.len()] != MAGIC {
-        return Err(LinkError::Protocol("bad ServerKey magic".into()));
-    }
-    let mut k = [0u8; KEY_LEN];
-    k.copy_from_slice(&payload[MAGIC.len()..MAGIC.len() + KEY_LEN]);
-    let server_key = NodePublic(k);
+    let server_key = handshake::parse_server_key(t, &payload).map_err(login_error)?;
     if server_key == state.public_key {
         return Err(LinkError::SelfConnect);
     }
@@ -203,14 +178,7 @@ async fn connect(
         .await?;
     wr.flush().await?;
     let (t, payload) = read_frame(&mut rd, frame::LINK_FRAME_MAX).await?;
-    if t != FrameType::ServerInfo as u8 {
-        return Err(LinkError::Protocol(format!(
-            "want ServerInfo, got frame {t:#04x}"
-        )));
-    }
-    if bx.open_server_info(&payload).is_none() {
-        return Err(LinkError::Protocol("ServerInfo did not open".into()));
-    }
+    handshake::read_server_info(&bx, t, &payload).map_err(login_error)?;
     let mut h = [0u8; HEADER_LEN];
     frame::encode_header(&mut h, FrameType::WatchConns, 0);
     wr.write_all(&h).await?;
@@ -292,12 +260,12 @@ async fn watch<R: AsyncRead + Unpin>(
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
         let frame::Body::Control { t, len: keep, skip } = body else {
             // KeepAlive, packets to this server's key, pings: nothing to do.
-            crate::client::discard(&mut rd, u64::from(len), None).await?;
+            crate::net::discard(&mut rd, u64::from(len), None).await?;
             continue;
         };
         let mut b = [0u8; frame::CONTROL_MAX];
         rd.read_exact(&mut b[..keep]).await?;
-        crate::client::discard(&mut rd, u64::from(skip), None).await?;
+        crate::net::discard(&mut rd, u64::from(skip), None).await?;
         let mut k = [0u8; KEY_LEN];
         k.copy_from_slice(&b[..KEY_LEN]);
         let key = NodePublic(k);
@@ -356,7 +324,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(link: &Link, mut wr: W) -> Result<(),
             slices.push(IoSlice::new(pre));
             slices.push(IoSlice::new(p.payload()));
         }
-        let write = crate::client::write_all_vectored(&mut wr, &mut slices);
+        let write = crate::net::write_all_vectored(&mut wr, &mut slices);
         async { write.await.map_err(LinkError::Io) }
             .or(async {
                 Timer::after(WRITE_TIMEOUT).await;
