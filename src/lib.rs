@@ -25,12 +25,12 @@
 //! - `derpmap`: the DERP map entry logged for a self-signed IP certificate: the node JSON, a
 //!   tailnet policy file snippet and a headscale `derp.paths` YAML file, from one description
 //!   (also served as JSON on `/debug/derpmap`).
-//! - [`client`]: one DERP connection: the login ([`handshake`]: ServerKey → ClientInfo →
+//! - [`session`]: one DERP connection: the login ([`handshake`]: ServerKey → ClientInfo →
 //!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
 //!   RecvPacket and queues it on the destination, and a writer that drains queues into one
 //!   vectored write and one flush.
 //! - [`ws`]: DERP over WebSocket on `/derp` (browsers): the RFC 6455 accept, then binary
-//!   messages as the byte stream that [`client`] serves (payloads stream through: no frame
+//!   messages as the byte stream that [`session`] serves (payloads stream through: no frame
 //!   or message is buffered).
 //! - [`limits`]: the accept rate, connections still logging in, and the per-client receive
 //!   rate (`--rate-config`).
@@ -62,12 +62,12 @@
 //!
 //! For the fuzz targets that read the network (`fuzz/`), two `#[doc(hidden)]` items, not a
 //! stable API: `ws::transport` and `admission::parse_admit_response`; the `session` target runs
-//! [`client::serve`] on a [`relay::Relay`] over an in-memory stream.
+//! [`session::serve`] on a [`relay::Relay`] over an in-memory stream.
 //!
 //! Arrows point down: the protocol core and small utilities ([`httpc`] among them) ← relay
 //! state ([`registry`], [`link`], [`pool`], [`metrics`], [`limits`]) ← [`config`] ← network
 //! plumbing ([`admission`], [`allowlist`],
-//! [`tls`], [`trust`], [`net`]) ← DERP sessions ([`mesh`], [`ws`], [`client`], [`relay`]) ←
+//! [`tls`], [`trust`], [`net`]) ← DERP sessions ([`mesh`], [`ws`], [`session`], [`relay`]) ←
 //! [`server`]; nothing imports the server. `tests/layering.rs` derives the graph from the
 //! sources and fails on a cycle or an upward edge.
 //!
@@ -78,8 +78,8 @@
 pub mod acme;
 pub mod admission;
 pub mod allowlist;
-pub mod client;
 pub mod config;
+pub mod session;
 
 mod derpmap;
 pub mod frame;

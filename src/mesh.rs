@@ -39,7 +39,7 @@ pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// Bound on dial + TLS + upgrade + login (derphttp: 10 s).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write to a peer that takes longer closes the link (derp client: 5 s).
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const LINK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// No frame for this long means the peer is gone: it sends a KeepAlive every 60 s (Go's
 /// client uses the same 120 s read deadline).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
@@ -327,7 +327,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(link: &Link, mut wr: W) -> Result<(),
         let write = crate::net::write_all_vectored(&mut wr, &mut slices);
         async { write.await.map_err(LinkError::Io) }
             .or(async {
-                Timer::after(WRITE_TIMEOUT).await;
+                Timer::after(LINK_WRITE_TIMEOUT).await;
                 Err(LinkError::Timeout("write"))
             })
             .await?;

@@ -31,11 +31,11 @@ use crate::pool::{DropOldest, PacketBuf};
 use crate::sync::lock;
 
 /// Per-client queue depth for each of the disco and other queues (derper: 32 each).
-pub const QUEUE_DEPTH: usize = 32;
+pub const CLIENT_QUEUE_DEPTH: usize = 32;
 
 /// One logged-in connection, shared by its reader, its writer and the registry.
 #[derive(Debug)]
-pub struct Client {
+pub struct ClientHandle {
     /// Process-wide connection number (derper's connNum), for logs and identity.
     pub conn_id: u64,
     /// The node key the client logged in with.
@@ -82,7 +82,7 @@ pub struct Outbox {
     pub large: usize,
 }
 
-impl Client {
+impl ClientHandle {
     /// A client handle; not yet registered.
     pub fn new(conn_id: u64, key: NodePublic, remote: SocketAddr, present_flags: u8) -> Arc<Self> {
         Self::with_mesh(conn_id, key, remote, present_flags, false)
@@ -103,8 +103,8 @@ impl Client {
             present_flags,
             is_mesh,
             out: Mutex::new(Outbox {
-                disco: DropOldest::new(QUEUE_DEPTH),
-                other: DropOldest::new(QUEUE_DEPTH),
+                disco: DropOldest::new(CLIENT_QUEUE_DEPTH),
+                other: DropOldest::new(CLIENT_QUEUE_DEPTH),
                 control: std::collections::VecDeque::new(),
                 pong: None,
                 large: 0,
@@ -210,7 +210,7 @@ impl Client {
         self.wake.notify(usize::MAX);
     }
 
-    /// True once [`Client::close`] was called.
+    /// True once [`ClientHandle::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Relaxed)
     }
@@ -244,7 +244,7 @@ impl Client {
 #[derive(Debug)]
 struct KeySet {
     /// Every connection of the key, oldest first. Invariant: never empty while in the map.
-    conns: Vec<Arc<Client>>,
+    conns: Vec<Arc<ClientHandle>>,
     /// Where packets for the key go; `None` only transiently.
     active: Arc<Active>,
 }
@@ -255,7 +255,7 @@ struct KeySet {
 #[derive(Debug)]
 struct Active {
     /// The connection.
-    slot: Mutex<Option<Arc<Client>>>,
+    slot: Mutex<Option<Arc<ClientHandle>>>,
     /// How many times it changed; written only under `slot`'s lock. A cached route to the key
     /// is valid while this has not moved. (usize: 32-bit targets have no native 64-bit
     /// atomics; a cache that missed exactly 2^32 changes would be wrong for one packet at most,
@@ -264,29 +264,29 @@ struct Active {
 }
 
 impl Active {
-    fn new(c: &Arc<Client>) -> Arc<Self> {
+    fn new(c: &Arc<ClientHandle>) -> Arc<Self> {
         Arc::new(Self {
             slot: Mutex::new(Some(c.clone())),
             changes: AtomicUsize::new(0),
         })
     }
 
-    fn get(&self) -> Option<Arc<Client>> {
+    fn get(&self) -> Option<Arc<ClientHandle>> {
         lock(&self.slot).clone()
     }
 
     /// The active connection and the change count it goes with.
-    fn get_counted(&self) -> (Option<Arc<Client>>, usize) {
+    fn get_counted(&self) -> (Option<Arc<ClientHandle>>, usize) {
         let g = lock(&self.slot);
         (g.clone(), self.changes.load(Relaxed))
     }
 
-    fn is(&self, c: &Arc<Client>) -> bool {
+    fn is(&self, c: &Arc<ClientHandle>) -> bool {
         lock(&self.slot).as_ref().is_some_and(|a| Arc::ptr_eq(a, c))
     }
 
     /// Makes `c` the active connection (a change only if it was not).
-    fn set(&self, c: Option<Arc<Client>>) {
+    fn set(&self, c: Option<Arc<ClientHandle>>) {
         let mut g = lock(&self.slot);
         let same = match (&*g, &c) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -321,7 +321,7 @@ struct Cached {
 #[derive(Debug, Clone)]
 pub enum Route {
     /// The key's active local connection.
-    Local(Arc<Client>),
+    Local(Arc<ClientHandle>),
     /// The key is on another node of the region: forward over this mesh link.
     Forward(Arc<Link>),
     /// The key is here but has no active connection (dup_client).
@@ -358,7 +358,7 @@ struct Inner {
     /// Key → the mesh link(s) it is reachable through (keys present on other nodes).
     mesh: HashMap<NodePublic, Forwarder>,
     /// Mesh connections that asked for PeerPresent/PeerGone (WatchConns).
-    watchers: Vec<Arc<Client>>,
+    watchers: Vec<Arc<ClientHandle>>,
 }
 
 impl Inner {
@@ -382,7 +382,7 @@ pub struct Registry {
     /// when A leaves the region. Only taken with `inner` held (read or write), so that a
     /// departure (write) and a new interest in the departing key (read) are ordered. An entry
     /// goes when A leaves or when the receiver leaves: nothing stays once either end is gone.
-    gone_watchers: Mutex<HashMap<NodePublic, Vec<Weak<Client>>>>,
+    gone_watchers: Mutex<HashMap<NodePublic, Vec<Weak<ClientHandle>>>>,
     /// Shared counters.
     pub metrics: Arc<Metrics>,
 }
@@ -407,7 +407,7 @@ impl Registry {
 
     /// Adds a logged-in connection; it becomes the active one for its key. Watchers hear
     /// PeerPresent for it (for every connection, duplicates included, as derper).
-    pub fn register(&self, c: &Arc<Client>) {
+    pub fn register(&self, c: &Arc<ClientHandle>) {
         let m = &self.metrics;
         let mut inner = self.write_inner();
         match inner.clients.get_mut(&c.key) {
@@ -447,7 +447,7 @@ impl Registry {
     /// Removes a connection. When it was the key's last, watchers hear PeerGone, and unless a
     /// mesh peer still has the key, every connection that received from it gets
     /// PeerGone(Disconnected).
-    pub fn unregister(&self, c: &Arc<Client>) {
+    pub fn unregister(&self, c: &Arc<ClientHandle>) {
         let m = &self.metrics;
         {
             let mut inner = self.write_inner();
@@ -509,7 +509,7 @@ impl Registry {
         }
     }
 
-    fn send_peer_gone(&self, receiver: &Client, key: &NodePublic) {
+    fn send_peer_gone(&self, receiver: &ClientHandle, key: &NodePublic) {
         if receiver.enqueue_control(SmallFrame::peer_gone(key, PeerGoneReason::Disconnected)) {
             self.metrics
                 .peer_gone_disconnected_frames
@@ -518,7 +518,7 @@ impl Registry {
     }
 
     /// `c` is leaving: drop its interest in every source. Called with `inner` write-locked.
-    fn forget_receiver(&self, c: &Arc<Client>) {
+    fn forget_receiver(&self, c: &Arc<ClientHandle>) {
         let sources = std::mem::take(&mut *lock(&c.senders));
         if sources.is_empty() {
             return;
@@ -539,7 +539,7 @@ impl Registry {
     /// (its packet sat in the queue while it disconnected), PeerGone goes out at once: every
     /// receiver hears of every departed sender, however the two raced. Returns whether an
     /// interest was registered.
-    pub fn add_gone_watcher(&self, src: NodePublic, receiver: &Arc<Client>) -> bool {
+    pub fn add_gone_watcher(&self, src: NodePublic, receiver: &Arc<ClientHandle>) -> bool {
         if lock(&receiver.senders).contains(&src) {
             return true;
         }
@@ -622,7 +622,7 @@ impl Registry {
 
     /// WatchConns from mesh connection `c`: queues PeerPresent for every key with an active
     /// connection (`c`'s own included) and subscribes `c` to later changes.
-    pub fn add_watcher(&self, c: &Arc<Client>) {
+    pub fn add_watcher(&self, c: &Arc<ClientHandle>) {
         let mut inner = self.write_inner();
         for (k, set) in &inner.clients {
             if let Some(a) = set.active.get() {
@@ -729,7 +729,7 @@ impl Registry {
     /// A frame arrived on `c`: if it shares its key, it becomes the active connection. Only
     /// the read lock: unregistration (write lock) cannot run meanwhile, so `c` is still one
     /// of the key's connections when it is made active.
-    pub fn note_activity(&self, c: &Arc<Client>) {
+    pub fn note_activity(&self, c: &Arc<ClientHandle>) {
         if !c.is_dup() {
             return;
         }
@@ -830,19 +830,19 @@ mod tests {
             _ => None,
         };
         assert_eq!(id(r.route_cached(&mut cache, &key(1))), None);
-        let a = Client::new(1, key(1), addr(), 1);
+        let a = ClientHandle::new(1, key(1), addr(), 1);
         r.register(&a);
         assert_eq!(id(r.route_cached(&mut cache, &key(1))), Some(1));
         assert_eq!(id(r.route_cached(&mut cache, &key(1))), Some(1));
         // A newer connection for the key takes over; the cached route must not survive it.
-        let b = Client::new(2, key(1), addr(), 1);
+        let b = ClientHandle::new(2, key(1), addr(), 1);
         r.register(&b);
         assert_eq!(id(r.route_cached(&mut cache, &key(1))), Some(2));
         r.unregister(&b);
         r.unregister(&a);
         assert_eq!(id(r.route_cached(&mut cache, &key(1))), None);
         // Another destination is looked up, not served from the cache.
-        let c = Client::new(3, key(2), addr(), 1);
+        let c = ClientHandle::new(3, key(2), addr(), 1);
         r.register(&c);
         assert_eq!(id(r.route_cached(&mut cache, &key(2))), Some(3));
         assert_eq!(id(r.route_cached(&mut cache, &key(1))), None);
@@ -851,8 +851,8 @@ mod tests {
     #[test]
     fn dup_policy_newest_then_last_writer() {
         let r = Registry::new(Arc::default());
-        let a1 = Client::new(1, key(1), addr(), 1);
-        let a2 = Client::new(2, key(1), addr(), 1);
+        let a1 = ClientHandle::new(1, key(1), addr(), 1);
+        let a2 = ClientHandle::new(2, key(1), addr(), 1);
         r.register(&a1);
         assert_eq!(active_id(&r, 1), Some(1));
         assert!(!a1.is_dup());
@@ -863,7 +863,7 @@ mod tests {
         r.note_activity(&a1);
         assert_eq!(active_id(&r, 1), Some(1), "last writer is active");
         // A third party watches key 1; dup churn must not send PeerGone.
-        let b = Client::new(3, key(2), addr(), 1);
+        let b = ClientHandle::new(3, key(2), addr(), 1);
         r.register(&b);
         r.add_gone_watcher(key(1), &b);
         r.unregister(&a1);
@@ -896,11 +896,11 @@ mod tests {
             Route::Local(c) => Some(c.conn_id),
             _ => None,
         };
-        let bystander = Client::new(1, key(1), addr(), 1);
+        let bystander = ClientHandle::new(1, key(1), addr(), 1);
         r.register(&bystander);
         let fighters = [
-            Client::new(2, key(2), addr(), 1),
-            Client::new(3, key(2), addr(), 1),
+            ClientHandle::new(2, key(2), addr(), 1),
+            ClientHandle::new(3, key(2), addr(), 1),
         ];
         for f in &fighters {
             r.register(f);
@@ -934,7 +934,9 @@ mod tests {
     #[test]
     fn three_dups_active_moves_on_departure() {
         let r = Registry::new(Arc::default());
-        let c: Vec<_> = (1..=3).map(|i| Client::new(i, key(9), addr(), 1)).collect();
+        let c: Vec<_> = (1..=3)
+            .map(|i| ClientHandle::new(i, key(9), addr(), 1))
+            .collect();
         for x in &c {
             r.register(x);
         }
@@ -1029,7 +1031,7 @@ mod tests {
 
         // Removing the forwarder of a key that is connected locally leaves it local (derper:
         // the entry becomes nil).
-        let u1 = Client::new(1, key(1), addr(), 1);
+        let u1 = ClientHandle::new(1, key(1), addr(), 1);
         r.register(&u1);
         r.remove_forwarder(&key(1), &f100);
         assert_eq!(fwd(&r, 1), None);
@@ -1084,7 +1086,7 @@ mod tests {
     #[test]
     fn peer_gone_from_region_with_mesh() {
         let r = Registry::new(Arc::default());
-        let rx = Client::new(9, key(9), addr(), 1);
+        let rx = ClientHandle::new(9, key(9), addr(), 1);
         r.register(&rx);
         let gone_count = || rx.with_outbox(|o| o.control.len());
         let l = link("peer");
@@ -1094,7 +1096,7 @@ mod tests {
         r.remove_forwarder(&key(1), &l);
         assert_eq!(gone_count(), 1);
         // Local and on a peer: the local client leaving is not a departure...
-        let c = Client::new(2, key(2), addr(), 1);
+        let c = ClientHandle::new(2, key(2), addr(), 1);
         r.register(&c);
         r.add_forwarder(key(2), &l);
         r.add_gone_watcher(key(2), &rx);
@@ -1110,11 +1112,11 @@ mod tests {
     #[test]
     fn interest_in_a_departed_source_is_answered_at_once() {
         let r = Registry::new(Arc::default());
-        let v = Client::new(1, key(1), addr(), 1);
+        let v = ClientHandle::new(1, key(1), addr(), 1);
         r.register(&v);
-        let gone = |c: &Client| c.with_outbox(|o| o.control.drain(..).count());
+        let gone = |c: &ClientHandle| c.with_outbox(|o| o.control.drain(..).count());
         // The source sent, then left before V's writer got to its packet.
-        let s = Client::new(2, key(2), addr(), 1);
+        let s = ClientHandle::new(2, key(2), addr(), 1);
         r.register(&s);
         r.unregister(&s);
         assert!(!r.add_gone_watcher(key(2), &v));
@@ -1122,7 +1124,7 @@ mod tests {
         assert_eq!(r.peer_gone_interests(), 0);
         assert!(lock(&v.senders).is_empty());
         // It comes back: a new interest, and its next departure is heard again.
-        let s2 = Client::new(3, key(2), addr(), 1);
+        let s2 = ClientHandle::new(3, key(2), addr(), 1);
         r.register(&s2);
         assert!(r.add_gone_watcher(key(2), &v));
         assert!(r.add_gone_watcher(key(2), &v), "a repeat is a no-op");
@@ -1139,13 +1141,13 @@ mod tests {
     fn departed_receiver_leaves_no_interest_behind() {
         let r = Registry::new(Arc::default());
         let sources: Vec<_> = (10..20)
-            .map(|i| Client::new(i, key(i as u8), addr(), 1))
+            .map(|i| ClientHandle::new(i, key(i as u8), addr(), 1))
             .collect();
         for s in &sources {
             r.register(s);
         }
         for n in 0..3 {
-            let v = Client::new(100 + n, key(99), addr(), 1);
+            let v = ClientHandle::new(100 + n, key(99), addr(), 1);
             r.register(&v);
             for s in &sources {
                 assert!(r.add_gone_watcher(s.key, &v));
@@ -1160,9 +1162,9 @@ mod tests {
     #[test]
     fn watchers_hear_present_and_gone() {
         let r = Registry::new(Arc::default());
-        let a = Client::new(1, key(1), "192.0.2.1:41641".parse().unwrap(), 1);
+        let a = ClientHandle::new(1, key(1), "192.0.2.1:41641".parse().unwrap(), 1);
         r.register(&a);
-        let w = Client::with_mesh(2, key(2), addr(), peer_flags_mesh(), true);
+        let w = ClientHandle::with_mesh(2, key(2), addr(), peer_flags_mesh(), true);
         r.register(&w);
         r.add_watcher(&w);
         let frames = || -> Vec<Vec<u8>> {
@@ -1182,7 +1184,7 @@ mod tests {
             v
         });
         // A duplicate connection is announced too; only the last departure is PeerGone.
-        let a2 = Client::new(3, key(1), addr(), 1);
+        let a2 = ClientHandle::new(3, key(1), addr(), 1);
         r.register(&a2);
         assert_eq!(frames().len(), 1);
         r.unregister(&a2);
@@ -1196,7 +1198,7 @@ mod tests {
         );
         // An unregistered watcher hears nothing more.
         r.unregister(&w);
-        r.register(&Client::new(4, key(4), addr(), 1));
+        r.register(&ClientHandle::new(4, key(4), addr(), 1));
         assert!(frames().is_empty());
     }
 
@@ -1208,7 +1210,7 @@ mod tests {
     fn closed_client_drops_as_gone_disconnected() {
         let m = Arc::new(Metrics::default());
         let pool = crate::pool::Pool::with_counts(4, 1);
-        let c = Client::new(1, key(1), addr(), 1);
+        let c = ClientHandle::new(1, key(1), addr(), 1);
         let mut p = pool.try_get(10).unwrap();
         p.set_len(10);
         c.enqueue_packet(p, false, &m);
@@ -1227,7 +1229,7 @@ mod tests {
         let m = Metrics::default();
         let pool = crate::pool::Pool::with_counts(64, 2 * crate::pool::LARGE_SHARES);
         assert_eq!(pool.large_per_receiver(), 2);
-        let c = Client::new(1, key(1), addr(), 1);
+        let c = ClientHandle::new(1, key(1), addr(), 1);
         let large = |tag: u8| {
             let mut p = pool.try_get(crate::pool::SMALL_BUF + 1).unwrap();
             p.packet_space(1)[0] = tag;
@@ -1259,8 +1261,8 @@ mod tests {
     fn full_queue_drops_oldest() {
         let m = Metrics::default();
         let pool = crate::pool::Pool::with_counts(64, 1);
-        let c = Client::new(1, key(1), addr(), 1);
-        for i in 0..QUEUE_DEPTH + 3 {
+        let c = ClientHandle::new(1, key(1), addr(), 1);
+        for i in 0..CLIENT_QUEUE_DEPTH + 3 {
             let mut p = pool.try_get(1).unwrap();
             p.raw_mut()[0] = i as u8;
             p.set_len(1);

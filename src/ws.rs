@@ -1,7 +1,7 @@
 //! DERP over WebSocket on `/derp` (spec §3.2), as derper serves browsers (js/wasm clients) and
 //! Tailscale clients built with `ts_debug_websockets`: the RFC 6455 handshake answer, then DERP
 //! as a byte stream over binary messages (frame and message boundaries independent of DERP's),
-//! handed to [`client::serve`].
+//! handed to [`session::serve`].
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -17,10 +17,10 @@ use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use smol::Timer;
 
-use crate::client::{self, ConnError, Upgrade};
 use crate::http::{self, Request};
 use crate::lograte::{limited, WEBSOCKETS};
 use crate::relay::Relay;
+use crate::session::{self, Handoff, SessionError};
 
 /// RFC 6455's GUID, appended to the client's key for `Sec-WebSocket-Accept`.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -29,7 +29,7 @@ const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// so their largest frame is one packet written past the buffer: at most 64 KiB. Payloads
 /// stream through (nothing of a frame or message is buffered), so this bounds no memory; a
 /// message may have any number of frames.
-pub const MAX_FRAME: u64 = 72 << 10;
+pub const MAX_WS_FRAME: u64 = 72 << 10;
 
 /// A handshake the server accepts: the 101 to send, and whether the client speaks `derp`.
 #[derive(Debug)]
@@ -147,7 +147,7 @@ pub async fn serve<S>(
     acc: Accept,
     remote: SocketAddr,
     slot: crate::limits::Slot,
-) -> Result<(), ConnError>
+) -> Result<(), SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -170,19 +170,19 @@ where
     if !acc.derp {
         let e = "websocket: client must speak the derp subprotocol";
         limited!(info, WEBSOCKETS, "{remote}: {e}");
-        return Err(ConnError::Protocol(e.into()));
+        return Err(SessionError::Protocol(e.into()));
     }
     drop(acc);
     relay.metrics.websocket_accepts.fetch_add(1, Relaxed);
     let (rd, wr) = transport(stream, leftover).await;
-    let up = Upgrade {
+    let up = Handoff {
         remote,
         fast_start: false,
         not_ideal: false,
         websocket: true,
         slot: Some(slot),
     };
-    client::serve(relay.clone(), rd, wr, up).await
+    session::serve(relay.clone(), rd, wr, up).await
 }
 
 /// The server side of an accepted WebSocket (the 101 already sent) as a DERP byte stream.
@@ -413,9 +413,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsRead<S> {
             }
             n => (u64::from(n), 2),
         };
-        if len > MAX_FRAME {
+        if len > MAX_WS_FRAME {
             return Err(invalid(format!(
-                "frame of {len} bytes is too long (most {MAX_FRAME})"
+                "frame of {len} bytes is too long (most {MAX_WS_FRAME})"
             )));
         }
         if h[0] & 0x08 != 0 && len > 125 {

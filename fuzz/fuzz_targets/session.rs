@@ -1,4 +1,4 @@
-//! A whole DERP connection: `client::serve` on a server state built in-process
+//! A whole DERP connection: `session::serve` on a server state built in-process
 //! (`Relay::new`), over an in-memory stream that delivers the fuzzer's bytes and then
 //! EOF. The first byte picks the mode:
 //! - bits 0-1: 0: the rest is everything the client sends (the ClientInfo frame included);
@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 
 use common::Feed;
-use derpd::client::{self, Upgrade};
+use derpd::session::{self, Handoff};
 use derpd::config::Config;
 use derpd::frame::FrameType;
 use derpd::handshake::client_info_frame;
@@ -75,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
     let fast_start = mode & 0x40 != 0;
     let mut rd = Feed::new(&input, mode >> 2, mode & 0x20 != 0);
     let mut wr = Feed::new(&[], 0, false);
-    let up = Upgrade {
+    let up = Handoff {
         remote: SocketAddr::from(([192, 0, 2, 1], 41641)),
         fast_start,
         not_ideal: mode & 0x80 != 0,
@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
     let state = &f.state;
     // It ends at EOF at the latest: an error, or the client closed (ClosePeer of itself), may
     // end it sooner.
-    let _ = smol::block_on(client::serve(state.clone(), &mut rd, &mut wr, up));
+    let _ = smol::block_on(session::serve(state.clone(), &mut rd, &mut wr, up));
     check_output(&wr.out, fast_start);
     assert_eq!(wr.out.len(), wr.written, "output over the cap");
 

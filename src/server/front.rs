@@ -13,24 +13,24 @@ use smol::{Async, Timer};
 
 use super::listen::Listener;
 use super::State;
-use crate::client::{self, Upgrade};
 use crate::http::{self, Request};
 use crate::limits::{Progress, Slot};
 use crate::net::{LockedStream, Stream};
+use crate::session::{self, Handoff};
 use crate::tls;
 
 /// A connection failed before or instead of a DERP session.
 #[derive(Debug)]
-pub(super) enum ConnFail {
+pub(super) enum FrontError {
     Io(io::Error),
     Timeout(&'static str),
     /// Closed to make room for a new connection (`--max-handshakes`).
     Evicted,
     Head(http::HeadError),
-    Derp(client::ConnError),
+    Derp(session::SessionError),
 }
 
-impl std::fmt::Display for ConnFail {
+impl std::fmt::Display for FrontError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Io(e) => write!(f, "{e}"),
@@ -44,7 +44,7 @@ impl std::fmt::Display for ConnFail {
     }
 }
 
-impl From<io::Error> for ConnFail {
+impl From<io::Error> for FrontError {
     fn from(e: io::Error) -> Self {
         Self::Io(e)
     }
@@ -56,14 +56,14 @@ pub(super) async fn handle_conn(
     remote: SocketAddr,
     which: Listener,
     slot: Slot,
-) -> Result<(), ConnFail> {
+) -> Result<(), FrontError> {
     state.tcp.apply(tcp.get_ref());
     // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
     // be part of every connection's task for its whole life.
     let setup = Box::pin(async {
         // Clients speak first (ClientHello or request head), at once: a silent connection is
         // closed early instead of holding its slot for the whole handshake deadline.
-        async { tcp.readable().await.map_err(ConnFail::Io) }
+        async { tcp.readable().await.map_err(FrontError::Io) }
             .or(async {
                 Timer::after(state.relay.timeouts.first_byte).await;
                 state
@@ -71,7 +71,7 @@ pub(super) async fn handle_conn(
                     .metrics
                     .first_byte_timeouts
                     .fetch_add(1, Relaxed);
-                Err(ConnFail::Timeout("first byte"))
+                Err(FrontError::Timeout("first byte"))
             })
             .await?;
         slot.progress(Progress::Talking);
@@ -80,18 +80,18 @@ pub(super) async fn handle_conn(
                 acc.accept_with(tcp, tls::limit_send_buffer)
                     .await
                     .map_err(|e| {
-                        ConnFail::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
+                        FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
                     })?,
             )),
             _ => Stream::Plain(tcp),
         };
         match read_head(&mut stream).await {
             Ok((req, leftover)) => Ok((stream, req, leftover)),
-            Err(ConnFail::Head(e)) => {
+            Err(FrontError::Head(e)) => {
                 // Tell an HTTP client what was wrong, as Go's server does, then close. The
                 // write runs under the same head deadline.
                 let _ = stream.write_all(&http::head_error(&e)).await;
-                Err(ConnFail::Head(e))
+                Err(FrontError::Head(e))
             }
             Err(e) => Err(e),
         }
@@ -99,7 +99,7 @@ pub(super) async fn handle_conn(
     let (mut stream, req, leftover) = setup
         .or(async {
             Timer::after(state.relay.timeouts.handshake).await;
-            Err(ConnFail::Timeout("TLS handshake and request head"))
+            Err(FrontError::Timeout("TLS handshake and request head"))
         })
         .await?;
     slot.progress(Progress::Upgraded);
@@ -127,7 +127,7 @@ pub(super) async fn handle_conn(
                                 remote,
                                 slot,
                             );
-                            return ws.await.map_err(ConnFail::Derp);
+                            return ws.await.map_err(FrontError::Derp);
                         }
                         Err(refusal) => refusal,
                     }
@@ -171,10 +171,10 @@ async fn serve_derp(
     req: Request,
     remote: SocketAddr,
     slot: Slot,
-) -> Result<(), ConnFail> {
+) -> Result<(), FrontError> {
     let shared = LockedStream::new(stream);
     let rd = Cursor::new(leftover).chain(shared.clone());
-    let up = Upgrade {
+    let up = Handoff {
         remote,
         fast_start: req.fast_start,
         not_ideal: req.not_ideal,
@@ -183,13 +183,13 @@ async fn serve_derp(
     };
     // The request's strings are not needed for the connection's life.
     drop(req);
-    client::serve(state.relay.clone(), rd, shared, up)
+    session::serve(state.relay.clone(), rd, shared, up)
         .await
-        .map_err(ConnFail::Derp)
+        .map_err(FrontError::Derp)
 }
 
 /// Reads one request head. Returns it and the bytes that followed it (fast-start login).
-async fn read_head(stream: &mut Stream) -> Result<(Request, Vec<u8>), ConnFail> {
+async fn read_head(stream: &mut Stream) -> Result<(Request, Vec<u8>), FrontError> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         let start = buf.len();
@@ -198,9 +198,9 @@ async fn read_head(stream: &mut Stream) -> Result<(Request, Vec<u8>), ConnFail> 
         let n = stream.read(&mut buf[start..]).await?;
         buf.truncate(start + n);
         if n == 0 {
-            return Err(ConnFail::Io(io::ErrorKind::UnexpectedEof.into()));
+            return Err(FrontError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
-        if let Some((req, used)) = http::parse_head(&buf).map_err(ConnFail::Head)? {
+        if let Some((req, used)) = http::parse_head(&buf).map_err(FrontError::Head)? {
             // Copy the rest out so the head buffer is freed for the connection's lifetime.
             return Ok((req, buf[used..].to_vec()));
         }

@@ -12,7 +12,7 @@ use log::{debug, warn};
 use smol::future::FutureExt;
 use smol::{Async, Executor, Timer};
 
-use super::front::{handle_conn, ConnFail};
+use super::front::{handle_conn, FrontError};
 use super::{StartError, State};
 use crate::holder;
 use crate::limits::{AcceptLimiter, Refused};
@@ -185,7 +185,7 @@ pub(super) async fn accept_loop(
                     let evicted = slot.evicted();
                     let conn = handle_conn(&st, tcp, remote, which, slot).or(async {
                         evicted.await;
-                        Err(ConnFail::Evicted)
+                        Err(FrontError::Evicted)
                     });
                     let Err(e) = conn.await else {
                         return;
@@ -193,8 +193,8 @@ pub(super) async fn accept_loop(
                     st.relay.metrics.failed_logins.fetch_add(1, Relaxed);
                     match e {
                         // DERP errors were logged with the client's key by the client code.
-                        ConnFail::Derp(_) => {}
-                        ConnFail::Head(_) => limited!(info, HEADS, "{remote}: refused: {e}"),
+                        FrontError::Derp(_) => {}
+                        FrontError::Head(_) => limited!(info, HEADS, "{remote}: refused: {e}"),
                         // Scanners and dropped TLS handshakes: common, so only at debug.
                         _ => debug!("{remote}: closed: {e}"),
                     }

@@ -1,5 +1,6 @@
-//! One DERP connection after its HTTP upgrade: login, then a reader (frames from the client →
-//! pooled buffers → destination queues) and a writer (queues → batched frames → one flush).
+//! One DERP session, the server's side of a DERP connection after its HTTP upgrade: the login,
+//! then a reader (frames from the client → pooled buffers → destination queues) and a writer
+//! (queues → batched frames → one flush).
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use crate::lograte::{limited, CONN_ERRORS, LOGINS};
 use crate::metrics::DropReason;
 use crate::net::{discard, write_all_vectored, Metered};
 use crate::pool::PacketBuf;
-use crate::registry::{Client, Route, RouteCache};
+use crate::registry::{ClientHandle, Route, RouteCache};
 use crate::relay::Relay;
 
 /// KeepAlive period; each connection adds a jitter in [0, 5 s) drawn once (as derper).
@@ -36,13 +37,13 @@ const MAX_BATCH_BYTES: usize = 64 << 10;
 /// client that never stops sending must not starve the other connections (or its own writer).
 const READ_BURST: u32 = 32;
 /// Write timeout for mesh peers (derper's `privilegedWriteTimeout`), unless timeouts are off.
-pub const MESH_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const PRIVILEGED_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// NotHere PeerGone frames: one per second per connection, burst of three (as derper).
 const NOT_HERE_BURST: f64 = 3.0;
 
 /// Why a DERP connection ended.
 #[derive(Debug)]
-pub enum ConnError {
+pub enum SessionError {
     /// Socket error.
     Io(io::Error),
     /// The login failed.
@@ -55,7 +56,7 @@ pub enum ConnError {
     Rejected(String),
 }
 
-impl std::fmt::Display for ConnError {
+impl std::fmt::Display for SessionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             // read_exact's own text ("failed to fill whole buffer") says nothing to an admin.
@@ -71,17 +72,18 @@ impl std::fmt::Display for ConnError {
     }
 }
 
-impl std::error::Error for ConnError {}
+impl std::error::Error for SessionError {}
 
-impl From<io::Error> for ConnError {
+impl From<io::Error> for SessionError {
     fn from(e: io::Error) -> Self {
         Self::Io(e)
     }
 }
 
-/// What the HTTP layer learned about the connection.
+/// What the front door hands a DERP session: the facts it learned about the connection
+/// (address, request headers, transport) and its handshake slot.
 #[derive(Debug)]
-pub struct Upgrade {
+pub struct Handoff {
     /// Peer address.
     pub remote: SocketAddr,
     /// `Derp-Fast-Start: 1`: no 101; the login follows the request head.
@@ -100,8 +102,8 @@ pub async fn serve<R, W>(
     state: Arc<Relay>,
     mut rd: R,
     mut wr: W,
-    mut up: Upgrade,
-) -> Result<(), ConnError>
+    mut up: Handoff,
+) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -123,21 +125,21 @@ where
         let mut h = [0u8; HEADER_LEN];
         rd.read_exact(&mut h).await?;
         let (t, len) = frame::decode_header(&h);
-        handshake::check_client_info_header(t, len).map_err(ConnError::Login)?;
+        handshake::check_client_info_header(t, len).map_err(SessionError::Login)?;
         let n = len as usize;
         // derper takes up to 256 KiB; real ClientInfos are under 200 bytes. Read into a small
         // buffer of the login's own, not a pool buffer that half-logins could pin.
         if n > handshake::CLIENT_INFO_ACCEPT_MAX {
-            return Err(ConnError::Login(LoginError::TooLong(len)));
+            return Err(SessionError::Login(LoginError::TooLong(len)));
         }
         let mut buf = [0u8; handshake::CLIENT_INFO_ACCEPT_MAX];
         rd.read_exact(&mut buf[..n]).await?;
-        handshake::open_client_info(&state.private_key, &buf[..n]).map_err(ConnError::Login)
+        handshake::open_client_info(&state.private_key, &buf[..n]).map_err(SessionError::Login)
     });
     let (info, session) = match login
         .or(async {
             Timer::after(state.timeouts.login).await;
-            Err(ConnError::Protocol("login timed out".into()))
+            Err(SessionError::Protocol("login timed out".into()))
         })
         .await
     {
@@ -170,7 +172,7 @@ where
                 up.remote,
                 info.key
             );
-            return Err(ConnError::Rejected(why));
+            return Err(SessionError::Rejected(why));
         }
     }
     // Logged in: the connection no longer counts against --max-handshakes.
@@ -189,10 +191,10 @@ where
         flags = peer_flags::IS_REGULAR;
     }
     let conn_id = state.next_conn_id.fetch_add(1, Relaxed);
-    let client = Client::with_mesh(conn_id, info.key, up.remote, flags, is_mesh);
+    let client = ClientHandle::with_mesh(conn_id, info.key, up.remote, flags, is_mesh);
     // Mesh peers get derper's privileged write timeout.
     let write_timeout = if is_mesh {
-        state.timeouts.write.map(|_| MESH_WRITE_TIMEOUT)
+        state.timeouts.write.map(|_| PRIVILEGED_WRITE_TIMEOUT)
     } else {
         state.timeouts.write
     };
@@ -252,7 +254,7 @@ where
 /// Unregisters the client on every exit path.
 struct Unregister<'a> {
     state: &'a Relay,
-    client: &'a Arc<Client>,
+    client: &'a Arc<ClientHandle>,
     not_ideal: bool,
 }
 
@@ -279,14 +281,14 @@ fn ct_eq(a: &[u8; KEY_LEN], b: &[u8; KEY_LEN]) -> bool {
 async fn write_deadline<T>(
     timeout: Option<Duration>,
     fut: impl std::future::Future<Output = io::Result<T>>,
-) -> Result<T, ConnError> {
+) -> Result<T, SessionError> {
     match timeout {
         None => Ok(fut.await?),
         Some(d) => {
-            async { fut.await.map_err(ConnError::Io) }
+            async { fut.await.map_err(SessionError::Io) }
                 .or(async {
                     Timer::after(d).await;
-                    Err(ConnError::WriteTimeout)
+                    Err(SessionError::WriteTimeout)
                 })
                 .await
         }
@@ -304,9 +306,9 @@ struct ReadState {
 /// by [`frame::check_len`], then its packet relayed, its control payload acted on, or skipped.
 async fn read_loop<R: AsyncRead + Unpin>(
     state: &Relay,
-    client: &Arc<Client>,
+    client: &Arc<ClientHandle>,
     rd: &mut R,
-) -> Result<(), ConnError> {
+) -> Result<(), SessionError> {
     let mut rs = ReadState {
         not_here: TokenBucket::new(1.0, NOT_HERE_BURST),
         routes: RouteCache::default(),
@@ -338,7 +340,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             bucket.pay(limits, HEADER_LEN as u64 + prepaid).await;
         }
         let body =
-            frame::check_len(reader, t, len).map_err(|e| ConnError::Protocol(e.to_string()))?;
+            frame::check_len(reader, t, len).map_err(|e| SessionError::Protocol(e.to_string()))?;
         match body {
             Body::Packet {
                 t: FrameType::ForwardPacket,
@@ -383,7 +385,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// Reads a frame header; `None` at a clean close before it.
 async fn read_header<R: AsyncRead + Unpin>(
     rd: &mut R,
-) -> Result<Option<[u8; HEADER_LEN]>, ConnError> {
+) -> Result<Option<[u8; HEADER_LEN]>, SessionError> {
     let mut h = [0u8; HEADER_LEN];
     // A close between frames is a normal end; one inside a header is not. Over TLS,
     // Tailscale's client closes the socket without a close_notify, which rustls reports as
@@ -404,7 +406,7 @@ async fn read_header<R: AsyncRead + Unpin>(
 /// kept of its payload.
 fn control(
     state: &Relay,
-    client: &Arc<Client>,
+    client: &Arc<ClientHandle>,
     rs: &ReadState,
     t: FrameType,
     b: &[u8; frame::CONTROL_MAX],
@@ -463,15 +465,15 @@ async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
     src: &NodePublic,
     len: usize,
-) -> Result<PacketBuf, ConnError> {
+) -> Result<PacketBuf, SessionError> {
     let mut buf = state.pool.get(frame::RECV_PREFIX + len).await;
     let space = buf.packet_space(len);
     // The buffer is the pool's: a client that stalls mid-frame must give it back in bounded
     // time, or a few such clients would hold every large buffer (--frame-timeout).
-    async { rd.read_exact(space).await.map_err(ConnError::from) }
+    async { rd.read_exact(space).await.map_err(SessionError::from) }
         .or(async {
             Timer::after(state.timeouts.frame).await;
-            Err(ConnError::Protocol(format!(
+            Err(SessionError::Protocol(format!(
                 "frame body of {len} bytes not received within {:?} (--frame-timeout)",
                 state.timeouts.frame
             )))
@@ -482,7 +484,13 @@ async fn read_packet<R: AsyncRead + Unpin>(
 }
 
 /// Routes one packet (already framed as RecvPacket) to `dst`.
-fn relay(state: &Relay, src: &Arc<Client>, dst: &NodePublic, buf: PacketBuf, rs: &mut ReadState) {
+fn relay(
+    state: &Relay,
+    src: &Arc<ClientHandle>,
+    dst: &NodePublic,
+    buf: PacketBuf,
+    rs: &mut ReadState,
+) {
     let m = &state.metrics;
     let pkt = buf.payload();
     let disco = frame::looks_like_disco(pkt);
@@ -509,7 +517,7 @@ fn relay(state: &Relay, src: &Arc<Client>, dst: &NodePublic, buf: PacketBuf, rs:
 /// Delivers a packet a mesh peer forwarded: local connections only, never forwarded again.
 fn deliver_forwarded(
     state: &Relay,
-    from: &Arc<Client>,
+    from: &Arc<ClientHandle>,
     dst: &NodePublic,
     buf: PacketBuf,
     not_here: &mut TokenBucket,
@@ -552,7 +560,7 @@ impl Out {
 
 /// Takes what is ready from the outbox into `batch`: pong, control frames, then packets,
 /// alternating disco and other so neither starves.
-fn fill_batch(client: &Client, batch: &mut Vec<Out>) {
+fn fill_batch(client: &ClientHandle, batch: &mut Vec<Out>) {
     client.with_outbox(|o| {
         let mut bytes = 0;
         if let Some(p) = o.pong.take() {
@@ -586,10 +594,10 @@ fn fill_batch(client: &Client, batch: &mut Vec<Out>) {
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     state: &Relay,
-    client: &Arc<Client>,
+    client: &Arc<ClientHandle>,
     wr: &mut W,
     write_timeout: Option<Duration>,
-) -> Result<(), ConnError> {
+) -> Result<(), SessionError> {
     let m = &state.metrics;
     let jitter = Duration::from_millis(fastrand::u64(0..KEEPALIVE_JITTER_MS));
     let period = KEEPALIVE + jitter;
@@ -634,7 +642,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     m.drop_packet(DropReason::WriteError, disco, p.len());
                 }
             }
-            if matches!(e, ConnError::WriteTimeout) {
+            if matches!(e, SessionError::WriteTimeout) {
                 m.write_timeouts.fetch_add(1, Relaxed);
             }
             return Err(e);
@@ -705,7 +713,7 @@ mod tests {
         ]
         .concat();
         let mut out = Vec::new();
-        let up = Upgrade {
+        let up = Handoff {
             remote: "192.0.2.1:41641".parse().unwrap(),
             fast_start: true,
             not_ideal: false,
