@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 use derpd::frame::{self, FrameType, HEADER_LEN};
 use derpd::handshake::{self, SessionBox};
+use derpd::httpc;
 use derpd::key::{NodePrivate, NodePublic, KEY_LEN};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
@@ -410,19 +411,15 @@ async fn login(ctx: &Ctx, key: &ClientKey, read_size: usize) -> io::Result<Conn>
     c.queue(handshake::upgrade_request("derp", "derpd-load").as_bytes())?;
     c.flush().await?;
     loop {
-        let avail = &c.buf[c.start..];
-        if let Some(p) = avail.windows(4).position(|w| w == b"\r\n\r\n") {
-            if !avail.starts_with(b"HTTP/1.1 101 ") {
-                let line = String::from_utf8_lossy(&avail[..p]).into_owned();
-                return Err(bad(format!("upgrade refused: {line:?}")));
+        match httpc::parse_head(&c.buf[c.start..]).map_err(bad)? {
+            Some((head, n)) if head.status == 101 => {
+                c.start += n;
+                break;
             }
-            c.start += p + 4;
-            break;
+            Some((head, _)) => return Err(bad(format!("upgrade refused: {}", head.status_line))),
+            None if c.buf.len() - c.start > 4096 => return Err(bad("response head too long")),
+            None => c.fill().await?,
         }
-        if avail.len() > 4096 {
-            return Err(bad("response head too long"));
-        }
-        c.fill().await?;
     }
     let (t, r) = c.next_frame().await?;
     let server = handshake::parse_server_key(t, &c.buf[r]).map_err(bad)?;
