@@ -744,4 +744,128 @@ mod tests {
         let p = state.pool.stats();
         assert_eq!((p.small.2, p.large.2), (0, 0), "{p:?}");
     }
+
+    /// A client of the session tests: its side of two in-memory pipes to one session.
+    struct PipePeer {
+        rd: piper::Reader,
+        wr: piper::Writer,
+        key: crate::key::NodePrivate,
+    }
+
+    impl PipePeer {
+        /// Logs in over the pipes, as a client after a fast-start upgrade.
+        async fn login(rd: piper::Reader, wr: piper::Writer) -> Self {
+            let mut p = Self {
+                rd,
+                wr,
+                key: crate::key::NodePrivate::generate(),
+            };
+            let (t, payload) = p.frame().await;
+            let server = handshake::parse_server_key(t, &payload).unwrap();
+            let ci = handshake::client_info_frame(&p.key, &server, br#"{"version":2}"#);
+            p.wr.write_all(&ci).await.unwrap();
+            let (t, payload) = p.frame().await;
+            let bx = handshake::SessionBox::new(&p.key, &server);
+            handshake::read_server_info(&bx, t, &payload).unwrap();
+            p
+        }
+
+        async fn frame(&mut self) -> (u8, Vec<u8>) {
+            let mut h = [0u8; HEADER_LEN];
+            self.rd.read_exact(&mut h).await.unwrap();
+            let (t, len) = frame::decode_header(&h);
+            let mut payload = vec![0u8; len as usize];
+            self.rd.read_exact(&mut payload).await.unwrap();
+            (t, payload)
+        }
+
+        async fn send(&mut self, t: FrameType, payload: &[u8]) {
+            let mut h = [0u8; HEADER_LEN];
+            frame::encode_header(&mut h, t, payload.len() as u32);
+            self.wr
+                .write_all(&[&h[..], payload].concat())
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A session on `state` over two in-memory pipes, run on `ex`; the client's ends.
+    fn pipe_session<'a>(
+        ex: &smol::LocalExecutor<'a>,
+        state: &Arc<Relay>,
+    ) -> (
+        smol::Task<Result<(), SessionError>>,
+        piper::Reader,
+        piper::Writer,
+    ) {
+        let (server_rd, client_wr) = piper::pipe(64 << 10);
+        let (client_rd, server_wr) = piper::pipe(64 << 10);
+        let up = Handoff {
+            remote: "192.0.2.1:41641".parse().unwrap(),
+            fast_start: true,
+            not_ideal: false,
+            websocket: false,
+            slot: None,
+        };
+        let task = ex.spawn(serve(state.clone(), server_rd, server_wr, up));
+        (task, client_rd, client_wr)
+    }
+
+    /// Two sessions on one relay over in-memory pipes, no sockets: a packet from A reaches B as
+    /// RecvPacket from A's key; a Ping is answered with its Pong; when A leaves, B, which
+    /// received from A, hears PeerGone(A, Disconnected); when both have left nothing stays.
+    #[test]
+    fn two_sessions_relay_ping_and_peer_gone_over_pipes() {
+        let state = Arc::new(
+            Relay::new(&crate::config::Config::dev_loopback(), {
+                crate::key::NodePrivate::generate()
+            })
+            .unwrap(),
+        );
+        let ex = smol::LocalExecutor::new();
+        let test = async {
+            let (a_task, rd, wr) = pipe_session(&ex, &state);
+            let mut a = PipePeer::login(rd, wr).await;
+            let (b_task, rd, wr) = pipe_session(&ex, &state);
+            let mut b = PipePeer::login(rd, wr).await;
+            let (a_key, b_key) = (a.key.public(), b.key.public());
+
+            a.send(
+                FrameType::SendPacket,
+                &[&b_key.0[..], b"over a pipe"].concat(),
+            )
+            .await;
+            let (t, p) = b.frame().await;
+            assert_eq!(t, FrameType::RecvPacket as u8);
+            assert_eq!(p, [&a_key.0[..], b"over a pipe"].concat());
+
+            b.send(FrameType::Ping, b"12345678").await;
+            assert_eq!(
+                b.frame().await,
+                (FrameType::Pong as u8, b"12345678".to_vec())
+            );
+
+            drop(a);
+            a_task.await.unwrap(); // EOF at a frame boundary: a clean close
+            let (t, p) = b.frame().await;
+            assert_eq!(t, FrameType::PeerGone as u8);
+            assert_eq!(
+                p,
+                [&a_key.0[..], &[PeerGoneReason::Disconnected as u8]].concat()
+            );
+
+            drop(b);
+            b_task.await.unwrap();
+            assert_eq!(state.metrics.current_connections.load(Relaxed), 0);
+            assert_eq!(state.registry.key_count(), 0);
+            assert_eq!(state.registry.peer_gone_interests(), 0);
+            let p = state.pool.stats();
+            assert_eq!((p.small.2, p.large.2), (0, 0), "{p:?}");
+        };
+        let deadline = async {
+            Timer::after(Duration::from_secs(20)).await;
+            panic!("the sessions did not finish within 20 s");
+        };
+        smol::block_on(ex.run(test.or(deadline)));
+    }
 }
