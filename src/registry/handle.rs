@@ -226,14 +226,14 @@ impl ClientHandle {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn addr() -> SocketAddr {
+    pub(in crate::registry) fn addr() -> SocketAddr {
         "127.0.0.1:1".parse().unwrap()
     }
 
-    fn key(b: u8) -> NodePublic {
+    pub(in crate::registry) fn key(b: u8) -> NodePublic {
         NodePublic([b; 32])
     }
 

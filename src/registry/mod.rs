@@ -596,17 +596,9 @@ fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    use super::handle::tests::{addr, key};
     use super::*;
     use crate::frame;
-    use std::net::SocketAddr;
-
-    fn addr() -> SocketAddr {
-        "127.0.0.1:1".parse().unwrap()
-    }
-
-    fn key(b: u8) -> NodePublic {
-        NodePublic([b; 32])
-    }
 
     fn active_id(r: &Registry, k: u8) -> Option<u64> {
         match r.route(&key(k)) {
