@@ -3,11 +3,12 @@
 //! A failed login, a refused request head, a refused WebSocket, a connection that ends in an
 //! error or a login admitted because the admission controller is down each deserve a line,
 //! but the logger writes synchronously (stderr into procd's logd or journald): a flood of such
-//! connections would fill the pipe and block the executor thread that writes. Each kind writes at most [`LINES_PER_WINDOW`] lines every [`WINDOW`]; the
-//! first line of the next window is preceded by "… and N more <kind> in the last 10 s".
+//! connections would fill the pipe and block the executor thread that writes. Each kind writes
+//! at most [`LINES_PER_WINDOW`] lines every [`WINDOW`]; the first line of the next window is
+//! preceded by "… and N more `<kind>` in the last 10 s".
 //! The lines held back are counted in `derpd_log_lines_suppressed{kind}` and written at debug
 //! level instead (`--log-level debug` shows every one, for troubleshooting). Write them with
-//! [`limited!`](crate::lograte::limited).
+//! the crate-private `limited!` macro.
 
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Mutex;

@@ -3,7 +3,7 @@
 //! and turns the peer's PeerPresent/PeerGone into forwarders in the [`Registry`]; packets for
 //! those keys are queued on the link and written as ForwardPacket frames. A broken link clears
 //! its forwarders and redials after [`RETRY_INTERVAL`]; a link that reaches this server itself
-//! stops. (The inbound side, serving mesh peers, is in [`crate::client`].)
+//! stops. (The inbound side, serving mesh peers, is in [`crate::session`].)
 //!
 //! Certificates: a peer entry may pin the peer's leaf certificate with `sha256-raw:<hex>` (what
 //! a self-signed IP certificate needs, and what derper prints for one); otherwise the peer must

@@ -115,9 +115,9 @@ pub struct Metrics {
     pub packets_sent: AtomicU64,
     /// Bytes of packets written (`bytes_sent`).
     pub bytes_sent: AtomicU64,
-    /// Drops by [reason][disco=0/other=1] (`derp_packets_dropped`).
+    /// Drops by `[reason][disco=0/other=1]` (`derp_packets_dropped`).
     pub packets_dropped: [[AtomicU64; 2]; DropReason::ALL.len()],
-    /// Bytes dropped by [reason][kind] (`derp_bytes_dropped`).
+    /// Bytes dropped by `[reason][kind]` (`derp_bytes_dropped`).
     pub bytes_dropped: [[AtomicU64; 2]; DropReason::ALL.len()],
     /// Pings received (`got_ping`).
     pub got_ping: AtomicU64,

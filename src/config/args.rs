@@ -1,5 +1,8 @@
 //! The command line as derper takes it: its flag names and defaults ([`Args`]), Go-style
 //! spellings (`-flag=value`, a bare boolean flag) normalised for argh, and Go durations.
+//!
+//! The doc comments of [`Args`] are the `--help` text, written for a terminal, not rustdoc.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! older ones stay open and are read from; whichever connection of the key sends a frame becomes
 //! active. PeerGone goes out only when the last connection of a key leaves. A switch of the
 //! active connection is the key's own business: it takes the read lock and the key's
-//! [`Active`] slot, and invalidates only the cached routes to that key, so two connections of
+//! `Active` slot, and invalidates only the cached routes to that key, so two connections of
 //! one key that send alternately cost the two of them (and their senders), not everyone else.
 //!
 //! Mesh (derper's `clientsMesh`, `watchers`): keys present on other nodes of the region map to
@@ -97,7 +97,7 @@ impl Active {
 }
 
 /// One reader's last route: the registry generation and destination it was looked up for,
-/// where it went, and for a local key the key's [`Active`] slot and its change count then.
+/// where it went, and for a local key the key's `Active` slot and its change count then.
 #[derive(Debug, Default)]
 pub struct RouteCache(Option<Cached>);
 
