@@ -15,7 +15,7 @@ use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use smol::Timer;
 
 use crate::frame::{self, peer_flags, Body, FrameType, PeerGoneReason, SmallFrame, HEADER_LEN};
-use crate::handshake::{self, LoginError};
+use crate::handshake::{self, ClientInfo, LoginError, SessionBox};
 use crate::key::{NodePublic, KEY_LEN};
 use crate::limits::TokenBucket;
 use crate::lograte::{limited, CONN_ERRORS, LOGINS};
@@ -110,33 +110,8 @@ where
 {
     // derper's `accepts`: every DERP connection, counted before its login.
     state.metrics.accepts.fetch_add(1, Relaxed);
-    // Boxed, so that its buffers are not part of the connection's task for its whole life.
-    let login = Box::pin(async {
-        let mut hello = Vec::with_capacity(256);
-        if !up.fast_start && !up.websocket {
-            hello.extend_from_slice(
-                crate::http::switching_protocols(&state.public_key.untyped_hex()).as_bytes(),
-            );
-        }
-        // Fast-start clients already know the key, but derper sends it anyway and they skip it.
-        hello.extend_from_slice(&handshake::server_key_frame(&state.public_key));
-        wr.write_all(&hello).await?;
-        wr.flush().await?;
-        let mut h = [0u8; HEADER_LEN];
-        rd.read_exact(&mut h).await?;
-        let (t, len) = frame::decode_header(&h);
-        handshake::check_client_info_header(t, len).map_err(SessionError::Login)?;
-        let n = len as usize;
-        // derper takes up to 256 KiB; real ClientInfos are under 200 bytes. Read into a small
-        // buffer of the login's own, not a pool buffer that half-logins could pin.
-        if n > handshake::CLIENT_INFO_ACCEPT_MAX {
-            return Err(SessionError::Login(LoginError::TooLong(len)));
-        }
-        let mut buf = [0u8; handshake::CLIENT_INFO_ACCEPT_MAX];
-        rd.read_exact(&mut buf[..n]).await?;
-        handshake::open_client_info(&state.private_key, &buf[..n]).map_err(SessionError::Login)
-    });
-    let (info, session) = match login
+    // Boxed, so that the login's buffers are not part of the connection's task for its life.
+    let (info, session) = match Box::pin(login(&state, &mut rd, &mut wr, &up))
         .or(async {
             Timer::after(state.timeouts.login).await;
             Err(SessionError::Protocol("login timed out".into()))
@@ -149,47 +124,10 @@ where
             return Err(e);
         }
     };
-    let is_mesh = match (&state.mesh_key, &info.mesh_key) {
-        (Some(ours), Some(theirs)) => ct_eq(ours, theirs),
-        _ => false,
-    };
-    // Mesh peers are never checked (derper). A refused client sees EOF, no error frame.
-    if !is_mesh {
-        let mut verdict = state.admission.check(&info.key, up.remote).await;
-        let m = &state.metrics;
-        if verdict.is_ok() && m.current_connections.load(Relaxed) >= state.limits.max_clients {
-            m.clients_full.fetch_add(1, Relaxed);
-            verdict = Err(format!(
-                "server full (--max-clients {})",
-                state.limits.max_clients
-            ));
-        }
-        if let Err(why) = verdict {
-            limited!(
-                info,
-                LOGINS,
-                "derp: {}: client {} rejected: {why}",
-                up.remote,
-                info.key
-            );
-            return Err(SessionError::Rejected(why));
-        }
-    }
+    let is_mesh = admit(&state, &info, up.remote).await?;
     // Logged in: the connection no longer counts against --max-handshakes.
     drop(up.slot.take());
-    let mut flags = 0;
-    if is_mesh {
-        flags |= peer_flags::IS_MESH_PEER;
-    }
-    if info.is_prober {
-        flags |= peer_flags::IS_PROBER;
-    }
-    if up.not_ideal {
-        flags |= peer_flags::NOT_IDEAL;
-    }
-    if flags == 0 {
-        flags = peer_flags::IS_REGULAR;
-    }
+    let flags = flags_of(is_mesh, &info, &up);
     let conn_id = state.next_conn_id.fetch_add(1, Relaxed);
     let client = ClientHandle::with_mesh(conn_id, info.key, up.remote, flags, is_mesh);
     // Mesh peers get derper's privileged write timeout.
@@ -249,6 +187,95 @@ where
         }
     }
     res
+}
+
+/// The login, up to an opened ClientInfo: the 101 (unless fast-start or WebSocket), ServerKey,
+/// then the client's ClientInfo, read into a small buffer of the login's own.
+async fn login<R, W>(
+    state: &Relay,
+    rd: &mut R,
+    wr: &mut W,
+    up: &Handoff,
+) -> Result<(ClientInfo, SessionBox), SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut hello = Vec::with_capacity(256);
+    if !up.fast_start && !up.websocket {
+        hello.extend_from_slice(
+            crate::http::switching_protocols(&state.public_key.untyped_hex()).as_bytes(),
+        );
+    }
+    // Fast-start clients already know the key, but derper sends it anyway and they skip it.
+    hello.extend_from_slice(&handshake::server_key_frame(&state.public_key));
+    wr.write_all(&hello).await?;
+    wr.flush().await?;
+    let mut h = [0u8; HEADER_LEN];
+    rd.read_exact(&mut h).await?;
+    let (t, len) = frame::decode_header(&h);
+    handshake::check_client_info_header(t, len).map_err(SessionError::Login)?;
+    let n = len as usize;
+    // derper takes up to 256 KiB; real ClientInfos are under 200 bytes. Read into a small
+    // buffer of the login's own, not a pool buffer that half-logins could pin.
+    if n > handshake::CLIENT_INFO_ACCEPT_MAX {
+        return Err(SessionError::Login(LoginError::TooLong(len)));
+    }
+    let mut buf = [0u8; handshake::CLIENT_INFO_ACCEPT_MAX];
+    rd.read_exact(&mut buf[..n]).await?;
+    handshake::open_client_info(&state.private_key, &buf[..n]).map_err(SessionError::Login)
+}
+
+/// Whether the logged-in client may stay, and whether it is a mesh peer (the region's mesh key:
+/// never checked, as in derper). Others pass the admission checks and `--max-clients`; a
+/// refused client sees EOF, no error frame.
+async fn admit(state: &Relay, info: &ClientInfo, remote: SocketAddr) -> Result<bool, SessionError> {
+    let is_mesh = match (&state.mesh_key, &info.mesh_key) {
+        (Some(ours), Some(theirs)) => ct_eq(ours, theirs),
+        _ => false,
+    };
+    if is_mesh {
+        return Ok(true);
+    }
+    let mut verdict = state.admission.check(&info.key, remote).await;
+    let m = &state.metrics;
+    if verdict.is_ok() && m.current_connections.load(Relaxed) >= state.limits.max_clients {
+        m.clients_full.fetch_add(1, Relaxed);
+        verdict = Err(format!(
+            "server full (--max-clients {})",
+            state.limits.max_clients
+        ));
+    }
+    match verdict {
+        Ok(()) => Ok(false),
+        Err(why) => {
+            limited!(
+                info,
+                LOGINS,
+                "derp: {remote}: client {} rejected: {why}",
+                info.key
+            );
+            Err(SessionError::Rejected(why))
+        }
+    }
+}
+
+/// The PeerPresent flags of a logged-in client.
+fn flags_of(is_mesh: bool, info: &ClientInfo, up: &Handoff) -> u8 {
+    let mut flags = 0;
+    if is_mesh {
+        flags |= peer_flags::IS_MESH_PEER;
+    }
+    if info.is_prober {
+        flags |= peer_flags::IS_PROBER;
+    }
+    if up.not_ideal {
+        flags |= peer_flags::NOT_IDEAL;
+    }
+    if flags == 0 {
+        flags = peer_flags::IS_REGULAR;
+    }
+    flags
 }
 
 /// Unregisters the client on every exit path.
@@ -765,7 +792,7 @@ mod tests {
             let ci = handshake::client_info_frame(&p.key, &server, br#"{"version":2}"#);
             p.wr.write_all(&ci).await.unwrap();
             let (t, payload) = p.frame().await;
-            let bx = handshake::SessionBox::new(&p.key, &server);
+            let bx = SessionBox::new(&p.key, &server);
             handshake::read_server_info(&bx, t, &payload).unwrap();
             p
         }
