@@ -60,94 +60,21 @@ pub(super) async fn handle_conn(
     state.tcp.apply(tcp.get_ref());
     // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
     // be part of every connection's task for its whole life.
-    let setup = Box::pin(async {
-        // Clients speak first (ClientHello or request head), at once: a silent connection is
-        // closed early instead of holding its slot for the whole handshake deadline.
-        async { tcp.readable().await.map_err(FrontError::Io) }
-            .or(async {
-                Timer::after(state.relay.timeouts.first_byte).await;
-                state
-                    .relay
-                    .metrics
-                    .first_byte_timeouts
-                    .fetch_add(1, Relaxed);
-                Err(FrontError::Timeout("first byte"))
-            })
-            .await?;
-        slot.progress(Progress::Talking);
-        let mut stream = match (&state.tls, which) {
-            (Some(acc), Listener::Main) => Stream::Tls(Box::new(
-                acc.accept_with(tcp, tls::limit_send_buffer)
-                    .await
-                    .map_err(|e| {
-                        FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
-                    })?,
-            )),
-            _ => Stream::Plain(tcp),
-        };
-        match read_head(&mut stream).await {
-            Ok((req, leftover)) => Ok((stream, req, leftover)),
-            Err(FrontError::Head(e)) => {
-                // Tell an HTTP client what was wrong, as Go's server does, then close. The
-                // write runs under the same head deadline.
-                let _ = stream.write_all(&http::head_error(&e)).await;
-                Err(FrontError::Head(e))
-            }
-            Err(e) => Err(e),
-        }
-    });
-    let (mut stream, req, leftover) = setup
+    let (mut stream, req, leftover) = Box::pin(setup(state, tcp, which, &slot))
         .or(async {
             Timer::after(state.relay.timeouts.handshake).await;
             Err(FrontError::Timeout("TLS handshake and request head"))
         })
         .await?;
     slot.progress(Progress::Upgraded);
-    let head = req.method == "HEAD";
-    // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
-    let resp = if which == Listener::Port80 && !req.target.starts_with("/debug") {
-        http::port80(&req)
-    } else {
-        match req.path.as_str() {
-            "/derp/probe" | "/derp/latency-check" => http::probe(&req.method),
-            "/derp" if !state.derp_enabled => {
-                http::text_error(404, "Not Found", "derp server disabled")
-            }
-            "/derp" => match req.upgrade.as_str() {
-                "websocket" if req.ws_protocol.contains("derp") => {
-                    match crate::ws::accept(&req, remote) {
-                        Ok(acc) => {
-                            drop(req);
-                            let ws = crate::ws::serve(
-                                &state.relay,
-                                state.relay.timeouts.handshake,
-                                stream,
-                                leftover,
-                                acc,
-                                remote,
-                                slot,
-                            );
-                            return ws.await.map_err(FrontError::Derp);
-                        }
-                        Err(refusal) => refusal,
-                    }
-                }
-                "derp" | "websocket" => {
-                    return serve_derp(state, stream, leftover, req, remote, slot).await;
-                }
-                other => {
-                    if !other.is_empty() {
-                        debug!("{remote}: weird upgrade {other:?}");
-                    }
-                    http::text_error(426, "Upgrade Required", "DERP requires connection upgrade")
-                }
-            },
-            p if p == "/debug" || p.starts_with("/debug/") => {
-                super::debug::respond(state, &req, remote, stream.local_addr())
-            }
-            "/generate_204" => http::no_content(req.challenge.as_deref()),
-            "/robots.txt" => http::robots(head),
-            _ => http::home(&state.home, state.derp_enabled, head),
+    let resp = match route(state, &req, remote, which, stream.local_addr()) {
+        Action::Respond(resp) => resp,
+        Action::Derp => return serve_derp(state, stream, leftover, req, remote, slot).await,
+        Action::WebSocket(acc) => {
+            drop(req);
+            let timeout = state.relay.timeouts.handshake;
+            let ws = crate::ws::serve(&state.relay, timeout, stream, leftover, acc, remote, slot);
+            return ws.await.map_err(FrontError::Derp);
         }
     };
     let write = async {
@@ -162,6 +89,102 @@ pub(super) async fn handle_conn(
         })
         .await?;
     Ok(())
+}
+
+/// A new connection up to its request head: the first byte within `--first-byte-timeout`, TLS
+/// on the main listener in TLS mode, then one bounded head (a malformed one is answered with
+/// its error, as Go's server does). Returns the stream, the request and the bytes after it.
+async fn setup(
+    state: &State,
+    tcp: Async<TcpStream>,
+    which: Listener,
+    slot: &Slot,
+) -> Result<(Stream, Request, Vec<u8>), FrontError> {
+    // Clients speak first (ClientHello or request head), at once: a silent connection is
+    // closed early instead of holding its slot for the whole handshake deadline.
+    async { tcp.readable().await.map_err(FrontError::Io) }
+        .or(async {
+            Timer::after(state.relay.timeouts.first_byte).await;
+            let m = &state.relay.metrics;
+            m.first_byte_timeouts.fetch_add(1, Relaxed);
+            Err(FrontError::Timeout("first byte"))
+        })
+        .await?;
+    slot.progress(Progress::Talking);
+    let mut stream = match (&state.tls, which) {
+        (Some(acc), Listener::Main) => Stream::Tls(Box::new(
+            acc.accept_with(tcp, tls::limit_send_buffer)
+                .await
+                .map_err(|e| {
+                    FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
+                })?,
+        )),
+        _ => Stream::Plain(tcp),
+    };
+    match read_head(&mut stream).await {
+        Ok((req, leftover)) => Ok((stream, req, leftover)),
+        Err(FrontError::Head(e)) => {
+            // Tell an HTTP client what was wrong, then close. The write runs under the same
+            // head deadline.
+            let _ = stream.write_all(&http::head_error(&e)).await;
+            Err(FrontError::Head(e))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a request head leads to.
+enum Action {
+    /// A whole response, then close.
+    Respond(Vec<u8>),
+    /// The DERP upgrade (plain, or a WebSocket client asking for it without the WebSocket
+    /// handshake, as derper allows).
+    Derp,
+    /// DERP inside an accepted WebSocket.
+    WebSocket(crate::ws::Accept),
+}
+
+/// Routes a request as derper's mux does. `local` is derpd's address of the connection (the
+/// `/debug/` access rule needs it).
+fn route(
+    state: &State,
+    req: &Request,
+    remote: SocketAddr,
+    which: Listener,
+    local: Option<SocketAddr>,
+) -> Action {
+    let head = req.method == "HEAD";
+    // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
+    if which == Listener::Port80 && !req.target.starts_with("/debug") {
+        return Action::Respond(http::port80(req));
+    }
+    Action::Respond(match req.path.as_str() {
+        "/derp/probe" | "/derp/latency-check" => http::probe(&req.method),
+        "/derp" if !state.derp_enabled => {
+            http::text_error(404, "Not Found", "derp server disabled")
+        }
+        "/derp" => match req.upgrade.as_str() {
+            "websocket" if req.ws_protocol.contains("derp") => {
+                match crate::ws::accept(req, remote) {
+                    Ok(acc) => return Action::WebSocket(acc),
+                    Err(refusal) => refusal,
+                }
+            }
+            "derp" | "websocket" => return Action::Derp,
+            other => {
+                if !other.is_empty() {
+                    debug!("{remote}: weird upgrade {other:?}");
+                }
+                http::text_error(426, "Upgrade Required", "DERP requires connection upgrade")
+            }
+        },
+        p if p == "/debug" || p.starts_with("/debug/") => {
+            super::debug::respond(state, req, remote, local)
+        }
+        "/generate_204" => http::no_content(req.challenge.as_deref()),
+        "/robots.txt" => http::robots(head),
+        _ => http::home(&state.home, state.derp_enabled, head),
+    })
 }
 
 async fn serve_derp(
