@@ -29,7 +29,8 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
-    /// A full bucket. As in Go's x/time/rate, a burst of 0 allows nothing.
+    /// A full bucket. As in Go's x/time/rate, a burst of 0 allows nothing (and the accept
+    /// limit's burst of u64::MAX is "unlimited").
     pub fn new(rate: f64, burst: f64) -> Self {
         Self {
             rate,
@@ -64,22 +65,6 @@ impl TokenBucket {
         self.refill();
         self.tokens -= n;
         (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
-    }
-}
-
-/// The accept limit (`--accept-connection-limit` and `-burst`): a token per new connection.
-#[derive(Debug)]
-pub struct AcceptLimiter(TokenBucket);
-
-impl AcceptLimiter {
-    /// A full bucket (a burst of u64::MAX is "unlimited burst", as in Go).
-    pub fn new(rate: f64, burst: u64) -> Self {
-        Self(TokenBucket::new(rate, burst as f64))
-    }
-
-    /// Takes a token for a new connection; false: close it.
-    pub fn allow(&mut self) -> bool {
-        self.0.allow()
     }
 }
 
@@ -451,13 +436,13 @@ mod tests {
 
     #[test]
     fn accept_limiter_allows_the_burst_then_the_rate() {
-        let mut l = AcceptLimiter::new(1.0, 3);
+        let mut l = TokenBucket::new(1.0, 3.0);
         assert!(l.allow() && l.allow() && l.allow());
         assert!(!l.allow(), "burst used up");
-        l.0.at -= Duration::from_millis(1100);
+        l.at -= Duration::from_millis(1100);
         assert!(l.allow(), "one token back after a second");
         assert!(!l.allow());
-        let mut none = AcceptLimiter::new(10.0, 0);
+        let mut none = TokenBucket::new(10.0, 0.0);
         assert!(!none.allow(), "burst 0 allows nothing");
     }
 

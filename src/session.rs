@@ -19,7 +19,7 @@ use crate::handshake::{self, ClientInfo, LoginError, SessionBox};
 use crate::key::{NodePublic, KEY_LEN};
 use crate::limits::TokenBucket;
 use crate::lograte::{limited, CONN_ERRORS, LOGINS};
-use crate::metrics::DropReason;
+use crate::metrics::{DropReason, Metrics};
 use crate::net::{discard, write_all_vectored, Metered};
 use crate::pool::PacketBuf;
 use crate::registry::{ClientHandle, Route, RouteCache};
@@ -531,12 +531,7 @@ fn relay(
         Route::NoActive => m.drop_packet(DropReason::DupClient, disco, pkt_len),
         Route::Unknown => {
             m.drop_packet(DropReason::UnknownDest, disco, pkt_len);
-            if disco
-                && rs.not_here.allow()
-                && src.enqueue_control(SmallFrame::peer_gone(dst, PeerGoneReason::NotHere))
-            {
-                m.peer_gone_not_here_frames.fetch_add(1, Relaxed);
-            }
+            tell_not_here(m, src, dst, disco, &mut rs.not_here);
         }
     }
 }
@@ -560,13 +555,25 @@ fn deliver_forwarded(
         Route::Forward(_) | Route::Unknown => {
             m.drop_packet(DropReason::UnknownDestOnFwd, disco, pkt_len);
             // Tells the forwarding node to drop its forwarder for the key.
-            if disco
-                && not_here.allow()
-                && from.enqueue_control(SmallFrame::peer_gone(dst, PeerGoneReason::NotHere))
-            {
-                m.peer_gone_not_here_frames.fetch_add(1, Relaxed);
-            }
+            tell_not_here(m, from, dst, disco, not_here);
         }
+    }
+}
+
+/// Answers a disco packet for a key that is not here with PeerGone(NotHere), as often as the
+/// sender's NotHere bucket allows (derper: 1 per second, burst 3).
+fn tell_not_here(
+    m: &Metrics,
+    to: &ClientHandle,
+    dst: &NodePublic,
+    disco: bool,
+    bucket: &mut TokenBucket,
+) {
+    if disco
+        && bucket.allow()
+        && to.enqueue_control(SmallFrame::peer_gone(dst, PeerGoneReason::NotHere))
+    {
+        m.peer_gone_not_here_frames.fetch_add(1, Relaxed);
     }
 }
 

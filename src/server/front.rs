@@ -67,7 +67,7 @@ pub(super) async fn handle_conn(
         })
         .await?;
     slot.progress(Progress::Upgraded);
-    let resp = match route(state, &req, remote, which, stream.local_addr()) {
+    let resp = match route(state, &req, remote, which, &stream) {
         Action::Respond(resp) => resp,
         Action::Derp => return serve_derp(state, stream, leftover, req, remote, slot).await,
         Action::WebSocket(acc) => {
@@ -144,14 +144,14 @@ enum Action {
     WebSocket(crate::ws::Accept),
 }
 
-/// Routes a request as derper's mux does. `local` is derpd's address of the connection (the
-/// `/debug/` access rule needs it).
+/// Routes a request as derper's mux does. `stream` is asked for derpd's own address of the
+/// connection only for `/debug/` (its access rule needs it).
 fn route(
     state: &State,
     req: &Request,
     remote: SocketAddr,
     which: Listener,
-    local: Option<SocketAddr>,
+    stream: &Stream,
 ) -> Action {
     let head = req.method == "HEAD";
     // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
@@ -179,7 +179,7 @@ fn route(
             }
         },
         p if p == "/debug" || p.starts_with("/debug/") => {
-            super::debug::respond(state, req, remote, local)
+            super::debug::respond(state, req, remote, stream.local_addr())
         }
         "/generate_204" => http::no_content(req.challenge.as_deref()),
         "/robots.txt" => http::robots(head),

@@ -15,7 +15,7 @@ use smol::{Async, Executor, Timer};
 use super::front::{handle_conn, FrontError};
 use super::{StartError, State};
 use crate::holder;
-use crate::limits::{AcceptLimiter, Refused};
+use crate::limits::{Refused, TokenBucket};
 use crate::lograte::{limited, HEADS};
 use crate::stun;
 
@@ -125,7 +125,7 @@ pub(super) async fn accept_loop(
             .relay
             .limits
             .accept
-            .map(|(r, b)| AcceptLimiter::new(r, b)),
+            .map(|(r, b)| TokenBucket::new(r, b as f64)),
         Listener::Port80 => None,
     };
     let mut refusals = Refusals::new("refusing connections", "refused");
