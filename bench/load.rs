@@ -42,11 +42,12 @@ use derpd::frame::{self, FrameType, HEADER_LEN};
 use derpd::handshake::{self, SessionBox};
 use derpd::httpc;
 use derpd::key::{NodePrivate, NodePublic, KEY_LEN};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use derpd::trust::{self, Trust};
 use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection};
+use sha2::{Digest, Sha256};
 use serde_json::{json, Value};
 use smol::future::FutureExt;
 use smol::{Async, LocalExecutor, Timer};
@@ -203,59 +204,10 @@ impl Stats {
 
 // ---- TLS ----
 
-/// Accepts exactly one certificate (byte for byte). The handshake signature is not checked:
-/// the generator talks to a server it started itself, and its CPU is better spent on load (an
-/// ECDSA verification costs about as much as the server's whole signing side).
-#[derive(Debug)]
-struct Pinned {
-    leaf: Vec<u8>,
-    algs: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.leaf.as_slice() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "certificate is not the pinned one".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
 fn tls_config(leaf: Vec<u8>) -> Result<Arc<ClientConfig>, String> {
+    // The server's own certificate, pinned as a Tailscale client pins it (`sha256-raw:`).
+    let pin = Trust::Pin(Sha256::digest(&leaf).into());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let algs = provider.signature_verification_algorithms;
     // Offer cipher suites in Go's order (Tailscale clients are Go): AES-128-GCM first.
     let mut provider = (*provider).clone();
     provider.cipher_suites.sort_by_key(|s| match s.suite() {
@@ -264,11 +216,13 @@ fn tls_config(leaf: Vec<u8>) -> Result<Arc<ClientConfig>, String> {
         rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 2,
         _ => 3,
     });
-    let mut cfg = ClientConfig::builder_with_provider(Arc::new(provider))
+    let provider = Arc::new(provider);
+    let verifier = trust::verifier(pin, &provider)?;
+    let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned { leaf, algs }))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     // Every login is a full handshake, as for a client that has never seen the server.
     cfg.resumption = Resumption::disabled();

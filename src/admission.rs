@@ -456,7 +456,7 @@ impl Controller {
     fn new(url: &str) -> Result<Self, String> {
         let url = Url::parse(url)?;
         let tls = match url.https {
-            true => Some(crate::trust::ca_client_config()?),
+            true => Some(crate::trust::client_config(crate::trust::Trust::CaBundle)?),
             false => None,
         };
         Ok(Self {

@@ -1,6 +1,8 @@
 //! Whom derpd trusts when it is the TLS client (mesh links, the admission controller): a
 //! pinned leaf certificate (`sha256-raw:<hex>`, what a self-signed IP certificate needs), or
-//! the CA bundle (`SSL_CERT_FILE`, else the first of Go's Linux paths), as Go's derper does.
+//! the CA bundle (`SSL_CERT_FILE`, else the first of Go's Linux paths), as Go's derper does;
+//! and, for the tests and the benchmark only, any certificate. One verifier per rule: the
+//! pin (and no pin) in [`LeafVerifier`], the CA bundle in rustls's webpki verifier.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,26 +14,55 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
 
-/// A TLS client configuration that accepts exactly the leaf certificate whose SHA-256 is
-/// `pin` (Tailscale's `sha256-raw:` CertName), or, without a pin, chains to the CA bundle.
-pub fn pinned_or_ca_config(pin: Option<[u8; 32]>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier: Arc<dyn ServerCertVerifier> = match pin {
-        Some(pin) => Arc::new(PinVerifier {
-            pin,
-            algs: provider.signature_verification_algorithms,
-        }),
-        None => ca_verifier(&provider)?,
-    };
-    tls_client(provider, verifier)
+/// Whom a TLS client trusts: one rule per variant, each checked by one verifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// Exactly the leaf certificate whose SHA-256 is this (Tailscale's `sha256-raw:`
+    /// CertName): name and dates are not checked, as Tailscale's clients do not.
+    Pin([u8; 32]),
+    /// A chain to the CA bundle (`SSL_CERT_FILE`, else the first of Go's Linux paths), as Go's
+    /// `http.DefaultClient` does.
+    CaBundle,
+    /// Any certificate. Only for the tests and the benchmark's load generator, which talk to
+    /// a server they started and check its certificate by other means.
+    AnyCertificate,
 }
 
-/// A TLS client configuration that trusts the CA bundle (`SSL_CERT_FILE`, else the first of
-/// Go's Linux paths), as Go's `http.DefaultClient` does: derper's admission-controller URL.
-pub fn ca_client_config() -> Result<Arc<rustls::ClientConfig>, String> {
+impl Trust {
+    /// A pin where there is one, else the CA bundle: a mesh peer's rule.
+    pub fn pin_or_ca(pin: Option<[u8; 32]>) -> Self {
+        pin.map_or(Self::CaBundle, Self::Pin)
+    }
+}
+
+/// The verifier for `trust`, on `provider`'s signature algorithms. Every rule still verifies
+/// the handshake signature with the certificate's key.
+pub fn verifier(
+    trust: Trust,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, String> {
+    let algs = provider.signature_verification_algorithms;
+    Ok(match trust {
+        Trust::Pin(pin) => Arc::new(LeafVerifier {
+            pin: Some(pin),
+            algs,
+        }),
+        Trust::AnyCertificate => Arc::new(LeafVerifier { pin: None, algs }),
+        Trust::CaBundle => ca_verifier(provider)?,
+    })
+}
+
+/// A TLS 1.3/1.2 client configuration on the ring provider that trusts as `trust` says.
+pub fn client_config(trust: Trust) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = ca_verifier(&provider)?;
-    tls_client(provider, verifier)
+    let verifier = verifier(trust, &provider)?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 fn ca_verifier(
@@ -45,19 +76,6 @@ fn ca_verifier(
     .build()
     .map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
     Ok(v)
-}
-
-fn tls_client(
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    verifier: Arc<dyn ServerCertVerifier>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
 }
 
 /// Where Go (and so derper) looks for CA certificates on Linux, after `SSL_CERT_FILE`.
@@ -96,15 +114,15 @@ fn ca_roots() -> Result<(PathBuf, rustls::RootCertStore), String> {
     Ok((path, roots))
 }
 
-/// Accepts exactly the pinned leaf certificate (name and dates are not checked, as Tailscale's
-/// `sha256-raw:` CertName); handshake signatures are still verified.
+/// [`Trust::Pin`] (`pin`) and [`Trust::AnyCertificate`] (no pin): the leaf is compared with
+/// the pin, if any; handshake signatures are verified either way.
 #[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
+struct LeafVerifier {
+    pin: Option<[u8; 32]>,
     algs: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for PinVerifier {
+impl ServerCertVerifier for LeafVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -113,7 +131,10 @@ impl ServerCertVerifier for PinVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if Sha256::digest(end_entity.as_ref()).as_slice() == self.pin {
+        let Some(pin) = self.pin else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        if Sha256::digest(end_entity.as_ref()).as_slice() == pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(

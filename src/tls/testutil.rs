@@ -1,5 +1,6 @@
 //! What the TLS unit tests share: a temporary directory, certificate files for a DNS name,
-//! X.509 field readers, and an in-memory handshake with a client that accepts any certificate.
+//! X.509 field readers, and an in-memory handshake with a client that accepts any certificate
+//! ([`Trust::AnyCertificate`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt;
@@ -11,10 +12,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{CertificateParams, KeyPair};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, ServerConnection};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, ServerConnection};
 use x509_parser::certificate::X509Certificate;
+
+use crate::trust::{self, Trust};
 
 pub(super) const SERVER_KEY: [u8; 32] = [0xab; 32];
 
@@ -67,46 +69,6 @@ pub(super) fn write_dns_cert(dir: &Path, stem: &str, names: &[&str]) {
     fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
 }
 
-#[derive(Debug)]
-struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnything {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algs = &self.0.signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Runs an in-memory handshake; returns the certificates the client saw.
 pub(super) fn handshake(
     server: Arc<rustls::ServerConfig>,
@@ -136,7 +98,7 @@ pub(super) fn connected(
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
+        .with_custom_certificate_verifier(trust::verifier(Trust::AnyCertificate, &provider)?)
         .with_no_client_auth();
     client_cfg.enable_sni = sni;
     let name = ServerName::try_from(name.to_owned()).unwrap();
