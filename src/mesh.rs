@@ -338,8 +338,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(link: &Link, mut wr: W) -> Result<(),
 
 /// The TLS client configuration for a peer: its pin, or the CA bundle.
 pub fn client_config(peer: &MeshPeer) -> Result<Arc<rustls::ClientConfig>, String> {
-    crate::trust::client_config(crate::trust::Trust::pin_or_ca(peer.pin)).map_err(|e| match peer.pin {
-        Some(_) => e,
-        None => format!("{e}; or pin the peer with /sha256-raw:<hex> in --mesh-with"),
+    crate::trust::client_config(crate::trust::Trust::pin_or_ca(peer.pin)).map_err(|e| {
+        match peer.pin {
+            Some(_) => e,
+            None => format!("{e}; or pin the peer with /sha256-raw:<hex> in --mesh-with"),
+        }
     })
 }

@@ -279,8 +279,11 @@ mod tests {
     use super::*;
     use crate::tls::load_or_create;
     use crate::tls::testutil::{
-        cn, connected, handshake, parse, unix, write_dns_cert, TempDir, SERVER_KEY,
+        cn, connected, connected_trusting, handshake, parse, unix, write_dns_cert, TempDir,
+        SERVER_KEY,
     };
+    use crate::trust::Trust;
+    use sha2::{Digest, Sha256};
 
     const DAY: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -313,6 +316,28 @@ mod tests {
         let plain = server_config(&cert, "derp.example.com", SERVER_KEY, false).unwrap();
         let certs = handshake(plain, false, "derp.example.com", true).unwrap();
         assert_eq!(certs, cert.chain);
+    }
+
+    /// A client with a `sha256-raw:` pin ([`Trust::Pin`]) accepts the pinned leaf, with or
+    /// without the meta-cert after it, over TLS 1.3 and 1.2, and refuses any other.
+    #[test]
+    fn pinned_clients_accept_only_the_pinned_leaf() {
+        let tmp = TempDir::new();
+        let cert = load_or_create("127.0.0.1", &tmp.0).unwrap();
+        let pin: [u8; 32] = Sha256::digest(&cert.chain[0]).into();
+        let mut other = pin;
+        other[0] ^= 1;
+        for meta in [true, false] {
+            let cfg = server_config(&cert, "127.0.0.1", SERVER_KEY, meta).unwrap();
+            for tls12 in [false, true] {
+                let ok =
+                    |trust| connected_trusting(Arc::clone(&cfg), tls12, "127.0.0.1", true, trust);
+                ok(Trust::Pin(pin)).unwrap();
+                ok(Trust::AnyCertificate).unwrap();
+                let e = ok(Trust::Pin(other)).map(|_| ()).unwrap_err();
+                assert!(e.contains("does not match the sha256-raw pin"), "{e}");
+            }
+        }
     }
 
     /// A slow reader's connection queues at most [`SEND_BUFFER_LIMIT`] of records: a 64 KiB

@@ -88,6 +88,17 @@ pub(super) fn connected(
     name: &str,
     sni: bool,
 ) -> Result<(ClientConnection, ServerConnection), String> {
+    connected_trusting(server, tls12, name, sni, Trust::AnyCertificate)
+}
+
+/// [`connected`] for a client that trusts as `trust` says.
+pub(super) fn connected_trusting(
+    server: Arc<rustls::ServerConfig>,
+    tls12: bool,
+    name: &str,
+    sni: bool,
+    trust: Trust,
+) -> Result<(ClientConnection, ServerConnection), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12 {
         &[&rustls::version::TLS12]
@@ -98,7 +109,7 @@ pub(super) fn connected(
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(trust::verifier(Trust::AnyCertificate, &provider)?)
+        .with_custom_certificate_verifier(trust::verifier(trust, &provider)?)
         .with_no_client_auth();
     client_cfg.enable_sni = sni;
     let name = ServerName::try_from(name.to_owned()).unwrap();
