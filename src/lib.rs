@@ -39,6 +39,8 @@
 //! - [`link`]: one mesh link's queue of packets for keys on that peer.
 //! - [`mesh`]: the outbound side of the regional mesh: runs each [`link`] (dial, login with
 //!   the mesh key, WatchConns → forwarders, ForwardPacket writer, redial).
+//! - [`dialer`]: the one DERP client login (upgrade, `101`, ServerKey, ClientInfo,
+//!   ServerInfo) over any byte stream: mesh links and the tests use it.
 //! - [`tls`] (`src/tls/`, a file per concept): the server's certificates: the
 //!   `--certmode manual` files and their checks, the self-signed IP certificate, derper's
 //!   meta-cert, and the rustls resolver (derper's SNI rule) with its reloader.
@@ -67,7 +69,8 @@
 //! Arrows point down: the protocol core and small utilities ([`httpc`] among them) ← relay
 //! state ([`registry`], [`link`], [`pool`], [`metrics`], [`limits`]) ← [`config`] ← network
 //! plumbing ([`admission`], [`allowlist`],
-//! [`tls`], [`trust`], [`net`]) ← DERP sessions ([`mesh`], [`ws`], [`session`], [`relay`]) ←
+//! [`tls`], [`trust`], [`net`]) ← DERP sessions ([`mesh`], [`dialer`], [`ws`], [`session`],
+//! [`relay`]) ←
 //! [`server`]; nothing imports the server. `tests/layering.rs` derives the graph from the
 //! sources and fails on a cycle or an upward edge.
 //!
@@ -79,6 +82,7 @@ pub mod acme;
 pub mod admission;
 pub mod allowlist;
 pub mod config;
+pub mod dialer;
 pub mod session;
 
 mod derpmap;

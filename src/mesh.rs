@@ -26,8 +26,8 @@ use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Cursor};
 use smol::Timer;
 
 use crate::config::MeshPeer;
+use crate::dialer::{self, DialError};
 use crate::frame::{self, FrameType, HEADER_LEN};
-use crate::handshake::{self, SessionBox};
 use crate::httpc;
 use crate::key::{hex, NodePublic, KEY_LEN};
 use crate::link::{Link, MAX_BATCH};
@@ -127,8 +127,13 @@ pub async fn run_link(
 
 type Reader = smol::io::Chain<Cursor<Vec<u8>>, LockedStream>;
 
-fn login_error(e: handshake::ServerLoginError) -> LinkError {
-    LinkError::Protocol(e.to_string())
+impl From<DialError> for LinkError {
+    fn from(e: DialError) -> Self {
+        match e {
+            DialError::Io(e) => Self::Io(e),
+            e => Self::Protocol(e.to_string()),
+        }
+    }
 }
 
 /// Dials, upgrades and logs in as a mesh client, then subscribes with WatchConns.
@@ -151,86 +156,34 @@ async fn connect(
         .connect(name, tcp)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("TLS: {e}")))?;
-    let shared = LockedStream::new(Stream::TlsClient(Box::new(tls)));
-    let mut wr = shared.clone();
-    let req = handshake::upgrade_request(&peer.host, concat!("derpd/", env!("CARGO_PKG_VERSION")));
-    wr.write_all(req.as_bytes()).await?;
-    wr.flush().await?;
-    let mut rd0 = shared.clone();
-    let leftover = read_response_head(&mut rd0).await?;
-    let mut rd = Cursor::new(leftover).chain(rd0);
-
-    let (t, payload) = read_frame(&mut rd, 1024).await?;
-    let server_key = handshake::parse_server_key(t, &payload).map_err(login_error)?;
-    if server_key == state.public_key {
-        return Err(LinkError::SelfConnect);
-    }
+    let mut shared = LockedStream::new(Stream::TlsClient(Box::new(tls)));
     let Some(mesh_key) = state.mesh_key else {
         return Err(LinkError::Protocol("no mesh key".into()));
     };
-    let bx = SessionBox::new(&state.private_key, &server_key);
-    let json = format!(
-        r#"{{"meshKey":"{}","version":{},"CanAckPings":false}}"#,
-        hex(&mesh_key),
-        frame::PROTOCOL_VERSION
-    );
-    wr.write_all(&bx.client_info_frame(&state.public_key, json.as_bytes()))
-        .await?;
-    wr.flush().await?;
-    let (t, payload) = read_frame(&mut rd, frame::LINK_FRAME_MAX).await?;
-    handshake::read_server_info(&bx, t, &payload).map_err(login_error)?;
+    let client = dialer::Client {
+        host: &peer.host,
+        user_agent: concat!("derpd/", env!("CARGO_PKG_VERSION")),
+        key: &state.private_key,
+        max_server_info: frame::LINK_FRAME_MAX,
+    };
+    let login = dialer::login(&mut shared, client, |server_key| {
+        if *server_key == state.public_key {
+            return Err(LinkError::SelfConnect);
+        }
+        let json = format!(
+            r#"{{"meshKey":"{}","version":{},"CanAckPings":false}}"#,
+            hex(&mesh_key),
+            frame::PROTOCOL_VERSION
+        );
+        Ok(json.into_bytes())
+    })
+    .await?;
+    let rd = Cursor::new(login.leftover).chain(shared.clone());
     let mut h = [0u8; HEADER_LEN];
     frame::encode_header(&mut h, FrameType::WatchConns, 0);
-    wr.write_all(&h).await?;
-    wr.flush().await?;
-    Ok((rd, wr, server_key))
-}
-
-/// Reads the HTTP response head ([`httpc::parse_head`]); wants `101`. Returns the bytes after
-/// it.
-async fn read_response_head<R: AsyncRead + Unpin>(rd: &mut R) -> Result<Vec<u8>, LinkError> {
-    const MAX: usize = 8 << 10;
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 512];
-    loop {
-        let n = rd.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(LinkError::Protocol(
-                "connection closed before the HTTP response".into(),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some((head, end)) = httpc::parse_head(&buf).map_err(LinkError::Protocol)? {
-            if head.status != 101 {
-                return Err(LinkError::Protocol(format!(
-                    "upgrade refused: {:?}",
-                    head.status_line
-                )));
-            }
-            return Ok(buf.split_off(end));
-        }
-        if buf.len() > MAX {
-            return Err(LinkError::Protocol("HTTP response head too long".into()));
-        }
-    }
-}
-
-/// Reads one whole frame of at most `max` bytes.
-async fn read_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    max: u32,
-) -> Result<(u8, Vec<u8>), LinkError> {
-    let mut h = [0u8; HEADER_LEN];
-    rd.read_exact(&mut h).await?;
-    let (t, len) = frame::decode_header(&h);
-    if len > max {
-        return Err(LinkError::Protocol(format!(
-            "frame {t:#04x} of {len} bytes is too large"
-        )));
-    }
-    let mut payload = vec![0u8; len as usize];
-    rd.read_exact(&mut payload).await?;
-    Ok((t, payload))
+    shared.write_all(&h).await?;
+    shared.flush().await?;
+    Ok((rd, shared, login.server_key))
 }
 
 /// Reads the peer's PeerPresent/PeerGone stream into forwarders. `present` collects the keys

@@ -35,7 +35,7 @@ const LAYERS: &[&[&str]] = &[
     // Network plumbing: streams, TLS (`src/tls/`), the admission checks.
     &["admission", "allowlist", "tls", "trust", "net"],
     // DERP sessions and transports, and the relay state they share.
-    &["mesh", "ws", "session", "relay"],
+    &["mesh", "dialer", "ws", "session", "relay"],
     // The process: listeners, routing, debug pages (`src/server/`).
     &["server"],
 ];
