@@ -2,7 +2,7 @@
 //! pinned leaf certificate (`sha256-raw:<hex>`, what a self-signed IP certificate needs), or
 //! the CA bundle (`SSL_CERT_FILE`, else the first of Go's Linux paths), as Go's derper does;
 //! and, for the tests and the benchmark only, any certificate. One verifier per rule: the
-//! pin (and no pin) in [`LeafVerifier`], the CA bundle in rustls's webpki verifier.
+//! pin (and no pin) in `LeafVerifier`, the CA bundle in rustls's webpki verifier.
 
 use std::path::PathBuf;
 use std::sync::Arc;
