@@ -17,7 +17,7 @@
 //! - [`httpc`]: a small HTTP/1.1 client: URLs (and the one host/port splitter), resolve and
 //!   connect (TCP, TLS with the caller's trust) within a deadline, requests, bounded response
 //!   heads (httparse) and bodies (length, chunked, until close), keep-alive; the admission
-//!   checks use it, mesh reads its upgrade response head with it.
+//!   checks use it, the [`dialer`] reads the upgrade response head with it.
 //! - [`allowlist`]: the `--allow-keys-file` list, re-read when the file changes (off the
 //!   executor).
 //! - `server::debug`: the `/debug/` pages (Prometheus `varz`, and `derpmap` for the LuCI page)
