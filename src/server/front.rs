@@ -3,7 +3,7 @@
 //!
 //! Only [`handle_conn`] and [`setup`] need a socket: reading the head ([`read_head`]),
 //! routing it ([`route`], a pure function) and writing a response ([`respond`]) work on any
-//! stream.
+//! stream, and the tests (`front/tests.rs`) drive them over in-memory pipes.
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -256,3 +256,6 @@ async fn read_head_only<S: AsyncRead + Unpin>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
