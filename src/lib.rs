@@ -7,7 +7,8 @@
 //! - [`server`]: the process and its front door. `server/mod.rs` starts and stops it (signals,
 //!   reloads); `server/listen.rs` binds the listeners and runs the accept and STUN ([`stun`])
 //!   loops; `server/front.rs` takes one connection through TLS ([`tls`], with the meta-cert)
-//!   and one bounded HTTP request head ([`http`]) to a response or the DERP upgrade;
+//!   and one bounded HTTP request head ([`http`]) to a response or the DERP upgrade (its
+//!   routing is pure, and its tests run over in-memory pipes);
 //!   `server/debug/` serves the `/debug/` pages (the access rule, the `varz` table).
 //! - [`relay`]: what every DERP session shares (key, registry, pool, metrics, admission,
 //!   session limits); [`net`]: the stream types and TCP options below the DERP code.

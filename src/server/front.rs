@@ -1,19 +1,24 @@
 //! One accepted connection up to the DERP hand-off: optional TLS, one bounded HTTP request
 //! head, then a response, or the upgrade to DERP (plain or inside a WebSocket).
+//!
+//! Only [`handle_conn`] and [`setup`] need a socket: reading the head ([`read_head`]),
+//! routing it ([`route`], a pure function) and writing a response ([`respond`]) work on any
+//! stream, and the tests (`front/tests.rs`) drive them over in-memory pipes.
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::debug;
 use smol::future::FutureExt;
-use smol::io::{AsyncReadExt, AsyncWriteExt, Cursor};
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Cursor};
 use smol::{Async, Timer};
 
 use super::listen::Listener;
 use super::State;
-use crate::http::{self, Request};
+use crate::http::{self, Home, Request};
 use crate::limits::{Progress, Slot};
 use crate::net::{LockedStream, Stream};
 use crate::session::{self, Handoff};
@@ -67,8 +72,9 @@ pub(super) async fn handle_conn(
         })
         .await?;
     slot.progress(Progress::Upgraded);
-    let resp = match route(state, &req, remote, which, &stream) {
+    let resp = match route(&req, remote, which, state.derp_enabled, &state.home) {
         Action::Respond(resp) => resp,
+        Action::Debug => super::debug::respond(state, &req, remote, stream.local_addr()),
         Action::Derp => return serve_derp(state, stream, leftover, req, remote, slot).await,
         Action::WebSocket(acc) => {
             drop(req);
@@ -77,17 +83,7 @@ pub(super) async fn handle_conn(
             return ws.await.map_err(FrontError::Derp);
         }
     };
-    let write = async {
-        stream.write_all(&resp).await?;
-        stream.flush().await?;
-        stream.close().await
-    };
-    write
-        .or(async {
-            Timer::after(state.relay.timeouts.handshake).await;
-            Err(io::ErrorKind::TimedOut.into())
-        })
-        .await?;
+    respond(&mut stream, &resp, state.relay.timeouts.handshake).await?;
     Ok(())
 }
 
@@ -121,19 +117,13 @@ async fn setup(
         )),
         _ => Stream::Plain(tcp),
     };
-    match read_head(&mut stream).await {
-        Ok((req, leftover)) => Ok((stream, req, leftover)),
-        Err(FrontError::Head(e)) => {
-            // Tell an HTTP client what was wrong, then close. The write runs under the same
-            // head deadline.
-            let _ = stream.write_all(&http::head_error(&e)).await;
-            Err(FrontError::Head(e))
-        }
-        Err(e) => Err(e),
-    }
+    // The head (and the reply to a refused one) runs under the caller's handshake deadline.
+    let (req, leftover) = read_head(&mut stream).await?;
+    Ok((stream, req, leftover))
 }
 
 /// What a request head leads to.
+#[derive(Debug)]
 enum Action {
     /// A whole response, then close.
     Respond(Vec<u8>),
@@ -142,16 +132,20 @@ enum Action {
     Derp,
     /// DERP inside an accepted WebSocket.
     WebSocket(crate::ws::Accept),
+    /// `/debug` or `/debug/…`: answered by the caller, which has what the pages and their
+    /// access rule need (the relay state, the connection's own address).
+    Debug,
 }
 
-/// Routes a request as derper's mux does. `stream` is asked for derpd's own address of the
-/// connection only for `/debug/` (its access rule needs it).
+/// Routes a request as derper's mux does: a pure function of the request, the listener it
+/// came on and two settings (`--derp`, `--home`). `remote` only names the client in log
+/// lines.
 fn route(
-    state: &State,
     req: &Request,
     remote: SocketAddr,
     which: Listener,
-    stream: &Stream,
+    derp_enabled: bool,
+    home: &Home,
 ) -> Action {
     let head = req.method == "HEAD";
     // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
@@ -160,9 +154,7 @@ fn route(
     }
     Action::Respond(match req.path.as_str() {
         "/derp/probe" | "/derp/latency-check" => http::probe(&req.method),
-        "/derp" if !state.derp_enabled => {
-            http::text_error(404, "Not Found", "derp server disabled")
-        }
+        "/derp" if !derp_enabled => http::text_error(404, "Not Found", "derp server disabled"),
         "/derp" => match req.upgrade.as_str() {
             "websocket" if req.ws_protocol.contains("derp") => {
                 match crate::ws::accept(req, remote) {
@@ -178,12 +170,10 @@ fn route(
                 http::text_error(426, "Upgrade Required", "DERP requires connection upgrade")
             }
         },
-        p if p == "/debug" || p.starts_with("/debug/") => {
-            super::debug::respond(state, req, remote, stream.local_addr())
-        }
+        p if p == "/debug" || p.starts_with("/debug/") => return Action::Debug,
         "/generate_204" => http::no_content(req.challenge.as_deref()),
         "/robots.txt" => http::robots(head),
-        _ => http::home(&state.home, state.derp_enabled, head),
+        _ => http::home(home, derp_enabled, head),
     })
 }
 
@@ -211,8 +201,45 @@ async fn serve_derp(
         .map_err(FrontError::Derp)
 }
 
-/// Reads one request head. Returns it and the bytes that followed it (fast-start login).
-async fn read_head(stream: &mut Stream) -> Result<(Request, Vec<u8>), FrontError> {
+/// Writes a whole response, flushes and closes, within `timeout`.
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    resp: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    let write = async {
+        stream.write_all(resp).await?;
+        stream.flush().await?;
+        stream.close().await
+    };
+    write
+        .or(async {
+            Timer::after(timeout).await;
+            Err(io::ErrorKind::TimedOut.into())
+        })
+        .await
+}
+
+/// Reads one request head. Returns it and the bytes that followed it (fast-start login). A
+/// refused head (too large, malformed) is answered with its error, as Go's server does, and
+/// the error returned: the caller then closes.
+async fn read_head<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<(Request, Vec<u8>), FrontError> {
+    match read_head_only(stream).await {
+        Err(FrontError::Head(e)) => {
+            // Tell an HTTP client what was wrong; it is closed after.
+            let _ = stream.write_all(&http::head_error(&e)).await;
+            Err(FrontError::Head(e))
+        }
+        r => r,
+    }
+}
+
+/// [`read_head`] without the reply to a refused head.
+async fn read_head_only<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<(Request, Vec<u8>), FrontError> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         let start = buf.len();
@@ -229,3 +256,6 @@ async fn read_head(stream: &mut Stream) -> Result<(Request, Vec<u8>), FrontError
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
