@@ -11,6 +11,15 @@ use crate::http::HeadError;
 /// A client's address, for the log lines.
 const REMOTE: &str = "192.0.2.1:41641";
 
+/// Runs `fut` to its end, or fails the test after 5 s: a front door that forgot to close or to
+/// answer would otherwise hang it.
+fn run<T>(fut: impl std::future::Future<Output = T>) -> T {
+    smol::block_on(fut.or(async {
+        Timer::after(Duration::from_secs(5)).await;
+        panic!("timed out after 5 s")
+    }))
+}
+
 /// One end of an in-memory connection: a pipe each way.
 struct End {
     rd: piper::Reader,
@@ -265,7 +274,7 @@ fn port_80_redirects_all_but_generate_204_and_debug() {
 #[test]
 fn a_plain_request_is_answered_and_closed() {
     let (mut client, mut server) = pair(64 << 10);
-    smol::block_on(async {
+    run(async {
         let h = head("GET", "/robots.txt", "");
         client.write_all(h.as_bytes()).await.unwrap();
         let (req, left) = read_head(&mut server).await.unwrap();
@@ -291,7 +300,7 @@ fn a_plain_request_is_answered_and_closed() {
 fn respond_gives_up_at_its_deadline() {
     // A client that never reads: the 64-byte pipe fills and the write waits.
     let (_client, mut server) = pair(64);
-    let r = smol::block_on(respond(
+    let r = run(respond(
         &mut server,
         &http::robots(false),
         Duration::from_millis(50),
@@ -303,7 +312,7 @@ fn respond_gives_up_at_its_deadline() {
 fn fast_start_bytes_after_the_head_are_returned() {
     let (mut client, mut server) = pair(64 << 10);
     let login = [0x02, 0, 0, 0, 9, 1, 2, 3];
-    smol::block_on(async {
+    run(async {
         let h = head(
             "GET",
             "/derp",
@@ -337,14 +346,14 @@ fn a_head_split_over_many_small_writes_is_read_whole() {
         }
         client
     };
-    let (mut client, got) = smol::block_on(smol::future::zip(write, read_head(&mut server)));
+    let (mut client, got) = run(smol::future::zip(write, read_head(&mut server)));
     let (req, left) = got.unwrap();
     assert_eq!(req, parse(&h));
     assert!(left.is_empty());
     assert!(client.rd.is_empty());
     drop(server);
     let mut back = Vec::new();
-    smol::block_on(client.read_to_end(&mut back)).unwrap();
+    run(client.read_to_end(&mut back)).unwrap();
     assert!(back.is_empty());
 }
 
@@ -352,7 +361,7 @@ fn a_head_split_over_many_small_writes_is_read_whole() {
 /// `read_head` said and all the client read back.
 fn refused(input: &[u8]) -> (FrontError, String) {
     let (mut client, mut server) = pair(64 << 10);
-    smol::block_on(async {
+    run(async {
         client.write_all(input).await.unwrap();
         let e = read_head(&mut server).await.unwrap_err();
         // At most one byte past the limit is read.
@@ -406,7 +415,7 @@ fn eof_before_a_whole_head_is_an_error_and_answered_with_nothing() {
             rd: mut back_rd,
             mut wr,
         } = client;
-        let e = smol::block_on(async {
+        let e = run(async {
             wr.write_all(input).await.unwrap();
             drop(wr);
             read_head(&mut server).await.unwrap_err()
@@ -417,7 +426,7 @@ fn eof_before_a_whole_head_is_an_error_and_answered_with_nothing() {
         }
         drop(server);
         let mut back = Vec::new();
-        smol::block_on(back_rd.read_to_end(&mut back)).unwrap();
+        run(back_rd.read_to_end(&mut back)).unwrap();
         assert!(back.is_empty());
     }
 }
