@@ -34,7 +34,7 @@
 //!   flush.
 //! - [`ws`] (`src/ws/`): DERP over WebSocket on `/derp` (browsers): the RFC 6455 accept
 //!   (`accept.rs`), then binary messages as the byte stream that [`session`] serves
-//!   (`stream.rs`; payloads stream through: no frame or message is buffered).
+//!   (`read.rs`, `stream.rs`; payloads stream through: no frame or message is buffered).
 //! - [`limits`]: the accept rate, connections still logging in, and the per-client receive
 //!   rate (`--rate-config`).
 //! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping, and the

@@ -5,11 +5,14 @@
 //!
 //! - `accept.rs`: [`accept()`]: the RFC 6455 upgrade checks, as derper's
 //!   websocket library makes them, and the 101 with `Sec-WebSocket-Accept`.
-//! - `stream.rs`: the message transport: frame headers, unmasking, control frames, and the
-//!   byte-stream pair ([`WsRead`], [`WsWrite`]) that the session reads and writes through.
+//! - `read.rs`: the read half ([`WsRead`]): client frame headers checked, payloads unmasked
+//!   into the reader's buffer, pings and closes answered, binary messages as one byte stream.
+//! - `stream.rs`: [`transport`], the connection both halves share (with the control frames
+//!   queued for the writer), and the write half ([`WsWrite`]): unmasked binary messages.
 //! - here: [`serve`], which sends the 101 and hands the stream to [`session::serve`].
 
 mod accept;
+mod read;
 mod stream;
 
 use std::io;
@@ -27,9 +30,10 @@ use crate::relay::Relay;
 use crate::session::{self, Handoff, SessionError};
 
 pub use accept::{accept, accept_key, Accept};
+pub use read::{WsRead, MAX_WS_FRAME};
 #[doc(hidden)]
 pub use stream::transport;
-pub use stream::{WsRead, WsWrite, MAX_WS_FRAME};
+pub use stream::WsWrite;
 
 /// Sends the 101 and runs DERP over the WebSocket to the end of the connection.
 pub async fn serve<S>(
