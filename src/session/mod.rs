@@ -238,6 +238,17 @@ mod tests {
 
     /// A whole session over in-memory streams, as the `session` fuzz target runs it: the login,
     /// a Ping, a packet to itself, then EOF ends the connection and nothing stays behind.
+    /// A fast-start, non-WebSocket connection from a documentation address.
+    fn fast_start_handoff() -> Handoff {
+        Handoff {
+            remote: "192.0.2.1:41641".parse().unwrap(),
+            fast_start: true,
+            not_ideal: false,
+            websocket: false,
+            slot: None,
+        }
+    }
+
     #[test]
     fn in_memory_session_ends_at_eof_and_leaves_nothing() {
         use crate::key::NodePrivate;
@@ -259,13 +270,7 @@ mod tests {
         ]
         .concat();
         let mut out = Vec::new();
-        let up = Handoff {
-            remote: "192.0.2.1:41641".parse().unwrap(),
-            fast_start: true,
-            not_ideal: false,
-            websocket: false,
-            slot: None,
-        };
+        let up = fast_start_handoff();
         // Not ready once after the input, so that the writer runs before the EOF ends it all.
         let rd = smol::io::Cursor::new(input).chain(crate::net::tests::source(0, true));
         smol::block_on(serve(state.clone(), rd, &mut out, up)).unwrap();
@@ -346,13 +351,7 @@ mod tests {
     ) {
         let (server_rd, client_wr) = piper::pipe(64 << 10);
         let (client_rd, server_wr) = piper::pipe(64 << 10);
-        let up = Handoff {
-            remote: "192.0.2.1:41641".parse().unwrap(),
-            fast_start: true,
-            not_ideal: false,
-            websocket: false,
-            slot: None,
-        };
+        let up = fast_start_handoff();
         let task = ex.spawn(serve(state.clone(), server_rd, server_wr, up));
         (task, client_rd, client_wr)
     }
