@@ -12,13 +12,15 @@
 //!   `server/debug/` serves the `/debug/` pages (the access rule, the `varz` table).
 //! - [`relay`]: what every DERP session shares (key, registry, pool, metrics, admission,
 //!   session limits); [`net`]: the stream types and TCP options below the DERP code.
-//! - [`admission`]: who may log in (tailscaled whois, an admission URL, an allow-keys file),
-//!   asked between ClientInfo and registration; the URL's client caps checks in flight, keeps
-//!   connections alive and remembers refused keys; the file is read on a blocking thread.
-//! - [`httpc`]: a small HTTP/1.1 client: URLs (and the one host/port splitter), resolve and
-//!   connect (TCP, TLS with the caller's trust) within a deadline, requests, bounded response
-//!   heads (httparse) and bodies (length, chunked, until close), keep-alive; the admission
-//!   checks use it, the [`dialer`] reads the upgrade response head with it.
+//! - [`admission`] (`src/admission/`): who may log in (tailscaled whois, an admission URL, an
+//!   allow-keys file), asked between ClientInfo and registration: the policy in `mod.rs`,
+//!   tailscaled in `whois.rs`, the URL's client in `controller.rs` (caps checks in flight,
+//!   keeps connections alive, remembers refused keys); the file is read on a blocking thread.
+//! - [`httpc`] (`src/httpc/`, a file per concept): a small HTTP/1.1 client: URLs (and the one
+//!   host/port splitter), resolve and connect (TCP, TLS with the caller's trust) within a
+//!   deadline, requests, bounded response heads (httparse) and bodies (length, chunked, until
+//!   close), keep-alive; the admission checks use it, the [`dialer`] reads the upgrade
+//!   response head with it.
 //! - [`allowlist`]: the `--allow-keys-file` list, re-read when the file changes (off the
 //!   executor).
 //! - `server::debug`: the `/debug/` pages (Prometheus `varz`, and `derpmap` for the LuCI page)
@@ -26,13 +28,14 @@
 //! - `derpmap`: the DERP map entry logged for a self-signed IP certificate: the node JSON, a
 //!   tailnet policy file snippet and a headscale `derp.paths` YAML file, from one description
 //!   (also served as JSON on `/debug/derpmap`).
-//! - [`session`]: one DERP connection: the login ([`handshake`]: ServerKey → ClientInfo →
-//!   ServerInfo), a reader that puts each packet into a [`pool`] buffer already framed as
-//!   RecvPacket and queues it on the destination, and a writer that drains queues into one
-//!   vectored write and one flush.
-//! - [`ws`]: DERP over WebSocket on `/derp` (browsers): the RFC 6455 accept, then binary
-//!   messages as the byte stream that [`session`] serves (payloads stream through: no frame
-//!   or message is buffered).
+//! - [`session`] (`src/session/`): one DERP connection: the login (`login.rs`,
+//!   [`handshake`]: ServerKey → ClientInfo → ServerInfo), a reader (`read.rs`) that puts each
+//!   packet into a [`pool`] buffer already framed as RecvPacket and queues it on the
+//!   destination, and a writer (`write.rs`) that drains queues into one vectored write and one
+//!   flush.
+//! - [`ws`] (`src/ws/`): DERP over WebSocket on `/derp` (browsers): the RFC 6455 accept
+//!   (`accept.rs`), then binary messages as the byte stream that [`session`] serves
+//!   (`read.rs`, `stream.rs`; payloads stream through: no frame or message is buffered).
 //! - [`limits`]: the accept rate, connections still logging in, and the per-client receive
 //!   rate (`--rate-config`).
 //! - [`registry`]: key → connections, duplicate-key policy, PeerGone bookkeeping, and the
