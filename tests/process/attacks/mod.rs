@@ -10,11 +10,10 @@
 //! 2. derpd logged why (the line is found in its output);
 //! 3. the bystanders relay a packet both ways;
 //! 4. RSS stayed under `baseline + buffer budget + RSS_SLACK_KIB` (plus `QEMU_SLACK_KIB` under
-//!    QEMU; sampled every 5 ms) and the
-//!    open descriptors went back to the baseline once the attack's connections were gone.
+//!    QEMU; sampled every 5 ms) and the open descriptors went back to the baseline once the
+//!    attack's connections were gone.
 //!
 //! Run with `--nocapture` to see the table of results.
-
 //!
 //! One test per surface, each with a derpd of its own (`rig`): `frames`, `login`, `http`, `stun`,
 //! `floods` (silent connections), `buffers` (stuck receivers, stalled frames), `tls`, `bounds`
