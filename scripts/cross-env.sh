@@ -10,7 +10,7 @@
 #   RELEASE_ARGS   extra `cargo build --release` arguments: for build-std targets, std without
 #                  backtrace symbolization and with optimize_for_size (-15 % on mipsel)
 # and exports CARGO_TARGET_<T>_{LINKER,RUNNER,RUSTFLAGS}, CC_/AR_/CFLAGS_<t> for ring's C code, and
-# DERPD_TEST_RUNNER (tests/interop.rs runs the derpd binary through it).
+# DERPD_TEST_RUNNER (tests/support/derpd.rs runs the derpd binary through it).
 #
 # Targets: x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf
 #          mipsel-unknown-linux-musl mips-unknown-linux-musl

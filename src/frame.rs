@@ -630,7 +630,7 @@ mod tests {
         );
     }
 
-    /// The error texts connections are closed with (logs and tests/attacks.rs read them).
+    /// The error texts connections are closed with (logs and tests/process/attacks/ read them).
     #[test]
     fn frame_error_texts() {
         let text = |r, t, len| check_len(r, t, len).unwrap_err().to_string();

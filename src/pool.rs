@@ -22,7 +22,7 @@
 //! Outside the pool, one connection can make derpd hold at most W = [`CONN_WORST_BYTES`]
 //! (52 KiB), whatever it does (unfinished WebSocket messages, a slow TLS reader, a half login,
 //! a stalled frame), so the whole relay stays under idle + budget + `--max-clients` x W
-//! (about 16 + 104 MiB at the defaults; tests/attacks.rs measures it). For a TLS connection,
+//! (about 16 + 104 MiB at the defaults; tests/process/attacks/ measures it). For a TLS connection,
 //! the worst case:
 //! - an idle TLS client: 12,493 B (measured, 1000 clients; rustls's 4,096 B record buffer,
 //!   the connection's task, the TLS stream and keys, client and registry entries);

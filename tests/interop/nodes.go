@@ -3,7 +3,7 @@
 // data over TCP through derpd. strays: the detector for traffic that leaves
 // loopback.
 //
-// tests/interop.rs and tests/mesh.rs run both inside a network namespace of
+// tests/interop_tests/{tailscale,mesh}.rs run both inside a network namespace of
 // the test's own whose only ways out are loopback and a tun device that the
 // default routes (IPv4 and IPv6) and the resolver (a bind-mounted
 // /etc/resolv.conf) point at. Every packet that is not for loopback thus lands

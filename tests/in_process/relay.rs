@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use common::*;
+use crate::support::inproc::*;
 use derpd::key::{NodePrivate, NodePublic};
 use derpd::metrics::DropReason;
 

@@ -12,19 +12,17 @@
 //! - `apk_pack_*`: `scripts/apk-pack.py` on a small tree of every kind of entry, read back; and
 //!   damaged copies, which the reader must refuse (a byte of a file, of the metadata, a cut).
 //! - `apk_structure` (ignored by plain `cargo test`: it needs the packages, like
-//!   `tests/packages.rs`' `ipk_*`): every `apk/<arch>/derpd-<version>.apk` under
+//!   `tests/packages/init_ipk_deb.rs`' `ipk_*`): every `apk/<arch>/derpd-<version>.apk` under
 //!   `DERPD_PACKAGES_DIR` (default `dist/`), every field, script, file mode, owner and content
 //!   against the repository and the `.ipk` of the same architecture.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::{ci, fresh_path, makefile_define, makefile_var, packages_dir, s};
 use sha2::{Digest, Sha256};
-use support::{ci, fresh_path, makefile_define, makefile_var, packages_dir, s};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 

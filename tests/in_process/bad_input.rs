@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::Write;
 use std::net::{TcpStream, UdpSocket};
 use std::sync::atomic::Ordering::Relaxed;
 
-use common::*;
+use crate::support::inproc::*;
 use derpd::handshake;
 use derpd::key::{NodePrivate, NodePublic};
 

@@ -3,9 +3,7 @@
 //! both ends are gone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
-
+use crate::support;
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -14,7 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::inproc::*;
 use derpd::config::Config;
 use derpd::key::{NodePrivate, NodePublic};
 
@@ -175,6 +173,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// loaded CI machine, +0.35 MiB on an idle one). The interest count is exact everywhere.
 #[test]
 fn churned_keys_leave_no_memory_behind() {
+    let _serial = support::exclusive();
     let (warm, total) = if support::under_qemu() {
         (2_000, 12_000)
     } else {

@@ -16,9 +16,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
-
+use crate::support;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -26,8 +24,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{connect_from, varz_value, DerpClient};
-use support::{s, Derpd};
+use crate::support::inproc::{connect_from, varz_value, DerpClient};
+use crate::support::{s, Derpd};
 
 /// Logins tried while an attack is on; all must succeed.
 const LOGINS: usize = 20;
@@ -288,12 +286,14 @@ fn lo(last: u8) -> Ipv4Addr {
 
 #[test]
 fn silent_connections_from_one_address() {
+    let _serial = support::exclusive();
     let n = attack_size(2000);
     logins_during("2000 silent from 127.0.0.2", vec![lo(2)], n, Kind::Silent);
 }
 
 #[test]
 fn slowloris_from_one_address() {
+    let _serial = support::exclusive();
     let n = attack_size(500);
     logins_during(
         "500 slowloris from 127.0.0.3",
@@ -305,6 +305,7 @@ fn slowloris_from_one_address() {
 
 #[test]
 fn silent_connections_from_200_addresses() {
+    let _serial = support::exclusive();
     let n = attack_size(2000);
     let sources = (1..=200).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
     logins_during("2000 silent from 127.0.1.1-200", sources, n, Kind::Silent);

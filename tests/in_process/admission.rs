@@ -15,9 +15,8 @@
 //! - Against Tailscale's real derper (installed at the pinned version): derper and derpd, with
 //!   the same flags and the same fakes, admit the same client; their requests must match.
 
-mod common;
-mod support;
-
+use crate::support;
+use crate::support::inproc;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
@@ -29,7 +28,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{DerpClient, IO_TIMEOUT};
+use crate::support::inproc::{DerpClient, IO_TIMEOUT};
 use derpd::admission::{Admission, AdmissionConfig, Check};
 use derpd::config::Config;
 use derpd::key::{NodePrivate, NodePublic};
@@ -698,6 +697,7 @@ fn check_all(a: &Admission, keys: &[NodePublic]) -> Vec<Result<(), String>> {
 
 #[test]
 fn slow_controller_under_500_logins_admits_no_refused_key() {
+    let _serial = support::exclusive();
     support::raise_nofile();
     const LOGINS: usize = 500;
     // The controller needs 500 × 100 ms / 16 workers ≈ 3.1 s for them all: more than the 2 s a
@@ -765,6 +765,7 @@ fn slow_controller_under_500_logins_admits_no_refused_key() {
 /// timed out and failed open, refused keys among them.
 #[test]
 fn slow_controller_under_500_derp_logins_end_to_end() {
+    let _serial = support::exclusive();
     support::raise_nofile();
     const LOGINS: usize = 500;
     let keys: Vec<NodePrivate> = (0..LOGINS).map(|_| NodePrivate::generate()).collect();
@@ -783,7 +784,7 @@ fn slow_controller_under_500_derp_logins_end_to_end() {
     // Every login pending at once (all come from 127.0.0.1).
     cfg.limits.max_handshakes = 2 * LOGINS;
     cfg.limits.max_handshakes_per_ip = 2 * LOGINS;
-    let srv = common::start(cfg);
+    let srv = inproc::start(cfg);
     let addr = srv.addr();
     let t0 = Instant::now();
     let logins: Vec<_> = keys
@@ -991,18 +992,16 @@ fn admission_over_https() {
     let cert = derpd::tls::load_or_create("127.0.0.1", &dir.join("trusted")).unwrap();
     assert!(cert.generated);
     // Through qemu-user when cross-testing: the test binary is the target's.
-    let out = support::this_test_binary()
-        .args(["--exact", "https_child", "--ignored", "--nocapture"])
-        .env("SSL_CERT_FILE", dir.join("trusted").join("127.0.0.1.crt"))
-        .env("DERPD_ADMISSION_HTTPS_DIR", dir.as_os_str())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let cert_file = dir.join("trusted").join("127.0.0.1.crt");
+    let (status, text) = support::run_child_test(
+        module_path!(),
+        "https_child",
+        &[
+            ("SSL_CERT_FILE", cert_file.as_os_str()),
+            ("DERPD_ADMISSION_HTTPS_DIR", dir.as_os_str()),
+        ],
     );
-    assert!(out.status.success(), "{text}");
+    assert!(status.success(), "{text}");
     assert!(text.contains("https child: all checks passed"), "{text}");
 }
 
@@ -1313,7 +1312,7 @@ fn start_with(admission: AdmissionConfig, mesh_key: Option<[u8; 32]>) -> derpd::
     let mut cfg = Config::dev_loopback();
     cfg.admission = admission;
     cfg.mesh_key = mesh_key;
-    common::start(cfg)
+    inproc::start(cfg)
 }
 
 #[test]

@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 
-use common::*;
+use crate::support::inproc::*;
 use derpd::handshake;
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";

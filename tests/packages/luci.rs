@@ -18,9 +18,8 @@
 //! with a dead proxy for every other address, every host name unresolvable and background
 //! networking off.
 
-mod common;
-mod support;
-
+use crate::support;
+use crate::support::inproc;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -32,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::DerpClient;
-use support::{find_program, run_bounded, s, skip_test};
+use crate::support::inproc::DerpClient;
+use crate::support::{find_program, run_bounded, s, skip_test};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const APP: &str = "openwrt/luci-app-derpd";
@@ -390,9 +389,9 @@ impl Plugin {
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 fn tls_client(addr: SocketAddr) -> DerpClient<Tls> {
-    let conn = common::tls_client_conn();
+    let conn = inproc::tls_client_conn();
     let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    tcp.set_read_timeout(Some(inproc::IO_TIMEOUT)).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock).unwrap();
@@ -404,7 +403,7 @@ fn tls_client(addr: SocketAddr) -> DerpClient<Tls> {
 
 /// The body of a GET on derpd's port-80 listener.
 fn http_get(addr: SocketAddr, target: &str) -> String {
-    let raw = common::http_exchange(
+    let raw = inproc::http_exchange(
         addr,
         format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
     );
@@ -435,7 +434,7 @@ fn luci_page_in_chromium() {
             let mut inner = support::this_test_binary();
             inner.args([
                 "--exact",
-                "luci_page_child",
+                support::child_test(module_path!(), "luci_page_child").as_str(),
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",
@@ -475,7 +474,7 @@ fn luci_page_child() {
 /// Chromium and a fetcher for the rpcd plugin; without them a SKIPPED line (a failure under
 /// `CI=true`).
 fn prerequisites() -> bool {
-    let what = "the LuCI page test (tests/luci.rs)";
+    let what = "the LuCI page test (tests/packages/luci.rs)";
     if chromium().is_none() {
         skip_test(
             "chromium not found (scripts/ensure-chromium.sh installs Debian's package)",
@@ -509,7 +508,7 @@ fn page_test() {
         certdir: work.join("certs"),
     });
     cfg.http_port = Some(0);
-    let srv = common::start(cfg);
+    let srv = inproc::start(cfg);
     let (main, http) = (srv.addr(), srv.http_addr().unwrap());
     let mut a = tls_client(main);
     let mut b = tls_client(main);
@@ -1010,7 +1009,7 @@ fn plugin_in_plain_http_mode_and_without_derpd() {
         return;
     }
     let work = support::fresh_path("luci-plugin", "work");
-    let srv = common::start_dev();
+    let srv = inproc::start_dev();
     let plain = Plugin::new(
         &work.join("plain"),
         &[

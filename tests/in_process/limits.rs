@@ -5,15 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-mod support;
-
+use crate::support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::inproc::*;
 use derpd::config::Config;
 use derpd::limits::RateConfig;
 
@@ -48,6 +46,7 @@ fn still_open(s: &TcpStream) -> bool {
 
 #[test]
 fn max_handshakes_evicts_the_least_advanced_oldest_first() {
+    let _serial = support::exclusive();
     let mut cfg = Config::dev_loopback();
     cfg.limits.max_handshakes = 4;
     let srv = start(cfg);
@@ -142,6 +141,7 @@ fn max_handshakes_per_ip_closes_the_excess_from_one_address() {
 
 #[test]
 fn first_byte_deadline_closes_silent_connections_only() {
+    let _serial = support::exclusive();
     let mut cfg = Config::dev_loopback();
     cfg.timeouts.first_byte = Duration::from_millis(300);
     let srv = start(cfg);
@@ -171,6 +171,7 @@ fn first_byte_deadline_closes_silent_connections_only() {
 
 #[test]
 fn handshake_and_login_deadlines_close_slow_clients() {
+    let _serial = support::exclusive();
     let mut cfg = Config::dev_loopback();
     cfg.timeouts.handshake = Duration::from_millis(300);
     cfg.timeouts.login = Duration::from_millis(300);
@@ -199,6 +200,7 @@ fn handshake_and_login_deadlines_close_slow_clients() {
 
 #[test]
 fn accept_rate_limit_closes_the_excess_and_keeps_accepting() {
+    let _serial = support::exclusive();
     let mut cfg = Config::dev_loopback();
     // One connection, then one every 50 ms.
     cfg.limits.accept = Some((20.0, 1));
@@ -269,6 +271,7 @@ fn max_clients_refuses_logins_but_not_mesh_peers() {
 
 #[test]
 fn rate_config_is_backpressure_not_drops() {
+    let _serial = support::exclusive();
     let srv = start_dev();
     let st = srv.state().clone();
     // 1 MB/s with the minimum burst (one 64 KiB frame).
@@ -344,6 +347,7 @@ fn send_timed(from: DerpClient, to: &mut DerpClient, n: usize) -> (DerpClient, D
 /// the old rate would raise. Neither depends on the machine's speed.
 #[test]
 fn rate_config_reload_reaches_existing_and_new_connections() {
+    let _serial = support::exclusive();
     const FAST: u64 = 2_000_000;
     const SLOW: u64 = 100_000;
     let file = support::fresh_path("rate_reload", "rate.json");
@@ -439,6 +443,7 @@ fn until_pong(c: &mut DerpClient, bytes: Vec<u8>) -> Duration {
 /// unit tests in `src/session.rs` check that each byte is charged once).
 #[test]
 fn rate_config_meters_skipped_frames_and_headers() {
+    let _serial = support::exclusive();
     const RATE: u64 = 1_000_000;
     let file = support::fresh_path("rate_skipped", "rate.json");
     std::fs::write(

@@ -9,14 +9,12 @@
 //! starts). derpd trusts a peer by `sha256-raw:` pin in `--mesh-with` or, without a pin,
 //! through `SSL_CERT_FILE`; derper only has the latter.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// How long after a restarted node is back the mesh must forward again (the bound).
 const RECOVERY_BOUND: Duration = Duration::from_secs(10);
@@ -34,7 +32,8 @@ struct NodeSpec {
 impl NodeSpec {
     fn new(test: &str, name: &str) -> Self {
         let certdir = fresh_path(test, &format!("{name}-certs"));
-        let cert = derpd::tls::load_or_create("127.0.0.1", &certdir).unwrap();
+        // `::derpd`: `support::*` brings in the module `support::derpd`.
+        let cert = ::derpd::tls::load_or_create("127.0.0.1", &certdir).unwrap();
         Self {
             port: reserve_port(),
             keyfile: certdir.with_file_name(format!("{name}.key")),
@@ -262,7 +261,7 @@ fn nodes_across_the_mesh() {
     let t = "nodes_across_the_mesh";
     run_in_netns(
         t,
-        "mesh_nodes_child",
+        &child_test(module_path!(), "mesh_nodes_child"),
         "mesh",
         &harness,
         Duration::from_secs(90),

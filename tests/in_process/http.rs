@@ -2,9 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use common::*;
+use crate::support::inproc::*;
 use derpd::config::Config;
 use derpd::http::Home;
 

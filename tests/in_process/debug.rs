@@ -3,17 +3,16 @@
 //! derper's access rule over loopback and, in a network namespace the test makes, from other
 //! addresses (environment set only in spawned derpd processes).
 
-mod common;
-mod support;
-
+use crate::support;
+use crate::support::inproc;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http_exchange, start_dev, wait_until, DerpClient};
-use support::{derpd_command, derper, fresh_path, reserve_port, s, wait_listening, Derpd};
+use crate::support::inproc::{http_exchange, start_dev, wait_until, DerpClient};
+use crate::support::{derpd_command, derper, fresh_path, reserve_port, s, wait_listening, Derpd};
 
 /// derper's metric names that derpd publishes with the same `# TYPE` and label names.
 const IMPLEMENTED: &[&str] = &[
@@ -492,7 +491,7 @@ fn debug_on_port_80() {
         certdir: dir.clone(),
     });
     cfg.http_port = Some(0);
-    let srv = common::start(cfg);
+    let srv = inproc::start(cfg);
     let a = srv.http_addr().unwrap();
     let r = request(a, "GET", "/debug/", "");
     assert_eq!(r.status, 200, "{}", r.head);
@@ -660,15 +659,8 @@ fn debug_access_judges_the_remote_address() {
     args.push(s("--"));
     args.push(inner.get_program().to_string_lossy().into_owned());
     args.extend(inner.get_args().map(|a| a.to_string_lossy().into_owned()));
-    args.extend(
-        [
-            "--exact",
-            "debug_access_netns_child",
-            "--ignored",
-            "--nocapture",
-        ]
-        .map(s),
-    );
+    let child = support::child_test(module_path!(), "debug_access_netns_child");
+    args.extend(["--exact", child.as_str(), "--ignored", "--nocapture"].map(s));
     let ip = ip.to_string_lossy();
     let (status, stdout, stderr) = support::run_bounded(
         &unshare,
@@ -694,7 +686,7 @@ fn debug_status_from(src: IpAddr, dst: SocketAddr) -> u16 {
     rn::connect(&fd, &dst).unwrap();
     let mut c = TcpStream::from(fd);
     assert_eq!(c.local_addr().unwrap().ip(), src);
-    c.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    c.set_read_timeout(Some(inproc::IO_TIMEOUT)).unwrap();
     c.write_all(b"GET /debug/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = Vec::new();
