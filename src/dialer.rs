@@ -1,7 +1,7 @@
 //! The client side of a DERP login over any byte stream: the HTTP upgrade request, the `101`
 //! response head, ServerKey, ClientInfo and ServerInfo. A mesh link logs in to its peer with
 //! it ([`crate::mesh`]), and the tests log in to derpd with it (over blocking sockets, through
-//! `futures_lite::io::AssertAsync`). The benchmark's load generator drives rustls by hand for
+//! `smol::io::AssertAsync`). The benchmark's load generator drives rustls by hand for
 //! speed and takes the same steps with the same pure functions ([`handshake`],
 //! [`httpc::parse_head`]).
 //!

@@ -8,8 +8,9 @@
 //! RSS), `limits` (the rate file skipped by a derpd process).
 //!
 //! Tests that measure time, memory or file descriptors or flood the machine take
-//! [`support::exclusive`], so that they never run beside each other: `churn`'s memory test,
-//! `logflood`, the deadline, eviction and rate tests in `limits`, and `admission`'s two
+//! [`support::exclusive`] with their module's name, so that they never run beside another
+//! module's (only beside their own, as when each module was a test binary): `churn`'s memory
+//! test, `logflood`, the deadline, eviction and rate tests in `limits`, and `admission`'s two
 //! 500-login tests (they raise the descriptor limit).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -4,7 +4,9 @@
 //! its RSS and descriptor bounds. One module per subject, under `tests/process/`.
 //!
 //! Every test here measures time, memory or file descriptors, or floods the machine, so every
-//! one takes [`support::exclusive`]: they run one at a time.
+//! one takes [`support::exclusive`] with its module's name (`"attacks"`, `"lifecycle"`,
+//! `"lockout"`): tests of one module run 2 at a time, as when each module was a test binary,
+//! never beside another module's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;

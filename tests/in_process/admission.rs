@@ -697,7 +697,7 @@ fn check_all(a: &Admission, keys: &[NodePublic]) -> Vec<Result<(), String>> {
 
 #[test]
 fn slow_controller_under_500_logins_admits_no_refused_key() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("admission");
     support::raise_nofile();
     const LOGINS: usize = 500;
     // The controller needs 500 × 100 ms / 16 workers ≈ 3.1 s for them all: more than the 2 s a
@@ -765,7 +765,7 @@ fn slow_controller_under_500_logins_admits_no_refused_key() {
 /// timed out and failed open, refused keys among them.
 #[test]
 fn slow_controller_under_500_derp_logins_end_to_end() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("admission");
     support::raise_nofile();
     const LOGINS: usize = 500;
     let keys: Vec<NodePrivate> = (0..LOGINS).map(|_| NodePrivate::generate()).collect();

@@ -173,7 +173,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// loaded CI machine, +0.35 MiB on an idle one). The interest count is exact everywhere.
 #[test]
 fn churned_keys_leave_no_memory_behind() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("churn");
     let (warm, total) = if support::under_qemu() {
         (2_000, 12_000)
     } else {

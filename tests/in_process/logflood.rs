@@ -47,7 +47,7 @@ const FLOOD: usize = 100;
 /// process's logger and counts every line the process logs, so no other test may run beside it.
 #[test]
 fn a_flood_of_bad_connections_writes_a_few_lines_per_kind() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("logflood");
     // Through qemu-user when cross-testing: the test binary is the target's.
     let (status, text) = support::run_child_test(
         module_path!(),

@@ -35,7 +35,7 @@ fn check_restarting(c: &mut DerpClient) {
 
 #[test]
 fn shutdown_tells_every_client_and_flushes_their_queues() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lifecycle");
     let srv = start_dev();
     let mut a = DerpClient::connect(srv.addr());
     let mut b = DerpClient::connect(srv.addr());
@@ -86,7 +86,7 @@ fn signal(d: &Derpd, sig: Signal) {
 
 #[test]
 fn sigterm_and_sigint_restart_clients_and_exit_zero() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lifecycle");
     for sig in [Signal::TERM, Signal::INT] {
         let (mut d, addr) = start_derpd(&[]);
         let mut a = DerpClient::connect(addr);
@@ -105,7 +105,7 @@ fn sigterm_and_sigint_restart_clients_and_exit_zero() {
 
 #[test]
 fn sighup_reloads_the_rate_config() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lifecycle");
     let dir = support::fresh_path("sighup-rate", "d");
     std::fs::create_dir_all(&dir).unwrap();
     let rc = dir.join("rate.json");
@@ -171,7 +171,7 @@ fn ip_cert_args(certdir: &Path, key: &Path) -> Vec<String> {
 /// new certificate, and says loudly that the certificate pin changed.
 #[test]
 fn start_replaces_an_empty_key_file_and_a_half_certificate_pair() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lifecycle");
     let dir = support::fresh_path("crash-files", "certs");
     let key_file = dir.with_file_name("derper.key");
     let old = derpd::tls::load_or_create("127.0.0.1", &dir).unwrap();
@@ -208,7 +208,7 @@ fn start_replaces_an_empty_key_file_and_a_half_certificate_pair() {
 /// refuses to start and leaves it alone.
 #[test]
 fn start_refuses_a_key_file_that_is_not_a_key() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lifecycle");
     let key_file = support::fresh_path("bad-key", "derper.key");
     let text = "{\"PrivateKey\": \"privkey:12";
     std::fs::write(&key_file, text).unwrap();
@@ -231,7 +231,7 @@ fn start_refuses_a_key_file_that_is_not_a_key() {
 
 #[test]
 fn sighup_reloads_the_certificate() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lifecycle");
     let dir = support::fresh_path("sighup-cert", "certs");
     let other = support::fresh_path("sighup-cert", "renewed");
     let mut d = Derpd::start(&ip_cert_args(&dir, &dir.join("derper.key")));
@@ -255,7 +255,7 @@ fn sighup_reloads_the_certificate() {
 
 #[test]
 fn shutdown_report_counts_only_clients() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lifecycle");
     // A server with nobody connected shuts down at once.
     let srv = start_dev();
     let t0 = Instant::now();
@@ -277,7 +277,7 @@ fn shutdown_report_counts_only_clients() {
 /// blocks its reader (a FIFO with no writer yet), clients still log in and relay.
 #[test]
 fn a_reload_that_blocks_on_a_file_does_not_stop_the_relay() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lifecycle");
     let dir = support::fresh_path("sighup-fifo", "d");
     std::fs::create_dir_all(&dir).unwrap();
     let rc = dir.join("rate.json");

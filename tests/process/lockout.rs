@@ -286,14 +286,14 @@ fn lo(last: u8) -> Ipv4Addr {
 
 #[test]
 fn silent_connections_from_one_address() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lockout");
     let n = attack_size(2000);
     logins_during("2000 silent from 127.0.0.2", vec![lo(2)], n, Kind::Silent);
 }
 
 #[test]
 fn slowloris_from_one_address() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lockout");
     let n = attack_size(500);
     logins_during(
         "500 slowloris from 127.0.0.3",
@@ -305,7 +305,7 @@ fn slowloris_from_one_address() {
 
 #[test]
 fn silent_connections_from_200_addresses() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("lockout");
     let n = attack_size(2000);
     let sources = (1..=200).map(|i| Ipv4Addr::new(127, 0, 1, i)).collect();
     logins_during("2000 silent from 127.0.1.1-200", sources, n, Kind::Silent);

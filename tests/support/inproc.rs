@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use derpd::config::Config;
+use derpd::dialer;
 use derpd::handshake;
 use derpd::key::{NodePrivate, NodePublic};
 use derpd::server::Server;
@@ -123,19 +124,30 @@ impl<S: Read + Write> DerpClient<S> {
         }
     }
 
-    /// Classic login: request, 101, ServerKey, ClientInfo, ServerInfo.
+    /// Classic login: request, 101, ServerKey, ClientInfo, ServerInfo, by the library's one
+    /// DERP client login ([`dialer::login`]) over this blocking stream.
     pub fn login_upgrade(&mut self, json: &[u8]) -> Result<(), String> {
-        self.s
-            .write_all(handshake::upgrade_request("x", "derpd-tests").as_bytes())
-            .map_err(|e| e.to_string())?;
-        let head = read_http_head(&mut self.s)?;
-        if !head.starts_with("HTTP/1.1 101 Switching Protocols\r\n") {
-            return Err(format!("want 101, got {head:?}"));
+        let client = dialer::Client {
+            host: "x",
+            user_agent: "derpd-tests",
+            key: &self.key,
+            max_server_info: 1 << 16,
+        };
+        let mut s = smol::io::AssertAsync::new(&mut self.s);
+        let info = |_: &NodePublic| Ok::<_, dialer::DialError>(json.to_vec());
+        let login =
+            smol::block_on(dialer::login(&mut s, client, info)).map_err(|e| e.to_string())?;
+        self.server_key = login.server_key;
+        // derpd sends nothing after ServerInfo until something happens, and the dialer reads
+        // ServerInfo exactly: nothing can have been read past it.
+        assert!(login.leftover.is_empty(), "bytes read past ServerInfo");
+        if login.server_info != br#"{"version":2}"# {
+            return Err(format!(
+                "ServerInfo JSON {:?}",
+                String::from_utf8_lossy(&login.server_info)
+            ));
         }
-        self.read_server_key()?;
-        let ci = handshake::client_info_frame(&self.key, &self.server_key, json);
-        self.s.write_all(&ci).map_err(|e| e.to_string())?;
-        self.expect_server_info()
+        Ok(())
     }
 
     pub fn read_server_key(&mut self) -> Result<(), String> {

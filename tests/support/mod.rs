@@ -11,7 +11,7 @@
 //!
 //! Everything but [`inproc`] is re-exported here, so call sites read `support::Derpd`.
 //! [`exclusive`] keeps tests that measure time, memory or file descriptors (or flood the
-//! machine) from running beside each other in one test binary.
+//! machine) from running beside another module's in one test binary.
 #![allow(dead_code)]
 
 pub(crate) mod derpd;
@@ -33,14 +33,43 @@ pub(crate) use netns::*;
 #[allow(unused_imports)]
 pub(crate) use pkg::*;
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
-/// Held by a test that measures time, memory or file descriptors, or floods the machine: such
-/// tests take turns instead of running 2 at a time (libtest's default here) in one binary.
-/// A test that panicked while holding it leaves it usable (poison is ignored).
-pub(crate) fn exclusive() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// Who is in the room: a group and how many of its tests.
+static ROOM: Mutex<(Option<&'static str>, usize)> = Mutex::new((None, 0));
+static ROOM_FREED: Condvar = Condvar::new();
+
+fn room() -> MutexGuard<'static, (Option<&'static str>, usize)> {
+    ROOM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A test's turn in the room; leaving it lets the next group in.
+pub(crate) struct Turn;
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut r = room();
+        r.1 -= 1;
+        if r.1 == 0 {
+            r.0 = None;
+            ROOM_FREED.notify_all();
+        }
+    }
+}
+
+/// Held by a test that measures time, memory or file descriptors, or floods the machine.
+/// Tests of one `group` (those that were one test binary before the tiers: `"attacks"`,
+/// `"lockout"`, `"limits"`…) run beside each other, 2 at a time as libtest runs them here;
+/// a test of another group waits until the room is empty. A test that panicked leaves the
+/// room usable (its turn is dropped while unwinding; poison is ignored).
+pub(crate) fn exclusive(group: &'static str) -> Turn {
+    let mut r = room();
+    while r.0.is_some_and(|g| g != group) {
+        r = ROOM_FREED.wait(r).unwrap_or_else(|e| e.into_inner());
+    }
+    r.0 = Some(group);
+    r.1 += 1;
+    Turn
 }
 
 /// The name libtest knows a test by, for running it again as a child test (`--exact`): `module`

@@ -216,7 +216,7 @@ fn bounds_derpd(run: &str) -> (Derpd, SocketAddr, u64) {
 /// ([`derpd::pool::CONN_WORST_BYTES`]).
 #[test]
 fn every_connection_in_its_worst_state() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let w_kib = (derpd::pool::CONN_WORST_BYTES as u64).div_ceil(1024);
     let pool_kib = BOUND_BUDGET_MIB << 10;

@@ -17,7 +17,7 @@ use super::rig::*;
 /// A receiver that never reads, at the small budget (15 large buffers).
 #[test]
 fn stuck_receiver_small_budget() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let mut rig = plain_rig();
 
@@ -35,7 +35,7 @@ fn stuck_receiver_small_budget() {
 /// receiver may hold only 1/16 of them (3), so the sender is never held up.
 #[test]
 fn stuck_receiver_default_budget() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let d = Derpd::start(&derpd_args(DEFAULT_BUDGET_MIB, &["--dev"]));
     let mut rig = Rig::new(d, DEFAULT_BUDGET_MIB, false, DerpClient::connect);
@@ -51,7 +51,7 @@ fn stuck_receiver_default_budget() {
 /// the whole flood.
 #[test]
 fn stuck_receivers_do_not_stall_other_senders() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let d = Derpd::start(&derpd_args(
         DEFAULT_BUDGET_MIB,
@@ -336,7 +336,7 @@ fn stuck_receiver(rig: &mut Rig<TcpStream>, max_gap: Duration) {
 /// leave: `--frame-timeout` closes them (found by this test; there was no deadline).
 #[test]
 fn stalled_frames_do_not_hold_up_others() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     // Each stalled frame holds a large buffer until --frame-timeout closes its connection.
     let d = Derpd::start(&derpd_args(
         BUDGET_MIB,

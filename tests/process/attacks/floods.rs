@@ -11,7 +11,7 @@ use super::rig::*;
 /// Thousands of silent connections from one address.
 #[test]
 fn half_open_flood() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     let nofile = support::raise_nofile();
     let mut rig = plain_rig();
 

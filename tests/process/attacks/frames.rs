@@ -17,7 +17,7 @@ use super::rig::*;
 /// and packets to the all-zero key.
 #[test]
 fn hostile_frames() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let mut rig = plain_rig();
     let addr = rig.addr;

@@ -11,7 +11,7 @@ use super::rig::*;
 /// and a slowloris head.
 #[test]
 fn hostile_request_heads() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let mut rig = plain_rig();
     let addr = rig.addr;

@@ -15,7 +15,7 @@ use super::rig::*;
 /// of range, the wrong first frame, ClientInfo declared and never sent, and a slowloris ClientInfo.
 #[test]
 fn hostile_logins() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let mut rig = plain_rig();
     let addr = rig.addr;

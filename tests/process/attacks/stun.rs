@@ -11,7 +11,7 @@ use super::rig::*;
 /// Garbage datagrams to the STUN socket, then a real request.
 #[test]
 fn hostile_stun_datagrams() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let mut rig = plain_rig();
 

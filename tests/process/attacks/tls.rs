@@ -13,7 +13,7 @@ use super::rig::*;
 
 #[test]
 fn hostile_input_tls() {
-    let _serial = support::exclusive();
+    let _turn = support::exclusive("attacks");
     support::raise_nofile();
     let tls = tls_args("attacks-tls");
     let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
