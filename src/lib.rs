@@ -57,9 +57,11 @@
 //!   then a count.
 //! - `sync`: the one poison-tolerant mutex lock.
 //! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
-//!   derpd makes: the key file and the self-signed certificate pair.
-//! - [`acme`]: the ACME protocol core (JWS, messages, CA objects, TLS-ALPN-01 certificate,
-//!   CSR, renewal rule) for CA-issued certificates; the client that uses it is not built yet.
+//!   derpd makes: the key file, the self-signed certificate pair, the ACME account key.
+//! - `p256`: P-256 private keys as Go writes them (SEC1 `EC PRIVATE KEY` ↔ PKCS#8, PEM).
+//! - [`acme`]: CA-issued certificates: the protocol core (JWS, messages, CA objects,
+//!   TLS-ALPN-01 certificate, CSR, renewal rule; `acme/mod.rs`) and the account key and its
+//!   file (`acme/account.rs`); the client that uses them is not built yet.
 //!
 //! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`]) does no I/O.
 //!
@@ -100,6 +102,7 @@ pub mod lograte;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
+mod p256;
 pub mod pool;
 pub mod registry;
 pub mod relay;
