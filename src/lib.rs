@@ -45,8 +45,8 @@
 //! - [`tls`] (`src/tls/`, a file per concept): the server's certificates: the
 //!   `--certmode manual` files and their checks, the self-signed IP certificate, derper's
 //!   meta-cert, and the rustls resolver (derper's SNI rule) with its reloader.
-//! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller): a
-//!   pinned leaf certificate or the CA bundle.
+//! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller, an
+//!   ACME CA): a pinned leaf certificate, the CA bundle, or the CA certificates of one file.
 //! - [`frame`]: the wire format, and the per-frame length rules ([`frame::check_len`]) that
 //!   a session's reader and a mesh link follow; [`key`]: node keys and derper's key file;
 //!   [`metrics`]: counters named after derper's.
