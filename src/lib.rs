@@ -60,10 +60,12 @@
 //!   derpd makes: the key file, the self-signed certificate pair, the ACME account key.
 //! - `p256`: P-256 private keys as Go writes them (SEC1 `EC PRIVATE KEY` ↔ PKCS#8, PEM).
 //! - [`acme`]: CA-issued certificates: the protocol core (JWS, messages, CA objects,
-//!   TLS-ALPN-01 certificate, CSR, renewal rule; `acme/mod.rs`) and the account key and its
-//!   file (`acme/account.rs`); the client that uses them is not built yet.
+//!   TLS-ALPN-01 certificate, CSR, renewal rule; `acme/mod.rs`), the account key and its file
+//!   (`acme/account.rs`), and [`acme::client`], the RFC 8555 client on [`httpc`] that gets a
+//!   certificate from a CA (the server does not use it yet).
 //!
-//! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`]) does no I/O.
+//! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`] but for
+//! [`acme::client`]) does no I/O.
 //!
 //! For the fuzz targets that read the network (`fuzz/`), two `#[doc(hidden)]` items, not a
 //! stable API: `ws::transport` and `admission::parse_admit_response`; the `session` target runs

@@ -1,8 +1,8 @@
 //! The ACME protocol core (RFC 8555, with RFC 8737 TLS-ALPN-01 and RFC 8738 IP identifiers):
 //! the account key and its JWS (ES256), the messages a client sends and the objects a CA
 //! answers with, key authorizations, the TLS-ALPN-01 certificate, the CSR and the renewal
-//! rule. No I/O here (but for [`AccountKey`]'s file, in `account.rs`: derper's account key); the
-//! client that talks to a CA is built on this.
+//! rule. No I/O here: [`client`] talks to a CA with it; [`AccountKey`] (`account.rs`) also
+//! reads and writes derper's account key file.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -13,6 +13,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 mod account;
+pub mod client;
 
 pub use account::AccountKey;
 
