@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes the protocol core and what reads the network: builds every target in fuzz/
 # (libFuzzer, AddressSanitizer, debug assertions) and runs each for SECONDS_PER_TARGET (default
-# 20: CI's smoke run, about 2 minutes for the 8 targets). Exits non-zero if a target does not
+# 20: CI's smoke run, about 2 minutes for the 9 targets). Exits non-zero if a target does not
 # build, or finds a crash, a leak, a timeout or a failed assertion; the failing input is saved
 # under <target dir>/artifacts/<target>/ and its log is printed.
 #
@@ -22,7 +22,7 @@
 #
 # A developer with cargo-fuzz (`cargo install cargo-fuzz`) runs one target from the repository
 # root (`cargo fuzz list`: frame, frame_len, http_head, stun, client_info, session, websocket,
-# admission_response), new inputs going to the first corpus directory (fuzz/corpus/, ignored by
+# admission_response, acme_objects), new inputs going to the first corpus directory (fuzz/corpus/, ignored by
 # git), never to the seeds:
 #   cargo +nightly-2026-05-19 fuzz run frame                 # from fuzz/corpus/frame alone
 #   mkdir -p fuzz/corpus/frame

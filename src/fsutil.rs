@@ -1,6 +1,6 @@
 //! Crash-safe writes for the few files derpd makes itself (the key file `-c`, the self-signed
-//! certificate and its key): after a power cut each such file is either absent, its old
-//! contents, or complete, never empty or half-written.
+//! certificate and its key, the ACME account key): after a power cut each such file is either
+//! absent, its old contents, or complete, never empty or half-written.
 //!
 //! Routers lose power. A plain create-and-write can leave a zero-length file behind (the name
 //! reaches the disk before the data, as with ext4's delayed allocation), so each file is

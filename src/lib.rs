@@ -48,8 +48,8 @@
 //! - [`tls`] (`src/tls/`, a file per concept): the server's certificates: the
 //!   `--certmode manual` files and their checks, the self-signed IP certificate, derper's
 //!   meta-cert, and the rustls resolver (derper's SNI rule) with its reloader.
-//! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller): a
-//!   pinned leaf certificate or the CA bundle.
+//! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller, an
+//!   ACME CA): a pinned leaf certificate, the CA bundle, or the CA certificates of one file.
 //! - [`frame`]: the wire format, and the per-frame length rules ([`frame::check_len`]) that
 //!   a session's reader and a mesh link follow; [`key`]: node keys and derper's key file;
 //!   [`metrics`]: counters named after derper's.
@@ -60,11 +60,15 @@
 //!   then a count.
 //! - `sync`: the one poison-tolerant mutex lock.
 //! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
-//!   derpd makes: the key file and the self-signed certificate pair.
-//! - [`acme`]: the ACME protocol core (JWS, messages, CA objects, TLS-ALPN-01 certificate,
-//!   CSR, renewal rule) for CA-issued certificates; the client that uses it is not built yet.
+//!   derpd makes: the key file, the self-signed certificate pair, the ACME account key.
+//! - `p256`: P-256 private keys as Go writes them (SEC1 `EC PRIVATE KEY` ↔ PKCS#8, PEM).
+//! - [`acme`]: CA-issued certificates: the protocol core (JWS, messages, CA objects,
+//!   TLS-ALPN-01 certificate, CSR, renewal rule; `acme/mod.rs`), the account key and its file
+//!   (`acme/account.rs`), and [`acme::client`], the RFC 8555 client on [`httpc`] that gets a
+//!   certificate from a CA (the server does not use it yet).
 //!
-//! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`]) does no I/O.
+//! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`] but for
+//! [`acme::client`]) does no I/O.
 //!
 //! For the fuzz targets that read the network (`fuzz/`), two `#[doc(hidden)]` items, not a
 //! stable API: `ws::transport` and `admission::parse_admit_response`; the `session` target runs
@@ -103,6 +107,7 @@ pub mod lograte;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
+mod p256;
 pub mod pool;
 pub mod registry;
 pub mod relay;

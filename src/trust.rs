@@ -1,10 +1,11 @@
-//! Whom derpd trusts when it is the TLS client (mesh links, the admission controller): a
-//! pinned leaf certificate (`sha256-raw:<hex>`, what a self-signed IP certificate needs), or
-//! the CA bundle (`SSL_CERT_FILE`, else the first of Go's Linux paths), as Go's derper does;
-//! and, for the tests and the benchmark only, any certificate. One verifier per rule: the
-//! pin (and no pin) in `LeafVerifier`, the CA bundle in rustls's webpki verifier.
+//! Whom derpd trusts when it is the TLS client (mesh links, the admission controller, the ACME
+//! CA): a pinned leaf certificate (`sha256-raw:<hex>`, what a self-signed IP certificate needs),
+//! or the CA bundle (`SSL_CERT_FILE`, else the first of Go's Linux paths), as Go's derper does,
+//! or the CA certificates of one file ([`ca_file_client_config`], `--acme-ca-file`); and, for
+//! the tests and the benchmark only, any certificate. One verifier per rule: the pin (and no
+//! pin) in `LeafVerifier`, the CA bundle and a CA file in rustls's webpki verifier.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -56,6 +57,21 @@ pub fn verifier(
 pub fn client_config(trust: Trust) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = verifier(trust, &provider)?;
+    config_with(provider, verifier)
+}
+
+/// [`client_config`] trusting only the CA certificates in the PEM file at `path`
+/// (`--acme-ca-file`: a private or test CA, instead of the bundle).
+pub fn ca_file_client_config(path: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = webpki_verifier(path, roots_from(path)?, &provider)?;
+    config_with(provider, verifier)
+}
+
+fn config_with(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
@@ -68,7 +84,15 @@ pub fn client_config(trust: Trust) -> Result<Arc<rustls::ClientConfig>, String> 
 fn ca_verifier(
     provider: &Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<dyn ServerCertVerifier>, String> {
-    let (path, roots) = ca_roots()?;
+    let path = ca_bundle_path()?;
+    webpki_verifier(&path, roots_from(&path)?, provider)
+}
+
+fn webpki_verifier(
+    path: &Path,
+    roots: rustls::RootCertStore,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, String> {
     let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
@@ -88,18 +112,20 @@ const CA_FILES: &[&str] = &[
     "/etc/ssl/cert.pem",
 ];
 
-fn ca_roots() -> Result<(PathBuf, rustls::RootCertStore), String> {
-    let path = match std::env::var_os("SSL_CERT_FILE") {
-        Some(p) => PathBuf::from(p),
+fn ca_bundle_path() -> Result<PathBuf, String> {
+    match std::env::var_os("SSL_CERT_FILE") {
+        Some(p) => Ok(PathBuf::from(p)),
         None => CA_FILES
             .iter()
             .map(PathBuf::from)
             .find(|p| p.is_file())
-            .ok_or_else(|| {
-                "no CA bundle found (set SSL_CERT_FILE or install ca-bundle)".to_string()
-            })?,
-    };
-    let certs = CertificateDer::pem_file_iter(&path)
+            .ok_or_else(|| "no CA bundle found (set SSL_CERT_FILE or install ca-bundle)".into()),
+    }
+}
+
+/// The certificates of the PEM file at `path` (at least one usable).
+fn roots_from(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("CA bundle {}: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
@@ -111,7 +137,7 @@ fn ca_roots() -> Result<(PathBuf, rustls::RootCertStore), String> {
             path.display()
         ));
     }
-    Ok((path, roots))
+    Ok(roots)
 }
 
 /// [`Trust::Pin`] (`pin`) and [`Trust::AnyCertificate`] (no pin): the leaf is compared with

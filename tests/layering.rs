@@ -19,6 +19,8 @@ const LAYERS: &[&[&str]] = &[
         "frame",
         "key",
         "fsutil",
+        // P-256 key files as Go writes them (the ACME account key, the self-signed key).
+        "p256",
         "http",
         "stun",
         "holder",

@@ -16,13 +16,10 @@ use rustls::pki_types::PrivateKeyDer;
 use super::error::io_err;
 use super::template::{common_name, no_ca_only_basic_constraints, set_validity};
 use super::{ServerCert, TlsError};
+use crate::p256::{pem_encode, pkcs8_to_sec1};
 
 /// "expires in 1 year; a bit over that is rejected by macOS etc" (derper).
 const IP_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
-/// DER of the ECPrivateKey `parameters` field for P-256: `[0] { OID 1.2.840.10045.3.1.7 }`.
-const SEC1_P256_PARAMS: &[u8] = &[
-    0xa0, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
-];
 
 /// derper's `createSelfSignedIPCert`, then writes the files.
 pub(super) fn create_self_signed_ip_cert(
@@ -89,7 +86,7 @@ fn ip_cert_params(ip: IpAddr, hostname: &str, serial: &[u8]) -> CertificateParam
 /// conversion ever fail we write the PKCS#8 "PRIVATE KEY", which loads just as well.
 fn key_file(key: &KeyPair) -> (String, PrivateKeyDer<'static>) {
     let pkcs8 = key.serialize_der();
-    match p256_pkcs8_to_sec1(&pkcs8) {
+    match pkcs8_to_sec1(&pkcs8) {
         Some(sec1) => (
             pem_encode("EC PRIVATE KEY", &sec1),
             PrivateKeyDer::Sec1(sec1.into()),
@@ -135,52 +132,6 @@ fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// Reads one DER TLV with the expected tag (short or one/two-byte long length); returns
-/// (contents, rest).
-fn der_take(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    let (&[t, first], rest) = input.split_first_chunk::<2>()?;
-    let (len, rest) = match first {
-        0..=0x7f => (usize::from(first), rest),
-        0x81 => (usize::from(*rest.first()?), rest.get(1..)?),
-        0x82 => (
-            usize::from(u16::from_be_bytes(*rest.first_chunk()?)),
-            rest.get(2..)?,
-        ),
-        _ => return None,
-    };
-    (t == tag && rest.len() >= len).then(|| rest.split_at(len))
-}
-
-/// PKCS#8 (RFC 5208) → SEC1 `ECPrivateKey` (RFC 5915) with the P-256 curve parameters, as Go's
-/// `x509.MarshalECPrivateKey` writes it. ring's PKCS#8 embeds an ECPrivateKey without the
-/// parameters, so we rebuild it; all lengths are fixed for P-256.
-fn p256_pkcs8_to_sec1(pkcs8: &[u8]) -> Option<Vec<u8>> {
-    let (body, _) = der_take(pkcs8, 0x30)?;
-    let (_version, rest) = der_take(body, 0x02)?;
-    let (_algorithm, rest) = der_take(rest, 0x30)?;
-    let (ec_key, _) = der_take(rest, 0x04)?;
-    let (ec_body, _) = der_take(ec_key, 0x30)?;
-    let (_ec_version, rest) = der_take(ec_body, 0x02)?;
-    let (secret, rest) = der_take(rest, 0x04)?;
-    let rest = der_take(rest, 0xa0).map_or(rest, |(_, r)| r);
-    let (public_key, _) = der_take(rest, 0xa1)?; // BIT STRING, 0x03 0x42 0x00 <65 bytes>
-    if secret.len() != 32 || public_key.len() != 68 {
-        return None;
-    }
-    let mut out = vec![0x30, 0x77, 0x02, 0x01, 0x01, 0x04, 0x20];
-    out.extend_from_slice(secret);
-    out.extend_from_slice(SEC1_P256_PARAMS);
-    out.extend_from_slice(&[0xa1, 0x44]);
-    out.extend_from_slice(public_key);
-    Some(out)
-}
-
-/// PEM with 64-column base64 lines and `\n` line ends, as Go's `pem.Encode` writes it.
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    let lf = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
-    pem::encode_config(&pem::Pem::new(label, der), lf)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -188,42 +139,9 @@ mod tests {
     use super::*;
     use crate::tls::load_or_create;
     use crate::tls::testutil::{cn, mode, parse, unix, TempDir};
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
     use sha2::{Digest, Sha256};
     use std::net::Ipv6Addr;
     use x509_parser::extensions::GeneralName;
-
-    #[test]
-    fn pem_encoding_round_trips() {
-        for len in [0, 1, 2, 3, 47, 48, 49, 100] {
-            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-            let pem = pem_encode("CERTIFICATE", &data);
-            assert!(pem.lines().all(|l| l.len() <= 64));
-            if len > 0 {
-                let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
-                assert_eq!(back.as_ref(), &data[..]);
-            }
-        }
-    }
-
-    /// Byte for byte what Go's `pem.Encode` (and derpd's hand-written encoder before the `pem`
-    /// crate) writes: `\n` line ends, 64 columns, padding, nothing for no data.
-    #[test]
-    fn pem_encoding_is_gos() {
-        let data: Vec<u8> = (0..49).map(|i| (i * 37 + 11) as u8).collect();
-        assert_eq!(
-            pem_encode("EC PRIVATE KEY", &data),
-            "-----BEGIN EC PRIVATE KEY-----\n\
-             CzBVep/E6Q4zWH2ix+wRNluApcrvFDleg6jN8hc8YYar0PUaP2SJrtP4HUJnjLHW\n\
-             +w==\n\
-             -----END EC PRIVATE KEY-----\n"
-        );
-        assert_eq!(
-            pem_encode("CERTIFICATE", &[]),
-            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"
-        );
-    }
 
     #[test]
     fn generated_ip_cert_is_like_derpers_and_reused() {
@@ -311,17 +229,5 @@ mod tests {
             mode(&tmp.0),
             fs::metadata(&tmp.0).unwrap().permissions().mode() & 0o777
         );
-    }
-
-    #[test]
-    fn sec1_conversion_matches_go_layout() {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let sec1 = p256_pkcs8_to_sec1(key.serialized_der()).unwrap();
-        assert_eq!(sec1.len(), 121);
-        assert_eq!(&sec1[..7], &[0x30, 0x77, 0x02, 0x01, 0x01, 0x04, 0x20]);
-        assert_eq!(&sec1[39..51], SEC1_P256_PARAMS);
-        assert_eq!(&sec1[51..56], &[0xa1, 0x44, 0x03, 0x42, 0x00]);
-        assert_eq!(&sec1[56..], key.public_key_raw());
-        assert!(p256_pkcs8_to_sec1(b"\x30\x03\x02\x01").is_none());
     }
 }

@@ -1,17 +1,21 @@
 //! The ACME protocol core (RFC 8555, with RFC 8737 TLS-ALPN-01 and RFC 8738 IP identifiers):
 //! the account key and its JWS (ES256), the messages a client sends and the objects a CA
 //! answers with, key authorizations, the TLS-ALPN-01 certificate, the CSR and the renewal
-//! rule. No I/O: the client that talks to a CA is built on this.
+//! rule. No I/O here: [`client`] talks to a CA with it; [`AccountKey`] (`account.rs`) also
+//! reads and writes derper's account key file.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+
+mod account;
+pub mod client;
+
+pub use account::AccountKey;
 
 /// Let's Encrypt's production directory, the default `--acme-directory`.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -38,102 +42,6 @@ impl std::error::Error for AcmeError {}
 
 fn err(what: impl fmt::Display) -> AcmeError {
     AcmeError(what.to_string())
-}
-
-/// The account key: ECDSA P-256, signing with ES256.
-pub struct AccountKey {
-    pair: EcdsaKeyPair,
-    pkcs8: Vec<u8>,
-    /// The public JWK in RFC 7638's canonical form (members in order, no spaces).
-    jwk: String,
-}
-
-impl fmt::Debug for AccountKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AccountKey({})", self.thumbprint())
-    }
-}
-
-impl AccountKey {
-    /// A new key.
-    pub fn generate() -> Result<Self, AcmeError> {
-        let rng = SystemRandom::new();
-        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .map_err(|_| err("cannot generate an account key"))?;
-        Self::from_pkcs8(doc.as_ref())
-    }
-
-    /// A key from its PKCS#8 DER.
-    pub fn from_pkcs8(der: &[u8]) -> Result<Self, AcmeError> {
-        let rng = SystemRandom::new();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
-            .map_err(|e| err(format!("account key is not a PKCS#8 P-256 key: {e}")))?;
-        // An uncompressed point: 0x04, x, y.
-        let public = pair.public_key().as_ref();
-        let (x, y) = public[1..].split_at(32);
-        let jwk = format!(
-            r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
-            b64(x),
-            b64(y)
-        );
-        Ok(Self {
-            pair,
-            pkcs8: der.to_vec(),
-            jwk,
-        })
-    }
-
-    /// The key as PKCS#8 DER, for the account key file.
-    pub fn pkcs8(&self) -> &[u8] {
-        &self.pkcs8
-    }
-
-    /// The public key as a JWK (canonical JSON).
-    pub fn jwk(&self) -> &str {
-        &self.jwk
-    }
-
-    /// The JWK thumbprint (RFC 7638), base64url.
-    pub fn thumbprint(&self) -> String {
-        b64(&Sha256::digest(self.jwk.as_bytes()))
-    }
-
-    /// The key authorization for a challenge token (RFC 8555 section 8.1).
-    pub fn key_authorization(&self, token: &str) -> String {
-        format!("{token}.{}", self.thumbprint())
-    }
-
-    /// A JWS in the flattened JSON serialization, the body of every ACME POST. `kid` is the
-    /// account URL once there is one (before, the JWK goes in the header: newAccount);
-    /// `payload` None is a POST-as-GET (an empty payload).
-    pub fn sign(
-        &self,
-        url: &str,
-        nonce: &str,
-        kid: Option<&str>,
-        payload: Option<&str>,
-    ) -> Result<String, AcmeError> {
-        let key = match kid {
-            Some(k) => format!(r#""kid":{}"#, json_str(k)),
-            None => format!(r#""jwk":{}"#, self.jwk),
-        };
-        let protected = format!(
-            r#"{{"alg":"ES256",{key},"nonce":{},"url":{}}}"#,
-            json_str(nonce),
-            json_str(url)
-        );
-        let protected = b64(protected.as_bytes());
-        let payload = payload.map(|p| b64(p.as_bytes())).unwrap_or_default();
-        let signing_input = format!("{protected}.{payload}");
-        let sig = self
-            .pair
-            .sign(&SystemRandom::new(), signing_input.as_bytes())
-            .map_err(|_| err("cannot sign an ACME request"))?;
-        Ok(format!(
-            r#"{{"protected":"{protected}","payload":"{payload}","signature":"{}"}}"#,
-            b64(sig.as_ref())
-        ))
-    }
 }
 
 fn json_str(s: &str) -> String {
@@ -375,8 +283,10 @@ impl Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = self.kind.rsplit(':').next().unwrap_or_default();
-        write!(f, "{kind}: {}", self.detail)?;
+        match self.kind.rsplit(':').next() {
+            Some(kind) if !kind.is_empty() => write!(f, "{kind}: {}", self.detail)?,
+            _ => f.write_str(&self.detail)?,
+        }
         for s in &self.subproblems {
             write!(f, "; {s}")?;
         }
@@ -543,7 +453,7 @@ mod tests {
         assert!(header.get("jwk").is_none());
         assert_eq!(v["payload"], "");
         // The key survives its file.
-        let again = AccountKey::from_pkcs8(k.pkcs8()).unwrap();
+        let again = AccountKey::from_pkcs8(&k.pkcs8()).unwrap();
         assert_eq!(again.jwk(), k.jwk());
     }
 
@@ -631,6 +541,11 @@ mod tests {
             p.to_string(),
             "badNonce: JWS has an invalid anti-replay nonce"
         );
+        let untyped = Problem {
+            detail: "404 page not found".into(),
+            ..Problem::default()
+        };
+        assert_eq!(untyped.to_string(), "404 page not found");
         assert!(parse::<Order>("order", b"{\"status\":\"weird\"}")
             .unwrap_err()
             .0

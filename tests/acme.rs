@@ -1,0 +1,524 @@
+//! The ACME client (`derpd::acme::client`) against Pebble, Let's Encrypt's test CA, on
+//! loopback: an IP certificate for 127.0.0.1 by HTTP-01 (profile `shortlived`) and by
+//! TLS-ALPN-01, and `badNonce` answers retried. Each test runs its own Pebble on free ports
+//! (`scripts/ensure-pebble.sh` installs it), serves the challenges itself on the ports Pebble
+//! validates on, and checks the chain it gets: the leaf has the IP address, chains to Pebble's
+//! root (`/roots/0` on the management port) and has the key the client made.
+//!
+//! Hermetic: IP identifiers need no DNS, and Pebble's `-dnsserver` points at a closed loopback
+//! port in case it looks anything up; everything it dials is 127.0.0.1.
+//! Without Go the tests print `SKIPPED` and pass, except under `CI=true`, where they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use derpd::acme::client::{AcmeClient, ChallengeKind, Issued, Proof, Solver};
+use derpd::acme::{AccountKey, Identifier, SHORTLIVED};
+use rustls::client::danger::ServerCertVerifier as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+// ---------------------------------------------------------------------------------------------
+// Skipping (the minimal bits of tests/support's pattern)
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// A SKIPPED line where a person will see it, or a failure under CI.
+fn skip(reason: &str) {
+    assert!(
+        !ci(),
+        "{reason}, and CI=true: the Pebble tests must run in CI"
+    );
+    let line = format!("SKIPPED: {reason}; the Pebble tests did not run");
+    println!("{line}");
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn reserve_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pebble
+
+/// Pebble's binary and its test certificates, once per test process; `None`: skip.
+fn pebble_install() -> Option<&'static (PathBuf, PathBuf)> {
+    static INSTALL: std::sync::OnceLock<Option<(PathBuf, PathBuf)>> = std::sync::OnceLock::new();
+    INSTALL
+        .get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ensure-pebble.sh");
+            let out = match Command::new(&script).stderr(Stdio::inherit()).output() {
+                Ok(o) if o.status.success() => o,
+                Ok(o) => {
+                    skip(&format!("scripts/ensure-pebble.sh failed ({})", o.status));
+                    return None;
+                }
+                Err(e) => {
+                    skip(&format!("cannot run scripts/ensure-pebble.sh: {e}"));
+                    return None;
+                }
+            };
+            let bin = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+            let certs = bin.parent().unwrap().parent().unwrap().join("certs");
+            Some((bin, certs))
+        })
+        .as_ref()
+}
+
+/// A running Pebble, killed on drop.
+struct Pebble {
+    child: Child,
+    dir: PathBuf,
+    /// The directory URL.
+    directory: String,
+    management: u16,
+    /// Where Pebble validates HTTP-01 and TLS-ALPN-01 (the test serves them there).
+    http_port: u16,
+    tls_port: u16,
+    /// Trust for Pebble's own listeners (`pebble.minica.pem`).
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default();
+            eprintln!("--- pebble.log ---\n{log}");
+        }
+    }
+}
+
+fn start_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
+    let (bin, certs) = pebble_install()?;
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "acme-{test}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (listen, management, http_port, tls_port, dns) = (
+        reserve_port(),
+        reserve_port(),
+        reserve_port(),
+        reserve_port(),
+        reserve_port(),
+    );
+    let config = serde_json::json!({"pebble": {
+        "listenAddress": format!("127.0.0.1:{listen}"),
+        "managementListenAddress": format!("127.0.0.1:{management}"),
+        "certificate": certs.join("localhost/cert.pem"),
+        "privateKey": certs.join("localhost/key.pem"),
+        "httpPort": http_port,
+        "tlsPort": tls_port,
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": false,
+        "retryAfter": {"authz": 1, "order": 1},
+        "keyAlgorithm": "ecdsa",
+        "profiles": {
+            "default": {"description": "90 days", "validityPeriod": 7_776_000},
+            "shortlived": {"description": "6 days", "validityPeriod": 518_400}
+        }
+    }});
+    let config_path = dir.join("pebble-config.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let log = std::fs::File::create(dir.join("pebble.log")).unwrap();
+    let child = Command::new(bin)
+        .arg("-config")
+        .arg(&config_path)
+        // Nothing to resolve for IP identifiers; should Pebble try, it asks a closed
+        // loopback port, never the host's resolver.
+        .arg("-dnsserver")
+        .arg(format!("127.0.0.1:{dns}"))
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", nonce_reject.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let tls = derpd::trust::ca_file_client_config(&certs.join("pebble.minica.pem")).unwrap();
+    let p = Pebble {
+        child,
+        dir,
+        directory: format!("https://127.0.0.1:{listen}/dir"),
+        management,
+        http_port,
+        tls_port,
+        tls,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for port in [listen, management] {
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "Pebble did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Some(p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The challenges, served as derpd will: HTTP-01 on a plain listener, TLS-ALPN-01 on a rustls
+// listener that offers only acme-tls/1.
+
+#[derive(Default)]
+struct Challenges {
+    kinds: Vec<ChallengeKind>,
+    http: Mutex<HashMap<String, String>>,
+    alpn: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+    presented: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Challenges")
+    }
+}
+
+impl Solver for Challenges {
+    fn kinds(&self) -> &[ChallengeKind] {
+        &self.kinds
+    }
+
+    fn present(&self, id: &Identifier, proof: &Proof) -> Result<(), String> {
+        self.presented.lock().unwrap().push(id.value.clone());
+        match proof {
+            Proof::Http01 {
+                token,
+                key_authorization,
+            } => {
+                self.http
+                    .lock()
+                    .unwrap()
+                    .insert(token.clone(), key_authorization.clone());
+            }
+            Proof::TlsAlpn01 {
+                sni,
+                cert_der,
+                key_pkcs8,
+            } => {
+                let key = PrivateKeyDer::Pkcs8(key_pkcs8.clone().into());
+                let key = rustls::crypto::ring::sign::any_supported_type(&key)
+                    .map_err(|e| e.to_string())?;
+                let ck = rustls::sign::CertifiedKey::new(vec![cert_der.clone().into()], key);
+                self.alpn.lock().unwrap().insert(sni.clone(), Arc::new(ck));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, _id: &Identifier, proof: &Proof) {
+        match proof {
+            Proof::Http01 { token, .. } => {
+                self.http.lock().unwrap().remove(token);
+            }
+            Proof::TlsAlpn01 { sni, .. } => {
+                self.alpn.lock().unwrap().remove(sni);
+            }
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Challenges {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let sni = hello.server_name()?;
+        self.alpn.lock().unwrap().get(sni).cloned()
+    }
+}
+
+fn serve_http01(port: u16, ch: Arc<Challenges>) {
+    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let ch = ch.clone();
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let path = line.split(' ').nth(1).unwrap_or_default();
+                let answer = path
+                    .strip_prefix("/.well-known/acme-challenge/")
+                    .and_then(|t| ch.http.lock().unwrap().get(t).cloned());
+                let reply = match answer {
+                    Some(ka) => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ka}",
+                        ka.len()
+                    ),
+                    None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+                };
+                let _ = s.write_all(reply.as_bytes());
+            });
+        }
+    });
+}
+
+fn serve_tls_alpn01(port: u16, ch: Arc<Challenges>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(ch);
+    cfg.alpn_protocols = vec![derpd::acme::ACME_TLS_ALPN.to_vec()];
+    let cfg = Arc::new(cfg);
+    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let Ok(mut conn) = rustls::ServerConnection::new(cfg) else {
+                    return;
+                };
+                // The handshake is the whole validation; the CA closes after it.
+                while conn.is_handshaking() {
+                    if conn.complete_io(&mut s).is_err() {
+                        return;
+                    }
+                }
+                conn.send_close_notify();
+                let _ = conn.complete_io(&mut s);
+            });
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+/// GET over https from Pebble's management port.
+fn get(p: &Pebble, path: &str) -> Vec<u8> {
+    let url =
+        derpd::httpc::Url::parse(&format!("https://127.0.0.1:{}{path}", p.management)).unwrap();
+    smol::block_on(async {
+        let io = url.connect(Some(&p.tls)).await.unwrap();
+        let t = Duration::from_secs(10);
+        let mut conn = derpd::httpc::Conn::new(io, Instant::now() + t, t);
+        conn.send(&url.request("GET")).await.unwrap();
+        let head = conn.read_head().await.unwrap();
+        assert_eq!(head.status, 200, "GET {path}");
+        conn.read_body(head.framing, 1 << 20, 1 << 20).await.data
+    })
+}
+
+/// The chain is for `ip`, chains to Pebble's root, and has the key in `key_pkcs8`; returns the
+/// leaf's lifetime.
+fn check_chain(p: &Pebble, issued: &Issued, ip: IpAddr) -> Duration {
+    use x509_parser::prelude::*;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    assert!(chain.len() >= 2, "leaf and intermediate: {}", chain.len());
+    let root = get(p, "/roots/0");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&root) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    verifier
+        .verify_server_cert(
+            &chain[0],
+            &chain[1..],
+            &ServerName::IpAddress(ip.into()),
+            &[],
+            UnixTime::now(),
+        )
+        .expect("the chain verifies to Pebble's root for the IP address");
+    let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+    let sans = leaf.subject_alternative_name().unwrap().unwrap();
+    let ips: Vec<&[u8]> = sans
+        .value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            GeneralName::IPAddress(b) => Some(*b),
+            _ => None,
+        })
+        .collect();
+    let want = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    assert_eq!(ips, [want.as_slice()]);
+    let key = rcgen::KeyPair::try_from(issued.key_pkcs8.as_slice()).unwrap();
+    assert_eq!(
+        leaf.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw(),
+        "the leaf has the client's key"
+    );
+    let v = leaf.validity();
+    Duration::from_secs((v.not_after.timestamp() - v.not_before.timestamp()) as u64)
+}
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A solver for `kinds`, its challenges served on the ports Pebble validates on.
+fn served(p: &Pebble, kinds: &[ChallengeKind]) -> Arc<Challenges> {
+    let ch = Arc::new(Challenges {
+        kinds: kinds.to_vec(),
+        ..Default::default()
+    });
+    serve_http01(p.http_port, ch.clone());
+    serve_tls_alpn01(p.tls_port, ch.clone());
+    ch
+}
+
+async fn client(p: &Pebble, key: AccountKey) -> AcmeClient {
+    AcmeClient::new(&p.directory, p.tls.clone(), key)
+        .await
+        .unwrap()
+}
+
+/// Orders a certificate for 127.0.0.1, within a minute.
+async fn issue(
+    c: &mut AcmeClient,
+    ch: &Challenges,
+    profile: Option<&str>,
+) -> Result<Issued, derpd::acme::client::Error> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    c.issue(&[Identifier::ip(LOCALHOST)], profile, ch, deadline)
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn pebble_ip_certificate_by_http01_shortlived() {
+    let started = Instant::now();
+    let Some(p) = start_pebble("http01", 0) else {
+        return;
+    };
+    let ch = served(&p, &[ChallengeKind::Http01]);
+    let issued = smol::block_on(async {
+        let mut c = client(&p, AccountKey::generate().unwrap()).await;
+        assert!(c.directory().meta.profiles.contains_key(SHORTLIVED));
+        issue(&mut c, &ch, Some(SHORTLIVED)).await.unwrap()
+    });
+    assert_eq!(*ch.presented.lock().unwrap(), ["127.0.0.1"]);
+    assert!(
+        ch.http.lock().unwrap().is_empty(),
+        "the proof is removed after"
+    );
+    let life = check_chain(&p, &issued, LOCALHOST);
+    // The shortlived profile's 6 days (Pebble may take a second off), not the default 90.
+    assert!(
+        life <= Duration::from_secs(518_400) && life > Duration::from_secs(518_000),
+        "{life:?}"
+    );
+    println!("[http01: {:?}]", started.elapsed());
+}
+
+#[test]
+fn pebble_ip_certificate_by_tls_alpn01_and_account_found_again() {
+    let started = Instant::now();
+    let Some(p) = start_pebble("alpn", 0) else {
+        return;
+    };
+    let ch = served(&p, &[ChallengeKind::TlsAlpn01]);
+    let key_pem = AccountKey::generate().unwrap().to_pem();
+    let issued = smol::block_on(async {
+        let mut c = client(&p, AccountKey::from_pem(key_pem.as_bytes()).unwrap()).await;
+        let acct = c.account(Some("ops@example.net")).await.unwrap();
+        let issued = issue(&mut c, &ch, None).await.unwrap();
+        // The same key read again finds the same account.
+        let mut again = client(&p, AccountKey::from_pem(key_pem.as_bytes()).unwrap()).await;
+        assert_eq!(again.account(None).await.unwrap(), acct);
+        issued
+    });
+    assert_eq!(*ch.presented.lock().unwrap(), ["127.0.0.1"]);
+    assert!(ch.alpn.lock().unwrap().is_empty());
+    // No profile asked for: Pebble still gives an IP address its short lifetime.
+    check_chain(&p, &issued, LOCALHOST);
+    println!("[tls-alpn-01: {:?}]", started.elapsed());
+}
+
+#[test]
+fn pebble_bad_nonces_are_retried() {
+    let started = Instant::now();
+    // Pebble rejects this percentage of good nonces with badNonce.
+    let Some(p) = start_pebble("nonce", 25) else {
+        return;
+    };
+    let ch = served(&p, &[ChallengeKind::Http01]);
+    let bad_nonces = smol::block_on(async {
+        let mut c = client(&p, AccountKey::generate().unwrap()).await;
+        // Orders until at least one badNonce was answered (each order is ~10 requests).
+        for _ in 0..5 {
+            let issued = issue(&mut c, &ch, Some(SHORTLIVED)).await.unwrap();
+            check_chain(&p, &issued, LOCALHOST);
+            if c.bad_nonces() > 0 {
+                break;
+            }
+        }
+        c.bad_nonces()
+    });
+    assert!(bad_nonces > 0, "Pebble sent no badNonce in 5 orders");
+    println!("[badNonce: {bad_nonces} retried, {:?}]", started.elapsed());
+}
+
+#[test]
+fn ca_errors_carry_the_problem_document() {
+    let Some(p) = start_pebble("problem", 0) else {
+        return;
+    };
+    // Nothing serves the challenge: Pebble's validation fails, and the error says why.
+    let ch = Challenges {
+        kinds: vec![ChallengeKind::Http01],
+        ..Default::default()
+    };
+    let e = smol::block_on(async {
+        let mut c = client(&p, AccountKey::generate().unwrap()).await;
+        issue(&mut c, &ch, None).await.unwrap_err()
+    });
+    match &e {
+        derpd::acme::client::Error::Ca { problem, .. } => {
+            assert!(
+                problem.kind.starts_with("urn:ietf:params:acme:error:"),
+                "{e}"
+            );
+            assert!(!problem.detail.is_empty(), "{e}");
+        }
+        other => panic!("want a CA problem, got {other}"),
+    }
+    println!("[the CA's problem: {e}]");
+    // A directory URL that is not one: an error, not a panic.
+    let e = smol::block_on(AcmeClient::new(
+        &format!("https://127.0.0.1:{}/nope", p.management),
+        p.tls.clone(),
+        AccountKey::generate().unwrap(),
+    ))
+    .unwrap_err();
+    println!("[a bad directory: {e}]");
+}
