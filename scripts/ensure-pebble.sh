@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure Pebble (Let's Encrypt's test CA, for tests/acme.rs) is installed and prints the
+# Makes sure Pebble (Let's Encrypt's test CA, for tests/interop_tests/acme.rs) is installed and prints the
 # path of its binary. Installs github.com/letsencrypt/pebble/v2/cmd/pebble@v2.10.3 with
 # `go install` (Go from scripts/ensure-go.sh) into target/pebble-v2.10.3/bin when missing, and
 # copies Pebble's test certificates from its module source (test/certs: pebble.minica.pem, the

@@ -8,8 +8,8 @@
 //! Hermetic: IP identifiers need no DNS, and Pebble's `-dnsserver` points at a closed loopback
 //! port in case it looks anything up; everything it dials is 127.0.0.1.
 //! Without Go the tests print `SKIPPED` and pass, except under `CI=true`, where they fail.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use crate::support;
 use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
@@ -25,30 +25,12 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 // ---------------------------------------------------------------------------------------------
-// Skipping (the minimal bits of tests/support's pattern)
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// A SKIPPED line where a person will see it, or a failure under CI.
-fn skip(reason: &str) {
-    assert!(
-        !ci(),
-        "{reason}, and CI=true: the Pebble tests must run in CI"
-    );
-    let line = format!("SKIPPED: {reason}; the Pebble tests did not run");
-    println!("{line}");
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-fn reserve_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-// ---------------------------------------------------------------------------------------------
 // Pebble
+
+/// A SKIPPED line, or a failure under CI.
+fn skip_pebble(reason: &str) {
+    support::skip_test(reason, "the Pebble tests");
+}
 
 /// Pebble's binary and its test certificates, once per test process; `None`: skip.
 fn pebble_install() -> Option<&'static (PathBuf, PathBuf)> {
@@ -59,11 +41,11 @@ fn pebble_install() -> Option<&'static (PathBuf, PathBuf)> {
             let out = match Command::new(&script).stderr(Stdio::inherit()).output() {
                 Ok(o) if o.status.success() => o,
                 Ok(o) => {
-                    skip(&format!("scripts/ensure-pebble.sh failed ({})", o.status));
+                    skip_pebble(&format!("scripts/ensure-pebble.sh failed ({})", o.status));
                     return None;
                 }
                 Err(e) => {
-                    skip(&format!("cannot run scripts/ensure-pebble.sh: {e}"));
+                    skip_pebble(&format!("cannot run scripts/ensure-pebble.sh: {e}"));
                     return None;
                 }
             };
@@ -95,6 +77,8 @@ impl Drop for Pebble {
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default();
             eprintln!("--- pebble.log ---\n{log}");
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
@@ -111,11 +95,11 @@ fn start_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let (listen, management, http_port, tls_port, dns) = (
-        reserve_port(),
-        reserve_port(),
-        reserve_port(),
-        reserve_port(),
-        reserve_port(),
+        support::reserve_port(),
+        support::reserve_port(),
+        support::reserve_port(),
+        support::reserve_port(),
+        support::reserve_port(),
     );
     let config = serde_json::json!({"pebble": {
         "listenAddress": format!("127.0.0.1:{listen}"),
