@@ -443,7 +443,8 @@ fn until_pong(c: &mut DerpClient, bytes: Vec<u8>) -> Duration {
 /// after the burst. (derper charges a frame's length once, capped at one maximum frame, so
 /// both went through at the speed of the machine: 44 MiB/s for a 200 MiB frame under a
 /// 10 KB/s limit.) Lower bounds on time only, which no machine can beat however fast (the
-/// unit tests in `src/session.rs` check that each byte is charged once).
+/// unit test `discard_charges_every_byte_past_the_prepaid_ones` in `src/net.rs` checks that each
+/// byte is charged once).
 #[test]
 fn rate_config_meters_skipped_frames_and_headers() {
     let _turn = support::exclusive("limits");
