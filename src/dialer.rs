@@ -45,6 +45,17 @@ impl std::fmt::Display for DialError {
 
 impl std::error::Error for DialError {}
 
+impl DialError {
+    /// The same error, its text prefixed with `what` (`reading ServerInfo: …`).
+    fn context(self, what: &str) -> Self {
+        match self {
+            Self::Io(e) => Self::Io(io::Error::new(e.kind(), format!("{what}: {e}"))),
+            Self::Refused(s) => Self::Refused(s),
+            Self::Protocol(s) => Self::Protocol(format!("{what}: {s}")),
+        }
+    }
+}
+
 impl From<io::Error> for DialError {
     fn from(e: io::Error) -> Self {
         Self::Io(e)
@@ -97,12 +108,18 @@ where
         buf: read_response_head(stream).await?,
         pos: 0,
     };
-    let (t, payload) = rd.frame(stream, MAX_SERVER_KEY_FRAME).await?;
+    let (t, payload) = rd
+        .frame(stream, MAX_SERVER_KEY_FRAME)
+        .await
+        .map_err(|e| e.context("reading ServerKey"))?;
     let server_key = handshake::parse_server_key(t, &payload).map_err(DialError::from)?;
     let json = client_info(&server_key)?;
     let bx = SessionBox::new(client.key, &server_key);
     write(stream, &bx.client_info_frame(&client.key.public(), &json)).await?;
-    let (t, payload) = rd.frame(stream, client.max_server_info).await?;
+    let (t, payload) = rd
+        .frame(stream, client.max_server_info)
+        .await
+        .map_err(|e| e.context("reading ServerInfo"))?;
     let server_info = handshake::read_server_info(&bx, t, &payload).map_err(DialError::from)?;
     Ok(Login {
         server_key,
@@ -312,7 +329,17 @@ mod tests {
         let e = run(b"HTTP/1.1 426 Upgrade Required\r\n\r\n".to_vec());
         assert!(e.contains("upgrade refused") && e.contains("426"), "{e}");
         let e = run(b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x01\xff\xff\xff\xff".to_vec());
-        assert!(e.contains("too large"), "{e}");
+        assert!(
+            e.starts_with("reading ServerKey: ") && e.contains("too large"),
+            "{e}"
+        );
+        // A server that closes after ServerKey (a refused login, as derper and derpd refuse).
+        let server = NodePrivate::generate();
+        let mut refused = server_frames(&server, &client.public(), &[]);
+        let info = handshake::server_info_frame(&SessionBox::new(&server, &client.public()));
+        refused.truncate(refused.len() - info.len());
+        let e = run(refused);
+        assert!(e.starts_with("reading ServerInfo: "), "{e}");
         let e = run(Vec::new());
         assert!(e.contains("closed before the HTTP response"), "{e}");
         let e = run(vec![b'a'; MAX_RESPONSE_HEAD + 600]);
