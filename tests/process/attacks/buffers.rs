@@ -17,7 +17,8 @@ use super::rig::*;
 /// A receiver that never reads, at the small budget (15 large buffers).
 #[test]
 fn stuck_receiver_small_budget() {
-    let _turn = support::exclusive("attacks");
+    // Alone: it measures the gaps between another pair's packets.
+    let _turn = support::exclusive("stuck_receiver_small_budget");
     support::raise_nofile();
     let mut rig = plain_rig();
 
@@ -35,7 +36,8 @@ fn stuck_receiver_small_budget() {
 /// receiver may hold only 1/16 of them (3), so the sender is never held up.
 #[test]
 fn stuck_receiver_default_budget() {
-    let _turn = support::exclusive("attacks");
+    // Alone: it measures the gaps between another pair's packets.
+    let _turn = support::exclusive("stuck_receiver_default_budget");
     support::raise_nofile();
     let d = Derpd::start(&derpd_args(DEFAULT_BUDGET_MIB, &["--dev"]));
     let mut rig = Rig::new(d, DEFAULT_BUDGET_MIB, false, DerpClient::connect);
@@ -51,7 +53,8 @@ fn stuck_receiver_default_budget() {
 /// the whole flood.
 #[test]
 fn stuck_receivers_do_not_stall_other_senders() {
-    let _turn = support::exclusive("attacks");
+    // Alone: it measures the gaps between another pair's packets.
+    let _turn = support::exclusive("stuck_receivers_do_not_stall_other_senders");
     support::raise_nofile();
     let d = Derpd::start(&derpd_args(
         DEFAULT_BUDGET_MIB,

@@ -17,8 +17,10 @@
 //!
 //! One test per surface, each with a derpd of its own (`rig`): `frames`, `login`, `http`, `stun`,
 //! `floods` (silent connections), `buffers` (stuck receivers, stalled frames), `tls`, `bounds`
-//! (every connection in its worst state). Each takes `support::exclusive("attacks")`: they run 2 at a time among
-//! themselves, as in one test binary before, never beside another group's.
+//! (every connection in its worst state). Each takes `support::exclusive("attacks")`: they
+//! run 2 at a time among themselves, as in one test binary before, never beside another
+//! group's; the three that measure gaps between a bystander pair's packets (`buffers`) run
+//! alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod bounds;
