@@ -5,56 +5,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::support::inproc::*;
 use derpd::config::{Config, TlsMode};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use derpd::trust::{self, Trust};
+use rustls::pki_types::{CertificateDer, ServerName};
 use sha2::Digest;
-
-fn algs() -> rustls::crypto::WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
-}
-
-/// Accepts any chain and records it.
-#[derive(Debug, Default)]
-struct Recorder(Mutex<Vec<Vec<u8>>>);
-
-impl ServerCertVerifier for Recorder {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let mut v = vec![end_entity.to_vec()];
-        v.extend(intermediates.iter().map(|c| c.to_vec()));
-        *self.0.lock().unwrap() = v;
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &algs())
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &algs())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        algs().supported_schemes()
-    }
-}
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
     let d = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -77,19 +34,20 @@ fn tls_server(name: &str, meta_cert: bool) -> (derpd::server::Server, std::path:
 
 type TlsConn = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-fn connect(addr: std::net::SocketAddr, v12: bool) -> (TlsConn, Arc<Recorder>) {
-    let rec = Arc::new(Recorder::default());
+/// A TLS connection that accepts any certificate, and the chain the server sent.
+fn connect(addr: std::net::SocketAddr, v12: bool) -> (TlsConn, Vec<Vec<u8>>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if v12 {
         &[&rustls::version::TLS12]
     } else {
         &[&rustls::version::TLS13]
     };
+    let verifier = trust::verifier(Trust::AnyCertificate, &provider).unwrap();
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(rec.clone())
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -101,7 +59,9 @@ fn connect(addr: std::net::SocketAddr, v12: bool) -> (TlsConn, Arc<Recorder>) {
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock).unwrap();
     }
-    (s, rec)
+    let chain = s.conn.peer_certificates().unwrap();
+    let chain = chain.iter().map(|c| c.to_vec()).collect();
+    (s, chain)
 }
 
 fn cn(der: &[u8]) -> String {
@@ -126,8 +86,7 @@ fn ip_certificate_chain_pin_and_fast_start() {
     let pin = derpd::key::hex(&sha2::Sha256::digest(&leaf_der));
 
     for v12 in [false, true] {
-        let (s, rec) = connect(srv.addr(), v12);
-        let chain = rec.0.lock().unwrap().clone();
+        let (s, chain) = connect(srv.addr(), v12);
         assert_eq!(
             chain.len(),
             2,
@@ -214,8 +173,8 @@ fn tls_close_without_close_notify_is_a_clean_disconnect() {
 #[test]
 fn meta_cert_off_serves_leaf_only() {
     let (srv, dir) = tls_server("tls-nometa", false);
-    let (mut s, rec) = connect(srv.addr(), false);
-    assert_eq!(rec.0.lock().unwrap().len(), 1);
+    let (mut s, chain) = connect(srv.addr(), false);
+    assert_eq!(chain.len(), 1);
     s.write_all(b"GET /derp/probe HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     let mut out = Vec::new();
@@ -364,14 +323,13 @@ fn renewed_certificate_is_served_without_dropping_clients() {
     });
     cfg.cert_poll = std::time::Duration::from_millis(20);
     let srv = start(cfg);
-    let leaf = |rec: &Recorder| rec.0.lock().unwrap()[0].clone();
     let login = |s: TlsConn| {
         let mut c = DerpClient::new_raw(s);
         c.login_upgrade(br#"{"version":2}"#).unwrap();
         c
     };
-    let (s, rec) = connect(srv.addr(), false);
-    let old = leaf(&rec);
+    let (s, chain) = connect(srv.addr(), false);
+    let old = chain[0].clone();
     let mut a = login(s);
 
     let other = tmpdir("tls-reload-new");
@@ -387,11 +345,11 @@ fn renewed_certificate_is_served_without_dropping_clients() {
         .unwrap();
     }
     wait_until("new connections get the renewed certificate", || {
-        let (_s, rec) = connect(srv.addr(), false);
-        leaf(&rec) == new
+        let (_s, chain) = connect(srv.addr(), false);
+        chain[0] == new
     });
-    let (s, rec) = connect(srv.addr(), true);
-    assert_eq!(leaf(&rec), new, "TLS 1.2 too");
+    let (s, chain) = connect(srv.addr(), true);
+    assert_eq!(chain[0], new, "TLS 1.2 too");
     let mut b = login(s);
     let bk = b.public();
     a.send(&bk, b"from before the renewal");

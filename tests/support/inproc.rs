@@ -297,57 +297,10 @@ pub fn ws_client_header(fin: bool, len: usize, mask: [u8; 4]) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // A TLS client that accepts any certificate
 
-/// Accepts any certificate: these tests are about what follows the handshake.
-#[derive(Debug)]
-pub struct AnyCert;
-
-fn algs() -> rustls::crypto::WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
-}
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &algs())
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &algs())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        algs().supported_schemes()
-    }
-}
-
 /// A TLS client connection for SNI 127.0.0.1 that accepts any certificate (the tests that use it
 /// are about what follows the handshake; handshake signatures are still verified).
 pub fn tls_client_conn() -> rustls::ClientConnection {
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
-    .with_no_client_auth();
+    let cfg = derpd::trust::client_config(derpd::trust::Trust::AnyCertificate).unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap()
+    rustls::ClientConnection::new(cfg, name).unwrap()
 }
