@@ -16,7 +16,7 @@
 
 mod support;
 
-#[path = "in_process/admission.rs"]
+#[path = "in_process/admission/mod.rs"]
 mod admission;
 #[path = "in_process/bad_input.rs"]
 mod bad_input;

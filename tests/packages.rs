@@ -8,7 +8,7 @@ mod support;
 
 #[path = "packages/apk.rs"]
 mod apk;
-#[path = "packages/init_ipk_deb.rs"]
+#[path = "packages/init_ipk_deb/mod.rs"]
 mod init_ipk_deb;
 #[path = "packages/luci.rs"]
 mod luci;

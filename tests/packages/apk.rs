@@ -12,7 +12,7 @@
 //! - `apk_pack_*`: `scripts/apk-pack.py` on a small tree of every kind of entry, read back; and
 //!   damaged copies, which the reader must refuse (a byte of a file, of the metadata, a cut).
 //! - `apk_structure` (ignored by plain `cargo test`: it needs the packages, like
-//!   `tests/packages/init_ipk_deb.rs`' `ipk_*`): every `apk/<arch>/derpd-<version>.apk` under
+//!   `tests/packages/init_ipk_deb/ipk.rs`' `ipk_*`): every `apk/<arch>/derpd-<version>.apk` under
 //!   `DERPD_PACKAGES_DIR` (default `dist/`), every field, script, file mode, owner and content
 //!   against the repository and the `.ipk` of the same architecture.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

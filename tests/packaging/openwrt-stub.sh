@@ -1,5 +1,5 @@
 # A stand-in for what OpenWrt gives an init script (/etc/rc.common with USE_PROCD, the UCI
-# config functions of /lib/functions.sh, procd.sh and jshn), written for tests/packages/init_ipk_deb.rs.
+# config functions of /lib/functions.sh, procd.sh and jshn), written for tests/packages/init_ipk_deb/.
 # It records what the script asks procd for instead of sending it over ubus:
 #   $STUB_OUT/procd   one line per call: "command <arg>" per argv element, "set <param> <value>",
 #                     "jail <name> <flags>", "mount_ro <path>", "mount_rw <path>",
