@@ -11,7 +11,7 @@
 #   apk/<arch>/derpd-<version>.apk;
 # - Debian .deb files (Raspberry Pi OS, Debian, Ubuntu) with dpkg-deb, from debian/.
 # Then it runs the package tests on them (tests/packages/init_ipk_deb/: structure, and as root
-# `dpkg -i`; tests/packages/apk.rs: the .apk files read back, every field and hash).
+# `dpkg -i`; tests/packages/apk/: the .apk files read back, every field and hash).
 #
 #   scripts/build-packages.sh                    # dist/derpd-* → dist/*.ipk, dist/apk/*/*.apk, dist/*.deb
 #   scripts/build-packages.sh --bin-dir D --out O [--no-test]
@@ -479,7 +479,7 @@ done
 
 if ((run_tests)); then
   echo
-  echo "build-packages: tests/packages/init_ipk_deb/ and tests/packages/apk.rs on $out"
+  echo "build-packages: tests/packages/init_ipk_deb/ and tests/packages/apk/ on $out"
   # The packages tier without its LuCI page test (Chromium), as before the tiers.
   DERPD_PACKAGES_DIR="$out" cargo test --locked --test packages -- --include-ignored \
     init_ipk_deb:: apk::

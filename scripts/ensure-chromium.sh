@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes sure a headless Chromium is installed for tests/packages/luci.rs (the LuCI page in a real
+# Makes sure a headless Chromium is installed for tests/packages/luci/ (the LuCI page in a real
 # browser): Debian's `chromium` package, installed with apt-get when missing. Prints the path
 # of the binary. Idempotent; prints what it does on stderr.
 set -euo pipefail

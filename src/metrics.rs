@@ -1,4 +1,4 @@
-//! Server counters and gauges, named after derper's expvars so `/debug/varz` (`debug.rs`)
+//! Server counters and gauges, named after derper's expvars so `/debug/varz` (`server/debug/`)
 //! publishes them under the same names. 64-bit counters use portable-atomic: 32-bit MIPS has
 //! no native 64-bit atomics.
 

@@ -22,7 +22,7 @@ mod admission;
 mod bad_input;
 #[path = "in_process/churn.rs"]
 mod churn;
-#[path = "in_process/debug.rs"]
+#[path = "in_process/debug/mod.rs"]
 mod debug;
 #[path = "in_process/http.rs"]
 mod http;

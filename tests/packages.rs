@@ -6,9 +6,9 @@
 
 mod support;
 
-#[path = "packages/apk.rs"]
+#[path = "packages/apk/mod.rs"]
 mod apk;
 #[path = "packages/init_ipk_deb/mod.rs"]
 mod init_ipk_deb;
-#[path = "packages/luci.rs"]
+#[path = "packages/luci/mod.rs"]
 mod luci;

@@ -1,4 +1,4 @@
-// tests/packages/luci.rs drives the LuCI page with this script, as a person would: it loads the view,
+// tests/packages/luci/ drives the LuCI page with this script, as a person would: it loads the view,
 // reads every field and the status, types an invalid value and saves (nothing may be written),
 // then edits fields of several kinds and clicks Save & Apply. It reports what it saw to
 // /test/report; the test checks that and the ubus calls the page made.

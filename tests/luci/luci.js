@@ -1,5 +1,5 @@
 // A stand-in of LuCI's client-side runtime (luci.js, form.js, uci.js, rpc.js, ui.js, dom.js,
-// poll) for tests/packages/luci.rs: only what openwrt/luci-app-derpd's view uses, with LuCI's names,
+// poll) for tests/packages/luci/: only what openwrt/luci-app-derpd's view uses, with LuCI's names,
 // call shapes and DOM ids, written from LuCI's documented API (LuCI's own runtime is in no
 // package registry). It loads a view as LuCI does: fetch the source, resolve its leading
 // 'require x' statements, run it as a function body, instantiate the class it returns.
