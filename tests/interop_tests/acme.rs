@@ -60,12 +60,14 @@ fn pebble_install() -> Option<&'static (PathBuf, PathBuf)> {
 struct Pebble {
     child: Child,
     dir: PathBuf,
+    listen: u16,
     /// The directory URL.
     directory: String,
     management: u16,
-    /// Where Pebble validates HTTP-01 and TLS-ALPN-01 (the test serves them there).
-    http_port: u16,
-    tls_port: u16,
+    /// Where Pebble validates HTTP-01 and TLS-ALPN-01 (the test serves them there): bound
+    /// before Pebble starts, so no other test can take the ports in between.
+    http01: TcpListener,
+    tls_alpn01: TcpListener,
     /// Trust for Pebble's own listeners (`pebble.minica.pem`).
     tls: Arc<rustls::ClientConfig>,
 }
@@ -83,7 +85,22 @@ impl Drop for Pebble {
     }
 }
 
+/// Pebble on fresh ports. Its own two listeners take ports that were free a moment before; should
+/// another test take one in between, Pebble exits and starts again on others.
 fn start_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
+    const ATTEMPTS: u32 = 3;
+    for attempt in 1..=ATTEMPTS {
+        let mut p = spawn_pebble(test, nonce_reject)?;
+        match wait_ready(&mut p) {
+            Ok(()) => return Some(p),
+            Err(e) if attempt < ATTEMPTS => eprintln!("Pebble did not start ({e}); again"),
+            Err(e) => panic!("Pebble did not start in {ATTEMPTS} attempts: {e}"),
+        }
+    }
+    unreachable!()
+}
+
+fn spawn_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
     let (bin, certs) = pebble_install()?;
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "acme-{test}-{}-{}",
@@ -94,9 +111,9 @@ fn start_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
             .as_nanos()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let (listen, management, http_port, tls_port, dns) = (
-        support::reserve_port(),
-        support::reserve_port(),
+    let http01 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls_alpn01 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (listen, management, dns) = (
         support::reserve_port(),
         support::reserve_port(),
         support::reserve_port(),
@@ -106,8 +123,8 @@ fn start_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
         "managementListenAddress": format!("127.0.0.1:{management}"),
         "certificate": certs.join("localhost/cert.pem"),
         "privateKey": certs.join("localhost/key.pem"),
-        "httpPort": http_port,
-        "tlsPort": tls_port,
+        "httpPort": http01.local_addr().unwrap().port(),
+        "tlsPort": tls_alpn01.local_addr().unwrap().port(),
         "ocspResponderURL": "",
         "externalAccountBindingRequired": false,
         "retryAfter": {"authz": 1, "order": 1},
@@ -135,23 +152,34 @@ fn start_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
         .spawn()
         .unwrap();
     let tls = derpd::trust::ca_file_client_config(&certs.join("pebble.minica.pem")).unwrap();
-    let p = Pebble {
+    Some(Pebble {
         child,
         dir,
+        listen,
         directory: format!("https://127.0.0.1:{listen}/dir"),
         management,
-        http_port,
-        tls_port,
+        http01,
+        tls_alpn01,
         tls,
-    };
+    })
+}
+
+/// Until Pebble accepts on both its ports (bounded), or has exited.
+fn wait_ready(p: &mut Pebble) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
-    for port in [listen, management] {
+    for port in [p.listen, p.management] {
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "Pebble did not listen on {port}");
+            if let Some(status) = p.child.try_wait().map_err(|e| e.to_string())? {
+                let log = std::fs::read_to_string(p.dir.join("pebble.log")).unwrap_or_default();
+                return Err(format!("exited ({status}):\n{log}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("nothing listening on {port} after 20 s"));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    Some(p)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,8 +254,7 @@ impl rustls::server::ResolvesServerCert for Challenges {
     }
 }
 
-fn serve_http01(port: u16, ch: Arc<Challenges>) {
-    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+fn serve_http01(l: TcpListener, ch: Arc<Challenges>) {
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
@@ -260,7 +287,7 @@ fn serve_http01(port: u16, ch: Arc<Challenges>) {
     });
 }
 
-fn serve_tls_alpn01(port: u16, ch: Arc<Challenges>) {
+fn serve_tls_alpn01(l: TcpListener, ch: Arc<Challenges>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -269,7 +296,6 @@ fn serve_tls_alpn01(port: u16, ch: Arc<Challenges>) {
         .with_cert_resolver(ch);
     cfg.alpn_protocols = vec![derpd::acme::ACME_TLS_ALPN.to_vec()];
     let cfg = Arc::new(cfg);
-    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
@@ -373,8 +399,8 @@ fn served(p: &Pebble, kinds: &[ChallengeKind]) -> Arc<Challenges> {
         kinds: kinds.to_vec(),
         ..Default::default()
     });
-    serve_http01(p.http_port, ch.clone());
-    serve_tls_alpn01(p.tls_port, ch.clone());
+    serve_http01(p.http01.try_clone().unwrap(), ch.clone());
+    serve_tls_alpn01(p.tls_alpn01.try_clone().unwrap(), ch.clone());
     ch
 }
 
