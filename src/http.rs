@@ -276,6 +276,24 @@ pub fn port80(req: &Request) -> Vec<u8> {
     }
 }
 
+/// Where an ACME CA fetches an HTTP-01 proof: `/.well-known/acme-challenge/<token>`.
+pub const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// The answer to an HTTP-01 validation: the key authorization, or 404 for a token that is not
+/// being validated.
+pub fn acme_challenge(key_authorization: Option<&str>, head: bool) -> Vec<u8> {
+    match key_authorization {
+        Some(ka) => response(
+            200,
+            "OK",
+            "Content-Type: text/plain\r\n",
+            ka.as_bytes(),
+            head,
+        ),
+        None => text_error(404, "Not Found", "no such ACME challenge"),
+    }
+}
+
 /// A Host header safe to put in a Location: no whitespace or control characters.
 fn host_ok(h: &str) -> bool {
     h.len() <= 255

@@ -359,7 +359,11 @@ pub fn renew_at(not_before: i64, not_after: i64) -> i64 {
 
 /// Waits between failed attempts: 1 minute, doubling, at most 30 minutes (derper's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff(Duration);
+pub struct Backoff {
+    next: Duration,
+    first: Duration,
+    max: Duration,
+}
 
 impl Backoff {
     /// The first wait.
@@ -367,16 +371,30 @@ impl Backoff {
     /// The longest wait.
     pub const MAX: Duration = Duration::from_secs(30 * 60);
 
-    /// Before the first failure.
+    /// Before the first failure, derper's waits.
     pub fn new() -> Self {
-        Self(Self::FIRST)
+        Self::with(Self::FIRST, Self::MAX)
+    }
+
+    /// Waits from `first`, doubling, at most `max`.
+    pub fn with(first: Duration, max: Duration) -> Self {
+        Self {
+            next: first,
+            first,
+            max,
+        }
     }
 
     /// The wait after one more failure.
     pub fn next_wait(&mut self) -> Duration {
-        let w = self.0;
-        self.0 = (w * 2).min(Self::MAX);
+        let w = self.next;
+        self.next = (w * 2).min(self.max);
         w
+    }
+
+    /// After a success: the next failure waits `first` again.
+    pub fn reset(&mut self) {
+        self.next = self.first;
     }
 }
 

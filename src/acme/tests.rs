@@ -216,4 +216,6 @@ fn renewal_and_backoff() {
     let mut b = Backoff::new();
     let waits: Vec<u64> = (0..7).map(|_| b.next_wait().as_secs() / 60).collect();
     assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+    b.reset();
+    assert_eq!(b.next_wait(), Backoff::FIRST);
 }

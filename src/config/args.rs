@@ -15,7 +15,8 @@ use super::{DEFAULT_HOSTNAME, DEFAULT_MAX_CLIENTS, DEFAULT_MAX_HANDSHAKES};
 /// take `=true`/`=false`.
 #[derive(FromArgs, Debug)]
 pub struct Args {
-    /// listen address; TLS if the port is 443 or --certmode manual (default ":443")
+    /// listen address; TLS if the port is 443, --public-port is 443, --certmode manual or
+    /// --acme-ip-certs (default ":443")
     #[argh(option, short = 'a', default = "String::from(\":443\")")]
     pub addr: String,
     /// plain-HTTP port in TLS mode (/generate_204, redirects to https); -1 disables (default 80)
@@ -36,16 +37,33 @@ pub struct Args {
     /// (default /var/lib/derper/derper.key for root)
     #[argh(option, short = 'c', default = "String::new()")]
     pub config: String,
-    /// certificate mode: manual (letsencrypt, derper's default, is not supported yet)
+    /// certificate mode: letsencrypt (an ACME CA, Let's Encrypt unless --acme-directory;
+    /// TLS-ALPN-01 on the TLS port, HTTP-01 on --http-port) or manual (files in --certdir)
+    /// (default letsencrypt)
     #[argh(option, default = "String::from(\"letsencrypt\")")]
     pub certmode: String,
-    /// directory of <hostname>.crt and <hostname>.key
+    /// directory of the certificates: <hostname>.crt and <hostname>.key (manual), the ACME
+    /// account key and the certificates it got (letsencrypt)
     /// (default $XDG_CACHE_HOME or ~/.cache, then tailscale/derper-certs)
     #[argh(option, default = "String::new()")]
     pub certdir: String,
-    /// TLS hostname; an IP address with --certmode manual gets a self-signed certificate
+    /// TLS hostname; an IP address gets a self-signed certificate with --certmode manual, and a
+    /// short-lived certificate from the CA with --acme-ip-certs
     #[argh(option, default = "String::from(DEFAULT_HOSTNAME)")]
     pub hostname: String,
+    /// letsencrypt mode: certificates for the IP address in --hostname (the public one, also
+    /// behind a port forward), profile "shortlived" (default false)
+    #[argh(option, default = "false")]
+    pub acme_ip_certs: bool,
+    /// ACME directory URL (default Let's Encrypt's production directory)
+    #[argh(option, default = "String::from(crate::acme::LETS_ENCRYPT)")]
+    pub acme_directory: String,
+    /// PEM file of the CA certificates to trust for the ACME server (default the system's)
+    #[argh(option, default = "String::new()")]
+    pub acme_ca_file: String,
+    /// contact email for the ACME account
+    #[argh(option, default = "String::new()")]
+    pub acme_email: String,
     /// home page: "" (default page), "blank", or an http(s) URL to redirect to
     #[argh(option, default = "String::new()")]
     pub home: String,
@@ -148,6 +166,7 @@ const BOOL_FLAGS: &[&str] = &[
     "dev",
     "version",
     "meta-cert",
+    "acme-ip-certs",
     "verify-clients",
     "verify-client-url-fail-open",
 ];

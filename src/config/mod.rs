@@ -9,6 +9,7 @@ mod args;
 
 pub use args::{normalize_args, parse_go_duration, Args};
 
+use crate::acme::client::ChallengeKind;
 use crate::http::Home;
 use crate::httpc::split_host_port;
 use crate::key::{parse_hex32, NodePrivate};
@@ -46,13 +47,70 @@ pub enum KeySource {
     File(PathBuf),
 }
 
-/// TLS settings of the main listener (`--certmode manual`).
+/// TLS settings of the main listener.
 #[derive(Debug, Clone)]
 pub struct TlsMode {
-    /// `--hostname`: SNI to require, or an IP for a self-signed certificate.
+    /// `--hostname`: SNI to require, or an IP (any SNI then).
     pub hostname: String,
     /// `--certdir`.
     pub certdir: PathBuf,
+    /// `--certmode letsencrypt`: certificates from an ACME CA; `None` for `--certmode manual`
+    /// (files in `certdir`, or a self-signed certificate for an IP).
+    pub acme: Option<AcmeConfig>,
+}
+
+impl TlsMode {
+    /// `--certmode manual` for `hostname`, certificates in `certdir`.
+    pub fn manual(hostname: &str, certdir: PathBuf) -> Self {
+        Self {
+            hostname: hostname.to_string(),
+            certdir,
+            acme: None,
+        }
+    }
+}
+
+/// How long the certificate keeper waits for the CA (`--certmode letsencrypt`). The defaults
+/// are derper's; tests shorten them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcmeTiming {
+    /// Between looks at the certificate's age (derper: hourly).
+    pub check_every: Duration,
+    /// The first wait after a failed order; it doubles up to `retry_max`.
+    pub retry_first: Duration,
+    /// The longest wait between failed orders.
+    pub retry_max: Duration,
+    /// The most one order may take, polls included.
+    pub order_timeout: Duration,
+}
+
+impl Default for AcmeTiming {
+    fn default() -> Self {
+        Self {
+            check_every: Duration::from_secs(60 * 60),
+            retry_first: crate::acme::Backoff::FIRST,
+            retry_max: crate::acme::Backoff::MAX,
+            order_timeout: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// `--certmode letsencrypt`: where certificates come from.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// `--acme-directory`.
+    pub directory: String,
+    /// `--acme-ca-file`: roots for the CA's TLS certificate; `None` = the system's.
+    pub ca_file: Option<PathBuf>,
+    /// `--acme-email`.
+    pub email: Option<String>,
+    /// `--acme-ip-certs`: the hostname is the public IP; profile `shortlived`.
+    pub ip_certs: bool,
+    /// The challenges to answer, the preferred first: TLS-ALPN-01 when clients dial port 443,
+    /// HTTP-01 when there is a port-80 listener.
+    pub challenges: Vec<ChallengeKind>,
+    /// Check and retry intervals.
+    pub timing: AcmeTiming,
 }
 
 /// Deadlines and TCP socket options, as configured (`--*-timeout`, `--tcp-*`).
@@ -175,36 +233,7 @@ impl Config {
             a.addr.as_str()
         };
         let listen = parse_listen(addr_text)?;
-        let manual = match a.certmode.as_str() {
-            "manual" => true,
-            "letsencrypt" | "gcp" => false,
-            other => return Err(format!("unknown --certmode {other:?} (supported: manual)")),
-        };
-        let tls_wanted = manual || listen.port() == 443;
-        if tls_wanted && !manual {
-            return Err(format!(
-                "TLS on port 443 needs certificates: --certmode {} is not supported by derpd yet; \
-                 use --certmode manual with --hostname and --certdir (an IP --hostname gets a \
-                 self-signed certificate), or listen on another port with -a for plain HTTP",
-                a.certmode
-            ));
-        }
-        let tls = if tls_wanted {
-            if a.hostname.is_empty() {
-                return Err("--certmode manual needs --hostname".into());
-            }
-            let certdir = if a.certdir.is_empty() {
-                default_certdir()
-            } else {
-                PathBuf::from(&a.certdir)
-            };
-            Some(TlsMode {
-                hostname: a.hostname.clone(),
-                certdir,
-            })
-        } else {
-            None
-        };
+        let tls = tls_mode(a, listen.port())?;
         let http_port = match a.http_port {
             -1 => None,
             p => Some(u16::try_from(p).map_err(|_| format!("invalid --http-port {p}"))?),
@@ -293,6 +322,97 @@ impl Config {
             cert_poll: CERT_POLL,
         })
     }
+}
+
+/// The main listener's TLS, derper's rule: TLS on port 443 or with `--certmode manual`; also
+/// with `--acme-ip-certs` and when clients dial 443 (`--public-port`), where plain HTTP could
+/// only be a mistake. `None`: plain HTTP.
+fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
+    let manual = match a.certmode.as_str() {
+        "manual" => true,
+        "letsencrypt" => false,
+        "gcp" => return Err("--certmode gcp is not supported (use letsencrypt or manual)".into()),
+        other => {
+            return Err(format!(
+                "unknown --certmode {other:?} (supported: letsencrypt, manual)"
+            ))
+        }
+    };
+    if a.acme_ip_certs && manual {
+        return Err("--acme-ip-certs requires --certmode=letsencrypt".into());
+    }
+    let tls_wanted = manual || port == 443 || a.public_port == 443 || a.acme_ip_certs;
+    if !tls_wanted {
+        return Ok(None);
+    }
+    let certdir = match non_empty(&a.certdir) {
+        Some(d) => PathBuf::from(d),
+        None => default_certdir(),
+    };
+    if manual {
+        if a.hostname.is_empty() {
+            return Err("--certmode manual needs --hostname".into());
+        }
+        return Ok(Some(TlsMode::manual(&a.hostname, certdir)));
+    }
+    let is_ip = crate::acme::Identifier::for_host(&a.hostname)
+        .as_ip()
+        .is_some();
+    if a.hostname.is_empty() || a.hostname == DEFAULT_HOSTNAME {
+        return Err(format!(
+            "TLS on port {port} with --certmode letsencrypt needs --hostname: the DNS name \
+             clients dial (or, with --acme-ip-certs, the public IP address); or use --certmode \
+             manual with certificate files in --certdir (an IP --hostname gets a self-signed \
+             certificate), or listen on another port with -a for plain HTTP"
+        ));
+    }
+    if is_ip && !a.acme_ip_certs {
+        return Err(format!(
+            "--hostname {} is an IP address: --certmode letsencrypt needs --acme-ip-certs for \
+             it (or --certmode manual, for a self-signed certificate)",
+            a.hostname
+        ));
+    }
+    if a.acme_ip_certs && !is_ip {
+        return Err(format!(
+            "--acme-ip-certs takes the address from --hostname: give the public IP address \
+             clients dial, not {:?}",
+            a.hostname
+        ));
+    }
+    // A CA validates TLS-ALPN-01 on port 443 and HTTP-01 on port 80, whatever the flags say:
+    // what reaches those ports must be derpd.
+    let public = if a.public_port != 0 {
+        a.public_port
+    } else {
+        port
+    };
+    let mut challenges = Vec::new();
+    if public == 443 {
+        challenges.push(ChallengeKind::TlsAlpn01);
+    }
+    if a.http_port != -1 {
+        challenges.push(ChallengeKind::Http01);
+    }
+    if challenges.is_empty() {
+        return Err(format!(
+            "--certmode letsencrypt: the CA can reach this relay neither on port 443 (clients \
+             dial {public}) nor on port 80 (--http-port -1); give --http-port (port 80, \
+             forwarded here) or serve on 443"
+        ));
+    }
+    Ok(Some(TlsMode {
+        hostname: a.hostname.clone(),
+        certdir,
+        acme: Some(AcmeConfig {
+            directory: a.acme_directory.clone(),
+            ca_file: non_empty(&a.acme_ca_file).map(PathBuf::from),
+            email: non_empty(&a.acme_email).map(str::to_string),
+            ip_certs: a.acme_ip_certs,
+            challenges,
+            timing: AcmeTiming::default(),
+        }),
+    }))
 }
 
 fn non_empty(s: &str) -> Option<&str> {

@@ -4,14 +4,123 @@
 use super::*;
 use args::tests::args;
 
+/// `--certmode letsencrypt`: the hostname it needs, `--acme-ip-certs`' rules, the challenges
+/// the CA can reach, the `--acme-*` flags.
+#[test]
+fn letsencrypt_mode() {
+    let cfg = |v: &[&str]| Config::from_args(&args(v).unwrap());
+    let dns = cfg(&[
+        "-c",
+        "/k",
+        "--hostname",
+        "derp.example.com",
+        "--certdir",
+        "/d",
+    ])
+    .unwrap();
+    let tls = dns.tls.unwrap();
+    assert_eq!(tls.certdir, PathBuf::from("/d"));
+    let acme = tls.acme.unwrap();
+    assert_eq!(acme.directory, crate::acme::LETS_ENCRYPT);
+    assert!(!acme.ip_certs && acme.ca_file.is_none() && acme.email.is_none());
+    assert_eq!(
+        acme.challenges,
+        [ChallengeKind::TlsAlpn01, ChallengeKind::Http01]
+    );
+    assert_eq!(acme.timing, AcmeTiming::default());
+    // Behind a port forward (443 → 3443, 80 → 8080), as on OpenWrt.
+    let fwd = cfg(&[
+        "-c",
+        "/k",
+        "-a",
+        ":3443",
+        "--public-port=443",
+        "--http-port=8080",
+        "--hostname=203.0.113.7",
+        "--acme-ip-certs",
+        "--acme-directory=https://127.0.0.1:14000/dir",
+        "--acme-ca-file=/ca.pem",
+        "--acme-email=me@example.com",
+    ])
+    .unwrap();
+    let acme = fwd.tls.unwrap().acme.unwrap();
+    assert!(acme.ip_certs);
+    assert_eq!(acme.directory, "https://127.0.0.1:14000/dir");
+    assert_eq!(acme.ca_file, Some(PathBuf::from("/ca.pem")));
+    assert_eq!(acme.email.as_deref(), Some("me@example.com"));
+    // --acme-ip-certs means TLS on any port; the CA reaches only port 80 there.
+    let ip = cfg(&[
+        "-c",
+        "/k",
+        "-a",
+        ":8443",
+        "--hostname",
+        "2001:db8::1",
+        "-acme-ip-certs",
+    ]);
+    assert_eq!(
+        ip.unwrap().tls.unwrap().acme.unwrap().challenges,
+        [ChallengeKind::Http01]
+    );
+    for (flags, want) in [
+        (&["--hostname", "192.0.2.1"][..], "needs --acme-ip-certs"),
+        (
+            &["--hostname", "d.example", "--acme-ip-certs"],
+            "give the public IP",
+        ),
+        (
+            &[
+                "--hostname",
+                "d.example",
+                "--certmode",
+                "manual",
+                "--acme-ip-certs",
+            ],
+            "requires --certmode=letsencrypt",
+        ),
+        (&["--certmode", "gcp"], "not supported"),
+        (
+            &[
+                "--hostname",
+                "d.example",
+                "-a",
+                ":8443",
+                "--public-port=8443",
+                "--acme-ip-certs",
+            ],
+            "give the public IP",
+        ),
+        (
+            &[
+                "--hostname",
+                "192.0.2.1",
+                "-a",
+                ":8443",
+                "--acme-ip-certs",
+                "--http-port=-1",
+            ],
+            "neither on port 443",
+        ),
+    ] {
+        let mut v = vec!["-c", "/k"];
+        v.extend_from_slice(flags);
+        let e = cfg(&v).unwrap_err();
+        assert!(e.contains(want), "{flags:?}: {e}");
+    }
+}
+
 #[test]
 fn mode_selection() {
     let cfg = |v: &[&str]| Config::from_args(&args(v).unwrap());
     let dev = cfg(&["--dev"]).unwrap();
     assert_eq!(dev.listen, "127.0.0.1:3340".parse().unwrap());
     assert!(dev.tls.is_none() && matches!(dev.key, KeySource::Ephemeral));
+    // derper's defaults: letsencrypt on :443 for derp.tailscale.com, which is not ours.
     let e = cfg(&["-c", "/tmp/x"]).unwrap_err();
-    assert!(e.contains("--certmode manual"), "{e}");
+    assert!(
+        e.contains("needs --hostname") && e.contains("--certmode manual"),
+        "{e}"
+    );
     let plain = cfg(&["-a", ":8443", "-c", "/tmp/x"]).unwrap();
     assert!(
         plain.tls.is_none(),
@@ -19,10 +128,13 @@ fn mode_selection() {
     );
     // --public-port: 0 (the default) is the listening port; it changes nothing else.
     assert_eq!(plain.public_port, None);
-    let public = cfg(&["-a", ":8443", "-c", "/tmp/x", "-public-port=443"]).unwrap();
-    assert_eq!(public.public_port, Some(443));
+    let public = cfg(&["-a", ":8443", "-c", "/tmp/x", "-public-port=8443"]).unwrap();
+    assert_eq!(public.public_port, Some(8443));
     assert_eq!(public.listen, plain.listen);
     assert!(public.tls.is_none());
+    // Clients dialling 443 through a port forward want TLS.
+    let e = cfg(&["-a", ":3443", "-c", "/tmp/x", "-public-port=443"]).unwrap_err();
+    assert!(e.contains("needs --hostname"), "{e}");
     assert!(args(&["--public-port=65536"]).is_err());
     let man = cfg(&[
         "-a",

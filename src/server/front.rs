@@ -33,6 +33,8 @@ pub(super) enum FrontError {
     Evicted,
     Head(http::HeadError),
     Derp(session::SessionError),
+    /// A TLS-ALPN-01 validation connection, closed after its handshake.
+    AcmeValidated,
 }
 
 impl std::fmt::Display for FrontError {
@@ -45,6 +47,7 @@ impl std::fmt::Display for FrontError {
             ),
             Self::Head(e) => write!(f, "{e}"),
             Self::Derp(e) => write!(f, "{e}"),
+            Self::AcmeValidated => f.write_str("ACME TLS-ALPN-01 validation answered"),
         }
     }
 }
@@ -75,6 +78,10 @@ pub(super) async fn handle_conn(
     let resp = match route(&req, remote, which, state.derp_enabled, &state.home) {
         Action::Respond(resp) => resp,
         Action::Debug => super::debug::respond(state, &req, remote, stream.local_addr()),
+        Action::AcmeHttp01(token) => match &state.acme {
+            Some(ch) => http::acme_challenge(ch.http01(&token).as_deref(), req.method == "HEAD"),
+            None => http::port80(&req),
+        },
         Action::Derp => return serve_derp(state, stream, leftover, req, remote, slot).await,
         Action::WebSocket(acc) => {
             drop(req);
@@ -108,13 +115,19 @@ async fn setup(
         .await?;
     slot.progress(Progress::Talking);
     let mut stream = match (&state.tls, which) {
-        (Some(acc), Listener::Main) => Stream::Tls(Box::new(
-            acc.accept_with(tcp, tls::limit_send_buffer)
+        (Some(acc), Listener::Main) => {
+            let tls = acc
+                .accept_with(tcp, tls::limit_send_buffer)
                 .await
                 .map_err(|e| {
                     FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
-                })?,
-        )),
+                })?;
+            if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+                // An ACME CA's TLS-ALPN-01 validation: the handshake was all of it (RFC 8737).
+                return Err(FrontError::AcmeValidated);
+            }
+            Stream::Tls(Box::new(tls))
+        }
         _ => Stream::Plain(tcp),
     };
     // The head (and the reply to a refused one) runs under the caller's handshake deadline.
@@ -135,6 +148,10 @@ enum Action {
     /// `/debug` or `/debug/…`: answered by the caller, which has what the pages and their
     /// access rule need (the relay state, the connection's own address).
     Debug,
+    /// An ACME HTTP-01 validation on port 80 (`/.well-known/acme-challenge/<token>`): answered
+    /// by the caller from the certificate keeper's challenges, or redirected as any other
+    /// port-80 request when there is no keeper (`--certmode manual`).
+    AcmeHttp01(String),
 }
 
 /// Routes a request as derper's mux does: a pure function of the request, the listener it
@@ -150,6 +167,9 @@ fn route(
     let head = req.method == "HEAD";
     // derper's port 80 hands `/debug…` to the main mux (access rules apply); all else redirects.
     if which == Listener::Port80 && !req.target.starts_with("/debug") {
+        if let Some(token) = req.path.strip_prefix(http::ACME_CHALLENGE_PREFIX) {
+            return Action::AcmeHttp01(token.to_string());
+        }
         return Action::Respond(http::port80(req));
     }
     Action::Respond(match req.path.as_str() {

@@ -187,8 +187,10 @@ pub(super) async fn accept_loop(
                         evicted.await;
                         Err(FrontError::Evicted)
                     });
-                    let Err(e) = conn.await else {
-                        return;
+                    let e = match conn.await {
+                        Ok(()) => return,
+                        Err(e @ FrontError::AcmeValidated) => return debug!("{remote}: {e}"),
+                        Err(e) => e,
                     };
                     st.relay.metrics.failed_logins.fetch_add(1, Relaxed);
                     match e {

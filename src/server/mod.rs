@@ -54,6 +54,8 @@ pub struct State {
     stopping: Stop,
     /// Swaps in renewed `--certmode manual` files.
     certs: Option<tls::CertReloader>,
+    /// `--certmode letsencrypt`: the proofs served while the CA validates (HTTP-01 on port 80).
+    acme: Option<Arc<tls::Challenges>>,
     /// `/debug/` access rule and start-time facts.
     pub(crate) debug: debug::DebugState,
 }
@@ -64,8 +66,7 @@ impl State {
     fn new(
         cfg: &Config,
         private_key: NodePrivate,
-        tls: Option<futures_rustls::TlsAcceptor>,
-        certs: Option<tls::CertReloader>,
+        tls: Option<&ServerTls>,
         derp_map: Option<derpmap::Node>,
     ) -> Result<Self, StartError> {
         let relay = Relay::new(cfg, private_key).map_err(StartError::Config)?;
@@ -78,11 +79,12 @@ impl State {
                 keepalive: cfg.timeouts.tcp_keepalive,
                 user_timeout: cfg.timeouts.tcp_user,
             },
-            tls,
+            tls: tls.map(|t| t.acceptor.clone()),
             handshakes: Slots::new(cfg.limits.max_handshakes, cfg.limits.max_handshakes_per_ip),
             rate_config: cfg.rate_config.clone(),
             stopping: Stop::default(),
-            certs,
+            certs: None,
+            acme: tls.and_then(|t| t.keeper.as_ref()).map(|k| k.challenges()),
             debug,
         })
     }
@@ -222,13 +224,19 @@ impl Server {
                 pin.as_deref(),
             )
         });
-        let (acceptor, reloader) =
-            tls.map_or((None, None), |t| (Some(t.acceptor), Some(t.reloader)));
-        let state = Arc::new(State::new(&cfg, private_key, acceptor, reloader, derp_map)?);
+        let mut state = State::new(&cfg, private_key, tls.as_ref(), derp_map)?;
+        let (reloader, keeper) = tls.map_or((None, None), |t| (t.reloader, t.keeper));
+        state.certs = reloader;
+        let state = Arc::new(state);
         log_start(&cfg, &state, addr, http_addr, &stun_addrs);
-        // Logged only with a pin (a self-signed IP certificate), as derper does.
-        if let (Some(_), Some(mode), Some(node)) = (&pin, &cfg.tls, state.debug.derp_map()) {
-            print_derp_map(&mode.hostname, node);
+        if let (Some(mode), Some(node)) = (&cfg.tls, state.debug.derp_map()) {
+            if pin.is_some() {
+                // With a pin (a self-signed IP certificate), as derper logs it.
+                print_derp_map(&mode.hostname, node, true);
+            } else if mode.acme.as_ref().is_some_and(|a| a.ip_certs) {
+                // A CA-issued IP certificate: clients verify it as any other, no pin.
+                print_derp_map(&mode.hostname, node, false);
+            }
         }
 
         let ex = Arc::new(Executor::new());
@@ -240,6 +248,9 @@ impl Server {
         }
         if state.certs.is_some() {
             ex.spawn(watch_certs(state.clone(), cfg.cert_poll)).detach();
+        }
+        if let Some(k) = keeper {
+            ex.spawn(k.run()).detach();
         }
         for s in stun_socks {
             ex.spawn(stun_loop(state.clone(), s)).detach();
@@ -385,18 +396,44 @@ fn load_key(source: &KeySource) -> Result<NodePrivate, StartError> {
     })
 }
 
-/// The main listener's TLS: the acceptor, the reloader that swaps in renewed files, and the
-/// certificate's pin when it is a self-signed IP certificate (clients need it in the DERPMap).
+/// The main listener's TLS: the acceptor; the reloader that swaps in renewed files
+/// (`--certmode manual`) or the keeper that gets certificates from the CA (`letsencrypt`); and
+/// the certificate's pin when it is a self-signed IP certificate (clients need it in the
+/// DERPMap).
 struct ServerTls {
     acceptor: futures_rustls::TlsAcceptor,
-    reloader: tls::CertReloader,
+    reloader: Option<tls::CertReloader>,
+    keeper: Option<tls::CertKeeper>,
     pin: Option<String>,
 }
 
 impl ServerTls {
-    /// Loads the certificate of `mode` (creating a self-signed one for an IP hostname), with
-    /// the meta-certificate for `key` appended when `meta_cert`.
+    /// The certificates of `mode`, with the meta-certificate for `key` appended when
+    /// `meta_cert`.
     fn start(mode: &TlsMode, key: &NodePrivate, meta_cert: bool) -> Result<Self, StartError> {
+        if let Some(acme) = &mode.acme {
+            let (config, keeper) = tls::acme_server_config(mode, acme, key.public().0, meta_cert)
+                .map_err(StartError::Tls)?;
+            if !keeper.has_certificate() {
+                info!(
+                    "no certificate for {} yet: TLS clients are refused until the ACME CA \
+                     issues one",
+                    mode.hostname
+                );
+            }
+            return Ok(Self {
+                acceptor: futures_rustls::TlsAcceptor::from(config),
+                reloader: None,
+                keeper: Some(keeper),
+                pin: None,
+            });
+        }
+        Self::manual(mode, key, meta_cert)
+    }
+
+    /// `--certmode manual`: loads the certificate (creating a self-signed one for an IP
+    /// hostname).
+    fn manual(mode: &TlsMode, key: &NodePrivate, meta_cert: bool) -> Result<Self, StartError> {
         let cert = tls::load_or_create(&mode.hostname, &mode.certdir).map_err(StartError::Tls)?;
         if let Some(why) = &cert.replaced {
             warn!(
@@ -425,7 +462,8 @@ impl ServerTls {
         .map_err(StartError::Tls)?;
         Ok(Self {
             acceptor: futures_rustls::TlsAcceptor::from(config),
-            reloader,
+            reloader: Some(reloader),
+            keeper: None,
             pin,
         })
     }
@@ -572,13 +610,21 @@ impl Drop for Server {
     }
 }
 
-/// Logs the DERPMap node for a self-signed IP certificate (the line derper logs), then a
-/// headscale `derp.paths` file and a tailnet policy file snippet, all from one [`derpmap::Node`].
-fn print_derp_map(hostname: &str, node: &derpmap::Node) {
-    info!(
-        "Using self-signed certificate for IP address {hostname:?}. Configure it in DERPMap using: \
-         (https://tailscale.com/s/custom-derp)"
-    );
+/// Logs the DERPMap node for an IP address (the line derper logs), then a headscale
+/// `derp.paths` file and a tailnet policy file snippet, all from one [`derpmap::Node`]:
+/// with the pin of a self-signed certificate, or without one for a CA-issued certificate.
+fn print_derp_map(hostname: &str, node: &derpmap::Node, self_signed: bool) {
+    if self_signed {
+        info!(
+            "Using self-signed certificate for IP address {hostname:?}. Configure it in DERPMap \
+             using: (https://tailscale.com/s/custom-derp)"
+        );
+    } else {
+        info!(
+            "Using a certificate from the ACME CA for IP address {hostname:?}. Configure it in \
+             DERPMap using: (https://tailscale.com/s/custom-derp)"
+        );
+    }
     info!("  {}", node.json_line());
     info!(
         "headscale: save as a YAML file listed in derp.paths:\n{}",

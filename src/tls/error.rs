@@ -42,6 +42,8 @@ pub enum TlsError {
     },
     /// Certificate generation failed.
     Rcgen(rcgen::Error),
+    /// `--certmode letsencrypt` cannot start (its settings are unusable).
+    Acme(String),
     /// rustls rejected a key or the configuration.
     Rustls {
         context: String,
@@ -118,6 +120,7 @@ impl fmt::Display for TlsError {
                 )
             }
             TlsError::Rcgen(e) => write!(f, "cannot generate a certificate: {e}"),
+            TlsError::Acme(e) => f.write_str(e),
             TlsError::Rustls { context, source } => write!(f, "{context}: {source}"),
         }
     }

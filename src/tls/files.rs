@@ -200,7 +200,12 @@ pub fn load(hostname: &str, certdir: &Path) -> Result<ServerCert, TlsError> {
 }
 
 /// The key must match the leaf, and the leaf the hostname.
-fn check_cert(cert: &ServerCert, hostname: &str, crt: &Path, key: &Path) -> Result<(), TlsError> {
+pub(super) fn check_cert(
+    cert: &ServerCert,
+    hostname: &str,
+    crt: &Path,
+    key: &Path,
+) -> Result<(), TlsError> {
     let provider = rustls::crypto::ring::default_provider();
     CertifiedKey::from_der(cert.chain.clone(), cert.key.clone_key(), &provider).map_err(
         |source| match source {

@@ -9,8 +9,11 @@
 //! - `hostname`: Go's `VerifyHostname`, which a loaded certificate must pass;
 //! - `selfsigned`: the self-signed IP certificate, its SEC1 key and PEM files;
 //! - `template`: rcgen parameters written as Go's `crypto/x509` writes them;
-//! - `resolver`: the rustls `ServerConfig`, the certificate resolver and the [`CertReloader`].
+//! - `resolver`: the rustls `ServerConfig`, the certificate resolver and the [`CertReloader`];
+//! - `acme`: `--certmode letsencrypt`'s [`CertKeeper`] (stored certificate, orders, renewal)
+//!   and the [`Challenges`] it serves while the CA validates.
 
+mod acme;
 mod error;
 mod files;
 mod hostname;
@@ -21,6 +24,7 @@ mod template;
 #[cfg(test)]
 mod testutil;
 
+pub use acme::{acme_server_config, CertKeeper, Challenges};
 pub use error::TlsError;
 pub use files::{cert_file_stem, load, load_or_create, ServerCert};
 pub use meta::{generate_meta_cert, MetaCert};

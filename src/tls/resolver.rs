@@ -3,7 +3,6 @@
 //! expires) and the reloader that swaps in renewed certificate files without a restart.
 
 use std::fs;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,6 +11,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::{CertifiedKey, SigningKey};
 
+use super::acme::Challenges;
 use super::error::rustls_err;
 use super::files::cert_paths;
 use super::meta::{generate_meta_cert, meta_cert_at, MetaCert};
@@ -123,7 +123,17 @@ impl CertReloader {
     }
 }
 
-fn config_with(resolver: Arc<DerpCertResolver>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The client offers only `acme-tls/1`: an ACME CA validating TLS-ALPN-01.
+fn is_acme_validation(hello: &ClientHello<'_>) -> bool {
+    hello
+        .alpn()
+        .is_some_and(|mut p| p.any(|p| p == crate::acme::ACME_TLS_ALPN))
+}
+
+pub(super) fn config_with(
+    resolver: Arc<DerpCertResolver>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let acme = resolver.challenges.is_some();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -131,6 +141,11 @@ fn config_with(resolver: Arc<DerpCertResolver>) -> Result<Arc<rustls::ServerConf
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if acme {
+        config
+            .alpn_protocols
+            .push(crate::acme::ACME_TLS_ALPN.to_vec());
+    }
     // DERP clients never resume (Go's client has no session cache), and a resumed TLS 1.3
     // session would carry no meta-cert anyway; don't spend router memory on a session cache.
     config.session_storage = Arc::new(NoServerSessionStorage {});
@@ -156,11 +171,12 @@ struct Served {
 struct ResolverState {
     /// The current meta-cert, kept to serve it again with a reloaded chain.
     meta: Option<MetaCert>,
-    served: Served,
+    /// `None` until the ACME CA issued the first certificate: handshakes are refused.
+    served: Option<Served>,
 }
 
 #[derive(Debug)]
-struct DerpCertResolver {
+pub(super) struct DerpCertResolver {
     /// Lowercased: rustls hands us the SNI lowercased, so we compare exactly after lowercasing
     /// (derper compares the raw strings; Go clients send the hostname as configured).
     hostname: String,
@@ -169,6 +185,8 @@ struct DerpCertResolver {
     meta_key: Option<[u8; 32]>,
     /// The only lock of the resolver.
     state: Mutex<ResolverState>,
+    /// `--certmode letsencrypt`: the TLS-ALPN-01 certificates being validated.
+    challenges: Option<Arc<Challenges>>,
 }
 
 impl DerpCertResolver {
@@ -177,14 +195,27 @@ impl DerpCertResolver {
         hostname: &str,
         meta_key: Option<[u8; 32]>,
     ) -> Result<Self, TlsError> {
-        let signing_key = signing_key(cert)?;
+        let r = Self::empty(hostname, meta_key, None)?;
+        r.replace(cert)?;
+        Ok(r)
+    }
+
+    /// A resolver with no certificate yet (the ACME CA has not issued one), answering
+    /// TLS-ALPN-01 validations from `challenges` if given.
+    pub(super) fn empty(
+        hostname: &str,
+        meta_key: Option<[u8; 32]>,
+        challenges: Option<Arc<Challenges>>,
+    ) -> Result<Self, TlsError> {
         let meta = meta_key.as_ref().map(generate_meta_cert).transpose()?;
-        let served = build_served(cert.chain.clone(), signing_key, meta.as_ref());
         Ok(DerpCertResolver {
             hostname: hostname.to_ascii_lowercase(),
-            hostname_is_ip: hostname.parse::<IpAddr>().is_ok(),
+            hostname_is_ip: crate::acme::Identifier::for_host(hostname)
+                .as_ip()
+                .is_some(),
             meta_key,
-            state: Mutex::new(ResolverState { meta, served }),
+            state: Mutex::new(ResolverState { meta, served: None }),
+            challenges,
         })
     }
 
@@ -193,10 +224,14 @@ impl DerpCertResolver {
     }
 
     /// Serves `cert` to new connections from now on, with the current meta-cert.
-    fn replace(&self, cert: &ServerCert) -> Result<(), TlsError> {
+    pub(super) fn replace(&self, cert: &ServerCert) -> Result<(), TlsError> {
         let signing_key = signing_key(cert)?;
         let mut st = self.lock();
-        st.served = build_served(cert.chain.clone(), signing_key, st.meta.as_ref());
+        st.served = Some(build_served(
+            cert.chain.clone(),
+            signing_key,
+            st.meta.as_ref(),
+        ));
         Ok(())
     }
 
@@ -205,29 +240,32 @@ impl DerpCertResolver {
         self.hostname_is_ip || sni == Some(self.hostname.as_str())
     }
 
-    /// The key to serve at `now`, regenerating the meta-cert if it is due.
-    fn resolve_at(&self, now: SystemTime) -> Arc<CertifiedKey> {
+    /// The key to serve at `now`, regenerating the meta-cert if it is due; `None` before the
+    /// first certificate.
+    fn resolve_at(&self, now: SystemTime) -> Option<Arc<CertifiedKey>> {
         let mut st = self.lock();
-        if let (Some(server_key), Some(renew_after)) = (self.meta_key, st.served.renew_after) {
+        let st = &mut *st;
+        let served = st.served.as_mut()?;
+        if let (Some(server_key), Some(renew_after)) = (self.meta_key, served.renew_after) {
             if now > renew_after {
                 match meta_cert_at(&server_key, now) {
                     Ok(meta) => {
                         log::info!("renewed the DERP meta-certificate");
-                        let chain = std::mem::take(&mut st.served.chain);
-                        let key = Arc::clone(&st.served.signing_key);
-                        st.served = build_served(chain, key, Some(&meta));
+                        let chain = std::mem::take(&mut served.chain);
+                        let key = Arc::clone(&served.signing_key);
+                        *served = build_served(chain, key, Some(&meta));
                         st.meta = Some(meta);
                     }
                     Err(e) => {
                         log::warn!(
                             "cannot renew the DERP meta-certificate, keeping the old one: {e}"
                         );
-                        st.served.renew_after = now.checked_add(META_RETRY);
+                        served.renew_after = now.checked_add(META_RETRY);
                     }
                 }
             }
         }
-        Arc::clone(&st.served.key)
+        Some(Arc::clone(&served.key))
     }
 }
 
@@ -261,6 +299,13 @@ fn build_served(
 impl ResolvesServerCert for DerpCertResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let sni = client_hello.server_name();
+        if let Some(ch) = &self.challenges {
+            if is_acme_validation(&client_hello) {
+                // RFC 8737: the CA's validation connection, answered with the challenge
+                // certificate for its SNI (the name, or an address's reverse-DNS name).
+                return sni.and_then(|sni| ch.alpn_cert(sni));
+            }
+        }
         if !self.sni_allowed(sni) {
             log::debug!(
                 "TLS handshake rejected: SNI {sni:?} is not {:?}",
@@ -268,7 +313,16 @@ impl ResolvesServerCert for DerpCertResolver {
             );
             return None;
         }
-        Some(self.resolve_at(SystemTime::now()))
+        let key = self.resolve_at(SystemTime::now());
+        if key.is_none() {
+            crate::lograte::limited!(
+                warn,
+                crate::lograte::HEADS,
+                "TLS handshake refused: no certificate for {} yet (waiting for the ACME CA)",
+                self.hostname
+            );
+        }
+        key
     }
 }
 
@@ -398,12 +452,12 @@ mod tests {
     #[test]
     fn resolver_appends_meta_cert_last_or_not_at_all() {
         let (cert, r) = resolver(true);
-        let key = r.resolve_at(SystemTime::now());
+        let key = r.resolve_at(SystemTime::now()).unwrap();
         assert_meta_last(&key.cert, &cert.chain[0]);
         key.keys_match().unwrap();
 
         let (cert, r) = resolver(false);
-        let key = r.resolve_at(SystemTime::now() + 365 * DAY);
+        let key = r.resolve_at(SystemTime::now() + 365 * DAY).unwrap();
         assert_eq!(key.cert, cert.chain);
     }
 
@@ -413,7 +467,7 @@ mod tests {
         let cert = load_or_create("192.0.2.3", &tmp.0).unwrap();
         let (_, reloader) =
             reloadable_server_config(&cert, "192.0.2.3", &tmp.0, SERVER_KEY, true).unwrap();
-        let served = |r: &CertReloader| r.resolver.resolve_at(SystemTime::now());
+        let served = |r: &CertReloader| r.resolver.resolve_at(SystemTime::now()).unwrap();
         assert!(reloader.reload_if_changed().is_none(), "nothing changed");
         // A renewal: another certificate for the same IP, written over the files.
         let other = TempDir::new();
@@ -469,15 +523,15 @@ mod tests {
     fn meta_cert_is_renewed_a_week_before_expiry() {
         let (_, r) = resolver(true);
         let now = SystemTime::now();
-        let first = r.resolve_at(now);
+        let first = r.resolve_at(now).unwrap();
         let meta_der = |k: &CertifiedKey| k.cert.last().unwrap().clone();
 
         // Not yet due: the same key is served.
-        let later = r.resolve_at(now + 22 * DAY);
+        let later = r.resolve_at(now + 22 * DAY).unwrap();
         assert!(Arc::ptr_eq(&first, &later));
 
         // Due: a fresh meta-cert with the same CN, leaf unchanged.
-        let renewed = r.resolve_at(now + 24 * DAY);
+        let renewed = r.resolve_at(now + 24 * DAY).unwrap();
         assert!(!Arc::ptr_eq(&first, &renewed));
         assert_eq!(renewed.cert.len(), 2);
         assert_eq!(renewed.cert[0], first.cert[0]);
@@ -488,9 +542,9 @@ mod tests {
         // The new one is valid from the (injected) renewal time and is kept until 23 days later.
         let nb = parse(&new).validity().not_before.timestamp();
         assert!((nb - unix(now + 24 * DAY - 30 * DAY)).abs() <= 2);
-        let again = r.resolve_at(now + 46 * DAY);
+        let again = r.resolve_at(now + 46 * DAY).unwrap();
         assert!(Arc::ptr_eq(&renewed, &again));
-        let renew_after = r.lock().served.renew_after.unwrap();
+        let renew_after = r.lock().served.as_ref().unwrap().renew_after.unwrap();
         assert!((unix(renew_after) - unix(now + 47 * DAY)).abs() <= 2);
     }
 
@@ -508,7 +562,7 @@ mod tests {
                 let now = SystemTime::now();
                 // Every call is past the previous renewal point, so every call renews.
                 for i in 1..=ROUNDS {
-                    r.resolve_at(now + i * 30 * DAY);
+                    r.resolve_at(now + i * 30 * DAY).unwrap();
                 }
                 tx.send("renewer").unwrap();
             })
@@ -531,6 +585,9 @@ mod tests {
         // Both halves still agree: the served chain ends with the kept meta-cert.
         let st = r.lock();
         let meta = st.meta.as_ref().unwrap();
-        assert_eq!(st.served.key.cert.last().unwrap(), &meta.der);
+        assert_eq!(
+            st.served.as_ref().unwrap().key.cert.last().unwrap(),
+            &meta.der
+        );
     }
 }

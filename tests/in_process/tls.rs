@@ -23,10 +23,7 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
 fn tls_server(name: &str, meta_cert: bool) -> (derpd::server::Server, std::path::PathBuf) {
     let dir = tmpdir(name);
     let mut cfg = Config::dev_loopback();
-    cfg.tls = Some(TlsMode {
-        hostname: "127.0.0.1".into(),
-        certdir: dir.clone(),
-    });
+    cfg.tls = Some(TlsMode::manual("127.0.0.1", dir.clone()));
     cfg.http_port = Some(0);
     cfg.meta_cert = meta_cert;
     (start(cfg), dir)
@@ -193,10 +190,7 @@ fn certificate_files_are_private_and_reused() {
     let first = std::fs::read(dir.join("127.0.0.1.crt")).unwrap();
     drop(srv);
     let mut cfg = Config::dev_loopback();
-    cfg.tls = Some(TlsMode {
-        hostname: "127.0.0.1".into(),
-        certdir: dir.clone(),
-    });
+    cfg.tls = Some(TlsMode::manual("127.0.0.1", dir.clone()));
     let _srv = start(cfg);
     assert_eq!(
         std::fs::read(dir.join("127.0.0.1.crt")).unwrap(),
@@ -317,10 +311,7 @@ fn websocket_login_over_tls() {
 fn renewed_certificate_is_served_without_dropping_clients() {
     let dir = tmpdir("tls-reload");
     let mut cfg = Config::dev_loopback();
-    cfg.tls = Some(TlsMode {
-        hostname: "127.0.0.1".into(),
-        certdir: dir.clone(),
-    });
+    cfg.tls = Some(TlsMode::manual("127.0.0.1", dir.clone()));
     cfg.cert_poll = std::time::Duration::from_millis(20);
     let srv = start(cfg);
     let login = |s: TlsConn| {

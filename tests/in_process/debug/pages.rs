@@ -66,10 +66,7 @@ fn debug_pages_over_loopback() {
 fn debug_on_port_80() {
     let dir = fresh_path("debug_port80", "certs");
     let mut cfg = derpd::config::Config::dev_loopback();
-    cfg.tls = Some(derpd::config::TlsMode {
-        hostname: "127.0.0.1".into(),
-        certdir: dir.clone(),
-    });
+    cfg.tls = Some(derpd::config::TlsMode::manual("127.0.0.1", dir.clone()));
     cfg.http_port = Some(0);
     let srv = inproc::start(cfg);
     let a = srv.http_addr().unwrap();

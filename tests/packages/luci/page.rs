@@ -122,10 +122,10 @@ pub(super) fn page_test() {
 
     // derpd: TLS with a self-signed certificate for 127.0.0.1, a port-80 listener, STUN.
     let mut cfg = derpd::config::Config::dev_loopback();
-    cfg.tls = Some(derpd::config::TlsMode {
-        hostname: "127.0.0.1".into(),
-        certdir: work.join("certs"),
-    });
+    cfg.tls = Some(derpd::config::TlsMode::manual(
+        "127.0.0.1",
+        work.join("certs"),
+    ));
     cfg.http_port = Some(0);
     let srv = inproc::start(cfg);
     let (main, http) = (srv.addr(), srv.http_addr().unwrap());

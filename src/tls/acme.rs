@@ -1,0 +1,377 @@
+//! `--certmode letsencrypt`: the certificate keeper. It loads the certificate a previous run
+//! (of derpd or derper) stored in `--certdir`, orders one from the ACME CA when there is none
+//! or a third of its lifetime is left (looking hourly), retries failures with back-off (1 to
+//! 30 minutes, never a hot loop against the CA), stores what it gets and serves it to new
+//! connections through the resolver, meta-cert appended. While the CA validates, it answers
+//! TLS-ALPN-01 in the resolver and HTTP-01 through the port-80 listener ([`Challenges`]).
+//!
+//! derper's `--certdir` layout, read and written: for a DNS name autocert's cache, the file
+//! `<hostname>` (the `EC PRIVATE KEY`, then the chain) and the account key `acme_account+key`;
+//! for an IP address (`--acme-ip-certs`) `<ip>.crt` and `<ip>.key` (`:` → `.`) and the account
+//! key `acme-account.key`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+
+use super::files::check_cert;
+use super::resolver::DerpCertResolver;
+use super::{ServerCert, TlsError};
+use crate::acme::client::{AcmeClient, ChallengeKind, Proof, Solver};
+use crate::acme::{AccountKey, Backoff, Identifier, SHORTLIVED};
+use crate::config::{AcmeConfig, TlsMode};
+use crate::sync::lock;
+
+/// The proofs served while the CA validates: HTTP-01 key authorizations by token, TLS-ALPN-01
+/// certificates by SNI.
+#[derive(Debug, Default)]
+pub struct Challenges {
+    kinds: Vec<ChallengeKind>,
+    http: Mutex<HashMap<String, String>>,
+    alpn: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl Challenges {
+    /// Answers the challenge types in `kinds`, the preferred first.
+    pub fn new(kinds: Vec<ChallengeKind>) -> Self {
+        Self {
+            kinds,
+            ..Self::default()
+        }
+    }
+
+    /// The body for `GET /.well-known/acme-challenge/<token>`, while the CA validates.
+    pub fn http01(&self, token: &str) -> Option<String> {
+        lock(&self.http).get(token).cloned()
+    }
+
+    /// The TLS-ALPN-01 certificate for `sni`, while the CA validates.
+    pub(super) fn alpn_cert(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        lock(&self.alpn).get(&sni.to_ascii_lowercase()).cloned()
+    }
+}
+
+impl Solver for Challenges {
+    fn kinds(&self) -> &[ChallengeKind] {
+        &self.kinds
+    }
+
+    fn present(&self, _id: &Identifier, proof: &Proof) -> Result<(), String> {
+        match proof {
+            Proof::Http01 {
+                token,
+                key_authorization,
+            } => {
+                lock(&self.http).insert(token.clone(), key_authorization.clone());
+            }
+            Proof::TlsAlpn01 {
+                sni,
+                cert_der,
+                key_pkcs8,
+            } => {
+                let key = PrivateKeyDer::Pkcs8(key_pkcs8.clone().into());
+                let key = rustls::crypto::ring::sign::any_supported_type(&key)
+                    .map_err(|e| format!("the challenge key: {e}"))?;
+                let ck = CertifiedKey::new(vec![cert_der.clone().into()], key);
+                lock(&self.alpn).insert(sni.to_ascii_lowercase(), Arc::new(ck));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&self, _id: &Identifier, proof: &Proof) {
+        match proof {
+            Proof::Http01 { token, .. } => {
+                lock(&self.http).remove(token);
+            }
+            Proof::TlsAlpn01 { sni, .. } => {
+                lock(&self.alpn).remove(&sni.to_ascii_lowercase());
+            }
+        }
+    }
+}
+
+/// Where the certificate and the account key live in `--certdir` (derper's names).
+#[derive(Debug, Clone)]
+enum Layout {
+    /// autocert's cache entry: key and chain in one file.
+    Autocert(PathBuf),
+    /// derper's IP certificate manager: chain and key apart.
+    IpPair { crt: PathBuf, key: PathBuf },
+}
+
+impl Layout {
+    fn for_mode(mode: &TlsMode, ip: Option<IpAddr>) -> (Self, PathBuf) {
+        let dir = &mode.certdir;
+        match ip {
+            Some(ip) => {
+                let stem = crate::acme::ip_cert_file_stem(ip);
+                let pair = Self::IpPair {
+                    crt: dir.join(format!("{stem}.crt")),
+                    key: dir.join(format!("{stem}.key")),
+                };
+                (pair, dir.join("acme-account.key"))
+            }
+            None => (
+                Self::Autocert(dir.join(mode.hostname.to_ascii_lowercase())),
+                dir.join("acme_account+key"),
+            ),
+        }
+    }
+
+    /// The file named in messages.
+    fn crt(&self) -> &Path {
+        match self {
+            Self::Autocert(p) => p,
+            Self::IpPair { crt, .. } => crt,
+        }
+    }
+
+    fn read(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let (chain_pem, key_pem) = match self {
+            Self::Autocert(p) => {
+                let text = read(p)?;
+                (text.clone(), text)
+            }
+            Self::IpPair { crt, key } => (read(crt)?, read(key)?),
+        };
+        let chain = CertificateDer::pem_slice_iter(&chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", self.crt().display()))?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| format!("{}: the private key: {e}", self.crt().display()))?;
+        Ok((chain, key))
+    }
+
+    /// Writes the chain (PEM, leaf first) and its key (SEC1 `EC PRIVATE KEY`, 0600), each file
+    /// crash-safe.
+    fn write(&self, chain_pem: &str, key_sec1: &[u8]) -> std::io::Result<()> {
+        let key_pem = crate::p256::pem_encode("EC PRIVATE KEY", key_sec1);
+        let write = crate::fsutil::write_file_atomic;
+        match self {
+            Self::Autocert(p) => write(p, format!("{key_pem}{chain_pem}").as_bytes(), 0o600),
+            Self::IpPair { crt, key } => {
+                write(key, key_pem.as_bytes(), 0o600)?;
+                write(crt, chain_pem.as_bytes(), 0o644)
+            }
+        }
+    }
+}
+
+/// Gets and renews the certificate; [`CertKeeper::run`] is its task.
+#[derive(Debug)]
+pub struct CertKeeper {
+    acme: AcmeConfig,
+    hostname: String,
+    certdir: PathBuf,
+    ids: Vec<Identifier>,
+    layout: Layout,
+    account_key: PathBuf,
+    resolver: Arc<DerpCertResolver>,
+    challenges: Arc<Challenges>,
+    ca_tls: Arc<rustls::ClientConfig>,
+    /// When to order a new certificate; `None` until there is one.
+    renew_at: Mutex<Option<SystemTime>>,
+}
+
+/// The rustls configuration of `--certmode letsencrypt` and its keeper, with the certificate
+/// stored in `--certdir` already served when it is still good.
+pub fn acme_server_config(
+    mode: &TlsMode,
+    acme: &AcmeConfig,
+    server_public_key: [u8; 32],
+    with_meta_cert: bool,
+) -> Result<(Arc<rustls::ServerConfig>, CertKeeper), TlsError> {
+    let challenges = Arc::new(Challenges::new(acme.challenges.clone()));
+    let resolver = Arc::new(DerpCertResolver::empty(
+        &mode.hostname,
+        with_meta_cert.then_some(server_public_key),
+        Some(challenges.clone()),
+    )?);
+    let ca_tls = match &acme.ca_file {
+        Some(p) => crate::trust::ca_file_client_config(p),
+        None => crate::trust::client_config(crate::trust::Trust::CaBundle),
+    }
+    .map_err(|detail| TlsError::Acme(format!("the ACME CA's TLS trust: {detail}")))?;
+    let id = Identifier::for_host(&mode.hostname);
+    let (layout, account_key) = Layout::for_mode(mode, id.as_ip());
+    let keeper = CertKeeper {
+        acme: acme.clone(),
+        hostname: mode.hostname.clone(),
+        certdir: mode.certdir.clone(),
+        ids: vec![id],
+        layout,
+        account_key,
+        resolver: resolver.clone(),
+        challenges,
+        ca_tls,
+        renew_at: Mutex::new(None),
+    };
+    keeper.load_stored();
+    Ok((super::resolver::config_with(resolver)?, keeper))
+}
+
+impl CertKeeper {
+    /// The proofs to serve while the CA validates (the port-80 listener answers HTTP-01).
+    pub fn challenges(&self) -> Arc<Challenges> {
+        self.challenges.clone()
+    }
+
+    /// A certificate is being served.
+    pub fn has_certificate(&self) -> bool {
+        lock(&self.renew_at).is_some()
+    }
+
+    /// Serves the stored certificate if it is for `--hostname`, matches its key and has not
+    /// expired; says in the log why not otherwise.
+    fn load_stored(&self) {
+        let path = self.layout.crt();
+        let cert = match self.layout.read() {
+            Ok((chain, key)) => ServerCert {
+                chain,
+                key,
+                generated: false,
+                hostname_is_ip: self.ids[0].as_ip().is_some(),
+                replaced: None,
+            },
+            Err(e) if !path.exists() => {
+                log::info!("no stored certificate for {} ({e})", self.hostname);
+                return;
+            }
+            Err(e) => {
+                log::warn!("the stored certificate cannot be used: {e}; ordering a new one");
+                return;
+            }
+        };
+        if let Err(e) = self.install(&cert, path) {
+            log::warn!("the stored certificate cannot be used: {e}; ordering a new one");
+        } else {
+            log::info!("using the stored certificate {}", path.display());
+        }
+    }
+
+    /// Checks `cert` (key, name, dates), serves it and notes when to renew it.
+    fn install(&self, cert: &ServerCert, path: &Path) -> Result<(), String> {
+        check_cert(cert, &self.hostname, path, path).map_err(|e| e.to_string())?;
+        let (not_before, not_after) = validity(&cert.chain[0])?;
+        let now = unix_now();
+        if now >= not_after {
+            return Err(format!("it expired at {}", format_time(not_after)));
+        }
+        self.resolver.replace(cert).map_err(|e| e.to_string())?;
+        let at = crate::acme::renew_at(not_before, not_after);
+        *lock(&self.renew_at) = Some(UNIX_EPOCH + Duration::from_secs(at.max(0) as u64));
+        log::info!(
+            "certificate for {}: valid until {}, renewal from {}",
+            self.hostname,
+            format_time(not_after),
+            format_time(at)
+        );
+        Ok(())
+    }
+
+    /// Orders, stores and serves a new certificate.
+    async fn renew(&self) -> Result<(), String> {
+        let t = &self.acme.timing;
+        let deadline = Instant::now() + t.order_timeout;
+        let path = self.account_key.clone();
+        let dir = self.certdir.clone();
+        let (key, created) = smol::unblock(move || {
+            crate::fsutil::create_dir_all_durably(&dir, 0o700)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            AccountKey::load_or_create(&path).map_err(|e| e.to_string())
+        })
+        .await?;
+        if created {
+            log::info!(
+                "created the ACME account key {}",
+                self.account_key.display()
+            );
+        }
+        let profile = self.acme.ip_certs.then_some(SHORTLIVED);
+        let order = async {
+            let mut c = AcmeClient::new(&self.acme.directory, self.ca_tls.clone(), key).await?;
+            c.account(self.acme.email.as_deref()).await?;
+            c.issue(&self.ids, profile, &*self.challenges, deadline)
+                .await
+        };
+        let issued = order.await.map_err(|e| e.to_string())?;
+        let key_sec1 = crate::p256::pkcs8_to_sec1(&issued.key_pkcs8)
+            .ok_or("the CA's certificate key is not P-256")?;
+        let cert = ServerCert {
+            chain: CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("the CA's chain: {e}"))?,
+            key: PrivateKeyDer::Pkcs8(issued.key_pkcs8.clone().into()),
+            generated: false,
+            hostname_is_ip: self.ids[0].as_ip().is_some(),
+            replaced: None,
+        };
+        let (layout, chain_pem) = (self.layout.clone(), issued.chain_pem.clone());
+        smol::unblock(move || layout.write(&chain_pem, &key_sec1))
+            .await
+            .map_err(|e| format!("cannot store {}: {e}", self.layout.crt().display()))?;
+        self.install(&cert, self.layout.crt())
+    }
+
+    /// Keeps a certificate served: orders one when there is none or it is due, looks again
+    /// every `check_every`, waits with back-off after a failure. Runs until the server stops.
+    pub async fn run(self) {
+        let t = self.acme.timing;
+        let mut backoff = Backoff::with(t.retry_first, t.retry_max);
+        loop {
+            let due = *lock(&self.renew_at);
+            let now = SystemTime::now();
+            if due.is_some_and(|at| at > now) {
+                let wait = due
+                    .and_then(|at| at.duration_since(now).ok())
+                    .unwrap_or_default();
+                smol::Timer::after(wait.min(t.check_every)).await;
+                continue;
+            }
+            log::info!(
+                "ordering a certificate for {} from {}",
+                self.hostname,
+                self.acme.directory
+            );
+            match self.renew().await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    let w = backoff.next_wait();
+                    log::warn!(
+                        "cannot get a certificate for {} from the ACME CA: {e}; next try in {} s",
+                        self.hostname,
+                        w.as_secs()
+                    );
+                    smol::Timer::after(w).await;
+                }
+            }
+        }
+    }
+}
+
+/// A leaf's notBefore and notAfter, seconds since the epoch.
+fn validity(leaf: &CertificateDer<'_>) -> Result<(i64, i64), String> {
+    let (_, c) = x509_parser::parse_x509_certificate(leaf).map_err(|e| e.to_string())?;
+    let v = c.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `2026-12-03 04:05:06 UTC`.
+fn format_time(unix: i64) -> String {
+    x509_parser::time::ASN1Time::from_timestamp(unix)
+        .map_or_else(|_| unix.to_string(), |t| t.to_string())
+}
