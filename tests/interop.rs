@@ -9,7 +9,7 @@
 
 mod support;
 
-#[path = "interop_tests/acme.rs"]
+#[path = "interop_tests/acme/mod.rs"]
 mod acme;
 #[path = "interop_tests/mesh.rs"]
 mod mesh;

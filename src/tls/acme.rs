@@ -346,9 +346,8 @@ impl CertKeeper {
                 Err(e) => {
                     let w = backoff.next_wait();
                     log::warn!(
-                        "cannot get a certificate for {} from the ACME CA: {e}; next try in {} s",
-                        self.hostname,
-                        w.as_secs()
+                        "cannot get a certificate for {} from the ACME CA: {e}; next try in {w:?}",
+                        self.hostname
                     );
                     smol::Timer::after(w).await;
                 }

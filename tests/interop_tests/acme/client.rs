@@ -1,186 +1,20 @@
-//! The ACME client (`derpd::acme::client`) against Pebble, Let's Encrypt's test CA, on
-//! loopback: an IP certificate for 127.0.0.1 by HTTP-01 (profile `shortlived`) and by
-//! TLS-ALPN-01, and `badNonce` answers retried. Each test runs its own Pebble on free ports
-//! (`scripts/ensure-pebble.sh` installs it), serves the challenges itself on the ports Pebble
-//! validates on, and checks the chain it gets: the leaf has the IP address, chains to Pebble's
-//! root (`/roots/0` on the management port) and has the key the client made.
-//!
-//! Hermetic: IP identifiers need no DNS, and Pebble's `-dnsserver` points at a closed loopback
-//! port in case it looks anything up; everything it dials is 127.0.0.1.
-//! Without Go the tests print `SKIPPED` and pass, except under `CI=true`, where they fail.
+//! The ACME client (`derpd::acme::client`) against Pebble: an IP certificate for 127.0.0.1 by
+//! HTTP-01 (profile `shortlived`) and by TLS-ALPN-01, `badNonce` answers retried, and the CA's
+//! problem document in errors. The tests serve the challenges themselves on the ports Pebble
+//! validates on, and check the chain they get: the leaf has the IP address, chains to Pebble's
+//! root and has the key the client made.
 
-use crate::support;
+use super::{start_pebble, verify_chain, Pebble};
 use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use derpd::acme::client::{AcmeClient, ChallengeKind, Issued, Proof, Solver};
 use derpd::acme::{AccountKey, Identifier, SHORTLIVED};
-use rustls::client::danger::ServerCertVerifier as _;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-
-// ---------------------------------------------------------------------------------------------
-// Pebble
-
-/// A SKIPPED line, or a failure under CI.
-fn skip_pebble(reason: &str) {
-    support::skip_test(reason, "the Pebble tests");
-}
-
-/// Pebble's binary and its test certificates, once per test process; `None`: skip.
-fn pebble_install() -> Option<&'static (PathBuf, PathBuf)> {
-    static INSTALL: std::sync::OnceLock<Option<(PathBuf, PathBuf)>> = std::sync::OnceLock::new();
-    INSTALL
-        .get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ensure-pebble.sh");
-            let out = match Command::new(&script).stderr(Stdio::inherit()).output() {
-                Ok(o) if o.status.success() => o,
-                Ok(o) => {
-                    skip_pebble(&format!("scripts/ensure-pebble.sh failed ({})", o.status));
-                    return None;
-                }
-                Err(e) => {
-                    skip_pebble(&format!("cannot run scripts/ensure-pebble.sh: {e}"));
-                    return None;
-                }
-            };
-            let bin = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-            let certs = bin.parent().unwrap().parent().unwrap().join("certs");
-            Some((bin, certs))
-        })
-        .as_ref()
-}
-
-/// A running Pebble, killed on drop.
-struct Pebble {
-    child: Child,
-    dir: PathBuf,
-    listen: u16,
-    /// The directory URL.
-    directory: String,
-    management: u16,
-    /// Where Pebble validates HTTP-01 and TLS-ALPN-01 (the test serves them there): bound
-    /// before Pebble starts, so no other test can take the ports in between.
-    http01: TcpListener,
-    tls_alpn01: TcpListener,
-    /// Trust for Pebble's own listeners (`pebble.minica.pem`).
-    tls: Arc<rustls::ClientConfig>,
-}
-
-impl Drop for Pebble {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default();
-            eprintln!("--- pebble.log ---\n{log}");
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// Pebble on fresh ports. Its own two listeners take ports that were free a moment before; should
-/// another test take one in between, Pebble exits and starts again on others.
-fn start_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
-    const ATTEMPTS: u32 = 3;
-    for attempt in 1..=ATTEMPTS {
-        let mut p = spawn_pebble(test, nonce_reject)?;
-        match wait_ready(&mut p) {
-            Ok(()) => return Some(p),
-            Err(e) if attempt < ATTEMPTS => eprintln!("Pebble did not start ({e}); again"),
-            Err(e) => panic!("Pebble did not start in {ATTEMPTS} attempts: {e}"),
-        }
-    }
-    unreachable!()
-}
-
-fn spawn_pebble(test: &str, nonce_reject: u32) -> Option<Pebble> {
-    let (bin, certs) = pebble_install()?;
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "acme-{test}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let http01 = TcpListener::bind("127.0.0.1:0").unwrap();
-    let tls_alpn01 = TcpListener::bind("127.0.0.1:0").unwrap();
-    let (listen, management, dns) = (
-        support::reserve_port(),
-        support::reserve_port(),
-        support::reserve_port(),
-    );
-    let config = serde_json::json!({"pebble": {
-        "listenAddress": format!("127.0.0.1:{listen}"),
-        "managementListenAddress": format!("127.0.0.1:{management}"),
-        "certificate": certs.join("localhost/cert.pem"),
-        "privateKey": certs.join("localhost/key.pem"),
-        "httpPort": http01.local_addr().unwrap().port(),
-        "tlsPort": tls_alpn01.local_addr().unwrap().port(),
-        "ocspResponderURL": "",
-        "externalAccountBindingRequired": false,
-        "retryAfter": {"authz": 1, "order": 1},
-        "keyAlgorithm": "ecdsa",
-        "profiles": {
-            "default": {"description": "90 days", "validityPeriod": 7_776_000},
-            "shortlived": {"description": "6 days", "validityPeriod": 518_400}
-        }
-    }});
-    let config_path = dir.join("pebble-config.json");
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let log = std::fs::File::create(dir.join("pebble.log")).unwrap();
-    let child = Command::new(bin)
-        .arg("-config")
-        .arg(&config_path)
-        // Nothing to resolve for IP identifiers; should Pebble try, it asks a closed
-        // loopback port, never the host's resolver.
-        .arg("-dnsserver")
-        .arg(format!("127.0.0.1:{dns}"))
-        .env("PEBBLE_VA_NOSLEEP", "1")
-        .env("PEBBLE_WFE_NONCEREJECT", nonce_reject.to_string())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let tls = derpd::trust::ca_file_client_config(&certs.join("pebble.minica.pem")).unwrap();
-    Some(Pebble {
-        child,
-        dir,
-        listen,
-        directory: format!("https://127.0.0.1:{listen}/dir"),
-        management,
-        http01,
-        tls_alpn01,
-        tls,
-    })
-}
-
-/// Until Pebble accepts on both its ports (bounded), or has exited.
-fn wait_ready(p: &mut Pebble) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for port in [p.listen, p.management] {
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = p.child.try_wait().map_err(|e| e.to_string())? {
-                let log = std::fs::read_to_string(p.dir.join("pebble.log")).unwrap_or_default();
-                return Err(format!("exited ({status}):\n{log}"));
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("nothing listening on {port} after 20 s"));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Ok(())
-}
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 // ---------------------------------------------------------------------------------------------
 // The challenges, served as derpd will: HTTP-01 on a plain listener, TLS-ALPN-01 on a rustls
@@ -321,21 +155,6 @@ fn serve_tls_alpn01(l: TcpListener, ch: Arc<Challenges>) {
 // ---------------------------------------------------------------------------------------------
 // Checks
 
-/// GET over https from Pebble's management port.
-fn get(p: &Pebble, path: &str) -> Vec<u8> {
-    let url =
-        derpd::httpc::Url::parse(&format!("https://127.0.0.1:{}{path}", p.management)).unwrap();
-    smol::block_on(async {
-        let io = url.connect(Some(&p.tls)).await.unwrap();
-        let t = Duration::from_secs(10);
-        let mut conn = derpd::httpc::Conn::new(io, Instant::now() + t, t);
-        conn.send(&url.request("GET")).await.unwrap();
-        let head = conn.read_head().await.unwrap();
-        assert_eq!(head.status, 200, "GET {path}");
-        conn.read_body(head.framing, 1 << 20, 1 << 20).await.data
-    })
-}
-
 /// The chain is for `ip`, chains to Pebble's root, and has the key in `key_pkcs8`; returns the
 /// leaf's lifetime.
 fn check_chain(p: &Pebble, issued: &Issued, ip: IpAddr) -> Duration {
@@ -345,26 +164,7 @@ fn check_chain(p: &Pebble, issued: &Issued, ip: IpAddr) -> Duration {
             .collect::<Result<_, _>>()
             .unwrap();
     assert!(chain.len() >= 2, "leaf and intermediate: {}", chain.len());
-    let root = get(p, "/roots/0");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&root) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    .unwrap();
-    verifier
-        .verify_server_cert(
-            &chain[0],
-            &chain[1..],
-            &ServerName::IpAddress(ip.into()),
-            &[],
-            UnixTime::now(),
-        )
-        .expect("the chain verifies to Pebble's root for the IP address");
+    verify_chain(p, &chain, ServerName::IpAddress(ip.into()));
     let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
     let sans = leaf.subject_alternative_name().unwrap().unwrap();
     let ips: Vec<&[u8]> = sans
@@ -399,8 +199,9 @@ fn served(p: &Pebble, kinds: &[ChallengeKind]) -> Arc<Challenges> {
         kinds: kinds.to_vec(),
         ..Default::default()
     });
-    serve_http01(p.http01.try_clone().unwrap(), ch.clone());
-    serve_tls_alpn01(p.tls_alpn01.try_clone().unwrap(), ch.clone());
+    let own = |l: &Option<TcpListener>| l.as_ref().unwrap().try_clone().unwrap();
+    serve_http01(own(&p.http01), ch.clone());
+    serve_tls_alpn01(own(&p.tls_alpn01), ch.clone());
     ch
 }
 
