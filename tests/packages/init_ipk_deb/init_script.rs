@@ -40,6 +40,7 @@ fn init_plain_config_becomes_a_jailed_derpd_with_derpers_defaults() {
             "--meta-cert=true",
             "--verify-clients=false",
             "--verify-client-url-fail-open=true",
+            "--acme-ip-certs=false",
         ]
         .map(s)
         .to_vec();
@@ -118,6 +119,68 @@ fn init_self_signed_ip_config() {
         );
         // derpd writes the self-signed certificate into certdir: it is mounted writable.
         run.expect("mount_rw /etc/derpd/certs");
+    }
+}
+
+/// `certmode letsencrypt` for the router's public IP: TLS behind the redirects, both challenge
+/// ports forwarded, the ACME options on derpd's command line, the CA roots file in the jail.
+#[test]
+fn init_letsencrypt_ip_config() {
+    let text = enabled_with(
+        &[
+            ("hostname", "203.0.113.7"),
+            ("certmode", "letsencrypt"),
+            ("acme_ip_certs", "1"),
+            ("acme_email", "ops@example.net"),
+            ("acme_directory", "https://ca.example.net/dir"),
+            ("acme_ca_file", "/etc/ssl/certs/ca-certificates.crt"),
+        ],
+        &[],
+    );
+    for run in started(&text, true) {
+        for flag in [
+            "--certmode=letsencrypt",
+            "--acme-ip-certs=true",
+            "--acme-email=ops@example.net",
+            "--acme-directory=https://ca.example.net/dir",
+            "--acme-ca-file=/etc/ssl/certs/ca-certificates.crt",
+        ] {
+            assert!(run.argv.contains(&s(flag)), "{flag}: {:?}", run.argv);
+        }
+        let tls = run.config().tls.expect("TLS");
+        let acme = tls.acme.expect("letsencrypt");
+        assert!(acme.ip_certs);
+        use derpd::acme::client::ChallengeKind;
+        // Clients (and the CA) dial 443, redirected to 3443; 80 to 3080.
+        assert_eq!(
+            acme.challenges,
+            [ChallengeKind::TlsAlpn01, ChallengeKind::Http01]
+        );
+        run.expect("mount_rw /etc/derpd/certs");
+        for rule in [
+            fw_redirect("derpd-derp", "443", "3443", Some("192.168.1.1")),
+            fw_redirect("derpd-http", "80", "3080", Some("192.168.1.1")),
+        ] {
+            let records = json_records(&run);
+            assert!(
+                records.windows(rule.len()).any(|w| w == rule.as_slice()),
+                "{rule:?} in {records:#?}"
+            );
+        }
+        assert_eq!(run.log, "", "{}", run.shell);
+    }
+    // A DNS name, certmode letsencrypt, the shipped ports: TLS through public_port 443.
+    let text = enabled_with(
+        &[
+            ("hostname", "derp.example.com"),
+            ("certmode", "letsencrypt"),
+        ],
+        &[],
+    );
+    for run in started(&text, true) {
+        let acme = run.config().tls.expect("TLS").acme.expect("letsencrypt");
+        assert!(!acme.ip_certs && acme.email.is_none());
+        assert_eq!(acme.directory, derpd::acme::LETS_ENCRYPT);
     }
 }
 

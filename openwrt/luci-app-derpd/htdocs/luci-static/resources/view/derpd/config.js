@@ -320,9 +320,32 @@ return view.extend({
 
 		/* Certificates */
 		o = s.taboption('certs', form.ListValue, 'certmode', _('Certificate mode'),
-			_('manual: a certificate and key in the certificate directory, named after the hostname (.crt, .key), or self-signed for an IP address.'));
+			_('manual: a certificate and key in the certificate directory, named after the hostname (.crt, .key), or self-signed for an IP address. letsencrypt: derpd gets the certificate from Let\'s Encrypt and renews it (ports 443 and 80 reachable from the internet; package ca-bundle).'));
 		o.value('manual', _('manual'));
+		o.value('letsencrypt', _('letsencrypt'));
 		o.default = 'manual';
+
+		o = s.taboption('certs', form.Flag, 'acme_ip_certs', _('IP address certificate'),
+			_('The hostname is the router\'s public IP address: a 6-day certificate for it, renewed by derpd; the derpMap entry needs no pin.'));
+		o.depends('certmode', 'letsencrypt');
+		o.retain = true;
+
+		o = s.taboption('certs', form.Value, 'acme_email', _('ACME contact email'));
+		o.datatype = 'string';
+		o.depends('certmode', 'letsencrypt');
+		o.retain = true;
+
+		o = s.taboption('certs', form.Value, 'acme_directory', _('ACME directory'),
+			_('Another ACME CA\'s directory URL; empty: Let\'s Encrypt.'));
+		o.placeholder = 'https://acme-v02.api.letsencrypt.org/directory';
+		o.depends('certmode', 'letsencrypt');
+		o.retain = true;
+
+		o = s.taboption('certs', form.Value, 'acme_ca_file', _('ACME CA roots'),
+			_('PEM file of the roots to trust for that CA; empty: the system\'s.'));
+		o.validate = validateAbsPath;
+		o.depends('certmode', 'letsencrypt');
+		o.retain = true;
 
 		o = s.taboption('certs', form.Value, 'certdir', _('Certificate directory'));
 		o.placeholder = '/etc/derpd/certs';
