@@ -47,7 +47,9 @@
 //!   ServerInfo) over any byte stream: mesh links and the tests use it.
 //! - [`tls`] (`src/tls/`, a file per concept): the server's certificates: the
 //!   `--certmode manual` files and their checks, the self-signed IP certificate, derper's
-//!   meta-cert, and the rustls resolver (derper's SNI rule) with its reloader.
+//!   meta-cert, the rustls resolver (derper's SNI rule) with its reloader, and
+//!   `--certmode letsencrypt`'s keeper (`tls/acme.rs`: the stored certificate, orders and
+//!   renewals through [`acme::client`], the challenges it serves while the CA validates).
 //! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller, an
 //!   ACME CA): a pinned leaf certificate, the CA bundle, or the CA certificates of one file.
 //! - [`frame`]: the wire format, and the per-frame length rules ([`frame::check_len`]) that
@@ -65,7 +67,7 @@
 //! - [`acme`]: CA-issued certificates: the protocol core (JWS, messages, CA objects,
 //!   TLS-ALPN-01 certificate, CSR, renewal rule; `acme/mod.rs`), the account key and its file
 //!   (`acme/account.rs`), and [`acme::client`], the RFC 8555 client on [`httpc`] that gets a
-//!   certificate from a CA (the server does not use it yet).
+//!   certificate from a CA (for the keeper in `tls/acme.rs`).
 //!
 //! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`] but for
 //! [`acme::client`]) does no I/O.
