@@ -342,7 +342,20 @@ impl CertKeeper {
                 self.acme.directory
             );
             match self.renew().await {
-                Ok(()) => backoff.reset(),
+                Ok(()) if lock(&self.renew_at).is_some_and(|at| at > SystemTime::now()) => {
+                    backoff.reset()
+                }
+                Ok(()) => {
+                    // Due again at once (a lifetime shorter than the clock's error): wait as
+                    // after a failure rather than order in a loop.
+                    let w = backoff.next_wait();
+                    log::warn!(
+                        "the new certificate for {} is already due for renewal (is the clock \
+                         right?); next order in {w:?}",
+                        self.hostname
+                    );
+                    smol::Timer::after(w).await;
+                }
                 Err(e) => {
                     let w = backoff.next_wait();
                     log::warn!(
@@ -373,4 +386,119 @@ fn unix_now() -> i64 {
 fn format_time(unix: i64) -> String {
     x509_parser::time::ASN1Time::from_timestamp(unix)
         .map_or_else(|_| unix.to_string(), |t| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::config::AcmeTiming;
+    use crate::tls::testutil::{handshake, TempDir};
+    use rcgen::{CertificateParams, KeyPair};
+
+    const NAME: &str = "derp.example.com";
+
+    /// A keeper for `NAME` in `dir`, the stored certificate (if any) loaded.
+    fn keeper(dir: &Path) -> (Arc<rustls::ServerConfig>, CertKeeper) {
+        // Any PEM certificate will do as the CA's roots: nothing is ordered here.
+        let roots = dir.with_extension("roots.pem");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let ca = CertificateParams::new(vec!["ca.test".into()]).unwrap();
+        std::fs::write(&roots, ca.self_signed(&key).unwrap().pem()).unwrap();
+        let mode = TlsMode {
+            hostname: NAME.into(),
+            certdir: dir.to_path_buf(),
+            acme: None,
+        };
+        let acme = AcmeConfig {
+            directory: "https://ca.test/dir".into(),
+            ca_file: Some(roots),
+            email: None,
+            ip_certs: false,
+            challenges: vec![ChallengeKind::TlsAlpn01],
+            timing: AcmeTiming::default(),
+        };
+        acme_server_config(&mode, &acme, [7; 32], true).unwrap()
+    }
+
+    /// autocert's cache entry for `NAME`, valid `days_before` days ago to `days_after` from now.
+    fn store(dir: &Path, name: &str, days_before: i64, days_after: i64) -> Vec<u8> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::new(vec![name.into()]).unwrap();
+        let day = |n: i64| Duration::from_secs(n.unsigned_abs() * 24 * 60 * 60);
+        let now = SystemTime::now();
+        let after = if days_after < 0 {
+            now - day(days_after)
+        } else {
+            now + day(days_after)
+        };
+        crate::tls::template::set_validity(&mut p, now - day(days_before), after);
+        let cert = p.self_signed(&key).unwrap();
+        let key_sec1 = crate::p256::pkcs8_to_sec1(&key.serialize_der()).unwrap();
+        Layout::Autocert(dir.join(NAME))
+            .write(&cert.pem(), &key_sec1)
+            .unwrap();
+        cert.der().to_vec()
+    }
+
+    #[test]
+    fn a_good_stored_certificate_is_served_at_start() {
+        let tmp = TempDir::new();
+        let leaf = store(&tmp.0, NAME, 30, 60);
+        let (cfg, k) = keeper(&tmp.0);
+        assert!(k.has_certificate());
+        // Renewal when a third of the 90 days is left: 30 days from now.
+        let at = lock(&k.renew_at).unwrap();
+        let left = at.duration_since(SystemTime::now()).unwrap().as_secs() / 86_400;
+        assert!((29..=30).contains(&left), "{left}");
+        // Served with the meta-cert after it, and TLS-ALPN-01 offered beside http/1.1.
+        let certs = handshake(cfg.clone(), false, NAME, true).unwrap();
+        assert_eq!(certs.len(), 2);
+        assert_eq!(certs[0].as_ref(), leaf.as_slice());
+        assert_eq!(
+            cfg.alpn_protocols,
+            [b"http/1.1".to_vec(), crate::acme::ACME_TLS_ALPN.to_vec()]
+        );
+    }
+
+    #[test]
+    fn unusable_stored_certificates_are_not_served() {
+        for (name, before, after) in [(NAME, 90, -1), ("other.example.com", 1, 60)] {
+            let tmp = TempDir::new();
+            store(&tmp.0, name, before, after);
+            let (cfg, k) = keeper(&tmp.0);
+            assert!(!k.has_certificate(), "{name} {after}");
+            // No certificate: the handshake is refused.
+            handshake(cfg, false, NAME, true).unwrap_err();
+        }
+        let tmp = TempDir::new();
+        let (_, k) = keeper(&tmp.0);
+        assert!(!k.has_certificate(), "nothing stored");
+    }
+
+    #[test]
+    fn challenges_are_served_while_presented() {
+        let ch = Challenges::new(vec![ChallengeKind::Http01]);
+        let id = Identifier::dns(NAME);
+        let proof = Proof::Http01 {
+            token: "tok".into(),
+            key_authorization: "tok.thumb".into(),
+        };
+        ch.present(&id, &proof).unwrap();
+        assert_eq!(ch.http01("tok").as_deref(), Some("tok.thumb"));
+        assert_eq!(ch.http01("other"), None);
+        ch.remove(&id, &proof);
+        assert_eq!(ch.http01("tok"), None);
+        let (cert_der, key_pkcs8) = crate::acme::alpn_challenge_cert(&id, "ka").unwrap();
+        let proof = Proof::TlsAlpn01 {
+            sni: NAME.into(),
+            cert_der,
+            key_pkcs8,
+        };
+        ch.present(&id, &proof).unwrap();
+        assert!(ch.alpn_cert("DERP.example.com").is_some());
+        ch.remove(&id, &proof);
+        assert!(ch.alpn_cert(NAME).is_none());
+    }
 }

@@ -233,6 +233,27 @@ fn robots_home_pages_and_head_requests() {
     );
 }
 
+/// ACME HTTP-01 on port 80 only: the token goes to the caller (the keeper's challenges); on the
+/// main listener the path is nothing special. The answers: the key authorization, or 404.
+#[test]
+fn acme_challenges_on_port_80() {
+    let target = "/.well-known/acme-challenge/tok-1_x";
+    match action(&head("GET", target, ""), Listener::Port80) {
+        Action::AcmeHttp01(token) => assert_eq!(token, "tok-1_x"),
+        other => panic!("{other:?}"),
+    }
+    let main = text(action(&head("GET", target, ""), Listener::Main));
+    assert!(
+        main.starts_with("HTTP/1.1 200 OK\r\n"),
+        "the home page: {main}"
+    );
+    let ok = String::from_utf8(http::acme_challenge(Some("tok-1_x.thumb"), false)).unwrap();
+    assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+    assert!(ok.ends_with("\r\n\r\ntok-1_x.thumb"), "{ok}");
+    let none = String::from_utf8(http::acme_challenge(None, false)).unwrap();
+    assert!(none.starts_with("HTTP/1.1 404 Not Found\r\n"), "{none}");
+}
+
 #[test]
 fn port_80_redirects_all_but_generate_204_and_debug() {
     let p80 = |method: &str, target: &str, extra: &str| {
