@@ -73,6 +73,26 @@ impl Node {
         Node { fields }
     }
 
+    /// The node with a second address clients may dial (an IPv6 beside an IPv4 hostname, or
+    /// the other way round): its `IPv4` or `IPv6` field, in the struct's field order.
+    pub(crate) fn with_address(mut self, ip: IpAddr) -> Node {
+        let (name, after) = match ip {
+            IpAddr::V4(_) => ("IPv4", &["Name", "RegionID", "HostName", "CertName"][..]),
+            IpAddr::V6(_) => (
+                "IPv6",
+                &["Name", "RegionID", "HostName", "CertName", "IPv4"][..],
+            ),
+        };
+        self.fields.retain(|(k, _)| *k != name);
+        let at = self
+            .fields
+            .iter()
+            .take_while(|(k, _)| after.contains(k))
+            .count();
+        self.fields.insert(at, (name, Scalar::Str(ip.to_string())));
+        self
+    }
+
     fn json_value(&self) -> Value {
         let mut m = Map::new();
         for (k, v) in &self.fields {
@@ -205,6 +225,25 @@ mod tests {
         certname: "sha256-raw:{PIN}"
         ipv4: "203.0.113.7""#
             )
+        );
+    }
+
+    #[test]
+    fn dual_stack_node_has_both_addresses() {
+        let n = Node::new("203.0.113.7", 443, Some(3478), true, None)
+            .with_address("2001:db8::7".parse().unwrap());
+        assert_eq!(
+            n.json_line(),
+            r#"{"HostName":"203.0.113.7","IPv4":"203.0.113.7","IPv6":"2001:db8::7","Name":"900a","RegionID":900}"#
+        );
+        let order: Vec<&str> = n.fields.iter().map(|(k, _)| *k).collect();
+        assert_eq!(order, ["Name", "RegionID", "HostName", "IPv4", "IPv6"]);
+        let n = Node::new("2001:db8::7", 8443, Some(3478), true, None)
+            .with_address("203.0.113.7".parse().unwrap());
+        let order: Vec<&str> = n.fields.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            order,
+            ["Name", "RegionID", "HostName", "IPv4", "IPv6", "DERPPort"]
         );
     }
 

@@ -106,6 +106,9 @@ pub struct AcmeConfig {
     pub email: Option<String>,
     /// `--acme-ip-certs`: the hostname is the public IP; profile `shortlived`.
     pub ip_certs: bool,
+    /// With `ip_certs`, the public addresses from `--hostname`: one, or an IPv4 and an IPv6
+    /// (the first is [`TlsMode::hostname`]); one certificate covers them all.
+    pub ips: Vec<IpAddr>,
     /// The challenges to answer, the preferred first: TLS-ALPN-01 when clients dial port 443,
     /// HTTP-01 when there is a port-80 listener.
     pub challenges: Vec<ChallengeKind>,
@@ -355,7 +358,17 @@ fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
         }
         return Ok(Some(TlsMode::manual(&a.hostname, certdir)));
     }
-    let is_ip = crate::acme::Identifier::for_host(&a.hostname)
+    // --acme-ip-certs: one public address, or an IPv4 and an IPv6 one, comma-separated.
+    let ips = if a.acme_ip_certs {
+        public_ips(&a.hostname)?
+    } else {
+        Vec::new()
+    };
+    let hostname = match ips.first() {
+        Some(ip) => ip.to_string(),
+        None => a.hostname.clone(),
+    };
+    let is_ip = crate::acme::Identifier::for_host(&hostname)
         .as_ip()
         .is_some();
     if a.hostname.is_empty() || a.hostname == DEFAULT_HOSTNAME {
@@ -370,13 +383,6 @@ fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
         return Err(format!(
             "--hostname {} is an IP address: --certmode letsencrypt needs --acme-ip-certs for \
              it (or --certmode manual, for a self-signed certificate)",
-            a.hostname
-        ));
-    }
-    if a.acme_ip_certs && !is_ip {
-        return Err(format!(
-            "--acme-ip-certs takes the address from --hostname: give the public IP address \
-             clients dial, not {:?}",
             a.hostname
         ));
     }
@@ -402,17 +408,42 @@ fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
         ));
     }
     Ok(Some(TlsMode {
-        hostname: a.hostname.clone(),
+        hostname,
         certdir,
         acme: Some(AcmeConfig {
             directory: a.acme_directory.clone(),
             ca_file: non_empty(&a.acme_ca_file).map(PathBuf::from),
             email: non_empty(&a.acme_email).map(str::to_string),
             ip_certs: a.acme_ip_certs,
+            ips,
             challenges,
             timing: AcmeTiming::default(),
         }),
     }))
+}
+
+/// `--hostname` with `--acme-ip-certs`: the public address clients dial, or an IPv4 and an IPv6
+/// address, comma-separated.
+fn public_ips(hostname: &str) -> Result<Vec<IpAddr>, String> {
+    let bad = || {
+        format!(
+            "--acme-ip-certs takes the address from --hostname: give the public IP address \
+             clients dial (or an IPv4 and an IPv6 address, comma-separated), not {hostname:?}"
+        )
+    };
+    let ips = hostname
+        .split(',')
+        .map(|h| {
+            let h = h.trim().trim_start_matches('[').trim_end_matches(']');
+            h.parse::<IpAddr>().map(|ip| ip.to_canonical())
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad())?;
+    let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
+    if ips.is_empty() || v4 > 1 || ips.len() - v4 > 1 {
+        return Err(bad());
+    }
+    Ok(ips)
 }
 
 fn non_empty(s: &str) -> Option<&str> {

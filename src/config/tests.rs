@@ -45,6 +45,7 @@ fn letsencrypt_mode() {
     .unwrap();
     let acme = fwd.tls.unwrap().acme.unwrap();
     assert!(acme.ip_certs);
+    assert_eq!(acme.ips, ["203.0.113.7".parse::<IpAddr>().unwrap()]);
     assert_eq!(acme.directory, "https://127.0.0.1:14000/dir");
     assert_eq!(acme.ca_file, Some(PathBuf::from("/ca.pem")));
     assert_eq!(acme.email.as_deref(), Some("me@example.com"));
@@ -62,8 +63,27 @@ fn letsencrypt_mode() {
         ip.unwrap().tls.unwrap().acme.unwrap().challenges,
         [ChallengeKind::Http01]
     );
+    // Both address families: one certificate for both, the first is the hostname.
+    let both = cfg(&[
+        "-c",
+        "/k",
+        "--hostname",
+        "[2001:db8::1],192.0.2.1",
+        "-acme-ip-certs",
+    ]);
+    let tls = both.unwrap().tls.unwrap();
+    assert_eq!(tls.hostname, "2001:db8::1");
+    assert_eq!(tls.acme.unwrap().ips.len(), 2);
     for (flags, want) in [
         (&["--hostname", "192.0.2.1"][..], "needs --acme-ip-certs"),
+        (
+            &["--hostname", "192.0.2.1,192.0.2.2", "--acme-ip-certs"],
+            "give the public IP",
+        ),
+        (
+            &["--hostname", "192.0.2.1,", "--acme-ip-certs"],
+            "give the public IP",
+        ),
         (
             &["--hostname", "d.example", "--acme-ip-certs"],
             "give the public IP",

@@ -216,13 +216,16 @@ impl Server {
         // The DERPMap entry for this node: logged below for a self-signed IP certificate,
         // served on `/debug/derpmap` in every TLS mode.
         let derp_map = cfg.tls.as_ref().map(|mode| {
-            derpmap::Node::new(
+            let node = derpmap::Node::new(
                 &mode.hostname,
                 cfg.public_port.unwrap_or(addr.port()),
                 stun_addrs.first().map(|a| a.port()),
                 cfg.stun_port.is_some(),
                 pin.as_deref(),
-            )
+            );
+            // `--acme-ip-certs` with an IPv4 and an IPv6 address: the second one too.
+            let more = mode.acme.iter().flat_map(|a| a.ips.iter().skip(1));
+            more.fold(node, |n, ip| n.with_address(*ip))
         });
         let mut state = State::new(&cfg, private_key, tls.as_ref(), derp_map)?;
         let (reloader, keeper) = tls.map_or((None, None), |t| (t.reloader, t.keeper));

@@ -200,13 +200,17 @@ pub fn acme_server_config(
         None => crate::trust::client_config(crate::trust::Trust::CaBundle),
     }
     .map_err(|detail| TlsError::Acme(format!("the ACME CA's TLS trust: {detail}")))?;
-    let id = Identifier::for_host(&mode.hostname);
-    let (layout, account_key) = Layout::for_mode(mode, id.as_ip());
+    let ids: Vec<Identifier> = if acme.ips.is_empty() {
+        vec![Identifier::for_host(&mode.hostname)]
+    } else {
+        acme.ips.iter().map(|ip| Identifier::ip(*ip)).collect()
+    };
+    let (layout, account_key) = Layout::for_mode(mode, ids[0].as_ip());
     let keeper = CertKeeper {
         acme: acme.clone(),
         hostname: mode.hostname.clone(),
         certdir: mode.certdir.clone(),
-        ids: vec![id],
+        ids,
         layout,
         account_key,
         resolver: resolver.clone(),
@@ -416,6 +420,7 @@ mod tests {
             ca_file: Some(roots),
             email: None,
             ip_certs: false,
+            ips: Vec::new(),
             challenges: vec![ChallengeKind::TlsAlpn01],
             timing: AcmeTiming::default(),
         };

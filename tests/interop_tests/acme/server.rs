@@ -49,6 +49,7 @@ fn acme_server(hostname: &str, directory: String, kinds: &[ChallengeKind], dir: 
             ca_file: minica(),
             email: Some("ops@example.net".into()),
             ip_certs: hostname.parse::<IpAddr>().is_ok(),
+            ips: hostname.parse::<IpAddr>().into_iter().collect(),
             challenges: kinds.to_vec(),
             timing: QUICK,
         }),
