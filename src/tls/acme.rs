@@ -51,8 +51,13 @@ impl Challenges {
         lock(&self.http).get(token).cloned()
     }
 
+    /// Proofs being served now.
+    pub fn pending(&self) -> usize {
+        lock(&self.http).len() + lock(&self.alpn).len()
+    }
+
     /// The TLS-ALPN-01 certificate for `sni`, while the CA validates.
-    pub(super) fn alpn_cert(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+    pub fn alpn_cert(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
         lock(&self.alpn).get(&sni.to_ascii_lowercase()).cloned()
     }
 }

@@ -5,7 +5,6 @@
 //! root and has the key the client made.
 
 use super::{start_pebble, verify_chain, Pebble};
-use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::sync::{Arc, Mutex};
@@ -14,18 +13,26 @@ use std::time::{Duration, Instant};
 use derpd::acme::client::{AcmeClient, ChallengeKind, Issued, Proof, Solver};
 use derpd::acme::{AccountKey, Identifier, SHORTLIVED};
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 
 // ---------------------------------------------------------------------------------------------
 // The challenges, served as derpd will: HTTP-01 on a plain listener, TLS-ALPN-01 on a rustls
 // listener that offers only acme-tls/1.
 
-#[derive(Default)]
+/// derpd's own challenge store (`derpd::tls::Challenges`, what the server serves from), and
+/// the identifiers it was asked to present.
 struct Challenges {
-    kinds: Vec<ChallengeKind>,
-    http: Mutex<HashMap<String, String>>,
-    alpn: Mutex<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+    inner: derpd::tls::Challenges,
     presented: Mutex<Vec<String>>,
+}
+
+impl Challenges {
+    fn new(kinds: &[ChallengeKind]) -> Self {
+        Self {
+            inner: derpd::tls::Challenges::new(kinds.to_vec()),
+            presented: Mutex::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Challenges {
@@ -36,45 +43,16 @@ impl std::fmt::Debug for Challenges {
 
 impl Solver for Challenges {
     fn kinds(&self) -> &[ChallengeKind] {
-        &self.kinds
+        self.inner.kinds()
     }
 
     fn present(&self, id: &Identifier, proof: &Proof) -> Result<(), String> {
         self.presented.lock().unwrap().push(id.value.clone());
-        match proof {
-            Proof::Http01 {
-                token,
-                key_authorization,
-            } => {
-                self.http
-                    .lock()
-                    .unwrap()
-                    .insert(token.clone(), key_authorization.clone());
-            }
-            Proof::TlsAlpn01 {
-                sni,
-                cert_der,
-                key_pkcs8,
-            } => {
-                let key = PrivateKeyDer::Pkcs8(key_pkcs8.clone().into());
-                let key = rustls::crypto::ring::sign::any_supported_type(&key)
-                    .map_err(|e| e.to_string())?;
-                let ck = rustls::sign::CertifiedKey::new(vec![cert_der.clone().into()], key);
-                self.alpn.lock().unwrap().insert(sni.clone(), Arc::new(ck));
-            }
-        }
-        Ok(())
+        self.inner.present(id, proof)
     }
 
-    fn remove(&self, _id: &Identifier, proof: &Proof) {
-        match proof {
-            Proof::Http01 { token, .. } => {
-                self.http.lock().unwrap().remove(token);
-            }
-            Proof::TlsAlpn01 { sni, .. } => {
-                self.alpn.lock().unwrap().remove(sni);
-            }
-        }
+    fn remove(&self, id: &Identifier, proof: &Proof) {
+        self.inner.remove(id, proof)
     }
 }
 
@@ -83,8 +61,7 @@ impl rustls::server::ResolvesServerCert for Challenges {
         &self,
         hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let sni = hello.server_name()?;
-        self.alpn.lock().unwrap().get(sni).cloned()
+        self.inner.alpn_cert(hello.server_name()?)
     }
 }
 
@@ -107,7 +84,7 @@ fn serve_http01(l: TcpListener, ch: Arc<Challenges>) {
                 let path = line.split(' ').nth(1).unwrap_or_default();
                 let answer = path
                     .strip_prefix("/.well-known/acme-challenge/")
-                    .and_then(|t| ch.http.lock().unwrap().get(t).cloned());
+                    .and_then(|t| ch.inner.http01(t));
                 let reply = match answer {
                     Some(ka) => format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ka}",
@@ -195,10 +172,7 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// A solver for `kinds`, its challenges served on the ports Pebble validates on.
 fn served(p: &Pebble, kinds: &[ChallengeKind]) -> Arc<Challenges> {
-    let ch = Arc::new(Challenges {
-        kinds: kinds.to_vec(),
-        ..Default::default()
-    });
+    let ch = Arc::new(Challenges::new(kinds));
     let own = |l: &Option<TcpListener>| l.as_ref().unwrap().try_clone().unwrap();
     serve_http01(own(&p.http01), ch.clone());
     serve_tls_alpn01(own(&p.tls_alpn01), ch.clone());
@@ -238,10 +212,7 @@ fn pebble_ip_certificate_by_http01_shortlived() {
         issue(&mut c, &ch, Some(SHORTLIVED)).await.unwrap()
     });
     assert_eq!(*ch.presented.lock().unwrap(), ["127.0.0.1"]);
-    assert!(
-        ch.http.lock().unwrap().is_empty(),
-        "the proof is removed after"
-    );
+    assert!(ch.inner.pending() == 0, "the proof is removed after");
     let life = check_chain(&p, &issued, LOCALHOST);
     // The shortlived profile's 6 days (Pebble may take a second off), not the default 90.
     assert!(
@@ -269,7 +240,7 @@ fn pebble_ip_certificate_by_tls_alpn01_and_account_found_again() {
         issued
     });
     assert_eq!(*ch.presented.lock().unwrap(), ["127.0.0.1"]);
-    assert!(ch.alpn.lock().unwrap().is_empty());
+    assert_eq!(ch.inner.pending(), 0, "the proof is removed after");
     // No profile asked for: Pebble still gives an IP address its short lifetime.
     check_chain(&p, &issued, LOCALHOST);
     println!("[tls-alpn-01: {:?}]", started.elapsed());
@@ -305,10 +276,7 @@ fn ca_errors_carry_the_problem_document() {
         return;
     };
     // Nothing serves the challenge: Pebble's validation fails, and the error says why.
-    let ch = Challenges {
-        kinds: vec![ChallengeKind::Http01],
-        ..Default::default()
-    };
+    let ch = Challenges::new(&[ChallengeKind::Http01]);
     let e = smol::block_on(async {
         let mut c = client(&p, AccountKey::generate().unwrap()).await;
         issue(&mut c, &ch, None).await.unwrap_err()
