@@ -66,7 +66,9 @@ impl State {
     fn new(
         cfg: &Config,
         private_key: NodePrivate,
-        tls: Option<&ServerTls>,
+        tls: Option<futures_rustls::TlsAcceptor>,
+        certs: Option<tls::CertReloader>,
+        acme: Option<Arc<tls::Challenges>>,
         derp_map: Option<derpmap::Node>,
     ) -> Result<Self, StartError> {
         let relay = Relay::new(cfg, private_key).map_err(StartError::Config)?;
@@ -79,12 +81,12 @@ impl State {
                 keepalive: cfg.timeouts.tcp_keepalive,
                 user_timeout: cfg.timeouts.tcp_user,
             },
-            tls: tls.map(|t| t.acceptor.clone()),
+            tls,
             handshakes: Slots::new(cfg.limits.max_handshakes, cfg.limits.max_handshakes_per_ip),
             rate_config: cfg.rate_config.clone(),
             stopping: Stop::default(),
-            certs: None,
-            acme: tls.and_then(|t| t.keeper.as_ref()).map(|k| k.challenges()),
+            certs,
+            acme,
             debug,
         })
     }
@@ -227,9 +229,12 @@ impl Server {
             let more = mode.acme.iter().flat_map(|a| a.ips.iter().skip(1));
             more.fold(node, |n, ip| n.with_address(*ip))
         });
-        let mut state = State::new(&cfg, private_key, tls.as_ref(), derp_map)?;
-        let (reloader, keeper) = tls.map_or((None, None), |t| (t.reloader, t.keeper));
-        state.certs = reloader;
+        let (acceptor, reloader, keeper) = match tls {
+            Some(t) => (Some(t.acceptor), t.reloader, t.keeper),
+            None => (None, None, None),
+        };
+        let challenges = keeper.as_ref().map(|k| k.challenges());
+        let state = State::new(&cfg, private_key, acceptor, reloader, challenges, derp_map)?;
         let state = Arc::new(state);
         log_start(&cfg, &state, addr, http_addr, &stun_addrs);
         if let (Some(mode), Some(node)) = (&cfg.tls, state.debug.derp_map()) {

@@ -140,17 +140,15 @@ impl Layout {
 
     fn read(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        // autocert's entry holds the key too: it is read once.
         let (chain_pem, key_pem) = match self {
-            Self::Autocert(p) => {
-                let text = read(p)?;
-                (text.clone(), text)
-            }
-            Self::IpPair { crt, key } => (read(crt)?, read(key)?),
+            Self::Autocert(p) => (read(p)?, None),
+            Self::IpPair { crt, key } => (read(crt)?, Some(read(key)?)),
         };
         let chain = CertificateDer::pem_slice_iter(&chain_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("{}: {e}", self.crt().display()))?;
-        let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_deref().unwrap_or(&chain_pem))
             .map_err(|e| format!("{}: the private key: {e}", self.crt().display()))?;
         Ok((chain, key))
     }
@@ -238,18 +236,27 @@ impl CertKeeper {
         lock(&self.renew_at).is_some()
     }
 
+    /// A CA-issued chain and its key, as the resolver takes them.
+    fn server_cert(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> ServerCert {
+        ServerCert {
+            chain,
+            key,
+            generated: false,
+            hostname_is_ip: self.ids[0].as_ip().is_some(),
+            replaced: None,
+        }
+    }
+
     /// Serves the stored certificate if it is for `--hostname`, matches its key and has not
     /// expired; says in the log why not otherwise.
     fn load_stored(&self) {
         let path = self.layout.crt();
         let cert = match self.layout.read() {
-            Ok((chain, key)) => ServerCert {
-                chain,
-                key,
-                generated: false,
-                hostname_is_ip: self.ids[0].as_ip().is_some(),
-                replaced: None,
-            },
+            Ok((chain, key)) => self.server_cert(chain, key),
             Err(e) if !path.exists() => {
                 log::info!("no stored certificate for {} ({e})", self.hostname);
                 return;
@@ -314,15 +321,10 @@ impl CertKeeper {
         let issued = order.await.map_err(|e| e.to_string())?;
         let key_sec1 = crate::p256::pkcs8_to_sec1(&issued.key_pkcs8)
             .ok_or("the CA's certificate key is not P-256")?;
-        let cert = ServerCert {
-            chain: CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("the CA's chain: {e}"))?,
-            key: PrivateKeyDer::Pkcs8(issued.key_pkcs8.clone().into()),
-            generated: false,
-            hostname_is_ip: self.ids[0].as_ip().is_some(),
-            replaced: None,
-        };
+        let chain = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the CA's chain: {e}"))?;
+        let cert = self.server_cert(chain, PrivateKeyDer::Pkcs8(issued.key_pkcs8.into()));
         let (layout, chain_pem) = (self.layout.clone(), issued.chain_pem.clone());
         smol::unblock(move || layout.write(&chain_pem, &key_sec1))
             .await
