@@ -38,23 +38,7 @@ for t in "${targets[@]}"; do
   # The shipped binary itself, under QEMU, against Tailscale's client: the Go interop and mesh tests
   # (built for the host) run this file instead of the debug build.
   echo "build-release: interop tests against $out${QEMU:+ under $QEMU}"
-  # Not run here: nodes_across_the_mesh. With the release mipsel binary under qemu-user inside
-  # the test's network namespace, a mesh link's redial after the first refused dial never
-  # completes (reproducible; the debug build under QEMU and every native run pass; outside the
-  # namespace the same redial works). Open finding, see the README's known limits; the test
-  # runs in `cargo test` and in every cross-test.
-  echo "build-release: SKIPPED nodes_across_the_mesh for the release binaries (open finding)"
-  skip=(--skip nodes_across_the_mesh)
-  # The same kind of open finding: the release MIPS binaries under qemu-user never get past the
-  # first poll of a valid ACME authorization (reproducible; the debug build under QEMU, and the
-  # release x86_64, aarch64 and armv7 binaries pass). The test runs in every cross-test.
-  case $t in
-  mips*)
-    echo "build-release: SKIPPED tailscale_clients_verify_the_ca_issued_ip_certificate for $t (open finding)"
-    skip+=(--skip tailscale_clients_verify_the_ca_issued_ip_certificate)
-    ;;
-  esac
-  DERPD_TEST_BIN="$PWD/$out" cargo test --locked --test interop -q -- "${skip[@]}"
+  DERPD_TEST_BIN="$PWD/$out" cargo test --locked --test interop -q
   echo "build-release: $out ok in $(($(date +%s) - start)) s: $got"
 done
 

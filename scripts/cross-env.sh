@@ -152,7 +152,17 @@ cross_setup() {
       export "CARGO_TARGET_${up}_LINKER=$out/sysroot/bin/musl-gcc"
       # Static, against our sysroot's crt files (build-std has no self-contained ones), with
       # LLVM libunwind for std's unwinder.
-      export "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static -C link-self-contained=no -L $out/unwind"
+      local rustflags="-C target-feature=+crt-static -C link-self-contained=no -L $out/unwind"
+      # MIPS: rustix has no linux_raw backend there (on stable, and none at all for big-endian
+      # MIPS), so it calls musl through the libc crate, whose musl types have a 32-bit time_t,
+      # and passed its own 64-bit timespec by pointer (timerfd_settime, ppoll). polling's
+      # timerfd was armed with garbage (disarmed in release builds) and async-io's timers never
+      # fired on a MIPS kernel unless other I/O woke the reactor. rustix's fix_y2038 path (the
+      # one it takes on 32-bit glibc) converts field by field and is right on both byte orders;
+      # a 64-bit libc time_t (--cfg=libc_unstable_musl_v1_2) fixed mipsel only, as musl puts
+      # the padding before tv_nsec on big-endian. tests/in_process/platform.rs checks it.
+      case "$t" in mips*) rustflags+=" --cfg=fix_y2038" ;; esac
+      export "CARGO_TARGET_${up}_RUSTFLAGS=$rustflags"
       export "CC_$low=$out/sysroot/bin/musl-gcc" "AR_$low=$gcc-ar" "CFLAGS_$low=$cflags"
       ;;
     *)

@@ -30,6 +30,8 @@ mod http;
 mod limits;
 #[path = "in_process/logflood.rs"]
 mod logflood;
+#[path = "in_process/platform.rs"]
+mod platform;
 #[path = "in_process/properties.rs"]
 mod properties;
 #[path = "in_process/relay.rs"]
