@@ -10,6 +10,7 @@ use std::path::Path;
 
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+use rustls::pki_types::pem::{PemObject as _, SectionKind};
 use sha2::{Digest, Sha256};
 
 use super::{b64, err, json_str, AcmeError};
@@ -72,11 +73,14 @@ impl AccountKey {
 
     /// A key from a PEM file's text: `EC PRIVATE KEY` (derper's) or `PRIVATE KEY` (PKCS#8).
     pub fn from_pem(text: &[u8]) -> Result<Self, AcmeError> {
-        let p = pem::parse(text).map_err(|e| err(format!("account key: {e}")))?;
-        match p.tag() {
-            "EC PRIVATE KEY" => Self::from_sec1(p.contents()),
-            "PRIVATE KEY" => Self::from_pkcs8(p.contents()),
-            t => Err(err(format!("account key: a PEM {t:?}, not a private key"))),
+        // rustls's PEM reader (the binary has it for the certificate files), first section.
+        match <(SectionKind, Vec<u8>)>::from_pem_slice(text) {
+            Ok((SectionKind::EcPrivateKey, der)) => Self::from_sec1(&der),
+            Ok((SectionKind::PrivateKey, der)) => Self::from_pkcs8(&der),
+            Ok((kind, _)) => Err(err(format!(
+                "account key: a PEM {kind:?} section, not a private key"
+            ))),
+            Err(e) => Err(err(format!("account key: {e}"))),
         }
     }
 

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::{PemObject as _, SectionKind};
 use smol::Timer;
 
 use super::{
@@ -281,9 +282,8 @@ impl AcmeClient {
         let a = bounded(deadline, self.post("certificate", &cert_url, None)).await?;
         let chain_pem =
             String::from_utf8(a.body).map_err(|_| other("the certificate chain is not text"))?;
-        match pem::parse_many(&chain_pem) {
-            Ok(p) if !p.is_empty() && p.iter().all(|p| p.tag() == "CERTIFICATE") => {}
-            _ => return Err(other("the certificate chain is not PEM certificates")),
+        if !is_pem_certificates(chain_pem.as_bytes()) {
+            return Err(other("the certificate chain is not PEM certificates"));
         }
         Ok(Issued {
             chain_pem,
@@ -519,9 +519,21 @@ impl AcmeClient {
     }
 }
 
+/// At least one PEM section, and every one a certificate (rustls's PEM reader).
+fn is_pem_certificates(text: &[u8]) -> bool {
+    let mut n = 0;
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(text) {
+        match section {
+            Ok((SectionKind::Certificate, _)) => n += 1,
+            _ => return false,
+        }
+    }
+    n > 0
+}
+
 /// The CA's error answer as an [`Error::Ca`]: its problem document, or the status line.
 fn ca_error(what: &str, a: &Answer) -> Error {
-    let problem = serde_json::from_slice::<Problem>(&a.body).unwrap_or_else(|_| Problem {
+    let problem = parse::<Problem>("problem", &a.body).unwrap_or_else(|_| Problem {
         detail: String::from_utf8_lossy(&a.body[..a.body.len().min(200)])
             .trim()
             .to_string(),

@@ -9,13 +9,18 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
-use serde::Deserialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 mod account;
 pub mod client;
+mod csr;
+mod json;
 
 pub use account::AccountKey;
+pub use csr::csr;
+use json::{as_string, list, opt, opt_string, string};
+pub use json::{parse, FromJson};
 
 /// Let's Encrypt's production directory, the default `--acme-directory`.
 pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -45,14 +50,13 @@ fn err(what: impl fmt::Display) -> AcmeError {
 }
 
 fn json_str(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
+    Value::String(s.to_string()).to_string()
 }
 
 /// A name a certificate is for: a DNS name, or an IP address (RFC 8738).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identifier {
-    /// "dns" or "ip".
-    #[serde(rename = "type")]
+    /// "dns" or "ip" (`type`).
     pub kind: String,
     /// The name, or the address in its textual form (IPv6 as RFC 5952).
     pub value: String,
@@ -160,8 +164,7 @@ pub fn finalize_payload(csr_der: &[u8]) -> String {
 pub const CHALLENGE_READY: &str = "{}";
 
 /// The directory (RFC 8555 section 7.1.1).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct Directory {
     /// URL for a fresh nonce.
     pub new_nonce: String,
@@ -170,24 +173,20 @@ pub struct Directory {
     /// URL to create an order.
     pub new_order: String,
     /// Terms of service, profiles.
-    #[serde(default)]
     pub meta: Meta,
 }
 
 /// The directory's metadata.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, Default)]
 pub struct Meta {
     /// The CA's terms of service.
     pub terms_of_service: Option<String>,
     /// Profile name → description.
-    #[serde(default)]
     pub profiles: std::collections::BTreeMap<String, String>,
 }
 
 /// The state of an order, an authorization or a challenge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     /// Waiting for the client.
     Pending,
@@ -208,13 +207,11 @@ pub enum Status {
 }
 
 /// An order (RFC 8555 section 7.1.3).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct Order {
     /// Its state.
     pub status: Status,
     /// Authorization URLs, one per identifier.
-    #[serde(default)]
     pub authorizations: Vec<String>,
     /// URL to post the CSR to.
     pub finalize: String,
@@ -225,14 +222,13 @@ pub struct Order {
 }
 
 /// An authorization (RFC 8555 section 7.1.4).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Authorization {
     /// What it authorizes.
     pub identifier: Identifier,
     /// Its state.
     pub status: Status,
     /// The ways to prove control.
-    #[serde(default)]
     pub challenges: Vec<Challenge>,
 }
 
@@ -244,33 +240,28 @@ impl Authorization {
 }
 
 /// A challenge (RFC 8555 section 8).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Challenge {
-    /// "http-01", "tls-alpn-01", "dns-01", …
-    #[serde(rename = "type")]
+    /// "http-01", "tls-alpn-01", "dns-01", … (`type`)
     pub kind: String,
     /// URL to post to when ready.
     pub url: String,
     /// Its state.
     pub status: Status,
-    /// The token (HTTP-01, TLS-ALPN-01).
-    #[serde(default)]
+    /// The token (HTTP-01, TLS-ALPN-01; empty if absent).
     pub token: String,
     /// Why it failed.
     pub error: Option<Problem>,
 }
 
 /// A problem document (RFC 7807), as the CA explains an error.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Problem {
-    /// `urn:ietf:params:acme:error:badNonce` and the like.
-    #[serde(rename = "type", default)]
+    /// `urn:ietf:params:acme:error:badNonce` and the like (`type`; empty if absent).
     pub kind: String,
-    /// The CA's words.
-    #[serde(default)]
+    /// The CA's words (empty if absent).
     pub detail: String,
     /// Per-identifier problems.
-    #[serde(default)]
     pub subproblems: Vec<Problem>,
 }
 
@@ -294,9 +285,113 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Parses a CA's JSON reply.
-pub fn parse<'a, T: Deserialize<'a>>(what: &str, body: &'a [u8]) -> Result<T, AcmeError> {
-    serde_json::from_slice(body).map_err(|e| err(format!("malformed {what} from the CA: {e}")))
+impl FromJson for Identifier {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(Self {
+            kind: string(v, "type")?,
+            value: string(v, "value")?,
+        })
+    }
+}
+
+impl FromJson for Directory {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(Self {
+            new_nonce: string(v, "newNonce")?,
+            new_account: string(v, "newAccount")?,
+            new_order: string(v, "newOrder")?,
+            meta: opt(v, "meta", Meta::from_json)?.unwrap_or_default(),
+        })
+    }
+}
+
+impl FromJson for Meta {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        let mut profiles = std::collections::BTreeMap::new();
+        match v.get("profiles") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (name, about) in m {
+                    // A profile's description is free text; only its name matters here.
+                    profiles.insert(name.clone(), about.as_str().unwrap_or_default().to_owned());
+                }
+            }
+            Some(_) => return Err("`profiles` is not an object".into()),
+        }
+        Ok(Self {
+            terms_of_service: opt_string(v, "termsOfService")?,
+            profiles,
+        })
+    }
+}
+
+impl FromJson for Status {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(match v.as_str() {
+            Some("pending") => Self::Pending,
+            Some("ready") => Self::Ready,
+            Some("processing") => Self::Processing,
+            Some("valid") => Self::Valid,
+            Some("invalid") => Self::Invalid,
+            Some("deactivated") => Self::Deactivated,
+            Some("expired") => Self::Expired,
+            Some("revoked") => Self::Revoked,
+            _ => return Err(format!("unknown status {v}")),
+        })
+    }
+}
+
+fn status(v: &Value) -> Result<Status, String> {
+    Status::from_json(v.get("status").ok_or("missing field `status`")?)
+}
+
+impl FromJson for Order {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(Self {
+            status: status(v)?,
+            authorizations: list(v, "authorizations", as_string)?,
+            finalize: string(v, "finalize")?,
+            certificate: opt_string(v, "certificate")?,
+            error: opt(v, "error", Problem::from_json)?,
+        })
+    }
+}
+
+impl FromJson for Authorization {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(Self {
+            identifier: Identifier::from_json(
+                v.get("identifier").ok_or("missing field `identifier`")?,
+            )?,
+            status: status(v)?,
+            challenges: list(v, "challenges", Challenge::from_json)?,
+        })
+    }
+}
+
+impl FromJson for Challenge {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        Ok(Self {
+            kind: string(v, "type")?,
+            url: string(v, "url")?,
+            status: status(v)?,
+            token: opt_string(v, "token")?.unwrap_or_default(),
+            error: opt(v, "error", Problem::from_json)?,
+        })
+    }
+}
+
+impl FromJson for Problem {
+    fn from_json(v: &Value) -> Result<Self, String> {
+        if !v.is_object() {
+            return Err("a problem document is an object".into());
+        }
+        Ok(Self {
+            kind: opt_string(v, "type")?.unwrap_or_default(),
+            detail: opt_string(v, "detail")?.unwrap_or_default(),
+            subproblems: list(v, "subproblems", Problem::from_json)?,
+        })
+    }
 }
 
 /// A `Retry-After` value in seconds (an HTTP date is not used by ACME CAs in practice and
@@ -337,18 +432,6 @@ fn san(id: &Identifier) -> Result<rcgen::SanType, AcmeError> {
                 .map_err(|_| err(format!("{:?} is not a DNS name", id.value)))?,
         ),
     })
-}
-
-/// A CSR for the identifiers, signed by the certificate's key (PKCS#8 DER, P-256).
-pub fn csr(ids: &[Identifier], cert_key_pkcs8: &[u8]) -> Result<Vec<u8>, AcmeError> {
-    let key = rcgen::KeyPair::try_from(cert_key_pkcs8)
-        .map_err(|e| err(format!("certificate key: {e}")))?;
-    let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = ids.iter().map(san).collect::<Result<_, _>>()?;
-    let csr = params
-        .serialize_request(&key)
-        .map_err(|e| err(format!("cannot make the CSR: {e}")))?;
-    Ok(csr.der().to_vec())
 }
 
 /// When to renew a certificate valid from `not_before` to `not_after` (seconds since the

@@ -22,9 +22,9 @@ fn jws_verifies_with_the_jwk_and_carries_the_header() {
             Some(&new_account_payload(Some("a@b.c"))),
         )
         .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
     let protected = unb64(v["protected"].as_str().unwrap());
-    let header: serde_json::Value = serde_json::from_slice(&protected).unwrap();
+    let header: Value = serde_json::from_slice(&protected).unwrap();
     assert_eq!(header["alg"], "ES256");
     assert_eq!(header["nonce"], "n0nce");
     assert_eq!(header["url"], "https://ca/new-acct");
@@ -54,9 +54,8 @@ fn jws_verifies_with_the_jwk_and_carries_the_header() {
     let body = k
         .sign("https://ca/o/1", "n2", Some("https://ca/acct/7"), None)
         .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let header: serde_json::Value =
-        serde_json::from_slice(&unb64(v["protected"].as_str().unwrap())).unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let header: Value = serde_json::from_slice(&unb64(v["protected"].as_str().unwrap())).unwrap();
     assert_eq!(header["kid"], "https://ca/acct/7");
     assert!(header.get("jwk").is_none());
     assert_eq!(v["payload"], "");
@@ -70,7 +69,7 @@ fn thumbprint_is_rfc7638s() {
     // RFC 7638 section 3.1 uses an RSA key; for EC the same rule applies: SHA-256 of
     // the canonical JWK. Check the canonical form and the digest of a fixed JWK.
     let k = AccountKey::generate().unwrap();
-    let jwk: serde_json::Value = serde_json::from_str(k.jwk()).unwrap();
+    let jwk: Value = serde_json::from_str(k.jwk()).unwrap();
     let canonical = format!(
         r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
         jwk["x"].as_str().unwrap(),
@@ -203,7 +202,21 @@ fn challenge_cert_and_csr() {
         })
         .flat_map(|s| s.general_names.iter().map(|g| g.to_string()))
         .collect();
-    assert_eq!(sans.len(), 2, "{sans:?}");
+    assert_eq!(
+        sans,
+        [
+            "DNSName(derp.example.net)",
+            "IPAddress(20:01:0d:b8:00:00:00:00:00:00:00:00:00:00:00:01)"
+        ]
+    );
+    // Signed by the certificate's key.
+    let info = req.certification_request_info;
+    let point = info.subject_pki.subject_public_key.data.to_vec();
+    assert_eq!(&point[..], cert_key.public_key_raw());
+    UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &point)
+        .verify(info.raw, &req.signature_value.data)
+        .expect("the CSR's signature verifies");
+    assert!(csr(&[Identifier::dns("bad\u{e9}")], &cert_key.serialize_der()).is_err());
     assert!(finalize_payload(&csr_der).starts_with(r#"{"csr":""#));
 }
 
