@@ -3,7 +3,7 @@
 # and prints a size report. Each binary is checked: static (no ELF interpreter); run under QEMU,
 # `--version` reports the Cargo version and the expected architecture and byte order; and the Go
 # interop tests (Tailscale's client on the host) pass against it under QEMU.
-# Fails when the mipsel binary is larger than the budget (2.5 MiB; the goal is 2.0 MiB).
+# Fails when the mipsel binary is larger than the budget: the 2.0 MiB goal plus 64 KiB.
 #
 #   scripts/build-release.sh                              # all five targets
 #   scripts/build-release.sh mipsel-unknown-linux-musl    # some of them
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 source scripts/cross-env.sh
 targets=("$@")
 ((${#targets[@]})) || targets=("${DERPD_TARGETS[@]}")
-budget=$((5 * 1024 * 1024 / 2)) goal=$((2 * 1024 * 1024))
+goal=$((2 * 1024 * 1024)) budget=$((2 * 1024 * 1024 + 64 * 1024))
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 mkdir -p dist
 PATH="$(scripts/ensure-go.sh):$PATH" # for the interop tests
@@ -62,10 +62,10 @@ for t in "${targets[@]}"; do
 done
 echo
 if [[ -n "${mipsel:-}" ]]; then
-  echo "size check: mipsel $mipsel B; budget $budget B (2.5 MiB), goal $goal B (2.0 MiB):" \
+  echo "size check: mipsel $mipsel B; budget $budget B (goal + 64 KiB), goal $goal B (2.0 MiB):" \
     "$( ((mipsel <= goal)) && echo "within the goal" || echo "over the goal by $((mipsel - goal)) B")"
   if ((fail)); then
-    echo "size check: FAILED, mipsel is over the 2.5 MiB budget" >&2
+    echo "size check: FAILED, mipsel is over the budget (2.0 MiB + 64 KiB)" >&2
     exit 1
   fi
 fi
