@@ -181,8 +181,8 @@ pub struct Directory {
 pub struct Meta {
     /// The CA's terms of service.
     pub terms_of_service: Option<String>,
-    /// Profile name → description.
-    pub profiles: std::collections::BTreeMap<String, String>,
+    /// The profiles' names (draft-ietf-acme-profiles).
+    pub profiles: Vec<String>,
 }
 
 /// The state of an order, an authorization or a challenge.
@@ -307,17 +307,12 @@ impl FromJson for Directory {
 
 impl FromJson for Meta {
     fn from_json(v: &Value) -> Result<Self, String> {
-        let mut profiles = std::collections::BTreeMap::new();
-        match v.get("profiles") {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(m)) => {
-                for (name, about) in m {
-                    // A profile's description is free text; only its name matters here.
-                    profiles.insert(name.clone(), about.as_str().unwrap_or_default().to_owned());
-                }
-            }
+        let profiles = match v.get("profiles") {
+            None | Some(Value::Null) => Vec::new(),
+            // Profile name → free-text description; only the names matter here.
+            Some(Value::Object(m)) => m.keys().cloned().collect(),
             Some(_) => return Err("`profiles` is not an object".into()),
-        }
+        };
         Ok(Self {
             terms_of_service: opt_string(v, "termsOfService")?,
             profiles,
@@ -336,7 +331,7 @@ impl FromJson for Status {
             Some("deactivated") => Self::Deactivated,
             Some("expired") => Self::Expired,
             Some("revoked") => Self::Revoked,
-            _ => return Err(format!("unknown status {v}")),
+            _ => return Err("`status` is not one of RFC 8555's".into()),
         })
     }
 }
