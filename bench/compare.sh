@@ -4,8 +4,13 @@
 #   bench/compare.sh            full run (3 repetitions) -> bench/results/latest.{json,md,svg}
 #   bench/compare.sh --quick    one short repetition (CI: proves the harness works, no
 #                               thresholds) -> target/bench/quick.{json,md,svg}
-#   options: --reps N, --seconds S, --clients "1000 5000 10000"
-#   env: DERPD_BIN (benchmark this derpd binary instead of the host release build)
+#   options: --reps N, --seconds S, --clients "1000 5000 10000",
+#            --glibc (the host's glibc release build instead of the static musl one)
+#   env: DERPD_BIN (benchmark this derpd binary instead)
+#
+# By default derpd is the static x86_64 musl release build: what every package ships (the
+# host's glibc build is faster, with glibc's allocator and memcpy; --glibc measures that one).
+# The results name the binary's Rust target.
 #
 # Both servers get the same setup: manual certificate mode with one self-signed ECDSA P-256
 # certificate for 127.0.0.1 (made here with openssl), STUN off, no port-80 listener, and a
@@ -17,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-quick=0 reps=3 seconds=5 clients="1000 5000 10000" loads="25 50 75"
+quick=0 reps=3 seconds=5 clients="1000 5000 10000" loads="25 50 75" glibc=0
 args=("$@")
 while (($#)); do
   case $1 in
@@ -25,7 +30,8 @@ while (($#)); do
     --reps) reps=$2; shift ;;
     --seconds) seconds=$2; shift ;;
     --clients) clients=$2; shift ;;
-    *) echo "usage: bench/compare.sh [--quick] [--reps N] [--seconds S] [--clients LIST]" >&2; exit 2 ;;
+    --glibc) glibc=1 ;;
+    *) echo "usage: bench/compare.sh [--quick] [--reps N] [--seconds S] [--clients LIST] [--glibc]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -54,10 +60,34 @@ if [[ ! -x $derper || $(cat "$bindir/derper.version" 2>/dev/null) != "$version" 
   GOBIN=$bindir "$gobin/go" install "tailscale.com/cmd/derper@$version"
   echo "$version" >"$bindir/derper.version"
 fi
-say "building derpd (release) and the load generator"
-cargo build --release --locked --quiet --bin derpd
+if [[ -n ${DERPD_BIN:-} ]]; then
+  derpd=$DERPD_BIN derpd_target="given by DERPD_BIN"
+elif ((glibc)); then
+  say "building derpd (release, the host's glibc build)"
+  cargo build --release --locked --quiet --bin derpd
+  derpd=$root/target/release/derpd derpd_target=$(rustc -vV | sed -n 's/^host: //p')
+else
+  derpd_target=x86_64-unknown-linux-musl
+  say "building derpd (release, static $derpd_target: what the packages ship)"
+  (
+    # shellcheck source=scripts/cross-env.sh
+    source scripts/cross-env.sh
+    cross_setup "$derpd_target" >&2
+    "${CARGO_CMD[@]}" build --release --locked --quiet "${TARGET_ARGS[@]}" --bin derpd
+  )
+  derpd=$root/target/$derpd_target/release/derpd
+fi
+say "building the load generator"
 cargo build --profile loadgen --features bench --locked --quiet --bin derpd-load
-derpd=${DERPD_BIN:-$root/target/release/derpd}
+# Heap allocations are counted in the glibc build (bench/alloc-count.c, preloaded; a static
+# binary cannot be), the same code as the musl build's.
+if [[ ${derpd_target:-} == *-gnu ]]; then
+  derpd_glibc=$derpd
+else
+  say "building derpd (release, glibc) for the allocation counts"
+  cargo build --release --locked --quiet --bin derpd
+  derpd_glibc=$root/target/release/derpd
+fi
 load=$root/target/loadgen/derpd-load
 
 work=$(mktemp -d)
@@ -71,6 +101,8 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
   -keyout "$work/127.0.0.1.key" -out "$work/127.0.0.1.crt" 2>/dev/null
 cert=$work/127.0.0.1.crt
+cc -O2 -shared -fPIC -o "$work/alloc-count.so" bench/alloc-count.c
+allocs=$work/allocs.bin
 
 # Idle runs hold thousands of connections on each side.
 ulimit -n "$(ulimit -Hn)"
@@ -105,6 +137,9 @@ start_server() {
     derpd) "${pin_server[@]}" "$derpd" "${common[@]}" "${derpd_limits[@]}" \
       >"$work/$1.log" 2>&1 & ;;
     derper) "${pin_server[@]}" "$derper" "${common[@]}" >"$work/$1.log" 2>&1 & ;;
+    derpd-counted) rm -f "$allocs"
+      LD_PRELOAD=$work/alloc-count.so DERPD_ALLOC_COUNT_FILE=$allocs "${pin_server[@]}" \
+        "$derpd_glibc" "${common[@]}" "${derpd_limits[@]}" >"$work/$1.log" 2>&1 & ;;
   esac
   server_pid=$!
   local i
@@ -131,7 +166,7 @@ run() {
   local name=$1 scenario=$2 rep=$3 extra=$4
   shift 5
   start_server "$name"
-  local label="{\"server\":\"$name\",\"scenario\":\"$scenario\",\"rep\":$rep$extra}"
+  local label="{\"server\":\"${name%-counted}\",\"scenario\":\"$scenario\",\"rep\":$rep$extra}"
   if ! "${pin_load[@]}" "$load" "$@" --addr "$addr" --cert "$cert" --pid "$server_pid" \
     --label "$label" >>"$raw"; then
     say "load generator failed ($name $scenario); server log:"; tail -20 "$work/$name.log" >&2
@@ -151,7 +186,7 @@ rec = {"scenario": "machine", "cpu_model": "$cpu_model", "cores": $(nproc),
        "kernel": "$(uname -r)", "date": datetime.date.today().isoformat(),
        "derper_version": "$version", "derpd_version": "$("$derpd" --version)",
        "loadgen": "bench/load.rs, 1 thread on CPU 1; server on CPU 0; fd limit $maxfd",
-       "derpd_flags": "${derpd_limits[*]}"}
+       "derpd_flags": "${derpd_limits[*]}", "derpd_target": "$derpd_target"}
 open(sys.argv[1], "a").write(json.dumps(rec) + "\n")
 EOF
 
@@ -182,6 +217,11 @@ print(max(x['pps'] for x in r if x.get('server')=='derper' and x.get('scenario')
     run "$s" logins "$rep" "" -- logins --concurrency "$login_conc" --seconds "$seconds" \
       --warmup "$warmup"
   done
+  # derpd's heap allocations per relayed packet and per login (derper's Go heap is not counted).
+  run derpd-counted allocs "$rep" ',"kind":"packets"' -- throughput --seconds "$seconds" \
+    --warmup "$warmup" --alloc-counter "$allocs"
+  run derpd-counted allocs "$rep" ',"kind":"logins"' -- logins --concurrency "$login_conc" \
+    --seconds "$seconds" --warmup "$warmup" --alloc-counter "$allocs"
   for n in $clients; do
     if ((n + 100 > maxfd)); then
       say "skipping $n idle clients: fd limit $maxfd"

@@ -20,6 +20,9 @@
 //! - `idle`: `--clients` clients log in and are held; the server's RSS before and after.
 //! - `logins`: `--concurrency` loops of connect, TLS, DERP login, close, for `--seconds`.
 //!
+//! With `--alloc-counter` (the server preloaded with `bench/alloc-count.c`) the server's heap
+//! allocations in the window are counted too: `allocs_per_packet`, `allocs_per_login`.
+//!
 //! With `--pid` the server's CPU time (`/proc/<pid>/stat`) and memory (`/proc/<pid>/status`) are
 //! read at the start and end of the measured window; the generator's own CPU time is read the
 //! same way, so a run says when the generator, not the server, was the bottleneck.
@@ -121,6 +124,10 @@ struct Args {
     /// connections in flight at once (idle, logins)
     #[argh(option, default = "16")]
     concurrency: usize,
+    /// the server's allocation counter file (bench/alloc-count.c, preloaded into the server):
+    /// adds allocations per packet or per login
+    #[argh(option)]
+    alloc_counter: Option<String>,
     /// a JSON object whose fields are added to the output (e.g. the server's name)
     #[argh(option, default = "String::from(\"{}\")")]
     label: String,
@@ -154,6 +161,7 @@ fn run(args: &Args) -> Result<Value, String> {
         addr: args.addr,
         tls: tls_config(leaf.as_ref().to_vec())?,
         pid: args.pid,
+        alloc_counter: args.alloc_counter.clone(),
         stats: Stats::default(),
         stop: Cell::new(false),
         t0: Instant::now(),
@@ -178,6 +186,8 @@ struct Ctx {
     addr: SocketAddr,
     tls: Arc<ClientConfig>,
     pid: Option<u32>,
+    /// bench/alloc-count.c's counter file, when the server runs with it.
+    alloc_counter: Option<String>,
     stats: Stats,
     stop: Cell<bool>,
     /// The clock of probe timestamps.

@@ -24,13 +24,17 @@ scenario-specific fields (numbers unless noted):
               rss_per_client_kib, connect_s
   logins      concurrency, seconds, logins, failures, logins_per_s,
               server_cpu_s, cpu_us_per_login
+  allocs      derpd only, its glibc build with bench/alloc-count.c preloaded:
+              kind "packets" (a throughput run, allocs_per_packet) or "logins"
+              (a logins run, allocs_per_login)
 
 One extra record {"scenario": "machine", "cpu_model", "cores", "kernel",
-"date", "derper_version", "derpd_version", "loadgen"} has no server/rep.
+"date", "derper_version", "derpd_version", "derpd_target", "derpd_flags", "loadgen"} has no
+server/rep.
 Unknown fields are ignored; numeric fields may be missing or null.
 
 Records are grouped by (server, scenario, sub-key), the sub-key being
-load_pct for latency, clients for idle and "all" otherwise; each numeric
+load_pct for latency, clients for idle, kind for allocs and "all" otherwise; each numeric
 field is reduced to its median, min, max and n over the repetitions.
 With --quick the outputs are named quick.* instead of latest.*.
 """
@@ -44,7 +48,7 @@ from collections import Counter, defaultdict
 from xml.sax.saxutils import escape
 
 SERVERS = ("derpd", "derper")
-SUBKEY = {"latency": "load_pct", "idle": "clients"}
+SUBKEY = {"latency": "load_pct", "idle": "clients", "allocs": "kind"}
 # Headline metrics for the SVG chart: key, label, better is.
 HEADLINE = [
     ("cpu_us_per_packet", "CPU µs per delivered packet", "lower"),
@@ -257,6 +261,10 @@ def table_rows(agg):
                      "rss_per_client_kib", "lower"))
     rows += [("logins per second", "logins", "all", "logins_per_s", "higher"),
              ("CPU µs per login", "logins", "all", "cpu_us_per_login", "lower"),
+             ("heap allocations per relayed packet (derpd's glibc build, counted)", "allocs",
+              "packets", "allocs_per_packet", "lower"),
+             ("heap allocations per login (derpd's glibc build, counted)", "allocs", "logins",
+              "allocs_per_login", "lower"),
              ("stripped binary size (bytes)", "static", "all", "binary_bytes", "lower")]
     return rows
 
@@ -265,7 +273,8 @@ def render_md(doc, agg):
     m = doc["machine"]
     out = [f"# derpd vs derper — {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, "
            f"{m.get('date', '?')}, derper {m.get('derper_version', '?')}, "
-           f"{m.get('derpd_version', 'derpd ?')} — `{doc['command']}`", "",
+           f"{m.get('derpd_version', 'derpd ?')} ({m.get('derpd_target', 'target not recorded')})"
+           f" — `{doc['command']}`", "",
            "| metric | derpd | derper | derpd/derper | better is |",
            "|---|---:|---:|---:|---|"]
     for label, scen, sub, field, better in table_rows(agg):

@@ -15,6 +15,8 @@ pub(super) struct Sample {
     pub(super) logins: u64,
     pub(super) probes_sent: u64,
     pub(super) fight_frames: u64,
+    /// The server's allocations so far, when counted (`--alloc-counter`).
+    pub(super) allocs: Option<u64>,
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -29,6 +31,22 @@ pub(super) fn cpu_ticks(pid: &str) -> u64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     get(11) + get(12)
+}
+
+/// Counter 0 of bench/alloc-count.c's file: the allocations so far.
+pub(super) fn alloc_count(path: &str) -> Option<u64> {
+    let b = std::fs::read(path).ok()?;
+    Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+/// Allocations per unit of work (packet, login) in the window, when counted.
+pub(super) fn allocs_per(a: &Sample, b: &Sample, units: u64) -> Value {
+    match (a.allocs, b.allocs) {
+        (Some(x), Some(y)) if units > 0 => {
+            json!(round(y.saturating_sub(x) as f64 / units as f64, 3))
+        }
+        _ => Value::Null,
+    }
 }
 
 pub(super) fn status_kib(pid: u32, field: &str) -> u64 {
@@ -62,6 +80,7 @@ impl Ctx {
             logins: s.logins.get(),
             probes_sent: s.probes_sent.get(),
             fight_frames: s.fight_frames.get(),
+            allocs: self.alloc_counter.as_deref().and_then(alloc_count),
         }
     }
 
