@@ -5,7 +5,9 @@
 #   bench/compare.sh --quick    one short repetition (CI: proves the harness works, no
 #                               thresholds) -> target/bench/quick.{json,md,svg}
 #   options: --reps N, --seconds S, --clients "1000 5000 10000",
-#            --glibc (the host's glibc release build instead of the static musl one)
+#            --glibc (the host's glibc release build instead of the static musl one),
+#            --server-cpus N (the server on CPUs 0..N-1, derpd with --threads N; the load
+#            generator on CPU N; default 1)
 #   env: DERPD_BIN (benchmark this derpd binary instead)
 #
 # By default derpd is the static x86_64 musl release build: what every package ships (the
@@ -22,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-quick=0 reps=3 seconds=5 clients="1000 5000 10000" loads="25 50 75" glibc=0
+quick=0 reps=3 seconds=5 clients="1000 5000 10000" loads="25 50 75" glibc=0 server_cpus=1
 args=("$@")
 while (($#)); do
   case $1 in
@@ -31,7 +33,9 @@ while (($#)); do
     --seconds) seconds=$2; shift ;;
     --clients) clients=$2; shift ;;
     --glibc) glibc=1 ;;
-    *) echo "usage: bench/compare.sh [--quick] [--reps N] [--seconds S] [--clients LIST] [--glibc]" >&2; exit 2 ;;
+    --server-cpus) server_cpus=$2; shift ;;
+    *) echo "usage: bench/compare.sh [--quick] [--reps N] [--seconds S] [--clients LIST] [--glibc] [--server-cpus N]" >&2
+      exit 2 ;;
   esac
   shift
 done
@@ -108,8 +112,11 @@ allocs=$work/allocs.bin
 ulimit -n "$(ulimit -Hn)"
 maxfd=$(ulimit -n)
 
-if (($(nproc) >= 2)); then
-  pin_server=(taskset -c 0) pin_load=(taskset -c 1)
+if (($(nproc) > server_cpus)); then
+  pin_server=(taskset -c "0-$((server_cpus - 1))") pin_load=(taskset -c "$server_cpus")
+elif ((server_cpus > 1)); then
+  say "--server-cpus $server_cpus needs $((server_cpus + 1)) CPUs; this machine has $(nproc)"
+  exit 2
 else
   say "fewer than 2 CPUs: server and load generator are not pinned apart"
   pin_server=() pin_load=()
@@ -123,8 +130,8 @@ free_port() {
 # idle client logged in at once, every load from 127.0.0.1 (64 logins at once for idle).
 max_clients=2048
 for n in $clients; do ((n + 16 > max_clients)) && max_clients=$((n + 16)); done
-derpd_limits=(--max-clients="$max_clients" --max-handshakes-per-ip=256)
-say "derpd runs with ${derpd_limits[*]} (its defaults: 2048 and 16)"
+derpd_limits=(--max-clients="$max_clients" --max-handshakes-per-ip=256 --threads="$server_cpus")
+say "derpd runs with ${derpd_limits[*]} (its defaults: 2048, 16 and one thread per CPU)"
 
 # start_server NAME: starts a fresh server, sets server_pid and addr, waits until it listens.
 start_server() {
@@ -185,7 +192,8 @@ import json, sys, datetime
 rec = {"scenario": "machine", "cpu_model": "$cpu_model", "cores": $(nproc),
        "kernel": "$(uname -r)", "date": datetime.date.today().isoformat(),
        "derper_version": "$version", "derpd_version": "$("$derpd" --version)",
-       "loadgen": "bench/load.rs, 1 thread on CPU 1; server on CPU 0; fd limit $maxfd",
+       "loadgen": "bench/load.rs, 1 thread on CPU $server_cpus; server on CPUs 0-$((server_cpus - 1)); fd limit $maxfd",
+       "server_cpus": $server_cpus,
        "derpd_flags": "${derpd_limits[*]}", "derpd_target": "$derpd_target"}
 open(sys.argv[1], "a").write(json.dumps(rec) + "\n")
 EOF

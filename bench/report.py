@@ -113,11 +113,14 @@ def load_raw(path):
         sub = "all"
         if scen in SUBKEY:
             sub = rec.get(SUBKEY[scen])
-            if not is_num(sub):
+            if isinstance(sub, str) and sub:
+                pass  # a named kind (allocs: "packets", "logins")
+            elif not is_num(sub):
                 print(f"report.py: warning: {path}:{lineno}: {scen} record "
                       f"without {SUBKEY[scen]}, skipped", file=sys.stderr)
                 continue
-            sub = str(rnd(sub))
+            else:
+                sub = str(rnd(sub))
         groups[(server, scen, sub)].append(rec)
     if n_lines == 0:
         die(f"{path} is empty")
