@@ -64,8 +64,9 @@
 //! - `fsutil`: crash-safe writes (temporary file, fsync, rename, directory fsync) for the files
 //!   derpd makes: the key file, the self-signed certificate pair, the ACME account key.
 //! - `p256`: P-256 private keys as Go writes them (SEC1 `EC PRIVATE KEY` ↔ PKCS#8, PEM).
-//! - [`acme`]: CA-issued certificates: the protocol core (JWS, messages, CA objects,
-//!   TLS-ALPN-01 certificate, CSR, renewal rule; `acme/mod.rs`), the account key and its file
+//! - [`acme`]: CA-issued certificates: the protocol core (JWS, messages, CA objects read from
+//!   JSON in `acme/json.rs`, TLS-ALPN-01 certificate, the CSR in `acme/csr.rs`, renewal rule;
+//!   `acme/mod.rs`), the account key and its file
 //!   (`acme/account.rs`), and [`acme::client`], the RFC 8555 client on [`httpc`] that gets a
 //!   certificate from a CA (for the keeper in `tls/acme.rs`).
 //!
