@@ -9,12 +9,8 @@ use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
 
 use super::{err, AcmeError, Identifier};
+use crate::p256::{EC_PUBLIC_KEY_OID, P256_OID};
 
-/// SEQUENCE { id-ecPublicKey, prime256v1 }, DER.
-const P256_ALGORITHM: &[u8] = &[
-    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
-    0xce, 0x3d, 0x03, 0x01, 0x07,
-];
 /// SEQUENCE { ecdsa-with-SHA256 }, DER.
 const ECDSA_SHA256: &[u8] = &[
     0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
@@ -70,7 +66,7 @@ pub fn csr(ids: &[Identifier], cert_key_pkcs8: &[u8]) -> Result<Vec<u8>, AcmeErr
     let spki = tlv(
         0x30,
         &[
-            P256_ALGORITHM,
+            &tlv(0x30, &[EC_PUBLIC_KEY_OID, P256_OID]),
             &tlv(0x03, &[&[0], key.public_key().as_ref()]),
         ],
     );

@@ -40,11 +40,11 @@ pub(super) fn list<T>(
     key: &str,
     f: impl Fn(&Value) -> Result<T, String>,
 ) -> Result<Vec<T>, String> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(items)) => items.iter().map(f).collect(),
-        Some(_) => Err(format!("`{key}` is not a list")),
-    }
+    let items = opt(v, key, |x| match x {
+        Value::Array(items) => items.iter().map(&f).collect(),
+        _ => Err(format!("`{key}` is not a list")),
+    })?;
+    Ok(items.unwrap_or_default())
 }
 
 /// An object field that may be absent (or null), read by `f`.
