@@ -8,14 +8,58 @@
 //! that reads the same.
 #![no_main]
 
-use derpd::acme::{self, AccountKey, Authorization, Directory, Order, Problem};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use derpd::acme::order::{Answer, ChallengeKind, Next, OrderFlow, Proof, Solver};
+use derpd::acme::{self, AccountKey, Authorization, Directory, Identifier, Order, Problem};
 use libfuzzer_sys::fuzz_target;
+
+/// Counts the proofs being served.
+struct Count(AtomicIsize);
+
+impl Solver for Count {
+    fn kinds(&self) -> &[ChallengeKind] {
+        &[ChallengeKind::Http01, ChallengeKind::TlsAlpn01]
+    }
+    fn present(&self, _: &Identifier, _: &Proof) -> Result<(), String> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn remove(&self, _: &Identifier, _: &Proof) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn order(answers: &[u8]) {
+    thread_local! {
+        static KEY: AccountKey = AccountKey::generate().expect("a key");
+    }
+    let solver = Count(AtomicIsize::new(0));
+    KEY.with(|key| {
+        let ids = [Identifier::for_host("192.0.2.1")];
+        let mut flow = OrderFlow::new(&ids, None, key, &solver);
+        for body in answers.split(|&b| b == 0xff) {
+            let _ = flow.request("https://ca/new-order");
+            let a = Answer {
+                status: 200,
+                location: Some("https://ca/order/1".into()),
+                retry_after: None,
+                body: body.to_vec(),
+            };
+            match flow.answer(a) {
+                Ok(Next::Done(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    assert_eq!(solver.0.load(Ordering::Relaxed), 0, "a proof left served");
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
-    match which % 6 {
+    match which % 7 {
         0 => {
             if let Ok(d) = acme::parse::<Directory>("directory", rest) {
                 let _ = d.meta.profiles.iter().any(|p| p == acme::SHORTLIVED);
@@ -49,6 +93,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
+        6 => order(rest),
         _ => {
             for key in [
                 AccountKey::from_pem(rest),

@@ -9,17 +9,16 @@
 //! new P-256 key, and downloads the chain. A `badNonce` answer is retried with the fresh
 //! nonce it carried; any other CA error is an [`Error::Ca`] with the problem document.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::{PemObject as _, SectionKind};
 use smol::Timer;
 
-use super::{
-    alpn_challenge_cert, csr, finalize_payload, new_account_payload, new_order_payload, parse,
-    retry_after, AccountKey, AcmeError, Authorization, Directory, Identifier, Order, Problem,
-    Status, CHALLENGE_READY,
-};
+use super::order::{other, Next, OrderFlow};
+pub use super::order::{Answer, ChallengeKind, Error, Issued, Proof, Solver};
+use super::{new_account_payload, parse, retry_after, AccountKey, Directory, Identifier, Problem};
 use crate::httpc::{within, Conn, Framing, Url};
 
 /// How long one HTTP exchange with the CA may take (connecting included).
@@ -35,128 +34,15 @@ const BODY_MAX: usize = 256 << 10;
 
 const JOSE: &str = "application/jose+json";
 
-/// What went wrong, for the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Error {
-    /// The CA said no: what was asked, the HTTP status (0 for a problem found in an object,
-    /// such as a failed challenge), and the CA's problem document.
-    Ca {
-        /// The request or object, in words.
-        what: String,
-        /// The HTTP status.
-        status: u16,
-        /// The CA's explanation.
-        problem: Problem,
-    },
-    /// Anything else: connecting, timeouts, malformed answers, the solver.
-    Other(String),
-}
-
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Ca {
-                what,
-                status: 0,
-                problem,
-            } => write!(f, "{what}: {problem}"),
-            Self::Ca {
-                what,
-                status,
-                problem,
-            } => write!(f, "{what}: HTTP {status}: {problem}"),
-            Self::Other(e) => f.write_str(e),
-        }
-    }
-}
-
-impl std::error::Error for Error {}
-
-impl From<AcmeError> for Error {
-    fn from(e: AcmeError) -> Self {
-        Self::Other(e.0)
-    }
-}
-
-fn other(what: impl std::fmt::Display) -> Error {
-    Error::Other(what.to_string())
-}
-
-/// A challenge type this client can answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChallengeKind {
-    /// `http-01`: the key authorization at `/.well-known/acme-challenge/<token>` on port 80.
-    Http01,
-    /// `tls-alpn-01` (RFC 8737): a certificate for ALPN `acme-tls/1` on port 443.
-    TlsAlpn01,
-}
-
-impl ChallengeKind {
-    /// The name in the CA's objects.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Http01 => "http-01",
-            Self::TlsAlpn01 => "tls-alpn-01",
-        }
-    }
-}
-
-/// What the caller serves while the CA validates one identifier.
-#[derive(Debug, Clone)]
-pub enum Proof {
-    /// Answer `GET /.well-known/acme-challenge/<token>` with `key_authorization`.
-    Http01 {
-        /// The path's last segment.
-        token: String,
-        /// The whole body (`text/plain` or `application/octet-stream`).
-        key_authorization: String,
-    },
-    /// Answer a TLS handshake with ALPN `acme-tls/1` and SNI `sni` with this certificate
-    /// (offering only `acme-tls/1`).
-    TlsAlpn01 {
-        /// The name the CA sends: the DNS name, or an address's reverse-DNS name (RFC 8738).
-        sni: String,
-        /// The self-signed certificate, DER.
-        cert_der: Vec<u8>,
-        /// Its key, PKCS#8 DER.
-        key_pkcs8: Vec<u8>,
-    },
-}
-
-/// The caller's side of a challenge: serve a proof while the CA looks, then stop.
-pub trait Solver: Send + Sync {
-    /// The challenge types the caller can serve, the preferred first.
-    fn kinds(&self) -> &[ChallengeKind];
-    /// Starts serving `proof` for `id` (before the CA is told to look).
-    fn present(&self, id: &Identifier, proof: &Proof) -> Result<(), String>;
-    /// Stops serving it (after the authorization is settled, valid or not).
-    fn remove(&self, id: &Identifier, proof: &Proof);
-}
-
-/// An issued certificate.
-#[derive(Debug, Clone)]
-pub struct Issued {
-    /// The chain as the CA sent it: PEM, the leaf first.
-    pub chain_pem: String,
-    /// The certificate's new key, PKCS#8 DER (P-256).
-    pub key_pkcs8: Vec<u8>,
-}
-
-/// A CA's answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    location: Option<String>,
-    retry_after: Option<Duration>,
-    body: Vec<u8>,
-}
+/// A request to the CA under way.
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<Answer, Error>> + Send + 'a>>;
 
 /// A client for one CA and one account.
 #[derive(Debug)]
 pub struct AcmeClient {
     tls: Arc<rustls::ClientConfig>,
     directory: Directory,
-    key: AccountKey,
+    key: Arc<AccountKey>,
     /// The account URL, once known.
     kid: Option<String>,
     /// The `Replay-Nonce` of the CA's last answer, not used yet.
@@ -173,7 +59,7 @@ impl AcmeClient {
     pub async fn new(
         directory_url: &str,
         tls: Arc<rustls::ClientConfig>,
-        key: AccountKey,
+        key: impl Into<Arc<AccountKey>>,
     ) -> Result<Self, Error> {
         let mut c = Self {
             tls,
@@ -183,7 +69,7 @@ impl AcmeClient {
                 new_order: String::new(),
                 meta: Default::default(),
             },
-            key,
+            key: key.into(),
             kid: None,
             nonce: None,
             conn: None,
@@ -224,8 +110,10 @@ impl AcmeClient {
             return Ok(k.clone());
         }
         let url = self.directory.new_account.clone();
+        let deadline = Instant::now() + REQUEST_TIMEOUT * (BAD_NONCE_RETRIES as u32 + 2);
+        let payload = new_account_payload(email);
         let a = self
-            .post("newAccount", &url, Some(&new_account_payload(email)))
+            .post("newAccount", &url, Some(&payload), deadline)
             .await?;
         let kid = a
             .location
@@ -236,7 +124,8 @@ impl AcmeClient {
 
     /// Orders and fetches a certificate for `ids` (DNS names and IP addresses), with
     /// `profile` (such as [`SHORTLIVED`](super::SHORTLIVED)) if given, the account made
-    /// first if need be. `deadline` bounds the whole of it.
+    /// first if need be. `deadline` bounds the whole of it. The steps are
+    /// [`OrderFlow`]'s; this carries its requests and the CA's answers.
     pub async fn issue(
         &mut self,
         ids: &[Identifier],
@@ -247,170 +136,37 @@ impl AcmeClient {
         if ids.is_empty() {
             return Err(other("no identifiers to order a certificate for"));
         }
-        bounded(deadline, self.account(None)).await?;
-        let url = self.directory.new_order.clone();
-        let payload = new_order_payload(ids, profile);
-        let a = bounded(deadline, self.post("newOrder", &url, Some(&payload))).await?;
-        let order_url = a
-            .location
-            .clone()
-            .ok_or_else(|| other("the CA's newOrder answer has no Location"))?;
-        let mut order: Order = parse("order", &a.body)?;
-        for authz in order.authorizations.clone() {
-            self.authorize(&authz, solver, deadline).await?;
-        }
-        if order.status != Status::Ready {
-            order = self.poll_order(&order_url, Status::Ready, deadline).await?;
-        }
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| other(format!("cannot make a certificate key: {e}")))?;
-        let key_pkcs8 = key.serialize_der();
-        let csr_der = csr(ids, &key_pkcs8)?;
-        let fin = order.finalize.clone();
-        let a = bounded(
-            deadline,
-            self.post("finalize", &fin, Some(&finalize_payload(&csr_der))),
-        )
-        .await?;
-        order = parse("order", &a.body)?;
-        if order.status != Status::Valid {
-            order = self.poll_order(&order_url, Status::Valid, deadline).await?;
-        }
-        let cert_url = order
-            .certificate
-            .ok_or_else(|| other("the valid order has no certificate URL"))?;
-        let a = bounded(deadline, self.post("certificate", &cert_url, None)).await?;
-        let chain_pem =
-            String::from_utf8(a.body).map_err(|_| other("the certificate chain is not text"))?;
-        if !is_pem_certificates(chain_pem.as_bytes()) {
-            return Err(other("the certificate chain is not PEM certificates"));
-        }
-        Ok(Issued {
-            chain_pem,
-            key_pkcs8,
-        })
-    }
-
-    /// Settles one authorization: nothing to do if valid; else the solver serves the first
-    /// challenge type it can that the CA offers, the CA is told to look, and the
-    /// authorization is polled until it is no longer pending.
-    async fn authorize(
-        &mut self,
-        url: &str,
-        solver: &dyn Solver,
-        deadline: Instant,
-    ) -> Result<(), Error> {
-        let a = bounded(deadline, self.post("authorization", url, None)).await?;
-        let authz: Authorization = parse("authorization", &a.body)?;
-        match authz.status {
-            Status::Valid => return Ok(()),
-            Status::Pending => {}
-            s => return Err(other(format!("authorization is {s:?}"))),
-        }
-        let id = &authz.identifier;
-        let Some(challenge) = solver
-            .kinds()
-            .iter()
-            .find_map(|k| authz.challenge(k.name()).map(|c| (*k, c)))
-        else {
-            let offered: Vec<&str> = authz.challenges.iter().map(|c| c.kind.as_str()).collect();
-            return Err(other(format!(
-                "the CA offers {offered:?} for {}, none of which can be served here",
-                id.value
-            )));
-        };
-        let (kind, challenge) = (challenge.0, challenge.1.clone());
-        let key_authorization = self.key.key_authorization(&challenge.token);
-        let proof = match kind {
-            ChallengeKind::Http01 => Proof::Http01 {
-                token: challenge.token.clone(),
-                key_authorization,
-            },
-            ChallengeKind::TlsAlpn01 => {
-                let (cert_der, key_pkcs8) = alpn_challenge_cert(id, &key_authorization)?;
-                Proof::TlsAlpn01 {
-                    sni: id.alpn_sni(),
-                    cert_der,
-                    key_pkcs8,
-                }
-            }
-        };
-        solver
-            .present(id, &proof)
-            .map_err(|e| other(format!("serving the {} challenge: {e}", kind.name())))?;
-        let result = self.validate(url, &challenge.url, kind, deadline).await;
-        solver.remove(id, &proof);
-        result
-    }
-
-    async fn validate(
-        &mut self,
-        authz_url: &str,
-        challenge_url: &str,
-        kind: ChallengeKind,
-        deadline: Instant,
-    ) -> Result<(), Error> {
-        bounded(
-            deadline,
-            self.post("challenge", challenge_url, Some(CHALLENGE_READY)),
-        )
-        .await?;
+        self.account(None).await?;
+        let key = self.key.clone();
+        let mut flow = OrderFlow::new(ids, profile, &key, solver);
         loop {
-            let a = bounded(deadline, self.post("authorization", authz_url, None)).await?;
-            let authz: Authorization = parse("authorization", &a.body)?;
-            match authz.status {
-                Status::Valid => return Ok(()),
-                Status::Pending => wait(a.retry_after, deadline).await?,
-                s => {
-                    let problem = authz
-                        .challenge(kind.name())
-                        .and_then(|c| c.error.clone())
-                        .unwrap_or_else(|| Problem {
-                            detail: format!("authorization {s:?}"),
-                            ..Problem::default()
-                        });
-                    return Err(Error::Ca {
-                        what: format!("{} challenge for {}", kind.name(), authz.identifier.value),
-                        status: 0,
-                        problem,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Polls the order until it is `want` (or fails, or past the deadline).
-    async fn poll_order(
-        &mut self,
-        url: &str,
-        want: Status,
-        deadline: Instant,
-    ) -> Result<Order, Error> {
-        loop {
-            let a = bounded(deadline, self.post("order", url, None)).await?;
-            let order: Order = parse("order", &a.body)?;
-            match order.status {
-                s if s == want => return Ok(order),
-                Status::Pending | Status::Processing | Status::Ready => {
-                    wait(a.retry_after, deadline).await?
-                }
-                s => {
-                    return Err(Error::Ca {
-                        what: "order".into(),
-                        status: 0,
-                        problem: order.error.unwrap_or_else(|| Problem {
-                            detail: format!("order {s:?}"),
-                            ..Problem::default()
-                        }),
-                    })
-                }
+            let r = flow.request(&self.directory.new_order);
+            let a = self
+                .post(r.what, &r.url, r.payload.as_deref(), deadline)
+                .await?;
+            match flow.answer(a)? {
+                Next::Now => {}
+                Next::Wait(retry_after) => wait(retry_after, deadline).await?,
+                Next::Done(issued) => return Ok(issued),
             }
         }
     }
 
     /// A signed POST (`payload` None: POST-as-GET), sent again with the fresh nonce after a
-    /// `badNonce`. An error status is an [`Error::Ca`].
-    async fn post(
+    /// `badNonce`, until `deadline`. An error status is an [`Error::Ca`]. Boxed, so that each
+    /// of the order's requests awaits one small future instead of inlining a copy of this
+    /// state machine (it halved the order flow's code on mipsel).
+    fn post<'a>(
+        &'a mut self,
+        what: &'a str,
+        url: &'a str,
+        payload: Option<&'a str>,
+        deadline: Instant,
+    ) -> Pending<'a> {
+        Box::pin(bounded(deadline, self.post_unbounded(what, url, payload)))
+    }
+
+    async fn post_unbounded(
         &mut self,
         what: &str,
         url: &str,
@@ -519,18 +275,6 @@ impl AcmeClient {
     }
 }
 
-/// At least one PEM section, and every one a certificate (rustls's PEM reader).
-fn is_pem_certificates(text: &[u8]) -> bool {
-    let mut n = 0;
-    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(text) {
-        match section {
-            Ok((SectionKind::Certificate, _)) => n += 1,
-            _ => return false,
-        }
-    }
-    n > 0
-}
-
 /// The CA's error answer as an [`Error::Ca`]: its problem document, or the status line.
 fn ca_error(what: &str, a: &Answer) -> Error {
     let problem = parse::<Problem>("problem", &a.body).unwrap_or_else(|_| Problem {
@@ -549,7 +293,7 @@ fn ca_error(what: &str, a: &Answer) -> Error {
 /// Runs `f` until `deadline`.
 async fn bounded<T>(
     deadline: Instant,
-    f: impl std::future::Future<Output = Result<T, Error>>,
+    f: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
     use smol::future::FutureExt as _;
     f.or(async {

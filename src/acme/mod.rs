@@ -16,6 +16,7 @@ mod account;
 pub mod client;
 mod csr;
 mod json;
+pub mod order;
 
 pub use account::AccountKey;
 pub use csr::csr;

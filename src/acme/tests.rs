@@ -232,3 +232,212 @@ fn renewal_and_backoff() {
     b.reset();
     assert_eq!(b.next_wait(), Backoff::FIRST);
 }
+
+/// A solver that records what it serves; it can refuse.
+#[derive(Default)]
+struct Recorder {
+    kinds: Vec<order::ChallengeKind>,
+    served: std::sync::Mutex<Vec<String>>,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl order::Solver for Recorder {
+    fn kinds(&self) -> &[order::ChallengeKind] {
+        &self.kinds
+    }
+    fn present(&self, id: &Identifier, proof: &order::Proof) -> Result<(), String> {
+        let what = match proof {
+            order::Proof::Http01 { token, .. } => format!("http {token}"),
+            order::Proof::TlsAlpn01 { sni, .. } => format!("alpn {sni}"),
+        };
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("present {} {what}", id.value));
+        self.served.lock().unwrap().push(id.value.clone());
+        Ok(())
+    }
+    fn remove(&self, id: &Identifier, _proof: &order::Proof) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("remove {}", id.value));
+        self.served.lock().unwrap().retain(|v| *v != id.value);
+    }
+}
+
+fn answer(body: &str) -> order::Answer {
+    order::Answer {
+        status: 200,
+        location: Some("https://ca/order/1".into()),
+        retry_after: None,
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+const AUTHZ_PENDING: &str = r#"{"status":"pending","identifier":{"type":"ip","value":"192.0.2.1"},
+    "challenges":[{"type":"dns-01","url":"https://ca/c/dns","status":"pending","token":"t0"},
+                  {"type":"http-01","url":"https://ca/c/http","status":"pending","token":"t1"},
+                  {"type":"tls-alpn-01","url":"https://ca/c/alpn","status":"pending","token":"t2"}]}"#;
+
+fn order_json(status: &str, cert: bool) -> String {
+    let cert = if cert {
+        r#","certificate":"https://ca/cert/1""#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"status":"{status}","authorizations":["https://ca/authz/1"],
+            "finalize":"https://ca/order/1/fin"{cert}}}"#
+    )
+}
+
+#[test]
+fn an_order_goes_from_new_order_to_the_chain() {
+    use order::{ChallengeKind, Next, OrderFlow};
+    let key = AccountKey::generate().unwrap();
+    let solver = Recorder {
+        kinds: vec![ChallengeKind::Http01, ChallengeKind::TlsAlpn01],
+        ..Recorder::default()
+    };
+    let ids = [Identifier::for_host("192.0.2.1")];
+    let mut flow = OrderFlow::new(&ids, Some(SHORTLIVED), &key, &solver);
+    let mut sent = Vec::new();
+    let mut step = |flow: &mut OrderFlow<'_>, body: &str| {
+        let r = flow.request("https://ca/new-order");
+        sent.push(format!("{} {} {}", r.what, r.url, r.payload.is_some()));
+        let mut a = answer(body);
+        a.retry_after = Some(Duration::from_secs(3));
+        flow.answer(a).unwrap()
+    };
+    assert!(matches!(
+        step(&mut flow, &order_json("pending", false)),
+        Next::Now
+    ));
+    assert!(matches!(step(&mut flow, AUTHZ_PENDING), Next::Now));
+    // The first kind the solver prefers that the CA offers: HTTP-01, served before the CA
+    // is told to look.
+    assert_eq!(*solver.served.lock().unwrap(), ["192.0.2.1"]);
+    assert!(matches!(
+        step(
+            &mut flow,
+            r#"{"status":"pending","url":"u","type":"http-01"}"#
+        ),
+        Next::Now
+    ));
+    let pending = AUTHZ_PENDING.to_string();
+    assert!(matches!(step(&mut flow, &pending), Next::Wait(Some(w)) if w.as_secs() == 3));
+    let valid = pending.replacen("pending", "valid", 1);
+    assert!(matches!(step(&mut flow, &valid), Next::Now));
+    assert!(
+        solver.served.lock().unwrap().is_empty(),
+        "removed once valid"
+    );
+    assert!(matches!(
+        step(&mut flow, &order_json("pending", false)),
+        Next::Wait(_)
+    ));
+    assert!(matches!(
+        step(&mut flow, &order_json("ready", false)),
+        Next::Now
+    ));
+    // Finalized, not yet valid: polled at once, then valid with its certificate URL.
+    assert!(matches!(
+        step(&mut flow, &order_json("processing", false)),
+        Next::Now
+    ));
+    assert!(matches!(
+        step(&mut flow, &order_json("valid", true)),
+        Next::Now
+    ));
+    let pem = "-----BEGIN CERTIFICATE-----\nAAEC\n-----END CERTIFICATE-----\n";
+    let Next::Done(issued) = step(&mut flow, pem) else {
+        panic!("want the chain");
+    };
+    assert_eq!(issued.chain_pem, pem);
+    assert!(crate::p256::Parts::from_pkcs8(&issued.key_pkcs8).is_some());
+    assert_eq!(
+        sent,
+        [
+            "newOrder https://ca/new-order true",
+            "authorization https://ca/authz/1 false",
+            "challenge https://ca/c/http true",
+            "authorization https://ca/authz/1 false",
+            "authorization https://ca/authz/1 false",
+            "order https://ca/order/1 false",
+            "order https://ca/order/1 false",
+            "finalize https://ca/order/1/fin true",
+            "order https://ca/order/1 false",
+            "certificate https://ca/cert/1 false",
+        ]
+    );
+    let log = solver.log.lock().unwrap().clone();
+    assert_eq!(log, ["present 192.0.2.1 http t1", "remove 192.0.2.1"]);
+}
+
+#[test]
+fn a_ready_order_is_finalized_without_polling() {
+    use order::{Next, OrderFlow};
+    let key = AccountKey::generate().unwrap();
+    let solver = Recorder::default();
+    let ids = [Identifier::dns("derp.example.net")];
+    let mut flow = OrderFlow::new(&ids, None, &key, &solver);
+    let body = order_json("ready", false).replace(r#""https://ca/authz/1""#, "");
+    assert!(matches!(flow.answer(answer(&body)).unwrap(), Next::Now));
+    let r = flow.request("https://ca/new-order");
+    assert_eq!(
+        (r.what, r.url.as_str()),
+        ("finalize", "https://ca/order/1/fin")
+    );
+    let payload: Value = serde_json::from_str(&r.payload.unwrap()).unwrap();
+    let csr_der = unb64(payload["csr"].as_str().unwrap());
+    use x509_parser::prelude::FromDer as _;
+    let (_, req) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der).unwrap();
+    assert!(req.requested_extensions().is_some());
+}
+
+#[test]
+fn a_failed_challenge_says_why_and_stops_serving() {
+    use order::{ChallengeKind, Error, OrderFlow};
+    let key = AccountKey::generate().unwrap();
+    let solver = Recorder {
+        kinds: vec![ChallengeKind::TlsAlpn01],
+        ..Recorder::default()
+    };
+    let ids = [Identifier::for_host("192.0.2.1")];
+    let mut flow = OrderFlow::new(&ids, None, &key, &solver);
+    flow.answer(answer(&order_json("pending", false))).unwrap();
+    flow.answer(answer(AUTHZ_PENDING)).unwrap();
+    assert_eq!(
+        solver.log.lock().unwrap()[0],
+        "present 192.0.2.1 alpn 1.2.0.192.in-addr.arpa"
+    );
+    assert_eq!(flow.request("").url, "https://ca/c/alpn");
+    flow.answer(answer("{}")).unwrap();
+    let failed = AUTHZ_PENDING.replacen("pending", "invalid", 1).replace(
+        r#""token":"t2"}"#,
+        r#""token":"t2","error":{"type":"urn:ietf:params:acme:error:connection","detail":"refused"}}"#,
+    );
+    match flow.answer(answer(&failed)) {
+        Err(Error::Ca { what, problem, .. }) => {
+            assert_eq!(what, "tls-alpn-01 challenge for 192.0.2.1");
+            assert_eq!(problem.to_string(), "connection: refused");
+        }
+        other => panic!("want the CA's problem, got {other:?}"),
+    }
+    assert!(solver.served.lock().unwrap().is_empty());
+    // A proof still served when the flow is given up (a deadline, a shutdown) is removed.
+    let mut flow = OrderFlow::new(&ids, None, &key, &solver);
+    flow.answer(answer(&order_json("pending", false))).unwrap();
+    flow.answer(answer(AUTHZ_PENDING)).unwrap();
+    assert_eq!(solver.served.lock().unwrap().len(), 1);
+    drop(flow);
+    assert!(solver.served.lock().unwrap().is_empty());
+    // Nothing the solver can serve: an error naming what the CA offers.
+    let none = Recorder::default();
+    let mut flow = OrderFlow::new(&ids, None, &key, &none);
+    flow.answer(answer(&order_json("pending", false))).unwrap();
+    let e = flow.answer(answer(AUTHZ_PENDING)).unwrap_err().to_string();
+    assert!(e.contains(r#"["dns-01", "http-01", "tls-alpn-01"]"#), "{e}");
+}

@@ -10,9 +10,10 @@
 //! for an IP address (`--acme-ip-certs`) `<ip>.crt` and `<ip>.key` (`:` → `.`) and the account
 //! key `acme-account.key`.
 
-use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,12 +30,33 @@ use crate::config::{AcmeConfig, TlsMode};
 use crate::sync::lock;
 
 /// The proofs served while the CA validates: HTTP-01 key authorizations by token, TLS-ALPN-01
-/// certificates by SNI.
-#[derive(Debug, Default)]
+/// certificates by SNI. One or two at a time, so kept in lists.
+#[derive(Default)]
 pub struct Challenges {
     kinds: Vec<ChallengeKind>,
-    http: Mutex<HashMap<String, String>>,
-    alpn: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    http: Mutex<Vec<(String, String)>>,
+    alpn: Mutex<Vec<(String, Arc<CertifiedKey>)>>,
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Challenges({} served)", self.pending())
+    }
+}
+
+/// The value for `key` in `list`.
+fn find<T: Clone>(list: &Mutex<Vec<(String, T)>>, key: &str) -> Option<T> {
+    lock(list)
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+}
+
+/// `list` without `key`, then with `value` for it if given.
+fn set<T>(list: &Mutex<Vec<(String, T)>>, key: &str, value: Option<T>) {
+    let mut l = lock(list);
+    l.retain(|(k, _)| k != key);
+    l.extend(value.map(|v| (key.to_string(), v)));
 }
 
 impl Challenges {
@@ -48,7 +70,7 @@ impl Challenges {
 
     /// The body for `GET /.well-known/acme-challenge/<token>`, while the CA validates.
     pub fn http01(&self, token: &str) -> Option<String> {
-        lock(&self.http).get(token).cloned()
+        find(&self.http, token)
     }
 
     /// Proofs being served now.
@@ -58,7 +80,7 @@ impl Challenges {
 
     /// The TLS-ALPN-01 certificate for `sni`, while the CA validates.
     pub fn alpn_cert(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
-        lock(&self.alpn).get(&sni.to_ascii_lowercase()).cloned()
+        find(&self.alpn, &sni.to_ascii_lowercase())
     }
 }
 
@@ -72,9 +94,7 @@ impl Solver for Challenges {
             Proof::Http01 {
                 token,
                 key_authorization,
-            } => {
-                lock(&self.http).insert(token.clone(), key_authorization.clone());
-            }
+            } => set(&self.http, token, Some(key_authorization.clone())),
             Proof::TlsAlpn01 {
                 sni,
                 cert_der,
@@ -84,7 +104,7 @@ impl Solver for Challenges {
                 let key = rustls::crypto::ring::sign::any_supported_type(&key)
                     .map_err(|e| format!("the challenge key: {e}"))?;
                 let ck = CertifiedKey::new(vec![cert_der.clone().into()], key);
-                lock(&self.alpn).insert(sni.to_ascii_lowercase(), Arc::new(ck));
+                set(&self.alpn, &sni.to_ascii_lowercase(), Some(Arc::new(ck)));
             }
         }
         Ok(())
@@ -92,12 +112,8 @@ impl Solver for Challenges {
 
     fn remove(&self, _id: &Identifier, proof: &Proof) {
         match proof {
-            Proof::Http01 { token, .. } => {
-                lock(&self.http).remove(token);
-            }
-            Proof::TlsAlpn01 { sni, .. } => {
-                lock(&self.alpn).remove(&sni.to_ascii_lowercase());
-            }
+            Proof::Http01 { token, .. } => set(&self.http, token, None),
+            Proof::TlsAlpn01 { sni, .. } => set(&self.alpn, &sni.to_ascii_lowercase(), None),
         }
     }
 }
@@ -173,10 +189,9 @@ impl Layout {
 pub struct CertKeeper {
     acme: AcmeConfig,
     hostname: String,
-    certdir: PathBuf,
     ids: Vec<Identifier>,
     layout: Layout,
-    account_key: PathBuf,
+    account_key: Arc<AccountKey>,
     resolver: Arc<DerpCertResolver>,
     challenges: Arc<Challenges>,
     ca_tls: Arc<rustls::ClientConfig>,
@@ -208,11 +223,11 @@ pub fn acme_server_config(
     } else {
         acme.ips.iter().map(|ip| Identifier::ip(*ip)).collect()
     };
-    let (layout, account_key) = Layout::for_mode(mode, ids[0].as_ip());
+    let (layout, key_path) = Layout::for_mode(mode, ids[0].as_ip());
+    let account_key = Arc::new(account_key(&mode.certdir, &key_path).map_err(TlsError::Acme)?);
     let keeper = CertKeeper {
         acme: acme.clone(),
         hostname: mode.hostname.clone(),
-        certdir: mode.certdir.clone(),
         ids,
         layout,
         account_key,
@@ -223,6 +238,19 @@ pub fn acme_server_config(
     };
     keeper.load_stored();
     Ok((super::resolver::config_with(resolver)?, keeper))
+}
+
+/// The ACME account key in `--certdir` (`path`), made (and the directory created) on the
+/// first start. Read at start, so that a `--certdir` that cannot be written stops derpd with
+/// the reason rather than failing every order.
+fn account_key(certdir: &Path, path: &Path) -> Result<AccountKey, String> {
+    crate::fsutil::create_dir_all_durably(certdir, 0o700)
+        .map_err(|e| format!("cannot create {}: {e}", certdir.display()))?;
+    let (key, created) = AccountKey::load_or_create(path).map_err(|e| e.to_string())?;
+    if created {
+        log::info!("created the ACME account key {}", path.display());
+    }
+    Ok(key)
 }
 
 impl CertKeeper {
@@ -297,26 +325,17 @@ impl CertKeeper {
     async fn renew(&self) -> Result<(), String> {
         let t = &self.acme.timing;
         let deadline = Instant::now() + t.order_timeout;
-        let path = self.account_key.clone();
-        let dir = self.certdir.clone();
-        let (key, created) = smol::unblock(move || {
-            crate::fsutil::create_dir_all_durably(&dir, 0o700)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            AccountKey::load_or_create(&path).map_err(|e| e.to_string())
-        })
-        .await?;
-        if created {
-            log::info!(
-                "created the ACME account key {}",
-                self.account_key.display()
-            );
-        }
         let profile = self.acme.ip_certs.then_some(SHORTLIVED);
+        let key = self.account_key.clone();
         let order = async {
-            let mut c = AcmeClient::new(&self.acme.directory, self.ca_tls.clone(), key).await?;
-            c.account(self.acme.email.as_deref()).await?;
-            c.issue(&self.ids, profile, &*self.challenges, deadline)
-                .await
+            let mut c = boxed(AcmeClient::new(
+                &self.acme.directory,
+                self.ca_tls.clone(),
+                key,
+            ))
+            .await?;
+            boxed(c.account(self.acme.email.as_deref())).await?;
+            boxed(c.issue(&self.ids, profile, &*self.challenges, deadline)).await
         };
         let issued = order.await.map_err(|e| e.to_string())?;
         let key_sec1 = crate::p256::pkcs8_to_sec1(&issued.key_pkcs8)
@@ -352,7 +371,7 @@ impl CertKeeper {
                 self.hostname,
                 self.acme.directory
             );
-            match self.renew().await {
+            match boxed(self.renew()).await {
                 Ok(()) if lock(&self.renew_at).is_some_and(|at| at > SystemTime::now()) => {
                     backoff.reset()
                 }
@@ -378,6 +397,14 @@ impl CertKeeper {
             }
         }
     }
+}
+
+/// `f` behind a pointer: its state machine is polled through one call instead of being
+/// inlined into the caller's (on mipsel the keeper's four steps cost 600 bytes less so).
+fn boxed<'a, T>(
+    f: impl Future<Output = T> + Send + 'a,
+) -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
+    Box::pin(f)
 }
 
 /// A leaf's notBefore and notAfter, seconds since the epoch.
@@ -437,7 +464,7 @@ mod tests {
     /// A keeper for `NAME` in `dir`, the stored certificate (if any) loaded.
     fn keeper(dir: &Path) -> (Arc<rustls::ServerConfig>, CertKeeper) {
         // Any PEM certificate will do as the CA's roots: nothing is ordered here.
-        let roots = dir.with_extension("roots.pem");
+        let roots = dir.join("ca-roots.pem");
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let ca = CertificateParams::new(vec!["ca.test".into()]).unwrap();
         std::fs::write(&roots, ca.self_signed(&key).unwrap().pem()).unwrap();
