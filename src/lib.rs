@@ -66,9 +66,9 @@
 //! - `p256`: P-256 private keys as Go writes them (SEC1 `EC PRIVATE KEY` ↔ PKCS#8, PEM).
 //! - [`acme`]: CA-issued certificates: the protocol core (JWS, messages, CA objects read from
 //!   JSON in `acme/json.rs`, TLS-ALPN-01 certificate, the CSR in `acme/csr.rs`, renewal rule;
-//!   `acme/mod.rs`), the account key and its file
-//!   (`acme/account.rs`), and [`acme::client`], the RFC 8555 client on [`httpc`] that gets a
-//!   certificate from a CA (for the keeper in `tls/acme.rs`).
+//!   `acme/mod.rs`), the account key and its file (`acme/account.rs`), an order's steps
+//!   without I/O ([`acme::order`]), and [`acme::client`], the RFC 8555 client on [`httpc`]
+//!   that carries them to a CA (for the keeper in `tls/acme.rs`).
 //!
 //! The protocol core ([`frame`], [`handshake`], [`http`], [`stun`], [`acme`] but for
 //! [`acme::client`]) does no I/O.

@@ -37,9 +37,16 @@ fn order(answers: &[u8]) {
     let solver = Count(AtomicIsize::new(0));
     KEY.with(|key| {
         let ids = [Identifier::for_host("192.0.2.1")];
-        let mut flow = OrderFlow::new(&ids, None, key, &solver);
+        let account = Some(acme::new_account_payload(None));
+        let mut flow = OrderFlow::new(&ids, None, account, key, &solver);
+        let dir = Directory {
+            new_nonce: "https://ca/nonce".into(),
+            new_account: "https://ca/new-account".into(),
+            new_order: "https://ca/new-order".into(),
+            meta: Default::default(),
+        };
         for body in answers.split(|&b| b == 0xff) {
-            let _ = flow.request("https://ca/new-order");
+            let _ = flow.request(&dir);
             let a = Answer {
                 status: 200,
                 location: Some("https://ca/order/1".into()),

@@ -75,7 +75,8 @@ impl AcmeClient {
             conn: None,
             bad_nonces: 0,
         };
-        let a = c.exchange("GET", directory_url, None).await?;
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let a = c.exchange("GET", directory_url, None, deadline).await?;
         if a.status != 200 {
             return Err(ca_error("the directory", &a));
         }
@@ -124,28 +125,30 @@ impl AcmeClient {
 
     /// Orders and fetches a certificate for `ids` (DNS names and IP addresses), with
     /// `profile` (such as [`SHORTLIVED`](super::SHORTLIVED)) if given, the account made
-    /// first if need be. `deadline` bounds the whole of it. The steps are
-    /// [`OrderFlow`]'s; this carries its requests and the CA's answers.
+    /// first if need be (with `email` as its contact). `deadline` bounds the whole of it. The
+    /// steps are [`OrderFlow`]'s; this carries its requests and the CA's answers.
     pub async fn issue(
         &mut self,
         ids: &[Identifier],
         profile: Option<&str>,
+        email: Option<&str>,
         solver: &dyn Solver,
         deadline: Instant,
     ) -> Result<Issued, Error> {
         if ids.is_empty() {
             return Err(other("no identifiers to order a certificate for"));
         }
-        self.account(None).await?;
+        let account = self.kid.is_none().then(|| new_account_payload(email));
         let key = self.key.clone();
-        let mut flow = OrderFlow::new(ids, profile, &key, solver);
+        let mut flow = OrderFlow::new(ids, profile, account, &key, solver);
         loop {
-            let r = flow.request(&self.directory.new_order);
+            let r = flow.request(&self.directory);
             let a = self
                 .post(r.what, &r.url, r.payload.as_deref(), deadline)
                 .await?;
             match flow.answer(a)? {
                 Next::Now => {}
+                Next::Account(kid) => self.kid = Some(kid),
                 Next::Wait(retry_after) => wait(retry_after, deadline).await?,
                 Next::Done(issued) => return Ok(issued),
             }
@@ -153,9 +156,9 @@ impl AcmeClient {
     }
 
     /// A signed POST (`payload` None: POST-as-GET), sent again with the fresh nonce after a
-    /// `badNonce`, until `deadline`. An error status is an [`Error::Ca`]. Boxed, so that each
-    /// of the order's requests awaits one small future instead of inlining a copy of this
-    /// state machine (it halved the order flow's code on mipsel).
+    /// `badNonce`, each exchange by `deadline` at the latest. An error status is an
+    /// [`Error::Ca`]. Boxed, so that its callers poll it through one pointer instead of each
+    /// inlining its state machine.
     fn post<'a>(
         &'a mut self,
         what: &'a str,
@@ -163,20 +166,26 @@ impl AcmeClient {
         payload: Option<&'a str>,
         deadline: Instant,
     ) -> Pending<'a> {
-        Box::pin(bounded(deadline, self.post_unbounded(what, url, payload)))
+        Box::pin(self.post_inner(what, url, payload, deadline))
     }
 
-    async fn post_unbounded(
+    async fn post_inner(
         &mut self,
         what: &str,
         url: &str,
         payload: Option<&str>,
+        deadline: Instant,
     ) -> Result<Answer, Error> {
         let mut tries = 0;
         loop {
-            let nonce = self.nonce().await?;
+            if Instant::now() >= deadline {
+                return Err(other("the ACME order ran past its deadline"));
+            }
+            let nonce = self.nonce(deadline).await?;
             let body = self.key.sign(url, &nonce, self.kid.as_deref(), payload)?;
-            let a = self.exchange("POST", url, Some(body.as_bytes())).await?;
+            let a = self
+                .exchange("POST", url, Some(body.as_bytes()), deadline)
+                .await?;
             if a.status < 400 {
                 return Ok(a);
             }
@@ -195,12 +204,12 @@ impl AcmeClient {
     }
 
     /// The nonce to sign with: the last answer's, else a fresh one from newNonce.
-    async fn nonce(&mut self) -> Result<String, Error> {
+    async fn nonce(&mut self, deadline: Instant) -> Result<String, Error> {
         if let Some(n) = self.nonce.take() {
             return Ok(n);
         }
         let url = self.directory.new_nonce.clone();
-        self.exchange("HEAD", &url, None).await?;
+        self.exchange("HEAD", &url, None, deadline).await?;
         self.nonce
             .take()
             .ok_or_else(|| other("the CA's newNonce answer has no Replay-Nonce"))
@@ -214,10 +223,13 @@ impl AcmeClient {
         method: &str,
         url: &str,
         body: Option<&[u8]>,
+        deadline: Instant,
     ) -> Result<Answer, Error> {
         let u = Url::parse(url).map_err(|e| other(format!("CA URL {url:?}: {e}")))?;
         let place = format!("{}://{}:{}", u.https, u.host, u.port);
-        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let now = Instant::now();
+        let deadline = deadline.min(now + REQUEST_TIMEOUT);
+        let budget = deadline.saturating_duration_since(now);
         let mut reused = match self.conn.take() {
             Some((p, c)) if p == place => Some(c),
             _ => None,
@@ -231,13 +243,13 @@ impl AcmeClient {
             let mut conn = match reused.take() {
                 Some(c) => c,
                 None => {
-                    let io = within(deadline, REQUEST_TIMEOUT, u.connect(Some(&self.tls)))
+                    let io = within(deadline, budget, u.connect(Some(&self.tls)))
                         .await
                         .map_err(|e| other(format!("connecting to {}: {e}", u.authority)))?;
-                    Conn::new(io, deadline, REQUEST_TIMEOUT)
+                    Conn::new(io, deadline, budget)
                 }
             };
-            conn.start(deadline, REQUEST_TIMEOUT);
+            conn.start(deadline, budget);
             let head = match conn.send(&req).await {
                 Ok(()) => conn.read_head().await,
                 Err(e) => Err(e),
@@ -288,19 +300,6 @@ fn ca_error(what: &str, a: &Answer) -> Error {
         status: a.status,
         problem,
     }
-}
-
-/// Runs `f` until `deadline`.
-async fn bounded<T>(
-    deadline: Instant,
-    f: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    use smol::future::FutureExt as _;
-    f.or(async {
-        Timer::at(deadline).await;
-        Err(other("the ACME order ran past its deadline"))
-    })
-    .await
 }
 
 /// Waits before the next poll: `Retry-After`, else [`POLL_WAIT`], at most [`POLL_WAIT_MAX`];

@@ -55,12 +55,11 @@ pub fn csr(ids: &[Identifier], cert_key_pkcs8: &[u8]) -> Result<Vec<u8>, AcmeErr
     let rng = SystemRandom::new();
     let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, cert_key_pkcs8, &rng)
         .map_err(|e| err(format!("certificate key: {e}")))?;
-    let names = ids
-        .iter()
-        .map(general_name)
-        .collect::<Result<Vec<_>, _>>()?;
-    let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
-    let san = tlv(0x04, &[&tlv(0x30, &names)]);
+    let mut names = Vec::new();
+    for id in ids {
+        names.extend(general_name(id)?);
+    }
+    let san = tlv(0x04, &[&tlv(0x30, &[&names])]);
     let extensions = tlv(0x30, &[&tlv(0x30, &[SUBJECT_ALT_NAME, &san])]);
     let attribute = tlv(0x30, &[EXTENSION_REQUEST, &tlv(0x31, &[&extensions])]);
     let spki = tlv(

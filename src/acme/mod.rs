@@ -9,6 +9,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
+use rustls::pki_types::pem::{PemObject as _, SectionKind};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -46,8 +48,8 @@ impl fmt::Display for AcmeError {
 
 impl std::error::Error for AcmeError {}
 
-fn err(what: impl fmt::Display) -> AcmeError {
-    AcmeError(what.to_string())
+fn err(what: impl Into<String>) -> AcmeError {
+    AcmeError(what.into())
 }
 
 fn json_str(s: &str) -> String {
@@ -82,10 +84,9 @@ impl Identifier {
 
     /// The identifier for a `--hostname`: an address if it parses as one.
     pub fn for_host(host: &str) -> Self {
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        match bare.parse::<IpAddr>() {
-            Ok(ip) => Self::ip(ip),
-            Err(_) => Self::dns(host),
+        match host_ip(host) {
+            Some(ip) => Self::ip(ip),
+            None => Self::dns(host),
         }
     }
 
@@ -112,6 +113,14 @@ impl Identifier {
             json_str(&self.value)
         )
     }
+}
+
+/// The address a `--hostname` is, if it is one (IPv6 with or without brackets).
+pub fn host_ip(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()
 }
 
 /// `4.3.2.1.in-addr.arpa` for 1.2.3.4; nibbles under `ip6.arpa` for IPv6.
@@ -145,15 +154,20 @@ pub fn new_account_payload(email: Option<&str>) -> String {
 
 /// The newOrder payload, with a profile (draft-ietf-acme-profiles) if one is asked for.
 pub fn new_order_payload(ids: &[Identifier], profile: Option<&str>) -> String {
-    let ids: Vec<String> = ids.iter().map(Identifier::json).collect();
-    match profile {
-        Some(p) => format!(
-            r#"{{"identifiers":[{}],"profile":{}}}"#,
-            ids.join(","),
-            json_str(p)
-        ),
-        None => format!(r#"{{"identifiers":[{}]}}"#, ids.join(",")),
+    let mut out = String::from(r#"{"identifiers":["#);
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&id.json());
     }
+    out.push(']');
+    if let Some(p) = profile {
+        out.push_str(r#","profile":"#);
+        out.push_str(&json_str(p));
+    }
+    out.push('}');
+    out
 }
 
 /// The finalize payload: the CSR, DER in base64url.
@@ -180,8 +194,6 @@ pub struct Directory {
 /// The directory's metadata.
 #[derive(Debug, Clone, Default)]
 pub struct Meta {
-    /// The CA's terms of service.
-    pub terms_of_service: Option<String>,
     /// The profiles' names (draft-ietf-acme-profiles).
     pub profiles: Vec<String>,
 }
@@ -314,26 +326,28 @@ impl FromJson for Meta {
             Some(Value::Object(m)) => m.keys().cloned().collect(),
             Some(_) => return Err("`profiles` is not an object".into()),
         };
-        Ok(Self {
-            terms_of_service: opt_string(v, "termsOfService")?,
-            profiles,
-        })
+        Ok(Self { profiles })
     }
 }
 
 impl FromJson for Status {
     fn from_json(v: &Value) -> Result<Self, String> {
-        Ok(match v.as_str() {
-            Some("pending") => Self::Pending,
-            Some("ready") => Self::Ready,
-            Some("processing") => Self::Processing,
-            Some("valid") => Self::Valid,
-            Some("invalid") => Self::Invalid,
-            Some("deactivated") => Self::Deactivated,
-            Some("expired") => Self::Expired,
-            Some("revoked") => Self::Revoked,
-            _ => return Err("`status` is not one of RFC 8555's".into()),
-        })
+        const NAMES: [(&str, Status); 8] = [
+            ("pending", Status::Pending),
+            ("ready", Status::Ready),
+            ("processing", Status::Processing),
+            ("valid", Status::Valid),
+            ("invalid", Status::Invalid),
+            ("deactivated", Status::Deactivated),
+            ("expired", Status::Expired),
+            ("revoked", Status::Revoked),
+        ];
+        let name = v.as_str().unwrap_or_default();
+        NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| "`status` is not one of RFC 8555's".into())
     }
 }
 
@@ -480,6 +494,48 @@ impl Backoff {
 impl Default for Backoff {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A PEM text as the CA sends a chain and derper stores a certificate: its certificates in
+/// order, and its first private key (PKCS#8, SEC1 or PKCS#1). Other sections are counted in
+/// `others`. One reader (rustls's) for all of it.
+#[derive(Debug, Default)]
+pub struct PemFile {
+    /// The certificates, DER.
+    pub certs: Vec<CertificateDer<'static>>,
+    /// The first private key.
+    pub key: Option<PrivateKeyDer<'static>>,
+    /// Sections that are neither, and keys after the first.
+    pub others: usize,
+}
+
+impl PemFile {
+    /// Reads `text`; an error if it is not PEM.
+    pub fn parse(text: &[u8]) -> Result<Self, String> {
+        let mut f = Self::default();
+        for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(text) {
+            let (kind, der) = section.map_err(|e| e.to_string())?;
+            let key = match kind {
+                SectionKind::Certificate => {
+                    f.certs.push(der.into());
+                    continue;
+                }
+                SectionKind::PrivateKey => PrivateKeyDer::Pkcs8(der.into()),
+                SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(der.into()),
+                SectionKind::RsaPrivateKey => PrivateKeyDer::Pkcs1(der.into()),
+                _ => {
+                    f.others += 1;
+                    continue;
+                }
+            };
+            if f.key.is_none() {
+                f.key = Some(key);
+            } else {
+                f.others += 1;
+            }
+        }
+        Ok(f)
     }
 }
 

@@ -13,11 +13,9 @@
 
 use std::time::Duration;
 
-use rustls::pki_types::pem::{PemObject as _, SectionKind};
-
 use super::{
     alpn_challenge_cert, csr, finalize_payload, new_order_payload, parse, AccountKey, AcmeError,
-    Authorization, Identifier, Order, Problem, Status, CHALLENGE_READY,
+    Authorization, Directory, Identifier, Order, PemFile, Problem, Status, CHALLENGE_READY,
 };
 
 /// What went wrong, for the log.
@@ -63,8 +61,8 @@ impl From<AcmeError> for Error {
     }
 }
 
-pub(super) fn other(what: impl std::fmt::Display) -> Error {
-    Error::Other(what.to_string())
+pub(super) fn other(what: impl Into<String>) -> Error {
+    Error::Other(what.into())
 }
 
 /// A challenge type this client can answer.
@@ -157,6 +155,9 @@ pub struct Request {
 pub enum Next {
     /// Send the next request now.
     Now,
+    /// The account's URL (newAccount's `Location`): sign with it as `kid` from now on, and
+    /// send the next request now.
+    Account(String),
     /// Send it after the CA's `Retry-After`, or the client's own poll wait.
     Wait(Option<Duration>),
     /// The certificate is there.
@@ -166,6 +167,8 @@ pub enum Next {
 /// Where the order stands.
 #[derive(Debug)]
 enum At {
+    /// Create the account (or find it: the CA answers with its URL).
+    NewAccount { payload: String },
     /// Place it.
     NewOrder { payload: String },
     /// Read authorization `i`.
@@ -195,6 +198,7 @@ pub struct OrderFlow<'a> {
     /// The certificate's key, made at finalize.
     key_pkcs8: Vec<u8>,
     ids: Vec<Identifier>,
+    profile: Option<String>,
 }
 
 impl std::fmt::Debug for OrderFlow<'_> {
@@ -205,36 +209,44 @@ impl std::fmt::Debug for OrderFlow<'_> {
 
 impl<'a> OrderFlow<'a> {
     /// An order for `ids` (not empty) with `profile` if given; the key authorizations are
-    /// `key`'s, the proofs served by `solver`.
+    /// `key`'s, the proofs served by `solver`. `account`: the newAccount payload, when the
+    /// account's URL is not known yet.
     pub fn new(
         ids: &[Identifier],
         profile: Option<&str>,
+        account: Option<String>,
         key: &'a AccountKey,
         solver: &'a dyn Solver,
     ) -> Self {
+        let at = match account {
+            Some(payload) => At::NewAccount { payload },
+            None => At::NewOrder {
+                payload: new_order_payload(ids, profile),
+            },
+        };
         Self {
             solver,
             key,
-            at: At::NewOrder {
-                payload: new_order_payload(ids, profile),
-            },
+            at,
             url: String::new(),
             order: None,
             serving: None,
             key_pkcs8: Vec::new(),
             ids: ids.to_vec(),
+            profile: profile.map(str::to_string),
         }
     }
 
-    /// The request to send now; `new_order` is the directory's newOrder URL.
-    pub fn request(&self, new_order: &str) -> Request {
+    /// The request to send now, to the CA whose directory is `dir`.
+    pub fn request(&self, dir: &Directory) -> Request {
         let order = self.order.as_ref();
         let authz = |i: usize| {
             let url = order.and_then(|o| o.authorizations.get(i));
             url.cloned().unwrap_or_default()
         };
         let (what, url, payload) = match &self.at {
-            At::NewOrder { payload } => ("newOrder", new_order.to_string(), Some(payload)),
+            At::NewAccount { payload } => ("newAccount", dir.new_account.clone(), Some(payload)),
+            At::NewOrder { payload } => ("newOrder", dir.new_order.clone(), Some(payload)),
             At::Authorization(i) | At::Validating(i) => ("authorization", authz(*i), None),
             At::Challenge { url, .. } => ("challenge", url.clone(), None),
             At::Polling { .. } => ("order", self.url.clone(), None),
@@ -254,6 +266,15 @@ impl<'a> OrderFlow<'a> {
     /// Moves on with the CA's answer to [`OrderFlow::request`].
     pub fn answer(&mut self, a: Answer) -> Result<Next, Error> {
         match std::mem::replace(&mut self.at, At::Authorization(0)) {
+            At::NewAccount { .. } => {
+                let kid = a
+                    .location
+                    .ok_or_else(|| other("the CA's newAccount answer has no Location"))?;
+                self.at = At::NewOrder {
+                    payload: new_order_payload(&self.ids, self.profile.as_deref()),
+                };
+                Ok(Next::Account(kid))
+            }
             At::NewOrder { .. } => {
                 self.url = a
                     .location
@@ -274,7 +295,7 @@ impl<'a> OrderFlow<'a> {
                 Ok(Next::Now)
             }
             At::Validating(i) => {
-                let authz: Authorization = parse("authorization", &a.body)?;
+                let mut authz: Authorization = parse("authorization", &a.body)?;
                 match authz.status {
                     Status::Pending => {
                         self.at = At::Validating(i);
@@ -287,7 +308,8 @@ impl<'a> OrderFlow<'a> {
                     _ => {}
                 }
                 let kind = self.stop_serving().unwrap_or(ChallengeKind::Http01).name();
-                let problem = authz.challenge(kind).and_then(|c| c.error.clone());
+                let at = authz.challenges.iter().position(|c| c.kind == kind);
+                let problem = at.and_then(|i| authz.challenges.swap_remove(i).error);
                 Err(Error::Ca {
                     what: format!("{kind} challenge for {}", authz.identifier.value),
                     status: 0,
@@ -303,7 +325,8 @@ impl<'a> OrderFlow<'a> {
             At::Certificate { .. } => {
                 let chain_pem = String::from_utf8(a.body)
                     .map_err(|_| other("the certificate chain is not text"))?;
-                if !is_pem_certificates(chain_pem.as_bytes()) {
+                let pem = PemFile::parse(chain_pem.as_bytes()).unwrap_or_default();
+                if pem.certs.is_empty() || pem.key.is_some() || pem.others > 0 {
                     return Err(other("the certificate chain is not PEM certificates"));
                 }
                 Ok(Next::Done(Issued {
@@ -343,7 +366,8 @@ impl<'a> OrderFlow<'a> {
         else {
             let offered: Vec<&str> = authz.challenges.iter().map(|c| c.kind.as_str()).collect();
             return Err(other(format!(
-                "the CA offers {offered:?} for {}, none of which can be served here",
+                "the CA offers {} for {}, none of which can be served here",
+                offered.join(", "),
                 id.value
             )));
         };
@@ -383,14 +407,16 @@ impl<'a> OrderFlow<'a> {
     /// A polled (or finalized) order: on to the next step if it is `want`, polled again
     /// (`then`) while it is on its way, an error if it failed.
     fn settle(&mut self, order: Order, want: Status, then: Next) -> Result<Next, Error> {
-        let status = order.status;
-        let (error, certificate) = (order.error.clone(), order.certificate.clone());
-        self.order = Some(order);
-        match status {
-            s if s == want && want == Status::Ready => self.finalize(),
+        match order.status {
+            s if s == want && want == Status::Ready => {
+                // Finalized at the order's finalize URL.
+                self.order = Some(order);
+                self.finalize()
+            }
             s if s == want => {
-                let url =
-                    certificate.ok_or_else(|| other("the valid order has no certificate URL"))?;
+                let url = order
+                    .certificate
+                    .ok_or_else(|| other("the valid order has no certificate URL"))?;
                 self.at = At::Certificate { url };
                 Ok(Next::Now)
             }
@@ -401,7 +427,7 @@ impl<'a> OrderFlow<'a> {
             s => Err(Error::Ca {
                 what: "order".into(),
                 status: 0,
-                problem: error.unwrap_or_else(|| problem_of("order", s)),
+                problem: order.error.unwrap_or_else(|| problem_of("order", s)),
             }),
         }
     }
@@ -436,16 +462,4 @@ fn problem_of(what: &str, s: Status) -> Problem {
         detail: format!("{what} {s:?}"),
         ..Problem::default()
     }
-}
-
-/// At least one PEM section, and every one a certificate (rustls's PEM reader).
-fn is_pem_certificates(text: &[u8]) -> bool {
-    let mut n = 0;
-    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(text) {
-        match section {
-            Ok((SectionKind::Certificate, _)) => n += 1,
-            _ => return false,
-        }
-    }
-    n > 0
 }

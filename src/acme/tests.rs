@@ -266,6 +266,15 @@ impl order::Solver for Recorder {
     }
 }
 
+fn directory() -> Directory {
+    Directory {
+        new_nonce: "https://ca/nonce".into(),
+        new_account: "https://ca/new-account".into(),
+        new_order: "https://ca/new-order".into(),
+        meta: Meta::default(),
+    }
+}
+
 fn answer(body: &str) -> order::Answer {
     order::Answer {
         status: 200,
@@ -301,15 +310,19 @@ fn an_order_goes_from_new_order_to_the_chain() {
         ..Recorder::default()
     };
     let ids = [Identifier::for_host("192.0.2.1")];
-    let mut flow = OrderFlow::new(&ids, Some(SHORTLIVED), &key, &solver);
+    let account = Some(new_account_payload(None));
+    let mut flow = OrderFlow::new(&ids, Some(SHORTLIVED), account, &key, &solver);
     let mut sent = Vec::new();
     let mut step = |flow: &mut OrderFlow<'_>, body: &str| {
-        let r = flow.request("https://ca/new-order");
+        let r = flow.request(&directory());
         sent.push(format!("{} {} {}", r.what, r.url, r.payload.is_some()));
         let mut a = answer(body);
         a.retry_after = Some(Duration::from_secs(3));
         flow.answer(a).unwrap()
     };
+    // The account first (its URL is the answer's Location), then the order.
+    let kid = step(&mut flow, "{}");
+    assert!(matches!(kid, Next::Account(k) if k == "https://ca/order/1"));
     assert!(matches!(
         step(&mut flow, &order_json("pending", false)),
         Next::Now
@@ -359,6 +372,7 @@ fn an_order_goes_from_new_order_to_the_chain() {
     assert_eq!(
         sent,
         [
+            "newAccount https://ca/new-account true",
             "newOrder https://ca/new-order true",
             "authorization https://ca/authz/1 false",
             "challenge https://ca/c/http true",
@@ -381,10 +395,11 @@ fn a_ready_order_is_finalized_without_polling() {
     let key = AccountKey::generate().unwrap();
     let solver = Recorder::default();
     let ids = [Identifier::dns("derp.example.net")];
-    let mut flow = OrderFlow::new(&ids, None, &key, &solver);
+    let mut flow = OrderFlow::new(&ids, None, None, &key, &solver);
+    assert_eq!(flow.request(&directory()).what, "newOrder");
     let body = order_json("ready", false).replace(r#""https://ca/authz/1""#, "");
     assert!(matches!(flow.answer(answer(&body)).unwrap(), Next::Now));
-    let r = flow.request("https://ca/new-order");
+    let r = flow.request(&directory());
     assert_eq!(
         (r.what, r.url.as_str()),
         ("finalize", "https://ca/order/1/fin")
@@ -406,14 +421,14 @@ fn a_failed_challenge_says_why_and_stops_serving() {
         ..Recorder::default()
     };
     let ids = [Identifier::for_host("192.0.2.1")];
-    let mut flow = OrderFlow::new(&ids, None, &key, &solver);
+    let mut flow = OrderFlow::new(&ids, None, None, &key, &solver);
     flow.answer(answer(&order_json("pending", false))).unwrap();
     flow.answer(answer(AUTHZ_PENDING)).unwrap();
     assert_eq!(
         solver.log.lock().unwrap()[0],
         "present 192.0.2.1 alpn 1.2.0.192.in-addr.arpa"
     );
-    assert_eq!(flow.request("").url, "https://ca/c/alpn");
+    assert_eq!(flow.request(&directory()).url, "https://ca/c/alpn");
     flow.answer(answer("{}")).unwrap();
     let failed = AUTHZ_PENDING.replacen("pending", "invalid", 1).replace(
         r#""token":"t2"}"#,
@@ -428,7 +443,7 @@ fn a_failed_challenge_says_why_and_stops_serving() {
     }
     assert!(solver.served.lock().unwrap().is_empty());
     // A proof still served when the flow is given up (a deadline, a shutdown) is removed.
-    let mut flow = OrderFlow::new(&ids, None, &key, &solver);
+    let mut flow = OrderFlow::new(&ids, None, None, &key, &solver);
     flow.answer(answer(&order_json("pending", false))).unwrap();
     flow.answer(answer(AUTHZ_PENDING)).unwrap();
     assert_eq!(solver.served.lock().unwrap().len(), 1);
@@ -436,8 +451,8 @@ fn a_failed_challenge_says_why_and_stops_serving() {
     assert!(solver.served.lock().unwrap().is_empty());
     // Nothing the solver can serve: an error naming what the CA offers.
     let none = Recorder::default();
-    let mut flow = OrderFlow::new(&ids, None, &key, &none);
+    let mut flow = OrderFlow::new(&ids, None, None, &key, &none);
     flow.answer(answer(&order_json("pending", false))).unwrap();
     let e = flow.answer(answer(AUTHZ_PENDING)).unwrap_err().to_string();
-    assert!(e.contains(r#"["dns-01", "http-01", "tls-alpn-01"]"#), "{e}");
+    assert!(e.contains("offers dns-01, http-01, tls-alpn-01 for"), "{e}");
 }

@@ -368,9 +368,7 @@ fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
         Some(ip) => ip.to_string(),
         None => a.hostname.clone(),
     };
-    let is_ip = crate::acme::Identifier::for_host(&hostname)
-        .as_ip()
-        .is_some();
+    let is_ip = crate::acme::host_ip(&hostname).is_some();
     if a.hostname.is_empty() || a.hostname == DEFAULT_HOSTNAME {
         return Err(format!(
             "TLS on port {port} with --certmode letsencrypt needs --hostname: the DNS name \

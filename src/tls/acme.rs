@@ -17,7 +17,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
@@ -25,38 +24,31 @@ use super::files::check_cert;
 use super::resolver::DerpCertResolver;
 use super::{ServerCert, TlsError};
 use crate::acme::client::{AcmeClient, ChallengeKind, Proof, Solver};
-use crate::acme::{AccountKey, Backoff, Identifier, SHORTLIVED};
+use crate::acme::{AccountKey, Backoff, Identifier, PemFile, SHORTLIVED};
 use crate::config::{AcmeConfig, TlsMode};
 use crate::sync::lock;
 
 /// The proofs served while the CA validates: HTTP-01 key authorizations by token, TLS-ALPN-01
-/// certificates by SNI. One or two at a time, so kept in lists.
+/// certificates by SNI. One or two at a time, so kept in a list.
 #[derive(Default)]
 pub struct Challenges {
     kinds: Vec<ChallengeKind>,
-    http: Mutex<Vec<(String, String)>>,
-    alpn: Mutex<Vec<(String, Arc<CertifiedKey>)>>,
+    served: Mutex<Vec<(ChallengeKind, String, Served)>>,
+}
+
+/// A proof as it is served.
+#[derive(Clone)]
+enum Served {
+    /// The body of the HTTP-01 answer.
+    Http(String),
+    /// The TLS-ALPN-01 certificate.
+    Alpn(Arc<CertifiedKey>),
 }
 
 impl std::fmt::Debug for Challenges {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Challenges({} served)", self.pending())
     }
-}
-
-/// The value for `key` in `list`.
-fn find<T: Clone>(list: &Mutex<Vec<(String, T)>>, key: &str) -> Option<T> {
-    lock(list)
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone())
-}
-
-/// `list` without `key`, then with `value` for it if given.
-fn set<T>(list: &Mutex<Vec<(String, T)>>, key: &str, value: Option<T>) {
-    let mut l = lock(list);
-    l.retain(|(k, _)| k != key);
-    l.extend(value.map(|v| (key.to_string(), v)));
 }
 
 impl Challenges {
@@ -68,19 +60,39 @@ impl Challenges {
         }
     }
 
+    /// What is served for `kind` and `key` (a token, or a lowercased SNI).
+    fn find(&self, kind: ChallengeKind, key: &str) -> Option<Served> {
+        let served = lock(&self.served);
+        let found = served.iter().find(|(k, name, _)| *k == kind && name == key);
+        found.map(|(_, _, s)| s.clone())
+    }
+
+    /// Serves `what` for `kind` and `key` from now on (`None`: stops serving it).
+    fn set(&self, kind: ChallengeKind, key: &str, what: Option<Served>) {
+        let mut served = lock(&self.served);
+        served.retain(|(k, name, _)| !(*k == kind && name == key));
+        served.extend(what.map(|s| (kind, key.to_string(), s)));
+    }
+
     /// The body for `GET /.well-known/acme-challenge/<token>`, while the CA validates.
     pub fn http01(&self, token: &str) -> Option<String> {
-        find(&self.http, token)
+        match self.find(ChallengeKind::Http01, token)? {
+            Served::Http(body) => Some(body),
+            Served::Alpn(_) => None,
+        }
     }
 
     /// Proofs being served now.
     pub fn pending(&self) -> usize {
-        lock(&self.http).len() + lock(&self.alpn).len()
+        lock(&self.served).len()
     }
 
     /// The TLS-ALPN-01 certificate for `sni`, while the CA validates.
     pub fn alpn_cert(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
-        find(&self.alpn, &sni.to_ascii_lowercase())
+        match self.find(ChallengeKind::TlsAlpn01, &sni.to_ascii_lowercase())? {
+            Served::Alpn(cert) => Some(cert),
+            Served::Http(_) => None,
+        }
     }
 }
 
@@ -94,7 +106,10 @@ impl Solver for Challenges {
             Proof::Http01 {
                 token,
                 key_authorization,
-            } => set(&self.http, token, Some(key_authorization.clone())),
+            } => {
+                let body = Served::Http(key_authorization.clone());
+                self.set(ChallengeKind::Http01, token, Some(body));
+            }
             Proof::TlsAlpn01 {
                 sni,
                 cert_der,
@@ -104,7 +119,12 @@ impl Solver for Challenges {
                 let key = rustls::crypto::ring::sign::any_supported_type(&key)
                     .map_err(|e| format!("the challenge key: {e}"))?;
                 let ck = CertifiedKey::new(vec![cert_der.clone().into()], key);
-                set(&self.alpn, &sni.to_ascii_lowercase(), Some(Arc::new(ck)));
+                let sni = sni.to_ascii_lowercase();
+                self.set(
+                    ChallengeKind::TlsAlpn01,
+                    &sni,
+                    Some(Served::Alpn(Arc::new(ck))),
+                );
             }
         }
         Ok(())
@@ -112,8 +132,10 @@ impl Solver for Challenges {
 
     fn remove(&self, _id: &Identifier, proof: &Proof) {
         match proof {
-            Proof::Http01 { token, .. } => set(&self.http, token, None),
-            Proof::TlsAlpn01 { sni, .. } => set(&self.alpn, &sni.to_ascii_lowercase(), None),
+            Proof::Http01 { token, .. } => self.set(ChallengeKind::Http01, token, None),
+            Proof::TlsAlpn01 { sni, .. } => {
+                self.set(ChallengeKind::TlsAlpn01, &sni.to_ascii_lowercase(), None)
+            }
         }
     }
 }
@@ -161,12 +183,16 @@ impl Layout {
             Self::Autocert(p) => (read(p)?, None),
             Self::IpPair { crt, key } => (read(crt)?, Some(read(key)?)),
         };
-        let chain = CertificateDer::pem_slice_iter(&chain_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", self.crt().display()))?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_deref().unwrap_or(&chain_pem))
-            .map_err(|e| format!("{}: the private key: {e}", self.crt().display()))?;
-        Ok((chain, key))
+        let pem = |text: &[u8]| {
+            PemFile::parse(text).map_err(|e| format!("{}: {e}", self.crt().display()))
+        };
+        let mut chain = pem(&chain_pem)?;
+        let key = match key_pem {
+            Some(k) => pem(&k)?.key,
+            None => chain.key.take(),
+        };
+        let key = key.ok_or_else(|| format!("{}: no private key", self.crt().display()))?;
+        Ok((chain.certs, key))
     }
 
     /// Writes the chain (PEM, leaf first) and its key (SEC1 `EC PRIVATE KEY`, 0600), each file
@@ -334,19 +360,20 @@ impl CertKeeper {
                 key,
             ))
             .await?;
-            boxed(c.account(self.acme.email.as_deref())).await?;
-            boxed(c.issue(&self.ids, profile, &*self.challenges, deadline)).await
+            let email = self.acme.email.as_deref();
+            boxed(c.issue(&self.ids, profile, email, &*self.challenges, deadline)).await
         };
         let issued = order.await.map_err(|e| e.to_string())?;
         let key_sec1 = crate::p256::pkcs8_to_sec1(&issued.key_pkcs8)
             .ok_or("the CA's certificate key is not P-256")?;
-        let chain = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("the CA's chain: {e}"))?;
+        let chain = PemFile::parse(issued.chain_pem.as_bytes())
+            .map_err(|e| format!("the CA's chain: {e}"))?
+            .certs;
         let cert = self.server_cert(chain, PrivateKeyDer::Pkcs8(issued.key_pkcs8.into()));
-        let (layout, chain_pem) = (self.layout.clone(), issued.chain_pem.clone());
-        smol::unblock(move || layout.write(&chain_pem, &key_sec1))
-            .await
+        // Written here, in the keeper's task: a few KB once per renewal (handing it to a
+        // blocking thread cost 2.8 KB on mipsel).
+        self.layout
+            .write(&issued.chain_pem, &key_sec1)
             .map_err(|e| format!("cannot store {}: {e}", self.layout.crt().display()))?;
         self.install(&cert, self.layout.crt())
     }
@@ -359,43 +386,42 @@ impl CertKeeper {
         loop {
             let due = *lock(&self.renew_at);
             let now = SystemTime::now();
-            if due.is_some_and(|at| at > now) {
-                let wait = due
-                    .and_then(|at| at.duration_since(now).ok())
-                    .unwrap_or_default();
-                smol::Timer::after(wait.min(t.check_every)).await;
-                continue;
-            }
-            log::info!(
-                "ordering a certificate for {} from {}",
-                self.hostname,
-                self.acme.directory
-            );
-            match boxed(self.renew()).await {
-                Ok(()) if lock(&self.renew_at).is_some_and(|at| at > SystemTime::now()) => {
-                    backoff.reset()
-                }
-                Ok(()) => {
-                    // Due again at once (a lifetime shorter than the clock's error): wait as
-                    // after a failure rather than order in a loop.
-                    let w = backoff.next_wait();
-                    log::warn!(
-                        "the new certificate for {} is already due for renewal (is the clock \
-                         right?); next order in {w:?}",
-                        self.hostname
-                    );
-                    smol::Timer::after(w).await;
-                }
-                Err(e) => {
-                    let w = backoff.next_wait();
-                    log::warn!(
-                        "cannot get a certificate for {} from the ACME CA: {e}; next try in {w:?}",
-                        self.hostname
-                    );
-                    smol::Timer::after(w).await;
-                }
-            }
+            let wait = match due.map(|at| at.duration_since(now)) {
+                Some(Ok(left)) if !left.is_zero() => left.min(t.check_every),
+                _ => self.order(&mut backoff).await,
+            };
+            smol::Timer::after(wait).await;
         }
+    }
+
+    /// Orders a certificate now; how long to wait before looking again (none after a
+    /// success, the back-off after a failure).
+    async fn order(&self, backoff: &mut Backoff) -> Duration {
+        log::info!(
+            "ordering a certificate for {} from {}",
+            self.hostname,
+            self.acme.directory
+        );
+        let result = boxed(self.renew()).await;
+        if result.is_ok() && lock(&self.renew_at).is_some_and(|at| at > SystemTime::now()) {
+            backoff.reset();
+            return Duration::ZERO;
+        }
+        let w = backoff.next_wait();
+        match result {
+            // Due again at once (a lifetime shorter than the clock's error): wait as after a
+            // failure rather than order in a loop.
+            Ok(()) => log::warn!(
+                "the new certificate for {} is already due for renewal (is the clock right?); \
+                 next order in {w:?}",
+                self.hostname
+            ),
+            Err(e) => log::warn!(
+                "cannot get a certificate for {} from the ACME CA: {e}; next try in {w:?}",
+                self.hostname
+            ),
+        }
+        w
     }
 }
 

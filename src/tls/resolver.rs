@@ -210,9 +210,7 @@ impl DerpCertResolver {
         let meta = meta_key.as_ref().map(generate_meta_cert).transpose()?;
         Ok(DerpCertResolver {
             hostname: hostname.to_ascii_lowercase(),
-            hostname_is_ip: crate::acme::Identifier::for_host(hostname)
-                .as_ip()
-                .is_some(),
+            hostname_is_ip: crate::acme::host_ip(hostname).is_some(),
             meta_key,
             state: Mutex::new(ResolverState { meta, served: None }),
             challenges,

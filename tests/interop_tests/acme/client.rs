@@ -192,7 +192,7 @@ async fn issue(
     profile: Option<&str>,
 ) -> Result<Issued, derpd::acme::client::Error> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    c.issue(&[Identifier::ip(LOCALHOST)], profile, ch, deadline)
+    c.issue(&[Identifier::ip(LOCALHOST)], profile, None, ch, deadline)
         .await
 }
 
