@@ -11,13 +11,15 @@
 //! - `template`: rcgen parameters written as Go's `crypto/x509` writes them;
 //! - `resolver`: the rustls `ServerConfig`, the certificate resolver and the [`CertReloader`];
 //! - `acme`: `--certmode letsencrypt`'s [`CertKeeper`] (stored certificate, orders, renewal)
-//!   and the [`Challenges`] it serves while the CA validates.
+//!   and the [`Challenges`] it serves while the CA validates;
+//! - [`record`]: the TLS 1.3 record layer in place, for the traffic after rustls's handshake.
 
 mod acme;
 mod error;
 mod files;
 mod hostname;
 mod meta;
+pub mod record;
 mod resolver;
 mod selfsigned;
 mod template;
