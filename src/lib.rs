@@ -49,7 +49,9 @@
 //!   `--certmode manual` files and their checks, the self-signed IP certificate, derper's
 //!   meta-cert, the rustls resolver (derper's SNI rule) with its reloader, and
 //!   `--certmode letsencrypt`'s keeper (`tls/acme.rs`: the stored certificate, orders and
-//!   renewals through [`acme::client`], the challenges it serves while the CA validates).
+//!   renewals through [`acme::client`], the challenges it serves while the CA validates); and
+//!   the accepted TLS connection ([`tls::stream`]): rustls's handshake, then records derpd
+//!   opens and seals in place itself ([`tls::record`]), with no allocation per packet.
 //! - [`trust`]: whom derpd trusts as a TLS client (mesh peers, the admission controller, an
 //!   ACME CA): a pinned leaf certificate, the CA bundle, or the CA certificates of one file.
 //! - [`frame`]: the wire format, and the per-frame length rules ([`frame::check_len`]) that

@@ -47,8 +47,8 @@ impl TcpOptions {
 pub enum Stream {
     /// Plain TCP.
     Plain(Async<TcpStream>),
-    /// TLS, accepted.
-    Tls(Box<futures_rustls::server::TlsStream<Async<TcpStream>>>),
+    /// TLS, accepted: rustls's handshake, derpd's records ([`crate::tls::stream`]).
+    Tls(Box<crate::tls::stream::TlsStream>),
     /// TLS, dialled (a mesh link).
     TlsClient(Box<futures_rustls::client::TlsStream<Async<TcpStream>>>),
 }
@@ -69,7 +69,7 @@ impl Stream {
     pub fn local_addr(&self) -> Option<SocketAddr> {
         let tcp = match self {
             Self::Plain(s) => s,
-            Self::Tls(s) => s.get_ref().0,
+            Self::Tls(s) => s.get_ref(),
             Self::TlsClient(s) => s.get_ref().0,
         };
         tcp.get_ref().local_addr().ok()

@@ -22,24 +22,28 @@
 //! Outside the pool, one connection can make derpd hold at most W = [`CONN_WORST_BYTES`]
 //! (52 KiB), whatever it does (unfinished WebSocket messages, a slow TLS reader, a half login,
 //! a stalled frame), so the whole relay stays under idle + budget + `--max-clients` x W
-//! (about 16 + 104 MiB at the defaults; tests/process/attacks/ measures it). For a TLS connection,
-//! the worst case:
-//! - an idle TLS client: 12,493 B (measured, 1000 clients; rustls's 4,096 B record buffer,
-//!   the connection's task, the TLS stream and keys, client and registry entries);
-//! - rustls's decrypted input: one record, 16,384 B, held while the reader waits (for a pool
-//!   buffer, or the rate limit); rustls reads no more until it is consumed;
-//! - rustls's input buffer grown to one whole record: 18,437 B, 14,341 B more than counted;
-//! - rustls's outgoing records: [`crate::tls::SEND_BUFFER_LIMIT`], 4,096 B (+22 B of one
-//!   record's framing), whatever the reader leaves unread;
+//! (about 16 + 104 MiB at the defaults; tests/process/attacks/ measures it), plus at most
+//! [`crate::tls::stream::SPARE_BYTES`] (520 KiB) of TLS buffers kept for reuse. For a TLS
+//! connection, the worst case:
+//! - an idle TLS client: 9,052 B (measured, 10,000 clients: the connection's task, the TLS
+//!   stream and its keys, client and registry entries; no buffer);
+//! - the TLS read buffer ([`crate::tls::stream::BUF_LEN`], one whole record and its header,
+//!   16,645 B), held while a record is partly read or its content waits for the reader (for a
+//!   pool buffer, or the rate limit); nothing more is read until it is consumed;
+//! - the TLS write buffer (16,645 B): sealed records the client has not read yet; a write past
+//!   it waits for the socket, as on plain TCP;
 //! - during the login only: the ClientInfo, at most
 //!   [`crate::handshake::CLIENT_INFO_ACCEPT_MAX`] = 1,024 B (not a pool buffer);
 //! - over a WebSocket: the transport's state, under 1,024 B; payloads stream through into
 //!   pool buffers, so an unfinished fragment or message holds nothing more;
 //! - a stalled frame holds a pool buffer (counted in the budget) for `--frame-timeout`;
-//! - sum 49,384 B, plus the allocator's rounding and headers (~3 KiB measured): 52 KiB.
+//! - sum 44,390 B, plus the allocator's rounding and headers: under 52 KiB.
 //!
-//! The two rustls input buffers are most of it: a TLS record is decrypted only whole, and the
-//! client picks its size (up to 16 KiB). A plain-TCP connection's W is about 16 KiB smaller.
+//! (During the TLS handshake, before the connection is a client: rustls's handshake state and
+//! buffers, and at most 16 KiB of data sent with the client's Finished; `--max-handshakes`
+//! bounds how many.) The two TLS buffers are most of it: a record is opened only whole, and
+//! the client picks its size (up to 16 KiB). A plain-TCP connection's W is about 33 KiB
+//! smaller.
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -34,8 +34,9 @@ const LAYERS: &[&[&str]] = &[
     &["registry", "link", "metrics", "pool", "limits"],
     // Settings as plain data.
     &["config"],
-    // Network plumbing: streams, TLS (`src/tls/`), the admission checks.
-    &["admission", "allowlist", "tls", "trust", "net"],
+    // Network plumbing: the admission checks, streams (`net`, whose accepted TLS stream is
+    // `tls::stream`), TLS (`src/tls/`), whom the TLS client trusts.
+    &["admission", "allowlist", "net", "tls", "trust"],
     // DERP sessions and transports, and the relay state they share.
     &["mesh", "dialer", "ws", "session", "relay"],
     // The process: listeners, routing, debug pages (`src/server/`).

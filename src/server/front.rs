@@ -116,13 +116,10 @@ async fn setup(
     slot.progress(Progress::Talking);
     let mut stream = match (&state.tls, which) {
         (Some(acc), Listener::Main) => {
-            let tls = acc
-                .accept_with(tcp, tls::limit_send_buffer)
-                .await
-                .map_err(|e| {
-                    FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
-                })?;
-            if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+            let tls = tls::stream::accept(acc.clone(), tcp).await.map_err(|e| {
+                FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
+            })?;
+            if tls.is_acme_validation() {
                 // An ACME CA's TLS-ALPN-01 validation: the handshake was all of it (RFC 8737).
                 return Err(FrontError::AcmeValidated);
             }

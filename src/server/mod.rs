@@ -45,7 +45,7 @@ pub struct State {
     /// TCP options for accepted connections.
     tcp: TcpOptions,
     /// TLS for the main listener, if it uses TLS.
-    tls: Option<futures_rustls::TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// Connections not logged in yet (`--max-handshakes`, `--max-handshakes-per-ip`).
     pub handshakes: Arc<Slots>,
     /// The `--rate-config` file, re-read on SIGHUP.
@@ -66,7 +66,7 @@ impl State {
     fn new(
         cfg: &Config,
         private_key: NodePrivate,
-        tls: Option<futures_rustls::TlsAcceptor>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         certs: Option<tls::CertReloader>,
         acme: Option<Arc<tls::Challenges>>,
         derp_map: Option<derpmap::Node>,
@@ -409,7 +409,7 @@ fn load_key(source: &KeySource) -> Result<NodePrivate, StartError> {
 /// the certificate's pin when it is a self-signed IP certificate (clients need it in the
 /// DERPMap).
 struct ServerTls {
-    acceptor: futures_rustls::TlsAcceptor,
+    acceptor: Arc<rustls::ServerConfig>,
     reloader: Option<tls::CertReloader>,
     keeper: Option<tls::CertKeeper>,
     pin: Option<String>,
@@ -430,7 +430,7 @@ impl ServerTls {
                 );
             }
             return Ok(Self {
-                acceptor: futures_rustls::TlsAcceptor::from(config),
+                acceptor: config,
                 reloader: None,
                 keeper: Some(keeper),
                 pin: None,
@@ -469,7 +469,7 @@ impl ServerTls {
         )
         .map_err(StartError::Tls)?;
         Ok(Self {
-            acceptor: futures_rustls::TlsAcceptor::from(config),
+            acceptor: config,
             reloader: Some(reloader),
             keeper: None,
             pin,

@@ -12,7 +12,8 @@
 //! - `resolver`: the rustls `ServerConfig`, the certificate resolver and the [`CertReloader`];
 //! - `acme`: `--certmode letsencrypt`'s [`CertKeeper`] (stored certificate, orders, renewal)
 //!   and the [`Challenges`] it serves while the CA validates;
-//! - [`record`]: the TLS 1.3 record layer in place, for the traffic after rustls's handshake.
+//! - [`record`]: the TLS record layer in place, for the traffic after rustls's handshake;
+//! - [`stream`]: an accepted TLS connection: rustls's handshake, then [`record`]'s records.
 
 mod acme;
 mod error;
@@ -22,6 +23,7 @@ mod meta;
 pub mod record;
 mod resolver;
 mod selfsigned;
+pub mod stream;
 mod template;
 #[cfg(test)]
 mod testutil;
@@ -30,6 +32,4 @@ pub use acme::{acme_server_config, CertKeeper, Challenges};
 pub use error::TlsError;
 pub use files::{cert_file_stem, load, load_or_create, ServerCert};
 pub use meta::{generate_meta_cert, MetaCert};
-pub use resolver::{
-    limit_send_buffer, reloadable_server_config, server_config, CertReloader, SEND_BUFFER_LIMIT,
-};
+pub use resolver::{reloadable_server_config, server_config, CertReloader};

@@ -57,7 +57,7 @@ impl std::fmt::Display for RecordError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::BadHeader => "TLS record with a bad header",
-            Self::BadRecord => "TLS record that does not decrypt",
+            Self::BadRecord => "cannot decrypt peer's message (TLS record)",
             Self::TooLarge => "TLS plaintext larger than a record",
             Self::Exhausted => "TLS sequence numbers exhausted",
             Self::BadKey => "TLS traffic key not usable",

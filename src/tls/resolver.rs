@@ -21,17 +21,6 @@ use super::{load, ServerCert, TlsError};
 const META_RENEW_BEFORE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// After a failed regeneration, wait this long before trying (and warning) again.
 const META_RETRY: Duration = Duration::from_secs(60 * 60);
-/// Most bytes of TLS records rustls queues for one client that reads slowly (its default is
-/// 64 KiB per connection, outside the packet pool). A write past it waits for the socket, as
-/// on plain TCP; a 64 KiB packet still goes, in records of at most this size.
-pub const SEND_BUFFER_LIMIT: usize = 4 << 10;
-
-/// Applies [`SEND_BUFFER_LIMIT`] to an accepted connection (rustls queues up to 64 KiB of
-/// records for a slow reader by default).
-pub fn limit_send_buffer(c: &mut rustls::ServerConnection) {
-    c.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
-}
-
 /// Builds the rustls server configuration for `--certmode manual`: ring, TLS 1.3 and 1.2,
 /// ALPN `http/1.1`, no client authentication, and a certificate resolver that enforces
 /// derper's SNI rule and (if `with_meta_cert`) appends the meta-cert, renewing it a week before
@@ -141,6 +130,8 @@ pub(super) fn config_with(
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // After the handshake derpd protects the records itself (`tls::stream`).
+    config.enable_secret_extraction = true;
     if acme {
         config
             .alpn_protocols
@@ -331,8 +322,7 @@ mod tests {
     use super::*;
     use crate::tls::load_or_create;
     use crate::tls::testutil::{
-        cn, connected, connected_trusting, handshake, parse, unix, write_dns_cert, TempDir,
-        SERVER_KEY,
+        cn, connected_trusting, handshake, parse, unix, write_dns_cert, TempDir, SERVER_KEY,
     };
     use crate::trust::Trust;
     use sha2::{Digest, Sha256};
@@ -388,39 +378,6 @@ mod tests {
                 ok(Trust::AnyCertificate).unwrap();
                 let e = ok(Trust::Pin(other)).map(|_| ()).unwrap_err();
                 assert!(e.contains("does not match the sha256-raw pin"), "{e}");
-            }
-        }
-    }
-
-    /// A slow reader's connection queues at most [`SEND_BUFFER_LIMIT`] of records: a 64 KiB
-    /// packet is taken in pieces as the socket drains, not all at once (rustls's default).
-    #[test]
-    fn send_buffer_is_limited() {
-        use std::io::Write as _;
-        let tmp = TempDir::new();
-        let cert = load_or_create("127.0.0.1", &tmp.0).unwrap();
-        let cfg = server_config(&cert, "127.0.0.1", SERVER_KEY, true).unwrap();
-        let packet = vec![0x5a; 64 << 10];
-        for (limited, most) in [(false, packet.len()), (true, SEND_BUFFER_LIMIT)] {
-            let (_client, mut server) =
-                connected(Arc::clone(&cfg), false, "127.0.0.1", true).unwrap();
-            if limited {
-                limit_send_buffer(&mut server);
-            }
-            // Nothing is written to a socket: everything taken stays queued in rustls.
-            let mut taken = 0;
-            while taken < packet.len() {
-                match server.writer().write(&packet[taken..]).unwrap() {
-                    0 => break,
-                    n => taken += n,
-                }
-            }
-            assert!(
-                taken <= most,
-                "limited {limited}: {taken} bytes queued, most {most}"
-            );
-            if !limited {
-                assert_eq!(taken, packet.len());
             }
         }
     }

@@ -91,6 +91,22 @@ pub(super) fn connected(
     connected_trusting(server, tls12, name, sni, Trust::AnyCertificate)
 }
 
+/// A client of TLS 1.2 only, or 1.3 only, that trusts as `trust` says.
+pub(super) fn client_config(tls12: bool, trust: Trust) -> Result<ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    Ok(ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(trust::verifier(trust, &provider)?)
+        .with_no_client_auth())
+}
+
 /// [`connected`] for a client that trusts as `trust` says.
 pub(super) fn connected_trusting(
     server: Arc<rustls::ServerConfig>,
@@ -99,18 +115,7 @@ pub(super) fn connected_trusting(
     sni: bool,
     trust: Trust,
 ) -> Result<(ClientConnection, ServerConnection), String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12 {
-        &[&rustls::version::TLS12]
-    } else {
-        &[&rustls::version::TLS13]
-    };
-    let mut client_cfg = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(trust::verifier(trust, &provider)?)
-        .with_no_client_auth();
+    let mut client_cfg = client_config(tls12, trust)?;
     client_cfg.enable_sni = sni;
     let name = ServerName::try_from(name.to_owned()).unwrap();
     let mut client = ClientConnection::new(Arc::new(client_cfg), name).unwrap();
