@@ -116,9 +116,7 @@ impl AcmeClient {
         let a = self
             .post("newAccount", &url, Some(&payload), deadline)
             .await?;
-        let kid = a
-            .location
-            .ok_or_else(|| other("the CA's newAccount answer has no Location"))?;
+        let kid = a.location_of("newAccount")?;
         self.kid = Some(kid.clone());
         Ok(kid)
     }

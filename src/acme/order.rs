@@ -138,6 +138,14 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
+impl Answer {
+    /// The `Location` of `what`'s answer (an account's or an order's URL), which it must have.
+    pub fn location_of(&self, what: &str) -> Result<String, Error> {
+        let loc = self.location.clone();
+        loc.ok_or_else(|| other(format!("the CA's {what} answer has no Location")))
+    }
+}
+
 /// A request to send: what it is (for messages), the URL, and the payload (`None`:
 /// POST-as-GET).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,18 +275,14 @@ impl<'a> OrderFlow<'a> {
     pub fn answer(&mut self, a: Answer) -> Result<Next, Error> {
         match std::mem::replace(&mut self.at, At::Authorization(0)) {
             At::NewAccount { .. } => {
-                let kid = a
-                    .location
-                    .ok_or_else(|| other("the CA's newAccount answer has no Location"))?;
+                let kid = a.location_of("newAccount")?;
                 self.at = At::NewOrder {
                     payload: new_order_payload(&self.ids, self.profile.as_deref()),
                 };
                 Ok(Next::Account(kid))
             }
             At::NewOrder { .. } => {
-                self.url = a
-                    .location
-                    .ok_or_else(|| other("the CA's newOrder answer has no Location"))?;
+                self.url = a.location_of("newOrder")?;
                 self.order = Some(parse("order", &a.body)?);
                 self.next_authorization(0)
             }

@@ -431,12 +431,9 @@ fn public_ips(hostname: &str) -> Result<Vec<IpAddr>, String> {
     };
     let ips = hostname
         .split(',')
-        .map(|h| {
-            let h = h.trim().trim_start_matches('[').trim_end_matches(']');
-            h.parse::<IpAddr>().map(|ip| ip.to_canonical())
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| bad())?;
+        .map(|h| crate::acme::host_ip(h.trim()).map(|ip| ip.to_canonical()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(bad)?;
     let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
     if ips.is_empty() || v4 > 1 || ips.len() - v4 > 1 {
         return Err(bad());

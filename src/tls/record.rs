@@ -135,6 +135,11 @@ impl RecordKey {
         })
     }
 
+    /// Whether the connection is TLS 1.3 (else 1.2).
+    pub fn is_tls13(&self) -> bool {
+        self.version == Version::Tls13
+    }
+
     /// Records protected with this key so far (from its first).
     pub fn seq(&self) -> u64 {
         self.seq
@@ -207,7 +212,9 @@ impl RecordKey {
     }
 
     /// Appends to `out` the record carrying `plaintext` (at most [`MAX_PLAINTEXT`] bytes) of
-    /// content type `kind`: at most [`OVERHEAD`] bytes more than the plaintext.
+    /// content type `kind`: at most [`OVERHEAD`] bytes more than the plaintext. (The tests'
+    /// way; the stream seals in its buffer with [`RecordKey::seal_at`].)
+    #[cfg(test)]
     pub fn seal(
         &mut self,
         kind: u8,
@@ -307,48 +314,9 @@ mod tests {
     use std::io::{Read as _, Write as _};
     use std::sync::Arc;
 
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::kernel::KernelConnection;
     use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
     use rustls::unbuffered::ConnectionState;
-
-    /// Trusts any certificate: the test checks the records, not the certificate.
-    #[derive(Debug)]
-    struct AnyCert;
-
-    impl ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Ok(HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            Ok(HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::ring::default_provider()
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    }
 
     /// A rustls client (the buffered API, as Go's or any client would be) and a server driven
     /// through rustls's unbuffered API to the end of its handshake, then handed to the record
@@ -382,11 +350,13 @@ mod tests {
             .unwrap();
         server.enable_secret_extraction = true;
         server.send_tls13_tickets = 0;
+        // Any certificate will do: the test checks the records.
+        let any = crate::trust::verifier(crate::trust::Trust::AnyCertificate, &provider).unwrap();
         let client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&version)
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_custom_certificate_verifier(any)
             .with_no_client_auth();
         let mut c =
             rustls::ClientConnection::new(Arc::new(client), "derp.test".try_into().unwrap())

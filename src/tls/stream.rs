@@ -93,6 +93,11 @@ impl Buf {
         &mut d[self.end..]
     }
 
+    /// Gives the buffer back to the cache if nothing is in it (an idle connection holds none).
+    fn release_if_empty(&mut self) {
+        self.consume(0);
+    }
+
     /// Consumes `n` bytes; gives the buffer back once it is empty.
     fn consume(&mut self, n: usize) {
         self.start += n;
@@ -122,7 +127,6 @@ fn tls_err(e: impl std::fmt::Display) -> io::Error {
 pub struct TlsStream {
     io: Async<TcpStream>,
     kernel: KernelConnection<ServerConnectionData>,
-    tls13: bool,
     rx: RecordKey,
     tx: RecordKey,
     /// Records sealed with `tx` before it is refreshed (the suite's confidentiality limit).
@@ -231,7 +235,6 @@ pub async fn accept(
     Ok(TlsStream {
         io,
         kernel,
-        tls13,
         rx,
         tx,
         tx_limit: limit.saturating_sub(1 << 10),
@@ -295,7 +298,7 @@ impl TlsStream {
                     return Err(tls_err(format!("TLS alert {desc} from the client")));
                 }
             }
-            HANDSHAKE if self.tls13 => {
+            HANDSHAKE if self.rx.is_tls13() => {
                 let msg = data[content].to_vec();
                 self.rd.consume(len);
                 self.post_handshake(&msg)?;
@@ -349,16 +352,38 @@ impl TlsStream {
 
     /// Seals one record into `wr` (the caller has made room).
     fn seal(&mut self, kind: u8, plaintext: &[u8]) -> io::Result<()> {
+        self.seal_gathered(kind, &[IoSlice::new(plaintext)], 0, plaintext.len())
+    }
+
+    /// Seals into `wr` one record of `take` bytes of `bufs`, from byte `skip` on (frames from
+    /// several slices share a record); the caller has made room.
+    fn seal_gathered(
+        &mut self,
+        kind: u8,
+        bufs: &[IoSlice<'_>],
+        mut skip: usize,
+        take: usize,
+    ) -> io::Result<()> {
         let prefix = HEADER_LEN + self.tx.prefix_len();
         let room = self.wr.room();
-        if room.len() < plaintext.len() + OVERHEAD {
+        if room.len() < take + OVERHEAD {
             return Err(tls_err(RecordError::TooLarge));
         }
-        room[prefix..prefix + plaintext.len()].copy_from_slice(plaintext);
-        let n = self
-            .tx
-            .seal_at(kind, room, plaintext.len())
-            .map_err(tls_err)?;
+        let mut at = prefix;
+        for b in bufs {
+            if at == prefix + take {
+                break;
+            }
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            let n = (b.len() - skip).min(prefix + take - at);
+            room[at..at + n].copy_from_slice(&b[skip..skip + n]);
+            at += n;
+            skip = 0;
+        }
+        let n = self.tx.seal_at(kind, room, take).map_err(tls_err)?;
         self.wr.end += n;
         Ok(())
     }
@@ -422,7 +447,7 @@ impl AsyncRead for TlsStream {
                     // The client closed without close_notify: an end all the same, as Go's
                     // server takes it.
                     this.read_closed = true;
-                    this.rd.consume(0);
+                    this.rd.release_if_empty();
                 }
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(io::Error::new(
@@ -434,7 +459,7 @@ impl AsyncRead for TlsStream {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     // Nothing in flight: the buffer goes back to the cache.
-                    this.rd.consume(0);
+                    this.rd.release_if_empty();
                     return Poll::Pending;
                 }
             }
@@ -475,7 +500,7 @@ impl AsyncWrite for TlsStream {
             let space = BUF_LEN - used;
             if space > OVERHEAD + 256 && accepted < total {
                 if this.tx.seq() >= this.tx_limit {
-                    if !this.tls13 {
+                    if !this.tx.is_tls13() {
                         // TLS 1.2 has no KeyUpdate: the connection ends, as rustls ends it.
                         return Poll::Ready(Err(tls_err("TLS 1.2 keys at their limit")));
                     }
@@ -483,29 +508,7 @@ impl AsyncWrite for TlsStream {
                     continue;
                 }
                 let take = (total - accepted).min(MAX_PLAINTEXT).min(space - OVERHEAD);
-                let prefix = HEADER_LEN + this.tx.prefix_len();
-                let room = this.wr.room();
-                // Gather `take` bytes from the slices, skipping what was accepted.
-                let mut skip = accepted;
-                let mut at = prefix;
-                for b in bufs {
-                    if at == prefix + take {
-                        break;
-                    }
-                    if skip >= b.len() {
-                        skip -= b.len();
-                        continue;
-                    }
-                    let n = (b.len() - skip).min(prefix + take - at);
-                    room[at..at + n].copy_from_slice(&b[skip..skip + n]);
-                    at += n;
-                    skip = 0;
-                }
-                let n = this
-                    .tx
-                    .seal_at(APPLICATION_DATA, room, take)
-                    .map_err(tls_err)?;
-                this.wr.end += n;
+                this.seal_gathered(APPLICATION_DATA, bufs, accepted, take)?;
                 accepted += take;
                 continue;
             }

@@ -80,7 +80,7 @@ fn data_goes_both_ways() {
                 &[&rustls::version::TLS13]
             };
             let (mut c, mut s) = pair(server(versions), tls12, b"first words").await;
-            assert_eq!(s.tls13, !tls12);
+            assert_eq!(s.tx.is_tls13(), !tls12);
             let mut got = [0; 11];
             s.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"first words");
