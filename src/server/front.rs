@@ -66,32 +66,78 @@ pub(super) async fn handle_conn(
     slot: Slot,
 ) -> Result<(), FrontError> {
     state.tcp.apply(tcp.get_ref());
-    // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they would
-    // be part of every connection's task for its whole life.
-    let (mut stream, req, leftover) = Box::pin(setup(state, tcp, which, &slot))
-        .or(async {
-            Timer::after(state.relay.timeouts.handshake).await;
-            Err(FrontError::Timeout("TLS handshake and request head"))
-        })
-        .await?;
-    slot.progress(Progress::Upgraded);
-    let resp = match route(&req, remote, which, state.derp_enabled, &state.home) {
-        Action::Respond(resp) => resp,
-        Action::Debug => super::debug::respond(state, &req, remote, stream.local_addr()),
-        Action::AcmeHttp01(token) => match &state.acme {
-            Some(ch) => http::acme_challenge(ch.http01(&token).as_deref(), req.method == "HEAD"),
-            None => http::port80(&req),
-        },
-        Action::Derp => return serve_derp(state, stream, leftover, req, remote, slot).await,
-        Action::WebSocket(acc) => {
-            drop(req);
-            let timeout = state.relay.timeouts.handshake;
-            let ws = crate::ws::serve(&state.relay, timeout, stream, leftover, acc, remote, slot);
-            return ws.await.map_err(FrontError::Derp);
+    // What the connection becomes is decided in its own scope: the request head and the
+    // routing are gone before the long part, and the connection's task (as large as its
+    // largest state, for its whole life) holds only the stream and the hand-off.
+    let next = {
+        // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they
+        // would be part of every connection's task for its whole life.
+        let (stream, req, leftover) = Box::pin(setup(state, tcp, which, &slot))
+            .or(async {
+                Timer::after(state.relay.timeouts.handshake).await;
+                Err(FrontError::Timeout("TLS handshake and request head"))
+            })
+            .await?;
+        slot.progress(Progress::Upgraded);
+        match route(&req, remote, which, state.derp_enabled, &state.home) {
+            Action::Respond(resp) => Next::Respond(stream, resp),
+            Action::Debug => {
+                let resp = super::debug::respond(state, &req, remote, stream.local_addr());
+                Next::Respond(stream, resp)
+            }
+            Action::AcmeHttp01(token) => {
+                let resp = match &state.acme {
+                    Some(ch) => {
+                        http::acme_challenge(ch.http01(&token).as_deref(), req.method == "HEAD")
+                    }
+                    None => http::port80(&req),
+                };
+                Next::Respond(stream, resp)
+            }
+            Action::Derp => {
+                let up = Handoff {
+                    remote,
+                    fast_start: req.fast_start,
+                    not_ideal: req.not_ideal,
+                    websocket: false,
+                    slot: None,
+                };
+                Next::Derp(stream, leftover, up)
+            }
+            Action::WebSocket(acc) => Next::WebSocket(stream, leftover, acc),
         }
     };
-    respond(&mut stream, &resp, state.relay.timeouts.handshake).await?;
-    Ok(())
+    match next {
+        Next::Respond(mut stream, resp) => {
+            respond(&mut stream, &resp, state.relay.timeouts.handshake).await?;
+            Ok(())
+        }
+        Next::Derp(stream, leftover, mut up) => {
+            up.slot = Some(slot);
+            let shared = LockedStream::new(stream);
+            let rd = Cursor::new(leftover).chain(shared.clone());
+            session::serve(state.relay.clone(), rd, shared, up)
+                .await
+                .map_err(FrontError::Derp)
+        }
+        Next::WebSocket(stream, leftover, acc) => {
+            let timeout = state.relay.timeouts.handshake;
+            // Boxed: a WebSocket session is larger than a plain one, and every connection's
+            // task would otherwise be that large.
+            let ws = crate::ws::serve(&state.relay, timeout, stream, leftover, acc, remote, slot);
+            Box::pin(ws).await.map_err(FrontError::Derp)
+        }
+    }
+}
+
+/// What a connection becomes once its request head is routed.
+enum Next {
+    /// A whole response, then close.
+    Respond(Stream, Vec<u8>),
+    /// A DERP session on the stream (after the bytes that followed the head).
+    Derp(Stream, Vec<u8>, Handoff),
+    /// DERP inside an accepted WebSocket.
+    WebSocket(Stream, Vec<u8>, crate::ws::Accept),
 }
 
 /// A new connection up to its request head: the first byte within `--first-byte-timeout`, TLS
@@ -192,30 +238,6 @@ fn route(
         "/robots.txt" => http::robots(head),
         _ => http::home(home, derp_enabled, head),
     })
-}
-
-async fn serve_derp(
-    state: &Arc<State>,
-    stream: Stream,
-    leftover: Vec<u8>,
-    req: Request,
-    remote: SocketAddr,
-    slot: Slot,
-) -> Result<(), FrontError> {
-    let shared = LockedStream::new(stream);
-    let rd = Cursor::new(leftover).chain(shared.clone());
-    let up = Handoff {
-        remote,
-        fast_start: req.fast_start,
-        not_ideal: req.not_ideal,
-        websocket: false,
-        slot: Some(slot),
-    };
-    // The request's strings are not needed for the connection's life.
-    drop(req);
-    session::serve(state.relay.clone(), rd, shared, up)
-        .await
-        .map_err(FrontError::Derp)
 }
 
 /// Writes a whole response, flushes and closes, within `timeout`.

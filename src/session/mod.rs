@@ -14,10 +14,13 @@ mod login;
 mod read;
 mod write;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use log::debug;
@@ -108,62 +111,72 @@ where
 {
     // derper's `accepts`: every DERP connection, counted before its login.
     state.metrics.accepts.fetch_add(1, Relaxed);
-    // Boxed, so that the login's buffers are not part of the connection's task for its life.
-    let (info, session) = match Box::pin(login(&state, &mut rd, &mut wr, &up))
-        .or(async {
-            Timer::after(state.timeouts.login).await;
-            Err(SessionError::Protocol("login timed out".into()))
-        })
-        .await
-    {
-        Ok(i) => i,
-        Err(e) => {
-            limited!(info, LOGINS, "derp: {}: login refused: {e}", up.remote);
-            return Err(e);
+    // The login in its own scope: what it learnt (the client's info, the session's keys) is
+    // gone before the long part; the connection's task keeps only the client.
+    let (client, si, write_timeout, not_ideal) = {
+        // Boxed, so that the login's buffers are not part of the connection's task for its
+        // life.
+        let (info, session) = match Box::pin(login(&state, &mut rd, &mut wr, &up))
+            .or(async {
+                Timer::after(state.timeouts.login).await;
+                Err(SessionError::Protocol("login timed out".into()))
+            })
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => {
+                limited!(info, LOGINS, "derp: {}: login refused: {e}", up.remote);
+                return Err(e);
+            }
+        };
+        // Boxed too: admission (its HTTP client included) is large and runs once.
+        let is_mesh = Box::pin(admit(&state, &info, up.remote)).await?;
+        // Logged in: the connection no longer counts against --max-handshakes.
+        drop(up.slot.take());
+        let flags = flags_of(is_mesh, &info, &up);
+        let conn_id = state.next_conn_id.fetch_add(1, Relaxed);
+        let client = ClientHandle::with_mesh(conn_id, info.key, up.remote, flags, is_mesh);
+        // Mesh peers get derper's privileged write timeout.
+        let write_timeout = if is_mesh {
+            state.timeouts.write.map(|_| PRIVILEGED_WRITE_TIMEOUT)
+        } else {
+            state.timeouts.write
+        };
+        let m = &state.metrics;
+        if up.fast_start {
+            m.fast_start_logins.fetch_add(1, Relaxed);
         }
+        if up.not_ideal {
+            m.notideal_connections.fetch_add(1, Relaxed);
+        }
+        debug!(
+            "derp: {}: accepted {} {} (fast-start: {}, websocket: {}, mesh: {is_mesh}, app {:?})",
+            up.remote,
+            info.key,
+            info.key.short(),
+            up.fast_start,
+            up.websocket,
+            info.app_name
+        );
+        let si = handshake::server_info_frame(&session);
+        (client, si, write_timeout, up.not_ideal)
     };
-    let is_mesh = admit(&state, &info, up.remote).await?;
-    // Logged in: the connection no longer counts against --max-handshakes.
-    drop(up.slot.take());
-    let flags = flags_of(is_mesh, &info, &up);
-    let conn_id = state.next_conn_id.fetch_add(1, Relaxed);
-    let client = ClientHandle::with_mesh(conn_id, info.key, up.remote, flags, is_mesh);
-    // Mesh peers get derper's privileged write timeout.
-    let write_timeout = if is_mesh {
-        state.timeouts.write.map(|_| PRIVILEGED_WRITE_TIMEOUT)
-    } else {
-        state.timeouts.write
-    };
-    let m = &state.metrics;
-    if up.fast_start {
-        m.fast_start_logins.fetch_add(1, Relaxed);
-    }
-    if up.not_ideal {
-        m.notideal_connections.fetch_add(1, Relaxed);
-    }
-    debug!(
-        "derp: {}: accepted {} {} (fast-start: {}, websocket: {}, mesh: {is_mesh}, app {:?})",
-        up.remote,
-        info.key,
-        info.key.short(),
-        up.fast_start,
-        up.websocket,
-        info.app_name
-    );
     state.registry.register(&client);
     let _guard = Unregister {
         state: &state,
         client: &client,
-        not_ideal: up.not_ideal,
+        not_ideal,
     };
     let res = async {
-        // The frame is dropped once written, not kept for the connection's life.
-        let si = handshake::server_info_frame(&session);
-        write_deadline(write_timeout, async {
-            wr.write_all(&si).await?;
-            wr.flush().await
-        })
+        write_deadline(
+            write_timeout,
+            Box::pin(async {
+                wr.write_all(&si).await?;
+                wr.flush().await
+            }),
+        )
         .await?;
+        // The frame is dropped once written, not kept for the connection's life.
         drop(si);
         let reader = read_loop(&state, &client, &mut rd);
         let writer = write_loop(&state, &client, &mut wr, write_timeout);
@@ -172,17 +185,10 @@ where
         reader.or(writer).await
     }
     .await;
+    let (remote, key) = (client.remote, client.key.short());
     match &res {
-        Ok(()) => debug!("derp: {}: {} disconnected", up.remote, info.key.short()),
-        Err(e) => {
-            limited!(
-                info,
-                CONN_ERRORS,
-                "derp client {}{}: {e}",
-                up.remote,
-                info.key.short()
-            );
-        }
+        Ok(()) => debug!("derp: {remote}: {key} disconnected"),
+        Err(e) => limited!(info, CONN_ERRORS, "derp client {remote}{key}: {e}"),
     }
     res
 }
@@ -208,19 +214,39 @@ impl Drop for Unregister<'_> {
     }
 }
 
-async fn write_deadline<T>(
+/// A write under the connection's write timeout (`None`: no timeout). The timer is armed
+/// only once the write has to wait (most batches go out at once, and an idle connection holds
+/// none), and the write is kept once: an `async fn` doing this kept its argument twice, for
+/// the connection's life (every connection's task is as large as its largest state).
+pub(super) struct WriteDeadline<F> {
+    write: F,
     timeout: Option<Duration>,
-    fut: impl std::future::Future<Output = io::Result<T>>,
-) -> Result<T, SessionError> {
-    match timeout {
-        None => Ok(fut.await?),
-        Some(d) => {
-            async { fut.await.map_err(SessionError::Io) }
-                .or(async {
-                    Timer::after(d).await;
-                    Err(SessionError::WriteTimeout)
-                })
-                .await
+    timer: Option<Timer>,
+}
+
+pub(super) fn write_deadline<F>(timeout: Option<Duration>, write: F) -> WriteDeadline<F> {
+    WriteDeadline {
+        write,
+        timeout,
+        timer: None,
+    }
+}
+
+impl<T, F: Future<Output = io::Result<T>> + Unpin> Future for WriteDeadline<F> {
+    type Output = Result<T, SessionError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(r) = Pin::new(&mut this.write).poll(cx) {
+            return Poll::Ready(r.map_err(SessionError::Io));
+        }
+        let Some(d) = this.timeout else {
+            return Poll::Pending;
+        };
+        let timer = this.timer.get_or_insert_with(|| Timer::after(d));
+        match Pin::new(timer).poll(cx) {
+            Poll::Ready(_) => Poll::Ready(Err(SessionError::WriteTimeout)),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

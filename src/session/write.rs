@@ -1,9 +1,12 @@
 //! A session's writer: what is queued for the client → one batch → one vectored write and
 //! one flush, with KeepAlives between.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use event_listener::listener;
@@ -13,7 +16,6 @@ use smol::Timer;
 
 use crate::frame::{self, FrameType, SmallFrame};
 use crate::metrics::DropReason;
-use crate::net::write_all_vectored;
 use crate::pool::PacketBuf;
 use crate::registry::ClientHandle;
 use crate::relay::Relay;
@@ -160,12 +162,52 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Writes every frame of the batch with vectored writes, then flushes once.
-async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Out]) -> io::Result<()> {
-    let mut slices = [IoSlice::new(&[]); MAX_BATCH + 2];
-    let n = batch.len().min(slices.len());
-    for (s, o) in slices.iter_mut().zip(batch) {
-        *s = IoSlice::new(o.bytes());
+/// Writes every frame of the batch with vectored writes, then flushes once. A future of its
+/// own, not an `async fn`: the slices are made anew in each poll instead of living in the
+/// connection's task.
+fn write_batch<'a, W: AsyncWrite + Unpin>(wr: &'a mut W, batch: &'a [Out]) -> WriteBatch<'a, W> {
+    WriteBatch {
+        wr,
+        batch,
+        written: 0,
     }
-    write_all_vectored(wr, &mut slices[..n]).await
+}
+
+struct WriteBatch<'a, W> {
+    wr: &'a mut W,
+    batch: &'a [Out],
+    /// Bytes of the batch written so far.
+    written: usize,
+}
+
+impl<W: AsyncWrite + Unpin> Future for WriteBatch<'_, W> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let mut slices = [IoSlice::new(&[]); MAX_BATCH + 2];
+            let (mut n, mut skip) = (0, this.written);
+            for o in this.batch {
+                let b = o.bytes();
+                if skip >= b.len() {
+                    skip -= b.len();
+                    continue;
+                }
+                let Some(s) = slices.get_mut(n) else { break };
+                *s = IoSlice::new(&b[skip..]);
+                skip = 0;
+                n += 1;
+            }
+            if n == 0 {
+                return Pin::new(&mut *this.wr).poll_flush(cx);
+            }
+            match Pin::new(&mut *this.wr).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) => this.written += w,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
