@@ -10,8 +10,23 @@ use crypto_box::aead::OsRng;
 pub const KEY_LEN: usize = 32;
 
 /// A node's public key (the DERP address of a client, or the server's identity).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Eq, Hash, PartialOrd, Ord)]
 pub struct NodePublic(pub [u8; KEY_LEN]);
+
+/// Keys compare word by word. The derived comparison calls the C library's `memcmp` (at
+/// opt-level "z" LLVM does not expand it), a byte loop in musl, the C library of every
+/// package: several times per relayed packet (routes, queues, the writer's source check),
+/// that was 3.5 % of a relayed packet's instructions.
+impl PartialEq for NodePublic {
+    fn eq(&self, other: &Self) -> bool {
+        let word = |k: &[u8; KEY_LEN], i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&k[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(w)
+        };
+        (0..KEY_LEN / 8).fold(0, |d, i| d | (word(&self.0, i) ^ word(&other.0, i))) == 0
+    }
+}
 
 impl NodePublic {
     /// True for the all-zero key, which no real node has and which derper's box code panics on.
@@ -224,6 +239,22 @@ mod tests {
         assert_eq!(pubk.untyped_hex().len(), 64);
         assert!(NodePublic::parse("nodekey:abc").is_none());
         assert!(NodePublic::parse(&"0".repeat(64)).is_none());
+    }
+
+    /// The word-by-word comparison sees every byte, and agrees with the bytes' own.
+    #[test]
+    fn keys_equal_only_when_every_byte_is() {
+        let a = NodePrivate::generate().public();
+        assert_eq!(a, NodePublic(a.0));
+        for i in 0..KEY_LEN {
+            for bit in [0x01, 0x80] {
+                let mut b = a;
+                b.0[i] ^= bit;
+                assert_ne!(a, b, "byte {i} bit {bit:#x}");
+                assert_eq!(a == b, a.0 == b.0);
+                assert_eq!(a.cmp(&b) == std::cmp::Ordering::Equal, a == b);
+            }
+        }
     }
 
     #[test]
