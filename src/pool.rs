@@ -25,7 +25,7 @@
 //! (about 16 + 104 MiB at the defaults; tests/process/attacks/ measures it), plus at most
 //! [`crate::tls::stream::SPARE_BYTES`] (520 KiB) of TLS buffers kept for reuse. For a TLS
 //! connection, the worst case:
-//! - an idle TLS client: 9,052 B (measured, 10,000 clients: the connection's task, the TLS
+//! - an idle TLS client: 5,847 B (measured, 10,000 clients: the connection's task, the TLS
 //!   stream and its keys, client and registry entries; no buffer);
 //! - the TLS read buffer ([`crate::tls::stream::BUF_LEN`], one whole record and its header,
 //!   16,645 B), held while a record is partly read or its content waits for the reader (for a
@@ -37,7 +37,7 @@
 //! - over a WebSocket: the transport's state, under 1,024 B; payloads stream through into
 //!   pool buffers, so an unfinished fragment or message holds nothing more;
 //! - a stalled frame holds a pool buffer (counted in the budget) for `--frame-timeout`;
-//! - sum 44,390 B, plus the allocator's rounding and headers: under 52 KiB.
+//! - sum 41,185 B, plus the allocator's rounding and headers: under 52 KiB.
 //!
 //! (During the TLS handshake, before the connection is a client: rustls's handshake state and
 //! buffers, and at most 16 KiB of data sent with the client's Finished; `--max-handshakes`
