@@ -10,7 +10,7 @@ use crypto_box::aead::OsRng;
 pub const KEY_LEN: usize = 32;
 
 /// A node's public key (the DERP address of a client, or the server's identity).
-#[derive(Clone, Copy, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Eq, PartialOrd, Ord)]
 pub struct NodePublic(pub [u8; KEY_LEN]);
 
 /// Keys compare word by word. The derived comparison calls the C library's `memcmp` (at
@@ -25,6 +25,13 @@ impl PartialEq for NodePublic {
             u64::from_ne_bytes(w)
         };
         (0..KEY_LEN / 8).fold(0, |d, i| d | (word(&self.0, i) ^ word(&other.0, i))) == 0
+    }
+}
+
+/// The bytes, as the derived hash would: equal keys hash alike.
+impl std::hash::Hash for NodePublic {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
     }
 }
 
