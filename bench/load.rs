@@ -128,6 +128,11 @@ struct Args {
     /// adds allocations per packet or per login
     #[argh(option)]
     alloc_counter: Option<String>,
+    /// the server's guest-instruction counter (bench/qemu-insn.c, the server under qemu-user):
+    /// its control FIFO and output file, as FIFO,FILE; adds guest instructions per packet or
+    /// per login
+    #[argh(option)]
+    insn_counter: Option<String>,
     /// a JSON object whose fields are added to the output (e.g. the server's name)
     #[argh(option, default = "String::from(\"{}\")")]
     label: String,
@@ -162,6 +167,13 @@ fn run(args: &Args) -> Result<Value, String> {
         tls: tls_config(leaf.as_ref().to_vec())?,
         pid: args.pid,
         alloc_counter: args.alloc_counter.clone(),
+        insn_counter: match &args.insn_counter {
+            Some(v) => {
+                let (ctl, out) = v.split_once(',').ok_or("--insn-counter takes FIFO,FILE")?;
+                Some((ctl.to_string(), out.to_string()))
+            }
+            None => None,
+        },
         stats: Stats::default(),
         stop: Cell::new(false),
         t0: Instant::now(),
@@ -188,6 +200,8 @@ struct Ctx {
     pid: Option<u32>,
     /// bench/alloc-count.c's counter file, when the server runs with it.
     alloc_counter: Option<String>,
+    /// bench/qemu-insn.c's control FIFO and output file, when the server runs under it.
+    insn_counter: Option<(String, String)>,
     stats: Stats,
     stop: Cell<bool>,
     /// The clock of probe timestamps.

@@ -100,6 +100,7 @@ pub(super) async fn traffic(
             "drop_pct": round(drop, 3),
             "cpu_us_per_packet": round(cpu_pp, 3),
             "allocs_per_packet": allocs_per(&a, &b, received),
+            "insns_per_packet": insns_per(&a, &b, received),
             "fight_fps": round((b.fight_frames - a.fight_frames) as f64 / wall, 0),
             "fight_control": args.fight_control,
         }),
@@ -430,6 +431,7 @@ pub(super) async fn logins(
                 "logins_per_s": round(n as f64 / wall, 1),
                 "cpu_us_per_login": round(if n > 0 { server_s * 1e6 / n as f64 } else { 0.0 }, 1),
                 "allocs_per_login": allocs_per(&a, &b, n),
+                "insns_per_login": insns_per(&a, &b, n),
             }),
         ),
     ))

@@ -17,6 +17,8 @@ pub(super) struct Sample {
     pub(super) fight_frames: u64,
     /// The server's allocations so far, when counted (`--alloc-counter`).
     pub(super) allocs: Option<u64>,
+    /// The server's guest instructions so far, when counted (`--insn-counter`).
+    pub(super) insns: Option<u64>,
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -41,12 +43,44 @@ pub(super) fn alloc_count(path: &str) -> Option<u64> {
 
 /// Allocations per unit of work (packet, login) in the window, when counted.
 pub(super) fn allocs_per(a: &Sample, b: &Sample, units: u64) -> Value {
-    match (a.allocs, b.allocs) {
+    per(a.allocs, b.allocs, units, 3)
+}
+
+/// Guest instructions per unit of work (packet, login) in the window, when counted.
+pub(super) fn insns_per(a: &Sample, b: &Sample, units: u64) -> Value {
+    per(a.insns, b.insns, units, 0)
+}
+
+fn per(a: Option<u64>, b: Option<u64>, units: u64, digits: i32) -> Value {
+    match (a, b) {
         (Some(x), Some(y)) if units > 0 => {
-            json!(round(y.saturating_sub(x) as f64 / units as f64, 3))
+            json!(round(y.saturating_sub(x) as f64 / units as f64, digits))
         }
         _ => Value::Null,
     }
+}
+
+/// A reading of bench/qemu-insn.c's counter: a newline to its FIFO, then the line it appends
+/// to its output file (the guest instructions so far). Blocks the generator for that moment
+/// (a few milliseconds), at the edges of the measured window only.
+pub(super) fn insn_count((ctl, out): &(String, String)) -> Option<u64> {
+    let lines = |s: &str| s.lines().filter(|l| !l.starts_with("exit")).count();
+    let before = lines(&std::fs::read_to_string(out).unwrap_or_default());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(ctl)
+        .and_then(|mut f| f.write_all(b"\n"))
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let s = std::fs::read_to_string(out).unwrap_or_default();
+        if lines(&s) > before {
+            let last = s.lines().rev().find(|l| !l.starts_with("exit"))?;
+            return last.trim().parse().ok();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
 }
 
 pub(super) fn status_kib(pid: u32, field: &str) -> u64 {
@@ -81,6 +115,7 @@ impl Ctx {
             probes_sent: s.probes_sent.get(),
             fight_frames: s.fight_frames.get(),
             allocs: self.alloc_counter.as_deref().and_then(alloc_count),
+            insns: self.insn_counter.as_ref().and_then(insn_count),
         }
     }
 
