@@ -5,7 +5,8 @@
 #
 #   bench/router.sh                      every router target, 3 repetitions
 #   bench/router.sh --quick              one short repetition (a smoke run; no thresholds)
-#   options: --targets "mipsel-unknown-linux-musl ...", --reps N, --seconds S
+#   options: --targets "mipsel-unknown-linux-musl ...", --reps N, --seconds S,
+#            --ciphers "auto aes chacha" (derpd's --tls-ciphers; each one measured; default auto)
 #   env: DERPD_BIN_DIR (take DIR/derpd-<target> instead of building; e.g. dist after
 #        scripts/build-release.sh)
 #
@@ -28,14 +29,15 @@ root=$PWD
 # shellcheck source=scripts/cross-env.sh
 source scripts/cross-env.sh
 targets="mipsel-unknown-linux-musl mips-unknown-linux-musl armv7-unknown-linux-musleabihf aarch64-unknown-linux-musl"
-reps=3 seconds=5 warmup=1
+reps=3 seconds=5 warmup=1 ciphers=auto
 while (($#)); do
   case $1 in
     --quick) reps=1 seconds=1 warmup=0.3 ;;
     --targets) targets=$2; shift ;;
     --reps) reps=$2; shift ;;
     --seconds) seconds=$2; shift ;;
-    *) echo "usage: bench/router.sh [--quick] [--targets LIST] [--reps N] [--seconds S]" >&2
+    --ciphers) ciphers=$2; shift ;;
+    *) echo "usage: bench/router.sh [--quick] [--targets LIST] [--reps N] [--seconds S] [--ciphers LIST]" >&2
       exit 2 ;;
   esac
   shift
@@ -84,6 +86,16 @@ reading() {
   say "no reading from the counter"; return 1
 }
 
+# last_two: the two records just written, in a line.
+last_two() {
+  python3 -c '
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l)
+    k = "insns_per_packet" if r["scenario"] == "packets" else "insns_per_login"
+    print(r["scenario"], r[k], end="; ")'
+}
+
 for t in $targets; do
   cross_setup "$t" >&2
   qemu=${QEMU%-static}
@@ -97,51 +109,48 @@ for t in $targets; do
     bin=$root/target/$t/release/derpd
   fi
   for ((rep = 1; rep <= reps; rep++)); do
-    port=$(free_port)
-    addr=127.0.0.1:$port
-    : >"$insns"
-    "$qemu" -plugin "$plugin,ctl=$ctl,out=$insns" "$bin" -a "$addr" -hostname 127.0.0.1 \
-      -certmode manual -certdir "$work" -stun=false -http-port=-1 -c "$work/derpd.key" \
-      --threads=1 >"$work/server.log" 2>&1 &
-    server_pid=$!
-    for ((i = 0; i < 600; i++)); do
-      kill -0 "$server_pid" 2>/dev/null || { say "derpd exited:"; cat "$work/server.log" >&2; exit 1; }
-      (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-      sleep 0.05
+    for c in $ciphers; do
+      port=$(free_port)
+      addr=127.0.0.1:$port
+      : >"$insns"
+      "$qemu" -plugin "$plugin,ctl=$ctl,out=$insns" "$bin" -a "$addr" -hostname 127.0.0.1 \
+        -certmode manual -certdir "$work" -stun=false -http-port=-1 -c "$work/derpd.key" \
+        --threads=1 --tls-ciphers="$c" >"$work/server.log" 2>&1 &
+      server_pid=$!
+      for ((i = 0; i < 600; i++)); do
+        kill -0 "$server_pid" 2>/dev/null || { say "derpd exited:"; cat "$work/server.log" >&2; exit 1; }
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.05
+      done
+      # The idle baseline: no load for the length of a measured window.
+      i0=$(reading) s0=$(date +%s.%N)
+      sleep "$seconds"
+      i1=$(reading) s1=$(date +%s.%N)
+      idle_rate=$(python3 -c "print(($i1 - $i0) / ($s1 - $s0))")
+      common=(--addr "$addr" --cert "$cert" --insn-counter "$ctl,$insns" --seconds "$seconds"
+        --warmup "$warmup")
+      label="{\"target\":\"$t\",\"ciphers\":\"$c\",\"rep\":$rep,\"idle_insns_per_s\":$idle_rate}"
+      "$load" throughput --pairs 1 --size 1400 --window 32 "${common[@]}" \
+        --label "${label%\}},\"scenario\":\"packets\"}" >>"$results"
+      "$load" logins --concurrency 4 "${common[@]}" \
+        --label "${label%\}},\"scenario\":\"logins\"}" >>"$results"
+      kill "$server_pid"
+      wait "$server_pid" 2>/dev/null || true
+      server_pid=
+      say "$t --tls-ciphers $c rep $rep: $(tail -2 "$results" | last_two)"
     done
-    # The idle baseline: no load for the length of a measured window.
-    i0=$(reading) s0=$(date +%s.%N)
-    sleep "$seconds"
-    i1=$(reading) s1=$(date +%s.%N)
-    idle_rate=$(python3 -c "print(($i1 - $i0) / ($s1 - $s0))")
-    common=(--addr "$addr" --cert "$cert" --insn-counter "$ctl,$insns" --seconds "$seconds"
-      --warmup "$warmup")
-    label="{\"target\":\"$t\",\"rep\":$rep,\"idle_insns_per_s\":$idle_rate}"
-    "$load" throughput --pairs 1 --size 1400 --window 32 "${common[@]}" \
-      --label "${label%\}},\"scenario\":\"packets\"}" >>"$results"
-    "$load" logins --concurrency 4 "${common[@]}" \
-      --label "${label%\}},\"scenario\":\"logins\"}" >>"$results"
-    kill "$server_pid"
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=
-    say "$t rep $rep: $(tail -2 "$results" | python3 -c '
-import json, sys
-for l in sys.stdin:
-    r = json.loads(l)
-    k = "insns_per_packet" if r["scenario"] == "packets" else "insns_per_login"
-    print(r["scenario"], r[k], end="; ")')"
   done
 done
 
 python3 - "$results" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print("| target | guest instructions per relayed packet | per login | repetitions |")
-print("|---|---:|---:|---:|")
+print("| target | `--tls-ciphers` | guest instructions per relayed packet | per login | repetitions |")
+print("|---|---|---:|---:|---:|")
 targets = []
 for r in rows:
-    if r["target"] not in targets:
-        targets.append(r["target"])
+    if (r["target"], r["ciphers"]) not in targets:
+        targets.append((r["target"], r["ciphers"]))
 def corrected(r, units_key, per_key):
     units = r[units_key]
     # The idle baseline over the window, spread over its packets or logins.
@@ -152,10 +161,9 @@ def cell(xs):
     m = statistics.median(xs)
     spread = (max(xs) - min(xs)) / m * 100 if m else 0
     return f"{m:,.0f} (±{spread / 2:.1f} %)" if len(xs) > 1 else f"{m:,.0f}"
-for t in targets:
-    p = [corrected(r, "received", "insns_per_packet") for r in rows
-         if r["target"] == t and r["scenario"] == "packets"]
-    l = [corrected(r, "logins", "insns_per_login") for r in rows
-         if r["target"] == t and r["scenario"] == "logins"]
-    print(f"| `{t}` | {cell(p)} | {cell(l)} | {len(p)} |")
+for t, c in targets:
+    mine = [r for r in rows if r["target"] == t and r["ciphers"] == c]
+    p = [corrected(r, "received", "insns_per_packet") for r in mine if r["scenario"] == "packets"]
+    l = [corrected(r, "logins", "insns_per_login") for r in mine if r["scenario"] == "logins"]
+    print(f"| `{t}` | {c} | {cell(p)} | {cell(l)} | {len(p)} |")
 EOF

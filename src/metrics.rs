@@ -160,6 +160,9 @@ pub struct Metrics {
     pub stun_addrfamily: [AtomicU64; 2],
     /// WebSocket upgrades accepted on `/derp` (`derp_websocket_accepts`).
     pub websocket_accepts: AtomicU64,
+    /// TLS handshakes completed on the main listener, by the AEAD of the suite negotiated
+    /// (`derpd_tls_handshakes{aead}`: `tls::ciphers::AEADS`).
+    pub tls_aead: [AtomicU64; 3],
 }
 
 impl Metrics {

@@ -55,6 +55,11 @@ pub struct Args {
     /// behind a port forward), profile "shortlived" (default false)
     #[argh(option, default = "false")]
     pub acme_ip_certs: bool,
+    /// derpd only: the TLS cipher suite picked when a client offers several: auto (what this
+    /// CPU is fast at: AES-GCM with AES instructions, ChaCha20-Poly1305 without, as on MIPS and
+    /// 32-bit ARM), aes, chacha, or client (the client's own order) (default auto)
+    #[argh(option, default = "String::from(\"auto\")")]
+    pub tls_ciphers: String,
     /// ACME directory URL (default Let's Encrypt's production directory)
     #[argh(option, default = "String::from(crate::acme::LETS_ENCRYPT)")]
     pub acme_directory: String,

@@ -47,6 +47,50 @@ pub enum KeySource {
     File(PathBuf),
 }
 
+/// `--tls-ciphers`: which cipher suite derpd picks when a client offers several
+/// (`tls::ciphers` decides `Auto` for the CPU and builds the order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsCiphers {
+    /// What this CPU is fast at: AES-GCM where ring uses AES instructions (x86_64, aarch64
+    /// with the AES extension), ChaCha20-Poly1305 elsewhere (MIPS, 32-bit ARM, a Raspberry Pi
+    /// 3 or 4).
+    #[default]
+    Auto,
+    /// AES-GCM first.
+    Aes,
+    /// ChaCha20-Poly1305 first.
+    ChaCha,
+    /// The client's own order (rustls's default; for experiments).
+    Client,
+}
+
+impl TlsCiphers {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "aes" => Self::Aes,
+            "chacha" => Self::ChaCha,
+            "client" => Self::Client,
+            _ => {
+                return Err(format!(
+                    "--tls-ciphers {s:?}: want auto, aes, chacha or client"
+                ))
+            }
+        })
+    }
+}
+
+impl std::fmt::Display for TlsCiphers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Aes => "aes",
+            Self::ChaCha => "chacha",
+            Self::Client => "client",
+        })
+    }
+}
+
 /// TLS settings of the main listener.
 #[derive(Debug, Clone)]
 pub struct TlsMode {
@@ -57,6 +101,8 @@ pub struct TlsMode {
     /// `--certmode letsencrypt`: certificates from an ACME CA; `None` for `--certmode manual`
     /// (files in `certdir`, or a self-signed certificate for an IP).
     pub acme: Option<AcmeConfig>,
+    /// `--tls-ciphers`.
+    pub ciphers: TlsCiphers,
 }
 
 impl TlsMode {
@@ -66,6 +112,7 @@ impl TlsMode {
             hostname: hostname.to_string(),
             certdir,
             acme: None,
+            ciphers: TlsCiphers::Auto,
         }
     }
 }
@@ -356,7 +403,10 @@ fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
         if a.hostname.is_empty() {
             return Err("--certmode manual needs --hostname".into());
         }
-        return Ok(Some(TlsMode::manual(&a.hostname, certdir)));
+        return Ok(Some(TlsMode {
+            ciphers: TlsCiphers::parse(&a.tls_ciphers)?,
+            ..TlsMode::manual(&a.hostname, certdir)
+        }));
     }
     // --acme-ip-certs: one public address, or an IPv4 and an IPv6 one, comma-separated.
     let ips = if a.acme_ip_certs {
@@ -417,6 +467,7 @@ fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
             challenges,
             timing: AcmeTiming::default(),
         }),
+        ciphers: TlsCiphers::parse(&a.tls_ciphers)?,
     }))
 }
 

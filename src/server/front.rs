@@ -165,6 +165,8 @@ async fn setup(
             let tls = tls::stream::accept(acc.clone(), tcp).await.map_err(|e| {
                 FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
             })?;
+            let aead = tls::ciphers::aead_index(tls.negotiated_suite());
+            state.relay.metrics.tls_aead[aead].fetch_add(1, Relaxed);
             if tls.is_acme_validation() {
                 // An ACME CA's TLS-ALPN-01 validation: the handshake was all of it (RFC 8737).
                 return Err(FrontError::AcmeValidated);

@@ -419,6 +419,11 @@ impl ServerTls {
     /// The certificates of `mode`, with the meta-certificate for `key` appended when
     /// `meta_cert`.
     fn start(mode: &TlsMode, key: &NodePrivate, meta_cert: bool) -> Result<Self, StartError> {
+        info!(
+            "TLS cipher suites: {} (--tls-ciphers {})",
+            tls::ciphers::describe(mode.ciphers),
+            mode.ciphers
+        );
         if let Some(acme) = &mode.acme {
             let (config, keeper) = tls::acme_server_config(mode, acme, key.public().0, meta_cert)
                 .map_err(StartError::Tls)?;
@@ -466,6 +471,7 @@ impl ServerTls {
             &mode.certdir,
             key.public().0,
             meta_cert,
+            mode.ciphers,
         )
         .map_err(StartError::Tls)?;
         Ok(Self {

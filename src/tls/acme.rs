@@ -263,7 +263,10 @@ pub fn acme_server_config(
         renew_at: Mutex::new(None),
     };
     keeper.load_stored();
-    Ok((super::resolver::config_with(resolver)?, keeper))
+    Ok((
+        super::resolver::config_with(resolver, mode.ciphers)?,
+        keeper,
+    ))
 }
 
 /// The ACME account key in `--certdir` (`path`), made (and the directory created) on the
@@ -494,11 +497,7 @@ mod tests {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let ca = CertificateParams::new(vec!["ca.test".into()]).unwrap();
         std::fs::write(&roots, ca.self_signed(&key).unwrap().pem()).unwrap();
-        let mode = TlsMode {
-            hostname: NAME.into(),
-            certdir: dir.to_path_buf(),
-            acme: None,
-        };
+        let mode = TlsMode::manual(NAME, dir.to_path_buf());
         let acme = AcmeConfig {
             directory: "https://ca.test/dir".into(),
             ca_file: Some(roots),

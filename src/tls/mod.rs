@@ -10,12 +10,14 @@
 //! - `selfsigned`: the self-signed IP certificate, its SEC1 key and PEM files;
 //! - `template`: rcgen parameters written as Go's `crypto/x509` writes them;
 //! - `resolver`: the rustls `ServerConfig`, the certificate resolver and the [`CertReloader`];
+//! - [`ciphers`]: `--tls-ciphers`, the suite order for what this CPU is fast at;
 //! - `acme`: `--certmode letsencrypt`'s [`CertKeeper`] (stored certificate, orders, renewal)
 //!   and the [`Challenges`] it serves while the CA validates;
 //! - [`record`]: the TLS record layer in place, for the traffic after rustls's handshake;
 //! - [`stream`]: an accepted TLS connection: rustls's handshake, then [`record`]'s records.
 
 mod acme;
+pub mod ciphers;
 mod error;
 mod files;
 mod hostname;

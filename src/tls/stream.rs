@@ -256,6 +256,11 @@ impl TlsStream {
         self.acme_validation
     }
 
+    /// The cipher suite negotiated.
+    pub fn negotiated_suite(&self) -> rustls::SupportedCipherSuite {
+        self.kernel.negotiated_cipher_suite()
+    }
+
     /// The TCP connection.
     pub fn get_ref(&self) -> &Async<TcpStream> {
         &self.io

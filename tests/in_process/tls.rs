@@ -349,3 +349,30 @@ fn renewed_certificate_is_served_without_dropping_clients() {
     b.send(&ak, b"back");
     assert_eq!(a.recv_packet().1, b"back");
 }
+
+/// `--tls-ciphers chacha`: a client that lists AES-GCM first (rustls's, as Go's on a CPU with
+/// AES) gets ChaCha20-Poly1305 over TLS 1.3 and 1.2, and `/debug/varz` counts it by AEAD.
+#[test]
+fn tls_ciphers_choice_is_negotiated_and_counted() {
+    let dir = tmpdir("tls-ciphers");
+    let mut cfg = Config::dev_loopback();
+    cfg.tls = Some(TlsMode {
+        ciphers: derpd::config::TlsCiphers::ChaCha,
+        ..TlsMode::manual("127.0.0.1", dir.clone())
+    });
+    cfg.http_port = Some(0);
+    let srv = start(cfg);
+    for v12 in [false, true] {
+        let (s, _) = connect(srv.addr(), v12);
+        let suite = s.conn.negotiated_cipher_suite().unwrap().suite();
+        assert!(
+            format!("{suite:?}").contains("CHACHA20_POLY1305"),
+            "{suite:?}"
+        );
+    }
+    let varz = srv.http_addr().unwrap();
+    let count = |aead: &str| varz_value(varz, &format!("derpd_tls_handshakes{{aead=\"{aead}\"}}"));
+    assert_eq!(count("chacha20_poly1305"), Some(2));
+    assert_eq!(count("aes_256_gcm"), Some(0));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -268,6 +268,9 @@ static VARS: &[Var] = &[
     by(Type::Counter, "derpd_handshakes_evicted", "stage", &["silent", "talking", "upgraded"],
         |s, i| s.m.handshakes_evicted[i].load(Relaxed))
         .help("Connections not logged in yet, closed for a newcomer when --max-handshakes were taken, by how far they had come."),
+    by(Type::Counter, "derpd_tls_handshakes", "aead", &crate::tls::ciphers::AEADS,
+        |s, i| s.m.tls_aead[i].load(Relaxed))
+        .help("TLS handshakes completed on the main listener, by the AEAD of the suite negotiated (--tls-ciphers)."),
     c("derpd_first_byte_timeouts", |s| s.m.first_byte_timeouts.load(Relaxed))
         .help("Connections closed for sending nothing within --first-byte-timeout."),
     c("derpd_clients_full", |s| s.m.clients_full.load(Relaxed))

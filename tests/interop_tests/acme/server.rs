@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use derpd::acme::client::ChallengeKind;
-use derpd::config::{AcmeConfig, AcmeTiming, Config, TlsMode};
+use derpd::config::{AcmeConfig, AcmeTiming, Config, TlsCiphers, TlsMode};
 use derpd::server::Server;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -53,6 +53,7 @@ fn acme_server(hostname: &str, directory: String, kinds: &[ChallengeKind], dir: 
             challenges: kinds.to_vec(),
             timing: QUICK,
         }),
+        ciphers: TlsCiphers::Auto,
     });
     support::inproc::start(cfg)
 }
