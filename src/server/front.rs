@@ -165,6 +165,13 @@ async fn setup(
             let tls = tls::stream::accept(acc.clone(), tcp).await.map_err(|e| {
                 FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
             })?;
+            if log::log_enabled!(log::Level::Debug) {
+                let peer = tls.get_ref().get_ref().peer_addr();
+                debug!(
+                    "{}: TLS handshake: {tls:?}",
+                    peer.map_or("?".into(), |a| a.to_string())
+                );
+            }
             let aead = tls::ciphers::aead_index(tls.negotiated_suite());
             state.relay.metrics.tls_aead[aead].fetch_add(1, Relaxed);
             if tls.is_acme_validation() {

@@ -38,14 +38,19 @@ pub(super) fn provider(choice: TlsCiphers) -> (CryptoProvider, bool) {
     let mut p = rustls::crypto::ring::default_provider();
     let choice = resolved(choice);
     let chacha_first = choice == TlsCiphers::ChaCha;
-    // Stable: TLS 1.3 before TLS 1.2, and AES-256 before AES-128, stay as ring lists them.
+    // TLS 1.3 before TLS 1.2 (as ring lists them), the chosen family first, and AES-128
+    // before AES-256 (as Go orders them: 10 rounds instead of 14, for the same purpose).
     p.cipher_suites
-        .sort_by_key(|s| (is_tls12(s), is_chacha(s) != chacha_first));
+        .sort_by_key(|s| (is_tls12(s), is_chacha(s) != chacha_first, is_aes256(s)));
     (p, choice != TlsCiphers::Client)
 }
 
 fn is_tls12(s: &SupportedCipherSuite) -> bool {
     matches!(s, SupportedCipherSuite::Tls12(_))
+}
+
+fn is_aes256(s: &SupportedCipherSuite) -> bool {
+    aead_index(*s) == 1
 }
 
 fn is_chacha(s: &SupportedCipherSuite) -> bool {
@@ -107,7 +112,7 @@ mod tests {
         );
         assert_eq!(
             first(TlsCiphers::Aes),
-            CipherSuite::TLS13_AES_256_GCM_SHA384
+            CipherSuite::TLS13_AES_128_GCM_SHA256
         );
         let (p, ours) = provider(TlsCiphers::ChaCha);
         assert!(ours && !provider(TlsCiphers::Client).1);

@@ -388,8 +388,8 @@ mod tests {
     }
 
     /// `--tls-ciphers`: the server's order wins over the client's (rustls's client lists
-    /// AES-256-GCM first, as Go's does on a CPU with AES), TLS 1.3 and 1.2 alike, unless the
-    /// choice is the client's order.
+    /// AES-256-GCM first, then AES-128 and ChaCha20), TLS 1.3 and 1.2 alike, unless the choice
+    /// is the client's order.
     #[test]
     fn cipher_choice_wins_over_the_client_order() {
         use rustls::CipherSuite as S;
@@ -407,7 +407,7 @@ mod tests {
         let chacha12 = S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256;
         assert_eq!(suite(TlsCiphers::ChaCha, false), chacha13);
         assert_eq!(suite(TlsCiphers::ChaCha, true), chacha12);
-        assert_eq!(suite(TlsCiphers::Aes, false), S::TLS13_AES_256_GCM_SHA384);
+        assert_eq!(suite(TlsCiphers::Aes, false), S::TLS13_AES_128_GCM_SHA256);
         assert_eq!(
             suite(TlsCiphers::Client, false),
             S::TLS13_AES_256_GCM_SHA384
@@ -415,7 +415,7 @@ mod tests {
         let auto = suite(TlsCiphers::Auto, false);
         match super::super::ciphers::resolved(TlsCiphers::Auto) {
             TlsCiphers::ChaCha => assert_eq!(auto, chacha13),
-            _ => assert_eq!(auto, S::TLS13_AES_256_GCM_SHA384),
+            _ => assert_eq!(auto, S::TLS13_AES_128_GCM_SHA256),
         }
     }
 

@@ -43,14 +43,16 @@ fn tls_args(certdir: &Path) -> Vec<String> {
     ]
 }
 
-/// TLS with a self-signed certificate for an IP hostname, pinned by the client (`sha256-raw:`).
-fn tls_pinned(test: &str, meta_cert: bool) {
+/// TLS with a self-signed certificate for an IP hostname, pinned by the client (`sha256-raw:`);
+/// `ciphers` for `--tls-ciphers` (the suite Tailscale's client negotiates is checked).
+fn tls_pinned(test: &str, meta_cert: bool, ciphers: &str) {
     let Some(harness) = harness() else { return };
     let certdir = fresh_path(test, "certs"); // does not exist yet: derpd creates it
     let mut args = tls_args(&certdir);
     if !meta_cert {
         args.push(s("--meta-cert=false"));
     }
+    args.push(format!("--tls-ciphers={ciphers}"));
     let mut d = Derpd::start(&args);
     let st = d.startup(true);
     if st.mode != Mode::Tls {
@@ -65,6 +67,7 @@ fn tls_pinned(test: &str, meta_cert: bool) {
     d.expect_client_fast_start(&relay, meta_cert, 3);
     d.expect_fast_start(meta_cert, 3);
     d.expect_websocket(false, 3);
+    d.expect_tls_suite(3);
 
     for f in ["127.0.0.1.crt", "127.0.0.1.key"] {
         if !certdir.join(f).is_file() {
@@ -162,12 +165,12 @@ fn websocket_dev_mode() {
 
 #[test]
 fn tls_pinned_meta_cert() {
-    tls_pinned("tls_pinned_meta_cert", true);
+    tls_pinned("tls_pinned_meta_cert", true, "auto");
 }
 
 #[test]
 fn tls_pinned_without_meta_cert() {
-    tls_pinned("tls_pinned_without_meta_cert", false);
+    tls_pinned("tls_pinned_without_meta_cert", false, "chacha");
 }
 
 #[test]

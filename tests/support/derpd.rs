@@ -269,6 +269,40 @@ impl Derpd {
     }
 
     /// Waits (bounded) for derpd to exit and returns its status.
+    /// `--tls-ciphers` as Tailscale's client met it: derpd's start-up line says which suites
+    /// it puts first (`TLS cipher suites: … first`), and each of the first `want` TLS
+    /// handshakes it logs (at debug level) must have negotiated one of those.
+    pub(crate) fn expect_tls_suite(&mut self, want: usize) {
+        let first = |log: &[String]| {
+            log.iter().find_map(|l| {
+                let (_, rest) = l.split_once("TLS cipher suites: ")?;
+                Some(if rest.starts_with("ChaCha20") {
+                    "CHACHA20_POLY1305"
+                } else if rest.starts_with("AES-GCM") {
+                    "AES_128_GCM"
+                } else {
+                    "client's order"
+                })
+            })
+        };
+        let shakes = |log: &[String]| log.iter().filter(|l| l.contains("TLS handshake: ")).count();
+        self.wait_until(
+            &format!("{want} TLS handshake lines"),
+            LOG_LAG_DEADLINE,
+            |log| first(log).is_some() && shakes(log) >= want,
+        );
+        let fragment = first(&self.log).unwrap_or_default();
+        let bad: Vec<String> = self
+            .log
+            .iter()
+            .filter(|l| l.contains("TLS handshake: ") && !l.contains(fragment))
+            .cloned()
+            .collect();
+        if !bad.is_empty() {
+            self.fail(&format!("TLS handshakes without {fragment}: {bad:?}"));
+        }
+    }
+
     pub(crate) fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
