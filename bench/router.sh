@@ -6,16 +6,17 @@
 #   bench/router.sh                      every router target, 3 repetitions
 #   bench/router.sh --quick              one short repetition (a smoke run; no thresholds)
 #   options: --targets "mipsel-unknown-linux-musl ...", --reps N, --seconds S,
-#            --ciphers "auto aes chacha" (derpd's --tls-ciphers; each one measured; default auto)
+#            --ciphers "auto aes chacha" (derpd's --tls-ciphers; each one measured; default auto),
+#            --cert-key p256|ed25519 (the certificate's key; default p256, as bench/compare.sh)
 #   env: DERPD_BIN_DIR (take DIR/derpd-<target> instead of building; e.g. dist after
 #        scripts/build-release.sh)
 #
 # For each target: the release binary (built as scripts/build-release.sh builds it, or taken
 # from DERPD_BIN_DIR) runs under Debian's dynamic qemu-<arch> with the counter plugin
 # (bench/qemu-insn.c, scripts/ensure-qemu-insn.sh), one worker thread, manual certificate mode
-# with one self-signed ECDSA P-256 certificate for 127.0.0.1 (as bench/compare.sh). The load
-# generator (bench/load.rs, on the host) reads the counter at the edges of its measured window
-# (`--insn-counter`):
+# with one self-signed certificate for 127.0.0.1 (ECDSA P-256 as bench/compare.sh, or Ed25519).
+# The load generator (bench/load.rs, on the host) reads the counter at the edges of its measured
+# window (`--insn-counter`):
 #   - packets: one sender and one receiver, 1,400-byte packets over TLS, at most 32 in flight;
 #   - logins: 4 loops of TCP connect, TLS 1.3 handshake, DERP login, reset.
 # Before them, two readings S seconds apart with no load give the idle baseline, which is
@@ -29,15 +30,17 @@ root=$PWD
 # shellcheck source=scripts/cross-env.sh
 source scripts/cross-env.sh
 targets="mipsel-unknown-linux-musl mips-unknown-linux-musl armv7-unknown-linux-musleabihf aarch64-unknown-linux-musl"
-reps=3 seconds=5 warmup=1 ciphers=auto
+reps=3 seconds=5 warmup=1 ciphers=auto cert_key=p256 quick=0
+args=("$@")
 while (($#)); do
   case $1 in
-    --quick) reps=1 seconds=1 warmup=0.3 ;;
+    --quick) reps=1 seconds=1 warmup=0.3 quick=1 ;;
     --targets) targets=$2; shift ;;
     --reps) reps=$2; shift ;;
     --seconds) seconds=$2; shift ;;
     --ciphers) ciphers=$2; shift ;;
-    *) echo "usage: bench/router.sh [--quick] [--targets LIST] [--reps N] [--seconds S] [--ciphers LIST]" >&2
+    --cert-key) cert_key=$2; shift ;;
+    *) echo "usage: bench/router.sh [--quick] [--targets LIST] [--reps N] [--seconds S] [--ciphers LIST] [--cert-key p256|ed25519]" >&2
       exit 2 ;;
   esac
   shift
@@ -49,7 +52,10 @@ say "building the load generator"
 cargo build --profile loadgen --features bench --locked --quiet --bin derpd-load
 load=$root/target/loadgen/derpd-load
 
-out=$root/target/bench
+# A full run's results are committed (bench/results/router.{jsonl,md}), so a change that costs
+# instructions shows in its diff; a quick run's stay in target/bench.
+out=$root/bench/results
+((quick)) && out=$root/target/bench
 mkdir -p "$out"
 results=$out/router.jsonl
 : >"$results"
@@ -60,7 +66,12 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+case $cert_key in
+  p256) newkey=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1) ;;
+  ed25519) newkey=(-newkey ed25519) ;;
+  *) say "--cert-key $cert_key: want p256 or ed25519"; exit 2 ;;
+esac
+openssl req -x509 "${newkey[@]}" -nodes -days 30 \
   -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
   -keyout "$work/127.0.0.1.key" -out "$work/127.0.0.1.crt" 2>/dev/null
 cert=$work/127.0.0.1.crt
@@ -122,6 +133,15 @@ for t in $targets; do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.05
       done
+      # derpd goes on starting after it listens (the meta-certificate, the first scrape of
+      # its own state): wait until two readings half a second apart agree (bounded).
+      prev=$(reading)
+      for ((i = 0; i < 60; i++)); do
+        sleep 0.5
+        now=$(reading)
+        [[ $now == "$prev" ]] && break
+        prev=$now
+      done
       # The idle baseline: no load for the length of a measured window.
       i0=$(reading) s0=$(date +%s.%N)
       sleep "$seconds"
@@ -129,7 +149,7 @@ for t in $targets; do
       idle_rate=$(python3 -c "print(($i1 - $i0) / ($s1 - $s0))")
       common=(--addr "$addr" --cert "$cert" --insn-counter "$ctl,$insns" --seconds "$seconds"
         --warmup "$warmup")
-      label="{\"target\":\"$t\",\"ciphers\":\"$c\",\"rep\":$rep,\"idle_insns_per_s\":$idle_rate}"
+      label="{\"target\":\"$t\",\"ciphers\":\"$c\",\"cert_key\":\"$cert_key\",\"rep\":$rep,\"idle_insns_per_s\":$idle_rate}"
       "$load" throughput --pairs 1 --size 1400 --window 32 "${common[@]}" \
         --label "${label%\}},\"scenario\":\"packets\"}" >>"$results"
       "$load" logins --concurrency 4 "${common[@]}" \
@@ -142,11 +162,13 @@ for t in $targets; do
   done
 done
 
-python3 - "$results" <<'EOF'
+python3 - "$results" "bench/router.sh ${args[*]}" <<'EOF' | tee "$out/router.md"
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print("| target | `--tls-ciphers` | guest instructions per relayed packet | per login | repetitions |")
-print("|---|---|---:|---:|---:|")
+print(f"Guest instructions under qemu-user, {__import__('datetime').date.today()}, `{sys.argv[2].strip()}`:")
+print()
+print("| target | `--tls-ciphers` | certificate key | guest instructions per relayed packet | per login | repetitions |")
+print("|---|---|---|---:|---:|---:|")
 targets = []
 for r in rows:
     if (r["target"], r["ciphers"]) not in targets:
@@ -165,5 +187,6 @@ for t, c in targets:
     mine = [r for r in rows if r["target"] == t and r["ciphers"] == c]
     p = [corrected(r, "received", "insns_per_packet") for r in mine if r["scenario"] == "packets"]
     l = [corrected(r, "logins", "insns_per_login") for r in mine if r["scenario"] == "logins"]
-    print(f"| `{t}` | {c} | {cell(p)} | {cell(l)} | {len(p)} |")
+    key = mine[0].get("cert_key", "p256") if mine else ""
+    print(f"| `{t}` | {c} | {key} | {cell(p)} | {cell(l)} | {len(p)} |")
 EOF
