@@ -94,17 +94,9 @@ else
 fi
 load=$root/target/loadgen/derpd-load
 
-work=$(mktemp -d)
-server_pid=
-cleanup() {
-  [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
-  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
-  -keyout "$work/127.0.0.1.key" -out "$work/127.0.0.1.crt" 2>/dev/null
-cert=$work/127.0.0.1.crt
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+bench_setup p256
 cc -O2 -shared -fPIC -o "$work/alloc-count.so" bench/alloc-count.c
 allocs=$work/allocs.bin
 
@@ -121,10 +113,6 @@ else
   say "fewer than 2 CPUs: server and load generator are not pinned apart"
   pin_server=() pin_load=()
 fi
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # derpd's limits that a benchmark would hit, lifted to what it needs (derper has none): every
 # idle client logged in at once, every load from 127.0.0.1 (64 logins at once for idle).

@@ -57,30 +57,13 @@ load=$root/target/loadgen/derpd-load
 out=$root/bench/results
 ((quick)) && out=$root/target/bench
 mkdir -p "$out"
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+bench_setup "$cert_key"
 results=$out/router.jsonl
 : >"$results"
-work=$(mktemp -d)
-server_pid=
-cleanup() {
-  [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-case $cert_key in
-  p256) newkey=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1) ;;
-  ed25519) newkey=(-newkey ed25519) ;;
-  *) say "--cert-key $cert_key: want p256 or ed25519"; exit 2 ;;
-esac
-openssl req -x509 "${newkey[@]}" -nodes -days 30 \
-  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
-  -keyout "$work/127.0.0.1.key" -out "$work/127.0.0.1.crt" 2>/dev/null
-cert=$work/127.0.0.1.crt
 ctl=$work/insn.ctl insns=$work/insn.out
 mkfifo "$ctl"
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 
 # reading: the counter's total now (a newline to its FIFO, then the line it appends).
 reading() {

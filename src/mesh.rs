@@ -12,7 +12,7 @@
 //! [`Registry`]: crate::registry::Registry
 
 use std::collections::HashSet;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -272,12 +272,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(link: &Link, mut wr: W) -> Result<(),
             pre[dst_at..].copy_from_slice(&dst.0);
             prefixes.push(pre);
         }
-        let mut slices = Vec::with_capacity(2 * batch.len());
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(2 * batch.len());
         for (pre, (_, p)) in prefixes.iter().zip(&batch) {
-            slices.push(IoSlice::new(pre));
-            slices.push(IoSlice::new(p.payload()));
+            slices.push(pre);
+            slices.push(p.payload());
         }
-        let write = crate::net::write_all_vectored(&mut wr, &mut slices);
+        let write = crate::net::write_all_vectored(&mut wr, &slices);
         async { write.await.map_err(LinkError::Io) }
             .or(async {
                 Timer::after(LINK_WRITE_TIMEOUT).await;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncWrite};
 use smol::Async;
 
 use crate::sync::lock;
@@ -266,19 +266,63 @@ async fn skip<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
     .await
 }
 
-/// Writes every slice with vectored writes, then flushes once.
-pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    mut bufs: &mut [IoSlice<'_>],
-) -> io::Result<()> {
-    while !bufs.is_empty() {
-        let w = wr.write_vectored(bufs).await?;
-        if w == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut bufs, w);
+/// Most parts one vectored write passes on (a session's batch is at most 34 frames, a mesh
+/// link's 2 slices a packet); the rest go in the next write.
+const WRITE_PARTS: usize = 64;
+
+/// Writes every part with vectored writes, then flushes once. A future of its own, not an
+/// `async fn`: the `IoSlice`s are made anew in each poll (on the stack) instead of being kept
+/// in the caller's task, which every connection holds for its whole life.
+pub(crate) fn write_all_vectored<'a, W, B>(wr: &'a mut W, parts: &'a [B]) -> WriteAll<'a, W, B>
+where
+    W: AsyncWrite + Unpin,
+    B: AsRef<[u8]>,
+{
+    WriteAll {
+        wr,
+        parts,
+        written: 0,
     }
-    wr.flush().await
+}
+
+/// [`write_all_vectored`]'s future.
+pub(crate) struct WriteAll<'a, W, B> {
+    wr: &'a mut W,
+    parts: &'a [B],
+    /// Bytes of the parts written so far.
+    written: usize,
+}
+
+impl<W: AsyncWrite + Unpin, B: AsRef<[u8]>> std::future::Future for WriteAll<'_, W, B> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            let mut slices = [IoSlice::new(&[]); WRITE_PARTS];
+            let (mut n, mut skip) = (0, this.written);
+            for part in this.parts {
+                let b = part.as_ref();
+                if skip >= b.len() {
+                    skip -= b.len();
+                    continue;
+                }
+                let Some(s) = slices.get_mut(n) else { break };
+                *s = IoSlice::new(&b[skip..]);
+                skip = 0;
+                n += 1;
+            }
+            if n == 0 {
+                return Pin::new(&mut *this.wr).poll_flush(cx);
+            }
+            match Pin::new(&mut *this.wr).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) => this.written += w,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
 }
 
 #[cfg(test)]

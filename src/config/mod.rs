@@ -65,29 +65,30 @@ pub enum TlsCiphers {
 }
 
 impl TlsCiphers {
+    /// Each choice and its name in `--tls-ciphers`.
+    const NAMES: [(Self, &'static str); 4] = [
+        (Self::Auto, "auto"),
+        (Self::Aes, "aes"),
+        (Self::ChaCha, "chacha"),
+        (Self::Client, "client"),
+    ];
+
     pub fn parse(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "auto" => Self::Auto,
-            "aes" => Self::Aes,
-            "chacha" => Self::ChaCha,
-            "client" => Self::Client,
-            _ => {
-                return Err(format!(
-                    "--tls-ciphers {s:?}: want auto, aes, chacha or client"
-                ))
-            }
-        })
+        Self::NAMES
+            .iter()
+            .find(|(_, name)| *name == s)
+            .map(|(c, _)| *c)
+            .ok_or_else(|| format!("--tls-ciphers {s:?}: want auto, aes, chacha or client"))
     }
 }
 
 impl std::fmt::Display for TlsCiphers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Aes => "aes",
-            Self::ChaCha => "chacha",
-            Self::Client => "client",
-        })
+        let name = Self::NAMES
+            .iter()
+            .find(|(c, _)| c == self)
+            .map_or("", |(_, n)| n);
+        f.write_str(name)
     }
 }
 
@@ -399,12 +400,13 @@ fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
         Some(d) => PathBuf::from(d),
         None => default_certdir(),
     };
+    let ciphers = TlsCiphers::parse(&a.tls_ciphers)?;
     if manual {
         if a.hostname.is_empty() {
             return Err("--certmode manual needs --hostname".into());
         }
         return Ok(Some(TlsMode {
-            ciphers: TlsCiphers::parse(&a.tls_ciphers)?,
+            ciphers,
             ..TlsMode::manual(&a.hostname, certdir)
         }));
     }
@@ -467,7 +469,7 @@ fn tls_mode(a: &Args, port: u16) -> Result<Option<TlsMode>, String> {
             challenges,
             timing: AcmeTiming::default(),
         }),
-        ciphers: TlsCiphers::parse(&a.tls_ciphers)?,
+        ciphers,
     }))
 }
 

@@ -72,7 +72,7 @@ pub(super) async fn handle_conn(
     let next = {
         // Boxed: the TLS handshake and head reading are large and short-lived; unboxed they
         // would be part of every connection's task for its whole life.
-        let (stream, req, leftover) = Box::pin(setup(state, tcp, which, &slot))
+        let (stream, req, leftover) = Box::pin(setup(state, tcp, remote, which, &slot))
             .or(async {
                 Timer::after(state.relay.timeouts.handshake).await;
                 Err(FrontError::Timeout("TLS handshake and request head"))
@@ -146,6 +146,7 @@ enum Next {
 async fn setup(
     state: &State,
     tcp: Async<TcpStream>,
+    remote: SocketAddr,
     which: Listener,
     slot: &Slot,
 ) -> Result<(Stream, Request, Vec<u8>), FrontError> {
@@ -165,13 +166,7 @@ async fn setup(
             let tls = tls::stream::accept(acc.clone(), tcp).await.map_err(|e| {
                 FrontError::Io(io::Error::new(e.kind(), format!("TLS handshake: {e}")))
             })?;
-            if log::log_enabled!(log::Level::Debug) {
-                let peer = tls.get_ref().get_ref().peer_addr();
-                debug!(
-                    "{}: TLS handshake: {tls:?}",
-                    peer.map_or("?".into(), |a| a.to_string())
-                );
-            }
+            debug!("{remote}: TLS handshake: {tls:?}");
             let aead = tls::ciphers::aead_index(tls.negotiated_suite());
             state.relay.metrics.tls_aead[aead].fetch_add(1, Relaxed);
             if tls.is_acme_validation() {

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use log::debug;
 use smol::future::FutureExt;
-use smol::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncWrite};
 use smol::Timer;
 
 use crate::handshake::{self, LoginError};
@@ -168,14 +168,8 @@ where
         not_ideal,
     };
     let res = async {
-        write_deadline(
-            write_timeout,
-            Box::pin(async {
-                wr.write_all(&si).await?;
-                wr.flush().await
-            }),
-        )
-        .await?;
+        let one = std::slice::from_ref(&si);
+        write_deadline(write_timeout, crate::net::write_all_vectored(&mut wr, one)).await?;
         // The frame is dropped once written, not kept for the connection's life.
         drop(si);
         let reader = read_loop(&state, &client, &mut rd);
@@ -256,7 +250,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    use smol::io::AsyncReadExt;
+    use smol::io::{AsyncReadExt, AsyncWriteExt};
 
     use crate::frame::{self, FrameType, PeerGoneReason, HEADER_LEN};
     use crate::handshake::SessionBox;

@@ -1,12 +1,8 @@
 //! A session's writer: what is queued for the client → one batch → one vectored write and
 //! one flush, with KeepAlives between.
 
-use std::future::Future;
-use std::io::{self, IoSlice};
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use event_listener::listener;
@@ -16,6 +12,7 @@ use smol::Timer;
 
 use crate::frame::{self, FrameType, SmallFrame};
 use crate::metrics::DropReason;
+use crate::net::write_all_vectored;
 use crate::pool::PacketBuf;
 use crate::registry::ClientHandle;
 use crate::relay::Relay;
@@ -36,8 +33,8 @@ enum Out {
     Small(SmallFrame),
 }
 
-impl Out {
-    fn bytes(&self) -> &[u8] {
+impl AsRef<[u8]> for Out {
+    fn as_ref(&self) -> &[u8] {
         match self {
             Self::Packet(p) => p.as_slice(),
             Self::Small(s) => s.as_bytes(),
@@ -121,7 +118,7 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
                 continue;
             }
         }
-        let res = write_deadline(write_timeout, write_batch(wr, &batch)).await;
+        let res = write_deadline(write_timeout, write_all_vectored(wr, &batch)).await;
         if let Err(e) = res {
             for o in batch.drain(..) {
                 if let Out::Packet(p) = o {
@@ -157,56 +154,6 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
                     t if t == FrameType::PeerGone as u8 => last_src = None,
                     _ => {}
                 },
-            }
-        }
-    }
-}
-
-/// Writes every frame of the batch with vectored writes, then flushes once. A future of its
-/// own, not an `async fn`: the slices are made anew in each poll instead of living in the
-/// connection's task.
-fn write_batch<'a, W: AsyncWrite + Unpin>(wr: &'a mut W, batch: &'a [Out]) -> WriteBatch<'a, W> {
-    WriteBatch {
-        wr,
-        batch,
-        written: 0,
-    }
-}
-
-struct WriteBatch<'a, W> {
-    wr: &'a mut W,
-    batch: &'a [Out],
-    /// Bytes of the batch written so far.
-    written: usize,
-}
-
-impl<W: AsyncWrite + Unpin> Future for WriteBatch<'_, W> {
-    type Output = io::Result<()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            let mut slices = [IoSlice::new(&[]); MAX_BATCH + 2];
-            let (mut n, mut skip) = (0, this.written);
-            for o in this.batch {
-                let b = o.bytes();
-                if skip >= b.len() {
-                    skip -= b.len();
-                    continue;
-                }
-                let Some(s) = slices.get_mut(n) else { break };
-                *s = IoSlice::new(&b[skip..]);
-                skip = 0;
-                n += 1;
-            }
-            if n == 0 {
-                return Pin::new(&mut *this.wr).poll_flush(cx);
-            }
-            match Pin::new(&mut *this.wr).poll_write_vectored(cx, &slices[..n]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(w)) => this.written += w,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
             }
         }
     }

@@ -54,15 +54,10 @@ fn is_aes256(s: &SupportedCipherSuite) -> bool {
 }
 
 fn is_chacha(s: &SupportedCipherSuite) -> bool {
-    matches!(
-        s.suite(),
-        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-            | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
-            | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
-    )
+    aead_index(*s) == 2
 }
 
-/// The AEADs derpd counts its TLS connections by (`derpd_tls_connections{aead}`).
+/// The AEADs derpd counts its TLS connections by (`derpd_tls_handshakes{aead}`).
 pub const AEADS: [&str; 3] = ["aes_128_gcm", "aes_256_gcm", "chacha20_poly1305"];
 
 /// Index into [`AEADS`] of a negotiated suite.
@@ -71,7 +66,10 @@ pub fn aead_index(s: SupportedCipherSuite) -> usize {
         CipherSuite::TLS13_AES_128_GCM_SHA256
         | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
         | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
-        _ if is_chacha(&s) => 2,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        | CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 2,
+        // ring's other suites: AES-256-GCM, TLS 1.3 and 1.2.
         _ => 1,
     }
 }
