@@ -23,12 +23,10 @@ struct ControllerLog {
     /// `FAKE_READ_TIMEOUT` (as a real server closes idle keep-alives): on a slow machine derpd
     /// then opens a new one (it retries a closed idle connection), so the total may pass the
     /// cap while the connections open at once may not.
-    open: AtomicUsize,
-    max_open: AtomicUsize,
+    open: HighWater,
     requests: AtomicUsize,
     /// Requests received and not yet answered, now and at most.
-    pending: AtomicUsize,
-    max_pending: AtomicUsize,
+    pending: HighWater,
 }
 
 impl std::fmt::Display for ControllerLog {
@@ -37,9 +35,9 @@ impl std::fmt::Display for ControllerLog {
             f,
             "controller: {} connections (at most {} open), {} requests, at most {} pending",
             self.connections.load(Ordering::Relaxed),
-            self.max_open.load(Ordering::Relaxed),
+            self.open.max(),
             self.requests.load(Ordering::Relaxed),
-            self.max_pending.load(Ordering::Relaxed)
+            self.pending.max()
         )
     }
 }
@@ -49,17 +47,36 @@ impl ControllerLog {
     fn assert_capped(&self) {
         let max_checks = derpd::admission::MAX_CHECKS;
         assert!(
-            self.max_pending.load(Ordering::Relaxed) <= max_checks
-                && self.max_open.load(Ordering::Relaxed) <= max_checks,
+            self.pending.max() <= max_checks && self.open.max() <= max_checks,
             "{self}"
         );
     }
 }
 
-/// One open connection of a [`slow_controller`]'s, uncounted when dropped.
-struct Open<'a>(&'a AtomicUsize);
+/// A count now and the most it has been.
+#[derive(Default)]
+struct HighWater {
+    now: AtomicUsize,
+    max: AtomicUsize,
+}
 
-impl Drop for Open<'_> {
+impl HighWater {
+    /// One more, for as long as the returned guard lives.
+    fn up(&self) -> Up<'_> {
+        let n = self.now.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max.fetch_max(n, Ordering::Relaxed);
+        Up(&self.now)
+    }
+
+    fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
+/// One counted in a [`HighWater`], uncounted when dropped.
+struct Up<'a>(&'a AtomicUsize);
+
+impl Drop for Up<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -81,14 +98,11 @@ fn slow_controller(
     let seen = log.clone();
     serve_each(tcp_accept(l), move |mut s| {
         seen.connections.fetch_add(1, Ordering::Relaxed);
-        let n = seen.open.fetch_add(1, Ordering::Relaxed) + 1;
-        seen.max_open.fetch_max(n, Ordering::Relaxed);
         // Counted closed before the stream is (derpd sees the close only after it).
-        let _open = Open(&seen.open);
+        let _open = seen.open.up();
         while let Some(req) = read_request(&mut s) {
             seen.requests.fetch_add(1, Ordering::Relaxed);
-            let n = seen.pending.fetch_add(1, Ordering::Relaxed) + 1;
-            seen.max_pending.fetch_max(n, Ordering::Relaxed);
+            let pending = seen.pending.up();
             {
                 let (m, cv) = &*free;
                 let mut f = cv.wait_while(m.lock().unwrap(), |f| *f == 0).unwrap();
@@ -108,7 +122,7 @@ fn slow_controller(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
                 json.len()
             );
-            seen.pending.fetch_sub(1, Ordering::Relaxed);
+            drop(pending);
             if s.write_all(reply.as_bytes()).is_err() {
                 return;
             }
